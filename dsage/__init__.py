@@ -1,0 +1,24 @@
+"""dsage: distributed computing from inside a script or an interactive session.
+
+>>> import dsage
+>>> D = dsage.start_all()        # a local broker and a monitor with 2 slots
+>>> j = D('2+2')
+>>> j.wait()
+>>> j
+4
+"""
+
+__version__ = "0.1.0"
+
+from .client import (  # noqa: E402
+    BrokerUnreachable, DSage, DSageError, KeyRejected, MonitorInfo, SubmitRejected, UnknownJob,
+)
+from .cluster import ManagedProcess, StartError, server, start_all, worker  # noqa: E402
+from .job import JobError, JobWrapper, UntrustedResultError, WorkerInfo  # noqa: E402
+from .keys import setup  # noqa: E402
+
+__all__ = [
+    "BrokerUnreachable", "DSage", "DSageError", "JobError", "JobWrapper", "KeyRejected",
+    "ManagedProcess", "MonitorInfo", "StartError", "SubmitRejected", "UnknownJob",
+    "UntrustedResultError", "WorkerInfo", "server", "setup", "start_all", "worker",
+]

@@ -1,0 +1,295 @@
+"""The broker process: three CURVE sockets around :class:`BrokerState`.
+
+One thread, one ``zmq.Poller`` loop: each ready socket is drained with
+``NOBLOCK``, then the state ticks and flushes (dispatch, one commit) and the
+outbox is sent. Payloads are never deserialised here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import keys as keys_mod
+from .auth import CLIENTS, EVENTS, MONITORS, KeyRing, ZapPolicy, make_server, start_authenticator
+from .brokerstate import BrokerConfig, BrokerState, Out
+from .protocol import (
+    CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REQUESTS, ProtocolError, decode, encode,
+    error,
+)
+from .store import Store
+
+log = logging.getLogger("dsage.broker")
+
+#: most messages taken from one socket before the others get a turn
+DRAIN_LIMIT = 2000
+
+
+class PortInUse(Exception):
+    """A port the broker needs is taken."""
+
+
+@dataclass
+class BrokerOptions:
+    """Everything ``dsage-broker`` can be told; ``port`` is the first of three."""
+
+    port: int = 8081
+    bind: str = "*"
+    home: Path | None = None
+    allow_anonymous: bool = False
+    heartbeat: float = 1.0
+    liveness: int = 3
+    failure_limit: int = 3
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_queued_per_client: int = 1_000_000
+    retention_days: float = 7.0
+    exit_with_parent: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Broker:
+    """A running broker; :meth:`run` until :meth:`stop` or SIGTERM/SIGINT."""
+
+    def __init__(self, options: BrokerOptions) -> None:
+        self.options = options
+        self.home = keys_mod.home(options.home)
+        self.keys = keys_mod.load_keypair(self.home)
+        self.keyring = KeyRing(self.home, self.keys.public)
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth = start_authenticator(self.ctx, ZapPolicy(self.keyring, options.allow_anonymous))
+        self.stopping = False
+        self._sockets: list[zmq.Socket[bytes]] = []
+        try:
+            self.clients = self._bind(zmq.ROUTER, CLIENTS, options.port)
+            self.monitors = self._bind(zmq.ROUTER, MONITORS, options.port + 1)
+            self.events = self._bind(zmq.XPUB, EVENTS, options.port + 2)
+        except Exception:
+            self._close_sockets()
+            raise
+        self.store = Store(self.home / "db" / "dsage.db")
+        config = BrokerConfig(
+            heartbeat=options.heartbeat, liveness=options.liveness,
+            failure_limit=options.failure_limit, max_message_size=options.max_message_size,
+            max_queued_per_client=options.max_queued_per_client,
+            retention=options.retention_days * 86400.0)
+        self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_trusted)
+        self.poller = zmq.Poller()
+        for s in (self.clients, self.monitors, self.events):
+            self.poller.register(s, zmq.POLLIN)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._last_key_check = 0.0
+        log.info("dsage-broker serving %s on ports %d-%d (home %s%s)", self.keys.public.decode(),
+                 options.port, options.port + 2, self.home,
+                 ", anonymous workers allowed" if options.allow_anonymous else "")
+
+    def _bind(self, kind: int, domain: str, port: int) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(kind)
+        self._sockets.append(sock)
+        make_server(sock, self.keys, domain, self.options.max_message_size)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        else:
+            sock.setsockopt(zmq.XPUB_MANUAL, 1)
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+        try:
+            sock.bind(f"tcp://{self.options.bind}:{port}")
+        except zmq.ZMQError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"port {port} is in use: the broker needs ports {self.options.port}-"
+                    f"{self.options.port + 2}; is another dsage-broker running? "
+                    f"Choose another with --port") from None
+            raise
+        return sock
+
+    # --- the loop
+
+    def step(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for messages, handle them, send what follows."""
+        ready = dict(self.poller.poll(int(timeout * 1000)))
+        now = time.monotonic()
+        if self.clients in ready:
+            self._drain_clients(now)
+        if self.monitors in ready:
+            self._drain_monitors(now)
+        if self.events in ready:
+            self._drain_subscriptions()
+        if self._wake_r.fileno() in ready:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+        if now - self._last_key_check >= 1.0:
+            self._last_key_check = now
+            self.keyring.maybe_reload()
+            if self.options.exit_with_parent and os.getppid() != self.options.exit_with_parent:
+                log.warning("parent process %d is gone: stopping", self.options.exit_with_parent)
+                self.stopping = True
+        self.state.tick(now)
+        self._send_all(self.state.flush(now))
+
+    def run(self) -> None:
+        """Serve until stopped; SIGTERM and SIGINT stop, SIGHUP rereads the keys."""
+        restore = self._install_signals()
+        try:
+            while not self.stopping:
+                self.step(self.state.next_wakeup(time.monotonic()))
+        finally:
+            restore()
+            self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (safe from a signal handler or another thread)."""
+        self.stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _install_signals(self) -> Any:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_stop(signum: int, frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            self.stop()
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self._last_key_check = 0.0  # the next step rereads authorized_keys/
+            try:
+                self._wake_w.send(b"h")
+            except OSError:
+                pass
+
+        old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+    # --- receiving
+
+    def _drain_clients(self, now: float) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.clients.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            rid, body = frames[0].bytes, frames[1:]
+            key = _user_id(frames)
+            try:
+                msg = decode(body, CLIENT_REQUESTS)
+            except ProtocolError as e:
+                log.warning("bad message from client %s: %s", key[:8], e)
+                self._send(Out("client", rid, error(e.code, str(e))))
+                continue
+            self.state.on_client(now, rid, key, msg)
+
+    def _drain_monitors(self, now: float) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.monitors.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            rid, body = frames[0].bytes, frames[1:]
+            key = _user_id(frames)
+            try:
+                msg = decode(body, MONITOR_REQUESTS)
+            except ProtocolError as e:
+                log.warning("bad message from monitor %s: %s", key[:8], e)
+                self._send(Out("monitor", rid, error(e.code, str(e))))
+                continue
+            anonymous = not self.keyring.is_trusted(key)
+            self.state.on_monitor(now, rid, key, anonymous, msg)
+
+    def _drain_subscriptions(self) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frame = self.events.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            if data[0] == 0:
+                # Unsubscriptions come when a subscriber's connection ends, and its
+                # subscriptions end with it; with XPUB_MANUAL, passing them on
+                # could drop another subscriber's topic.
+                continue
+            topic = data[1:]
+            try:
+                key = frame.get("User-Id") or ""
+            except zmq.ZMQError:
+                key = ""
+            if self.state.on_subscribe(key, topic):
+                self.events.setsockopt(zmq.SUBSCRIBE, topic)
+            else:
+                log.warning("refused a subscription of %s to another topic", key[:8] or "?")
+
+    # --- sending
+
+    def _send_all(self, outs: list[Out]) -> None:
+        for out in outs:
+            self._send(out)
+
+    def _send(self, out: Out) -> None:
+        frames = encode(out.msg)
+        try:
+            if out.dest == "event":
+                self.events.send_multipart([out.to, *frames], zmq.NOBLOCK, copy=False)
+            else:
+                sock = self.clients if out.dest == "client" else self.monitors
+                sock.send_multipart([out.to, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            # The peer is gone or not reading. Clients resync by query (events
+            # carry sequence numbers); a monitor that cannot take its jobs is lost.
+            log.warning("could not send %s to a %s: %s", out.msg.type, out.dest, e.strerror)
+            if out.dest == "monitor":
+                self.state.lose_monitor(time.monotonic(), out.to, f"unreachable ({e.strerror})")
+
+    def _close_sockets(self) -> None:
+        for s in self._sockets:
+            s.close(linger=0)
+        self.auth.stop()
+        self.ctx.term()
+
+    def close(self) -> None:
+        """Commit, close the store and every socket."""
+        try:
+            self.store.close()
+        finally:
+            self._close_sockets()
+            self._wake_r.close()
+            self._wake_w.close()
+        log.info("dsage-broker stopped")
+
+
+def _user_id(frames: list[zmq.Frame]) -> str:
+    """The authenticated z85 key of a message's sender (set by ZAP)."""
+    try:
+        return frames[-1].get("User-Id") or ""
+    except zmq.ZMQError:
+        return ""
+
+
+def run_broker(options: BrokerOptions) -> None:
+    """Run a broker in this process until it is stopped."""
+    Broker(options).run()

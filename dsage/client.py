@@ -1,0 +1,611 @@
+"""DSage: the client a script embeds.
+
+One background I/O thread owns the ZeroMQ sockets (they are not thread-safe):
+a DEALER to the broker's client port, which is the source of truth, and a SUB
+to its events port, the fast path that keeps JobWrappers live. User threads
+hand it commands through a queue and a wake-up socket pair. After every
+(re)connection, and when events show a gap, the thread asks the broker for
+the state of every unfinished job, so no result is ever missed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import __version__
+from . import keys as keys_mod
+from .auth import make_client
+from .job import JobWrapper, WorkerInfo
+from .protocol import (
+    CLIENT_REPLIES, DEFAULT_PRIORITY, MAX_BATCH, MAX_PRIORITY, Kind, M, Message,
+    ProtocolError, Status, decode, encode, make,
+)
+
+#: most payload bytes batched into one submit message
+BATCH_BYTES = 8 * 1024 * 1024
+
+
+class DSageError(Exception):
+    """Base of the client's errors."""
+
+
+class BrokerUnreachable(DSageError, ConnectionError):
+    """No broker answered in time."""
+
+
+class KeyRejected(DSageError, PermissionError):
+    """The broker refused this client's key."""
+
+
+class UnknownJob(DSageError, KeyError):
+    """No job with that id belongs to this client's key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SubmitRejected(DSageError):
+    """The broker refused a job (for instance the per-client queue limit)."""
+
+
+@dataclass(frozen=True)
+class MonitorInfo:
+    """A connected monitor, as ``D.workers()`` lists it."""
+
+    id: str
+    host: str
+    pid: int
+    slots: int
+    busy: int
+    anonymous: bool
+    tags: list[str]
+    key: str
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """Bytes from ``2GB``, ``512MiB``, ``1.5G`` or a number of bytes."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("memory must be a positive number of bytes")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(f"memory={value!r}: give bytes as an int, or a size like '2GB' or '512MiB'")
+
+
+def _check_options(timeout: float | None, priority: int, name: str | None) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0 or timeout == float("inf")):
+        raise ValueError(f"timeout={timeout!r}: give a positive number of seconds, or None")
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority={priority!r}: give an int from 0 (most urgent) "
+                         f"to {MAX_PRIORITY}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a string, not {type(name).__name__}")
+
+
+class _Conn:
+    """State shared by the I/O thread and user threads (set only by the I/O thread)."""
+
+    def __init__(self) -> None:
+        self.welcomed = threading.Event()
+        self.tcp_connected = False
+        self.handshake_failed: str | None = None
+        self.rejected: str | None = None
+        self.epoch: str | None = None
+
+
+class _IO(threading.Thread):
+    """The thread that owns the sockets."""
+
+    def __init__(self, client: DSage, endpoint_host: str, port: int,
+                 keys: keys_mod.Keypair, server_key: bytes, heartbeat: float) -> None:
+        super().__init__(name="dsage-client-io", daemon=True)
+        self.client = client
+        self.host, self.port = endpoint_host, port
+        self.keys, self.server_key = keys, server_key
+        self.heartbeat = heartbeat
+        self.conn = _Conn()
+        self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.jobs: weakref.WeakValueDictionary[str, JobWrapper] = weakref.WeakValueDictionary()
+        self.unacked: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self.requests: dict[int, Future[Message]] = {}
+        self.next_req = 1
+        self.last_seq = 0
+        self.last_news = time.monotonic()
+        self.last_ping = 0.0
+        self.running = True
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.ready = threading.Event()
+        self.failure: BaseException | None = None
+
+    # --- user-thread side
+
+    def command(self, *cmd: Any) -> None:
+        self.commands.put(cmd)
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the thread is awake already
+
+    def request(self, type_: M, timeout: float, **header: Any) -> Message:
+        fut: Future[Message] = Future()
+        self.command("request", type_, header, fut)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise self.client._unreachable(timeout) from None
+
+    # --- the thread
+
+    def run(self) -> None:
+        try:
+            self._setup()
+        except BaseException as e:  # noqa: BLE001 - reported to the constructor
+            self.failure = e
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            while self.running:
+                self._step()
+        finally:
+            for s in (self.dealer, self.sub, self.dealer_events, self.sub_events):
+                s.close(linger=0)
+            self.ctx.term()
+            self._wake_r.close()
+            self._wake_w.close()
+            for fut in self.requests.values():
+                fut.cancel()
+
+    def _setup(self) -> None:
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        make_client(self.dealer, self.keys, self.server_key)
+        self.sub = self.ctx.socket(zmq.SUB)
+        make_client(self.sub, self.keys, self.server_key)
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, self.keys.public)
+        watched = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.dealer_events = self.dealer.get_monitor_socket(watched)
+        self.sub_events = self.sub.get_monitor_socket(watched)
+        self.dealer.connect(f"tcp://{self.host}:{self.port}")
+        self.sub.connect(f"tcp://{self.host}:{self.port + 2}")
+        self.poller = zmq.Poller()
+        for s in (self.dealer, self.sub, self.dealer_events, self.sub_events):
+            self.poller.register(s, zmq.POLLIN)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    def _step(self) -> None:
+        ready = dict(self.poller.poll(int(self.heartbeat * 500)))
+        if self._wake_r.fileno() in ready:
+            try:
+                while self._wake_r.recv(65536):
+                    pass
+            except BlockingIOError:
+                pass
+        self._run_commands()
+        if self.dealer_events in ready:
+            self._socket_events(self.dealer_events, is_dealer=True)
+        if self.sub_events in ready:
+            self._socket_events(self.sub_events, is_dealer=False)
+        if self.dealer in ready:
+            self._drain(self.dealer, self._on_reply)
+        if self.sub in ready:
+            self._drain(self.sub, self._on_event)
+        self._timers()
+
+    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
+        for _ in range(10_000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _send(self, msg: Message) -> None:
+        try:
+            self.dealer.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass  # not connected yet: unacked submits and open requests are sent on connect
+
+    def _run_commands(self) -> None:
+        submits: list[tuple[dict[str, Any], bytes]] = []
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "submit":
+                spec, payload, wrapper = cmd[1:]
+                self.jobs[spec["id"]] = wrapper
+                self.unacked[spec["id"]] = (spec, payload)
+                submits.append((spec, payload))
+            elif cmd[0] == "track":
+                self.jobs[cmd[1].job_id] = cmd[1]
+            elif cmd[0] == "request":
+                type_, header, fut = cmd[1:]
+                if fut.set_running_or_notify_cancel():
+                    req = self.next_req
+                    self.next_req += 1
+                    self.requests[req] = fut
+                    self._send(make(type_, req=req, **header))
+            elif cmd[0] == "resync":
+                self._resync()
+            elif cmd[0] == "close":
+                self.running = False
+        self._submit(submits)
+
+    def _submit(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
+        batch: list[tuple[dict[str, Any], bytes]] = []
+        size = 0
+        for spec, payload in items:
+            if batch and (len(batch) >= MAX_BATCH or size + len(payload) > BATCH_BYTES):
+                self._send_batch(batch)
+                batch, size = [], 0
+            batch.append((spec, payload))
+            size += len(payload)
+        if batch:
+            self._send_batch(batch)
+
+    def _send_batch(self, batch: list[tuple[dict[str, Any], bytes]]) -> None:
+        self._send(make(M.SUBMIT, [p for _, p in batch], req=0, jobs=[s for s, _ in batch]))
+
+    def _socket_events(self, sock: zmq.Socket[bytes], is_dealer: bool) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = ev["event"]
+            if kind == zmq.EVENT_CONNECTED:
+                self.conn.tcp_connected = True
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.conn.rejected = (
+                    f"the broker at {self.host}:{self.port} rejected this client's key "
+                    f"{self.keys.public.decode()}: on the broker's machine run "
+                    f"`dsage keys add NAME {self.keys.public.decode()}`")
+                self._fail_requests()
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                          zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.conn.handshake_failed = "handshake failed"
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and is_dealer:
+                self.conn.rejected = None
+                self._on_connected()
+
+    def _fail_requests(self) -> None:
+        for fut in self.requests.values():
+            if not fut.done():
+                fut.set_exception(KeyRejected(self.conn.rejected))
+        self.requests.clear()
+
+    def _on_connected(self) -> None:
+        """(Re)connected: say hello, resend what is unacknowledged, and resync."""
+        req = self.next_req
+        self.next_req += 1
+        self._send(make(M.HELLO, req=req, client=f"dsage {os.getpid()}", version=__version__))
+        self._submit(list(self.unacked.values()))
+        self._resync()
+
+    def _resync(self) -> None:
+        """Ask the broker for the state of every unfinished job."""
+        self.last_news = time.monotonic()
+        open_ids = [jid for jid, w in list(self.jobs.items()) if not w.done()]
+        for i in range(0, len(open_ids), MAX_BATCH):
+            self._send(make(M.QUERY, req=0, ids=open_ids[i:i + MAX_BATCH]))
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if now - self.last_ping >= self.heartbeat:
+            self.last_ping = now
+            self._send(make(M.PING))
+        if now - self.last_news > 3 * self.heartbeat and any(
+                not w.done() for w in list(self.jobs.values())):
+            self._resync()
+
+    # --- incoming
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        try:
+            msg = decode(frames, CLIENT_REPLIES)
+        except ProtocolError:
+            return
+        h = msg.header
+        self.last_news = time.monotonic()
+        if msg.type is M.WELCOME:
+            self.conn.epoch = h["epoch"]
+            self.conn.welcomed.set()
+        elif msg.type is M.ACK:
+            for jid in h["ids"]:
+                self.unacked.pop(jid, None)
+            for err in h["errors"]:
+                self.unacked.pop(err["id"], None)
+                w = self.jobs.get(err["id"])
+                if w is not None:
+                    w._update({"status": "failed", "name": w.name, "priority": w.priority,
+                               "created": time.time(), "started": None,
+                               "finished": time.time(), "failures": 0,
+                               "error": f"refused by the broker: {err['message']}",
+                               "worker": None, "encoding": "none", "result_from": "none",
+                               "sealed": False}, [b"", b""])
+        elif msg.type is M.JOBS:
+            self._apply(h["jobs"], msg.blobs)
+        if msg.type is M.PONG:
+            return
+        req = h.get("req")
+        fut = self.requests.pop(req, None) if req else None
+        if fut is not None and not fut.done():
+            if msg.type is M.ERROR:
+                fut.set_exception(DSageError(f"broker error ({h['code']}): {h['message']}"))
+            else:
+                fut.set_result(msg)
+
+    def _on_event(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or frames[0] != self.keys.public:
+            return
+        try:
+            msg = decode(frames[1:], frozenset({M.EVENT}))
+        except ProtocolError:
+            return
+        h = msg.header
+        self.last_news = time.monotonic()
+        gap = h["epoch"] != self.conn.epoch or h["seq"] != self.last_seq + 1
+        self.conn.epoch, self.last_seq = h["epoch"], h["seq"]
+        self._apply(h["jobs"], msg.blobs)
+        if gap:
+            self._resync()
+
+    def _apply(self, records: list[dict[str, Any]], blobs: list[bytes]) -> None:
+        for i, rec in enumerate(records):
+            w = self.jobs.get(rec["id"])
+            if w is not None:
+                w._update(rec, blobs[2 * i:2 * i + 2])
+
+
+class DSage:
+    """A connection to a dsage broker.
+
+    ``DSage(server, port)`` connects to a running broker (waiting up to
+    ``connect_timeout`` seconds for it; 0 to return at once and let jobs wait
+    for the broker). ``server_key`` is the broker's public key (z85 or a key
+    file); by default the user's own, as when the keypair was copied.
+    """
+
+    def __init__(self, server: str = "localhost", port: int = 8081,
+                 server_key: str | bytes | os.PathLike[str] | None = None, *,
+                 home: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0,
+                 heartbeat: float = 1.0) -> None:
+        self.server, self.port = server, port
+        self.home = keys_mod.home(home)
+        self.keys = keys_mod.load_keypair(self.home)
+        self.server_key = (keys_mod.parse_public_key(server_key) if server_key is not None
+                           else self.keys.public)
+        self._cluster: Any = None
+        self._closed = False
+        self._box_cache: dict[str, Any] = {}
+        self._io = _IO(self, server, port, self.keys, self.server_key, heartbeat)
+        self._io.start()
+        self._io.ready.wait()
+        if self._io.failure is not None:
+            raise self._io.failure
+        if connect_timeout:
+            try:
+                self.wait_connected(connect_timeout)
+            except BaseException:
+                self.close()
+                raise
+
+    # --- connection
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        """Block until the broker has answered, raising a clear error if it does not."""
+        deadline = time.monotonic() + timeout
+        while not self._io.conn.welcomed.wait(0.05):
+            if self._io.conn.rejected:
+                raise KeyRejected(self._io.conn.rejected)
+            if time.monotonic() > deadline:
+                raise self._unreachable(timeout)
+
+    def _unreachable(self, waited: float) -> DSageError:
+        c = self._io.conn
+        if c.rejected:
+            return KeyRejected(c.rejected)
+        where = f"{self.server}:{self.port}"
+        if c.tcp_connected and not c.welcomed.is_set():
+            return BrokerUnreachable(
+                f"reached {where} but the encrypted handshake did not complete within "
+                f"{waited:g} s: is the server key right? It must be the broker's public key "
+                f"(its dsage_key.pub); this client used {self.server_key.decode()}")
+        return BrokerUnreachable(
+            f"no broker at {where} (waited {waited:g} s): start one with "
+            f"`dsage-broker --port {self.port}`, or check the server and port")
+
+    # --- submitting
+
+    def __call__(self, code: str, **options: Any) -> JobWrapper:
+        """``D(code)`` is ``D.eval(code)``."""
+        return self.eval(code, **options)
+
+    def eval(self, code: str, timeout: float | None = 600, priority: int = DEFAULT_PRIORITY,
+             name: str | None = None, kind: str = "python", memory: int | str | None = None,
+             anonymous_ok: bool = False, requires: Iterable[str] = ()) -> JobWrapper:
+        """Run ``code`` on a worker. The result is ``DSAGE_RESULT`` if the code sets it,
+        otherwise the value of its final expression.
+
+        ``kind`` is ``'python'`` or ``'sage'``; ``timeout`` (seconds, None for no limit)
+        and ``memory`` (bytes or ``'2GB'``) are hard limits; ``priority`` runs from 0
+        (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job.
+        """
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a string, not {type(code).__name__}")
+        if kind not in (Kind.PYTHON, Kind.SAGE):
+            raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
+                             f"(use D.eval_function for functions)")
+        return self._submit(code.encode(), kind, timeout, priority, name, memory,
+                            anonymous_ok, requires)
+
+    def eval_file(self, path: str | os.PathLike[str], name: str | None = None,
+                  **options: Any) -> JobWrapper:
+        """Run a file's code; its ``DSAGE_RESULT`` is the result. ``.sage`` files run as Sage."""
+        p = Path(path)
+        try:
+            code = p.read_text()
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read {p}: {e.strerror}") from None
+        options.setdefault("kind", "sage" if p.suffix == ".sage" else "python")
+        return self.eval(code, name=name if name is not None else p.name, **options)
+
+    def eval_function(self, func: Callable[..., Any], args: Iterable[Any] = (),
+                      kwargs: dict[str, Any] | None = None, **options: Any) -> JobWrapper:
+        """Run ``func(*args, **kwargs)`` on a worker; the result is its return value."""
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        payload = _pickle_call(func, tuple(args), dict(kwargs or {}))
+        options.setdefault("name", getattr(func, "__name__", None))
+        return self._submit(payload, Kind.FUNCTION.value, options.pop("timeout", 600),
+                            options.pop("priority", DEFAULT_PRIORITY), options.pop("name"),
+                            options.pop("memory", None), options.pop("anonymous_ok", False),
+                            options.pop("requires", ()), **options)
+
+    def _submit(self, payload: bytes, kind: str, timeout: float | None, priority: int,
+                name: str | None, memory: int | str | None, anonymous_ok: bool,
+                requires: Iterable[str], **unknown: Any) -> JobWrapper:
+        if unknown:
+            raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+        if self._closed:
+            raise DSageError("this DSage connection is closed")
+        _check_options(timeout, priority, name)
+        tags = [str(t) for t in requires]
+        spec = {"id": uuid.uuid4().hex, "name": name, "kind": kind,
+                "timeout": None if timeout is None else float(timeout), "priority": priority,
+                "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
+                "requires": tags}
+        wrapper = JobWrapper(self, spec["id"], name, kind, priority)
+        self._io.command("submit", spec, payload, wrapper)
+        return wrapper
+
+    # --- looking at jobs
+
+    def _records_to_wrappers(self, msg: Message) -> list[JobWrapper]:
+        out = []
+        for i, rec in enumerate(msg.header["jobs"]):
+            w = self._io.jobs.get(rec["id"])
+            if w is None:
+                w = JobWrapper(self, rec["id"], rec["name"], rec["kind"], rec["priority"])
+                w._update(rec, msg.blobs[2 * i:2 * i + 2])
+                if not w.done():
+                    self._io.command("track", w)
+            out.append(w)
+        return out
+
+    def job(self, job_id: str, timeout: float = 10.0) -> JobWrapper:
+        """The JobWrapper of an existing job of this key (also one another process submitted)."""
+        if not isinstance(job_id, str) or not re.fullmatch(r"[0-9a-f]{32}", job_id):
+            raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
+        known = self._io.jobs.get(job_id)
+        if known is not None:
+            return known
+        reply = self._io.request(M.QUERY, timeout, ids=[job_id])
+        wrappers = self._records_to_wrappers(reply)
+        if not wrappers:
+            raise UnknownJob(f"no job {job_id} belongs to this key on {self.server}:{self.port}")
+        return wrappers[0]
+
+    def get_my_jobs(self, status: str | None = None, timeout: float = 30.0) -> list[JobWrapper]:
+        """This key's jobs, oldest first (at most 10,000), optionally of one status."""
+        if status is not None and status not in {s.value for s in Status}:
+            raise ValueError(f"status={status!r}: choose one of "
+                             f"{', '.join(s.value for s in Status)}")
+        return self._records_to_wrappers(self._io.request(M.LIST, timeout, status=status))
+
+    def workers(self, timeout: float = 10.0) -> list[MonitorInfo]:
+        """The monitors connected to the broker."""
+        reply = self._io.request(M.WORKERS, timeout)
+        return [MonitorInfo(**w) for w in reply.header["workers"]]
+
+    def kill(self, job_id: str, timeout: float = 10.0) -> None:
+        """Kill a job of this key: queued ones are removed, running ones killed."""
+        reply = self._io.request(M.KILL, timeout, ids=[job_id])
+        if reply.header["missing"]:
+            raise UnknownJob(f"no job {job_id} belongs to this key")
+
+    def _resync(self) -> None:
+        self._io.command("resync")
+
+    def _unseal(self, result: bytes, output: bytes,
+                worker: WorkerInfo | None) -> tuple[bytes, bytes]:
+        from .seal import open_sealed
+
+        return open_sealed(self.keys, result), open_sealed(self.keys, output)
+
+    # --- lifetime
+
+    def close(self) -> None:
+        """Disconnect, and stop the broker and monitors that ``start_all`` started."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.command("close")
+        self._io.join(10)
+        if self._cluster is not None:
+            self._cluster.stop()
+
+    def __enter__(self) -> DSage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else (
+            "connected" if self._io.conn.welcomed.is_set() else "connecting")
+        return f"<DSage {self.server}:{self.port} {state}>"
+
+
+def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """dill-pickle a call, saying which part cannot be pickled."""
+    import dill
+
+    try:
+        return dill.dumps((func, args, kwargs), protocol=dill.HIGHEST_PROTOCOL)
+    except Exception as e:  # noqa: BLE001 - find the culprit for a clear message
+        parts: list[tuple[str, Any]] = [("the function", func)]
+        parts += [(f"argument {i}", a) for i, a in enumerate(args)]
+        parts += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+        for label, part in parts:
+            try:
+                dill.dumps(part)
+            except Exception as inner:  # noqa: BLE001
+                raise TypeError(f"cannot send {label} ({type(part).__name__}): {inner}") from None
+        raise TypeError(f"cannot pickle the call: {e}") from None
+

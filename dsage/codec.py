@@ -1,0 +1,125 @@
+"""Result encodings.
+
+Trusted workers return dill pickles. Anything from an anonymous worker is
+untrusted: it travels in the data-only encoding below, which decodes to plain
+values and can never run code. Unpickling is kept to :func:`load_trusted`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any
+
+import dill
+
+from .protocol import Encoding
+
+MAX_DEPTH = 100
+
+
+class UntrustedResult(str):
+    """A result from an anonymous worker that was not plain data: its repr, as text."""
+
+
+def dump_trusted(value: Any) -> bytes:
+    """Pickle a result with dill (raises if it cannot be pickled)."""
+    return dill.dumps(value, protocol=dill.HIGHEST_PROTOCOL)
+
+
+def load_trusted(blob: bytes) -> Any:
+    """Unpickle a result; only ever called for results from trusted workers."""
+    return dill.loads(blob)
+
+
+def _to_node(value: Any, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise ValueError("too deeply nested")
+    if value is None:
+        return ["n"]
+    if isinstance(value, bool):
+        return ["T" if value else "F"]
+    if type(value) is int:
+        return ["i", str(value)]
+    if type(value) is float:
+        return ["f", repr(value)]
+    if type(value) is str:
+        return ["s", value]
+    if type(value) is bytes:
+        return ["b", base64.b64encode(value).decode()]
+    if type(value) in (list, tuple):
+        return ["l" if type(value) is list else "t", [_to_node(v, depth + 1) for v in value]]
+    if type(value) is dict:
+        return ["d", [[_to_node(k, depth + 1), _to_node(v, depth + 1)] for k, v in value.items()]]
+    return ["r", repr(value)]
+
+
+def dump_data(value: Any) -> bytes:
+    """Data-only encoding: None, bool, int, float, str, bytes, lists, tuples and
+    dicts of these; any other value becomes its repr, marked as such."""
+    try:
+        node = _to_node(value, 0)
+    except (ValueError, RecursionError):
+        node = ["r", repr(value)[:100_000]]
+    return json.dumps(node, separators=(",", ":")).encode()
+
+
+def _from_node(node: Any, depth: int) -> Any:
+    if depth > MAX_DEPTH or not isinstance(node, list) or not node or not isinstance(node[0], str):
+        raise ValueError("malformed data-encoded result")
+    tag, rest = node[0], node[1:]
+    if tag == "n" and not rest:
+        return None
+    if tag in ("T", "F") and not rest:
+        return tag == "T"
+    if len(rest) != 1:
+        raise ValueError("malformed data-encoded result")
+    arg = rest[0]
+    if tag == "i" and isinstance(arg, str) and len(arg) <= 5000:
+        return int(arg)
+    if tag == "f" and isinstance(arg, str) and len(arg) <= 64:
+        value = float(arg)
+        if not (math.isfinite(value) or arg in ("inf", "-inf", "nan")):
+            raise ValueError("malformed float")
+        return value
+    if tag == "s" and isinstance(arg, str):
+        return arg
+    if tag == "r" and isinstance(arg, str):
+        return UntrustedResult(arg)
+    if tag == "b" and isinstance(arg, str):
+        return base64.b64decode(arg, validate=True)
+    if tag in ("l", "t") and isinstance(arg, list):
+        items = [_from_node(v, depth + 1) for v in arg]
+        return items if tag == "l" else tuple(items)
+    if tag == "d" and isinstance(arg, list):
+        out = {}
+        for pair in arg:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError("malformed data-encoded result")
+            k = _from_node(pair[0], depth + 1)
+            try:
+                out[k] = _from_node(pair[1], depth + 1)
+            except TypeError:
+                raise ValueError("unhashable key in data-encoded result") from None
+        return out
+    raise ValueError("malformed data-encoded result")
+
+
+def load_data(blob: bytes) -> Any:
+    """Decode :func:`dump_data` output; raises ValueError for anything else."""
+    try:
+        node = json.loads(blob)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"malformed data-encoded result: {e}") from None
+    try:
+        return _from_node(node, 0)
+    except (TypeError, RecursionError) as e:
+        raise ValueError(f"malformed data-encoded result: {e}") from None
+
+
+def encode_result(value: Any, trusted: bool) -> tuple[Encoding, bytes]:
+    """Encode a job's result for the way back; untrusted slots use data only."""
+    if trusted:
+        return Encoding.DILL, dump_trusted(value)
+    return Encoding.DATA, dump_data(value)

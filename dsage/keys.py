@@ -1,0 +1,208 @@
+"""The dsage home folder and its keys.
+
+Layout of ``$DSAGE_HOME`` (default ``~/.sage/dsage``)::
+
+    dsage_key            secret CURVE certificate (mode 0600)
+    dsage_key.pub        public CURVE certificate
+    authorized_keys/     NAME.pub: public keys the broker trusts
+    db/                  the broker's SQLite job store
+    tmp_worker_files/    per-job working folders of local monitors
+    logs/                logs of processes started by ``start_all``
+
+Certificates use the ZeroMQ format that ``zmq.auth.load_certificate`` reads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+SECRET_NAME = "dsage_key"
+PUBLIC_NAME = "dsage_key.pub"
+SELF_NAME = "self"
+_Z85_KEY = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+
+class KeyProblem(Exception):
+    """Base for problems with keys; the message says what to do."""
+
+
+class NoKeypair(KeyProblem):
+    """There is no dsage keypair yet."""
+
+
+class InsecureKeyFile(KeyProblem):
+    """The secret key file is readable by group or others."""
+
+
+class BadKey(KeyProblem):
+    """A key or key file could not be read."""
+
+
+def home(path: str | os.PathLike[str] | None = None) -> Path:
+    """The dsage home folder: ``path``, else ``$DSAGE_HOME``, else ``~/.sage/dsage``."""
+    if path is not None:
+        return Path(path).expanduser()
+    return Path(os.environ.get("DSAGE_HOME") or "~/.sage/dsage").expanduser()
+
+
+@dataclass(frozen=True)
+class Keypair:
+    """A CURVE keypair, both halves z85-encoded (40 bytes each)."""
+
+    public: bytes
+    secret: bytes
+
+
+_SECRET_BANNER = """#   ****  Generated on {0} by dsage  ****
+#   ZeroMQ CURVE **Secret** Certificate
+#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
+
+"""
+_PUBLIC_BANNER = """#   ****  Generated on {0} by dsage  ****
+#   ZeroMQ CURVE Public Certificate
+
+"""
+
+
+def certificate_text(public: bytes, secret: bytes | None = None) -> str:
+    """A certificate in the ZeroMQ format (as ``zmq.auth.create_certificates`` writes)."""
+    banner = (_SECRET_BANNER if secret else _PUBLIC_BANNER).format(datetime.datetime.now())
+    lines = [banner + "metadata", "curve", f'    public-key = "{public.decode()}"']
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return "\n".join(lines) + "\n"
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def setup(path: str | os.PathLike[str] | None = None, *, quiet: bool = True) -> bool:
+    """Create the dsage home folder and keypair if missing.
+
+    Idempotent: existing keys and folders are left exactly as they are.
+    Returns True when a new keypair was made.
+    """
+    root = home(path)
+    for sub in ("", "db", "tmp_worker_files", "authorized_keys", "logs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    secret_file, public_file = root / SECRET_NAME, root / PUBLIC_NAME
+    created = False
+    if not secret_file.exists():
+        public, secret = zmq.curve_keypair()
+        _write_private(secret_file, certificate_text(public, secret))
+        public_file.write_text(certificate_text(public))
+        created = True
+        if not quiet:
+            print(f"dsage: created a new keypair in {root}")
+    keys = load_keypair(root)
+    if not public_file.exists():
+        public_file.write_text(certificate_text(keys.public))
+    own = root / "authorized_keys" / f"{SELF_NAME}.pub"
+    if not own.exists():
+        own.write_text(certificate_text(keys.public))
+    return created
+
+
+def has_keypair(path: str | os.PathLike[str] | None = None) -> bool:
+    """Whether ``dsage setup`` has been run for this home."""
+    return (home(path) / SECRET_NAME).exists()
+
+
+def check_permissions(secret_file: Path) -> None:
+    """Refuse a secret key file that group or others may read, as ssh does."""
+    mode = stat.S_IMODE(secret_file.stat().st_mode)
+    if mode & 0o077:
+        raise InsecureKeyFile(
+            f"permissions {mode:04o} for '{secret_file}' are too open: the secret key "
+            f"must be readable by its owner only; run `chmod 600 {secret_file}`"
+        )
+
+
+def load_keypair(path: str | os.PathLike[str] | None = None) -> Keypair:
+    """The keypair in a dsage home, after checking the secret file's permissions."""
+    secret_file = home(path) / SECRET_NAME
+    if not secret_file.exists():
+        raise NoKeypair(f"no dsage keypair in {home(path)}: run `dsage setup` first")
+    check_permissions(secret_file)
+    public, secret = _read_certificate(secret_file)
+    if secret is None:
+        raise BadKey(f"{secret_file} holds no secret key: remove it and run `dsage setup`")
+    return Keypair(public, secret)
+
+
+def _read_certificate(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise BadKey(f"cannot read the key file {path}: {e}") from None
+    if not _Z85_KEY.match(public) or (secret is not None and not _Z85_KEY.match(secret)):
+        raise BadKey(f"{path} does not hold a 40-character z85 CURVE key")
+    return public, secret
+
+
+def parse_public_key(value: str | bytes | os.PathLike[str]) -> bytes:
+    """A z85 public key given as the key itself or as a certificate file's path."""
+    raw = os.fsencode(value) if isinstance(value, os.PathLike) else value
+    raw = raw.encode() if isinstance(raw, str) else raw
+    if _Z85_KEY.match(raw.strip()) and not os.path.exists(raw):
+        return raw.strip()
+    path = Path(os.fsdecode(raw)).expanduser()
+    if not path.exists():
+        raise BadKey(f"'{os.fsdecode(raw)}' is neither a 40-character z85 key nor a key file")
+    return _read_certificate(path)[0]
+
+
+def public_key_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """Where the own public certificate is."""
+    return home(path) / PUBLIC_NAME
+
+
+def authorized_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of trusted public keys."""
+    return home(path) / "authorized_keys"
+
+
+def authorized_keys(path: str | os.PathLike[str] | None = None) -> dict[str, bytes]:
+    """Trusted keys by name (file stem); unreadable files are skipped."""
+    folder = authorized_dir(path)
+    keys: dict[str, bytes] = {}
+    if not folder.is_dir():
+        return keys
+    for f in sorted(folder.glob("*.pub")):
+        try:
+            keys[f.stem] = _read_certificate(f)[0]
+        except BadKey:
+            continue
+    return keys
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+def add_key(name: str, key: str | bytes, path: str | os.PathLike[str] | None = None) -> Path:
+    """Trust ``key`` (z85 or a key file) under ``name``; returns the file written."""
+    if not _NAME.match(name) or name.startswith("."):
+        raise BadKey(f"'{name}' is not a valid key name (letters, digits, _ . @ -)")
+    public = parse_public_key(key)
+    target = authorized_dir(path) / f"{name}.pub"
+    authorized_dir(path).mkdir(parents=True, exist_ok=True)
+    target.write_text(certificate_text(public))
+    return target
+
+
+def remove_key(name: str, path: str | os.PathLike[str] | None = None) -> None:
+    """Stop trusting the key stored under ``name``."""
+    target = authorized_dir(path) / f"{name}.pub"
+    if not _NAME.match(name) or not target.exists():
+        raise BadKey(f"no authorized key named '{name}' (see `dsage keys list`)")
+    target.unlink()

@@ -1,0 +1,483 @@
+"""The monitor (``dsage-worker``): one DEALER to the broker, N worker slots.
+
+Each slot is a long-lived child process (:mod:`dsage.slot`); a kill, a timeout
+or a crash costs that slot a respawn, never the monitor. Results are kept
+until the broker acknowledges them and are sent again after a reconnect, so a
+broker restart loses none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import __version__
+from . import keys as keys_mod
+from .auth import make_client
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REPLIES, M, Message, ProtocolError, Status, decode, encode,
+    make,
+)
+
+log = logging.getLogger("dsage.monitor")
+
+
+@dataclass
+class MonitorOptions:
+    """Everything ``dsage-worker`` can be told."""
+
+    server: str = "localhost"
+    port: int = 8081
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    home: Path | None = None
+    priority: int = 10
+    server_key: bytes | None = None
+    anonymous: bool = False
+    heartbeat: float = 1.0
+    liveness: int = 3
+    max_jobs_per_slot: int | None = None
+    #: recycle a slot after a job when its memory grew past this factor of its start size
+    memory_growth: float = 2.0
+    grace: float = 10.0
+    tags: list[str] = field(default_factory=list)
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    exit_with_parent: int | None = None
+
+
+@dataclass
+class Slot:
+    """A worker slot: its process, pipe and current job."""
+
+    index: int
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    capture: Path
+    ready: bool = False
+    job: dict[str, Any] | None = None
+    started: float = 0.0
+    deadline: float | None = None
+    #: why the monitor killed the slot while it ran a job ('killed', 'timeout', ...)
+    kill_reason: str | None = None
+    jobs_done: int = 0
+    base_rss: int = 0
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Monitor:
+    """A running monitor; :meth:`run` until stopped."""
+
+    def __init__(self, options: MonitorOptions) -> None:
+        self.options = options
+        self.home = keys_mod.home(options.home)
+        if options.anonymous:
+            if options.server_key is None:
+                raise keys_mod.BadKey("an anonymous worker needs the broker's public key "
+                                      "(--server-key FILE_OR_Z85)")
+            public, secret = zmq.curve_keypair()
+            self.keys = keys_mod.Keypair(public, secret)
+        else:
+            self.keys = keys_mod.load_keypair(self.home)
+        self.server_key = options.server_key or self.keys.public
+        self.tmpdir = self.home / "tmp_worker_files"
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.monitor_id = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.poller = zmq.Poller()
+        self.sock: zmq.Socket[bytes] | None = None
+        self.events: zmq.Socket[bytes] | None = None
+        self.registered = False
+        self.registering = False
+        self.last_heard = time.monotonic()
+        self.last_sent = 0.0
+        self.stopping = False
+        self.stop_deadline: float | None = None
+        self.pending: list[tuple[dict[str, Any], bytes]] = []
+        self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
+        self.outgoing: list[str] = []
+        self.slots: list[Slot] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._connect()
+        for i in range(options.workers):
+            self.slots.append(self._spawn(i))
+        log.info("dsage-worker %s: %d slots, broker %s:%d%s", self.monitor_id[:8],
+                 options.workers, options.server, options.port + 1,
+                 " (anonymous)" if options.anonymous else "")
+
+    # --- broker connection
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+        if self.events is not None:
+            self.poller.unregister(self.events)
+            self.events.close(linger=0)
+        sock = self.ctx.socket(zmq.DEALER)
+        make_client(sock, self.keys, self.server_key, self.options.max_message_size)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.events = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_DISCONNECTED)
+        sock.connect(f"tcp://{self.options.server}:{self.options.port + 1}")
+        self.sock = sock
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.events, zmq.POLLIN)
+        self.registered = False
+        self.registering = False
+        self.last_heard = time.monotonic()
+
+    def _send(self, msg: Message) -> bool:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False  # not connected: what matters is sent again after registering
+        self.last_sent = time.monotonic()
+        return True
+
+    def _register(self) -> None:
+        running = [s.job["id"] for s in self.slots if s.job is not None]
+        running += [spec["id"] for spec, _ in self.pending]
+        self.registering = self._send(make(
+            M.REGISTER, monitor=self.monitor_id, host=self.host, pid=os.getpid(),
+            slots=len(self.slots), tags=self.options.tags, running=running, version=__version__))
+
+    def _on_socket_event(self) -> None:
+        assert self.events is not None
+        while True:
+            try:
+                ev = recv_monitor_message(self.events, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                log.info("connected to the broker; registering")
+                self._register()
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                log.error("the broker rejected this worker's key (status %s): add it with "
+                          "`dsage keys add NAME KEY` on the broker, or start the broker with "
+                          "--allow-anonymous and this worker with --anonymous", ev["value"])
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                log.warning("disconnected from the broker; reconnecting")
+                self.registered = False
+
+    def _on_broker(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = time.monotonic()
+            try:
+                msg = decode(frames, MONITOR_REPLIES)
+            except ProtocolError as e:
+                log.warning("bad message from the broker: %s", e)
+                continue
+            self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        h = msg.header
+        if msg.type is M.REGISTERED:
+            self.registered, self.registering = True, False
+            for jid in h["cancel"]:
+                self._cancel(jid, "taken back by the broker")
+            self._resend_unacked()
+        elif msg.type is M.RUN:
+            for spec, payload in zip(h["jobs"], msg.blobs):
+                self.pending.append((spec, payload))
+        elif msg.type is M.CANCEL:
+            for jid in h["ids"]:
+                self._cancel(jid, h["reason"])
+        elif msg.type is M.RESULT_ACK:
+            for jid in h["ids"]:
+                self.unacked.pop(jid, None)
+        elif msg.type is M.ERROR:
+            if h["code"] == "unregistered":
+                self.registered = False
+                if not self.registering:  # an answer to what we sent before registering
+                    self._register()
+            else:
+                log.warning("broker error: %s", h["message"])
+
+    def _resend_unacked(self) -> None:
+        ids = list(self.unacked)
+        for i in range(0, len(ids), 1000):
+            self._send_results(ids[i:i + 1000])
+
+    def _send_results(self, ids: list[str]) -> None:
+        items, blobs = [], []
+        for jid in ids:
+            item, result, output = self.unacked[jid]
+            items.append(item)
+            blobs += [result, output]
+        if items:
+            self._send(make(M.RESULT, blobs, results=items))
+
+    # --- slots
+
+    def _spawn(self, index: int) -> Slot:
+        parent, child = socket.socketpair()
+        capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsage.slot", str(child.fileno()), str(capture),
+             str(self.tmpdir), str(self.options.priority)],
+            pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
+        child.close()
+        conn = Connection(parent.detach())
+        slot = Slot(index, proc, conn, capture)
+        self.poller.register(conn.fileno(), zmq.POLLIN)
+        return slot
+
+    def _respawn(self, slot: Slot) -> None:
+        self.poller.unregister(slot.conn.fileno())
+        slot.conn.close()
+        slot.kill()
+        slot.proc.wait()
+        slot.capture.unlink(missing_ok=True)
+        self.slots[slot.index] = self._spawn(slot.index)
+
+    def _start_jobs(self) -> None:
+        for slot in self.slots:
+            if not self.pending:
+                return
+            if slot.ready and slot.job is None:
+                spec, payload = self.pending.pop(0)
+                slot.job, slot.started = spec, time.time()
+                slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
+                slot.kill_reason = None
+                try:
+                    slot.conn.send((spec, payload))
+                except OSError:
+                    pass  # the slot died; its EOF is handled as a crash
+
+    def _on_slot(self, slot: Slot) -> None:
+        try:
+            reply = slot.conn.recv()
+        except (EOFError, OSError):
+            self._slot_died(slot)
+            return
+        if reply.get("ready"):
+            slot.ready, slot.base_rss = True, reply["rss"]
+            return
+        if slot.job is None or reply["id"] != slot.job["id"]:
+            return
+        self._finish(slot.job, reply, reply.pop("result"), reply.pop("output"))
+        slot.job, slot.deadline = None, None
+        slot.jobs_done += 1
+        limit = self.options.max_jobs_per_slot
+        if (limit and slot.jobs_done >= limit) or (
+                slot.base_rss and reply["rss"] > self.options.memory_growth * slot.base_rss):
+            log.info("recycling slot %d after %d jobs (%d MB)", slot.index, slot.jobs_done,
+                     reply["rss"] >> 20)
+            self._respawn(slot)
+
+    def _slot_died(self, slot: Slot) -> None:
+        job = slot.job
+        rc = slot.proc.wait()
+        if job is not None:
+            status, error = self._death_outcome(slot, rc)
+            output = b""
+            try:
+                output = slot.capture.read_bytes()[-(1 << 20):]
+            except OSError:
+                pass
+            if error:
+                output += f"\n[dsage] {error}\n".encode()
+            self._finish(job, {"status": status.value, "error": error, "encoding": "none",
+                               "result_from": "none", "sealed": False, "started": slot.started,
+                               "finished": time.time()}, b"", output)
+        elif not self.stopping:
+            log.warning("slot %d exited (status %s) while idle; restarting it", slot.index, rc)
+        slot.job = None
+        if not self.stopping:
+            self._respawn(slot)
+        else:
+            self.poller.unregister(slot.conn.fileno())
+            slot.conn.close()
+
+    @staticmethod
+    def _death_outcome(slot: Slot, rc: int) -> tuple[Status, str]:
+        assert slot.job is not None
+        if slot.kill_reason == "timeout":
+            return Status.FAILED, f"timed out after {slot.job['timeout']:g} s (the job was killed)"
+        if slot.kill_reason is not None:
+            return Status.KILLED, f"killed ({slot.kill_reason})"
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            return Status.FAILED, f"the job's process died of {name} (signal {-rc})"
+        return Status.FAILED, f"the job's process exited with status {rc} (os._exit or a crash)"
+
+    def _finish(self, job: dict[str, Any], reply: dict[str, Any], result: bytes,
+                output: bytes) -> None:
+        item = {"id": job["id"], "status": reply["status"], "error": reply["error"],
+                "encoding": reply["encoding"], "result_from": reply["result_from"],
+                "sealed": reply["sealed"], "started": reply["started"],
+                "finished": reply["finished"]}
+        self.unacked[job["id"]] = (item, result, output)
+        self.outgoing.append(job["id"])
+        shutil.rmtree(self.tmpdir / job["id"], ignore_errors=True)
+
+    def _cancel(self, job_id: str, reason: str) -> None:
+        for i, (spec, _) in enumerate(self.pending):
+            if spec["id"] == job_id:
+                del self.pending[i]
+                self._finish(spec, {"status": "killed", "error": f"killed ({reason})",
+                                    "encoding": "none", "result_from": "none", "sealed": False,
+                                    "started": None, "finished": time.time()}, b"", b"")
+                return
+        for slot in self.slots:
+            if slot.job is not None and slot.job["id"] == job_id:
+                slot.kill_reason = reason
+                slot.kill()
+
+    # --- the loop
+
+    def step(self, timeout: float) -> None:
+        ready = dict(self.poller.poll(int(timeout * 1000)))
+        if self._wake_r.fileno() in ready:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+        if self.events is not None and self.events in ready:
+            self._on_socket_event()
+        if self.sock is not None and self.sock in ready:
+            self._on_broker()
+        for slot in list(self.slots):
+            if slot.conn.fileno() in ready:
+                self._on_slot(slot)
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.job is not None and slot.deadline is not None and now > slot.deadline \
+                    and slot.kill_reason is None:
+                slot.kill_reason = "timeout"
+                slot.kill()
+        if not self.stopping:
+            self._start_jobs()
+        if self.outgoing:
+            ids, self.outgoing = self.outgoing, []
+            if self.registered:
+                self._send_results(ids)
+        self._keepalive(now)
+
+    def _keepalive(self, now: float) -> None:
+        window = self.options.heartbeat * self.options.liveness
+        if now - self.last_sent >= self.options.heartbeat:
+            self._send(make(M.HEARTBEAT))
+            self.last_sent = now  # also when not connected, so this is not retried at once
+        if now - self.last_heard > window:
+            log.warning("no word from the broker for %.1f s; reconnecting", now - self.last_heard)
+            self._connect()
+        if self.options.exit_with_parent and os.getppid() != self.options.exit_with_parent:
+            log.warning("parent process is gone: stopping")
+            self.begin_stop()
+
+    def begin_stop(self) -> None:
+        """Stop taking jobs; running ones get ``grace`` seconds, the rest go back."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.options.grace
+        self._send(make(M.STOPPING))
+        if self.pending:
+            self._send(make(M.RELEASE, ids=[spec["id"] for spec, _ in self.pending]))
+            self.pending.clear()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _busy(self) -> bool:
+        return any(s.job is not None for s in self.slots)
+
+    def run(self) -> None:
+        """Work until stopped; SIGTERM/SIGINT start a graceful stop."""
+        restore = self._install_signals()
+        try:
+            while not self.stopping:
+                self.step(self.options.heartbeat / 2)
+            self._drain_on_stop()
+        finally:
+            restore()
+            self.close()
+
+    def _drain_on_stop(self) -> None:
+        assert self.stop_deadline is not None
+        while self._busy() and time.monotonic() < self.stop_deadline:
+            self.step(0.1)
+        left = [s.job["id"] for s in self.slots if s.job is not None]
+        if left:
+            log.info("grace period over: giving %d running jobs back", len(left))
+            for s in self.slots:
+                if s.job is not None:
+                    s.kill_reason = "released"
+                    s.job = None
+                    s.kill()
+            self._send(make(M.RELEASE, ids=left))
+        end = time.monotonic() + min(2.0, self.options.grace)
+        while self.unacked and time.monotonic() < end:
+            if self.outgoing:
+                ids, self.outgoing = self.outgoing, []
+                self._send_results(ids)
+            self.step(0.1)
+
+    def _install_signals(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_stop(signum: int, frame: Any) -> None:
+            self.begin_stop()
+
+        old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.kill()
+            try:
+                slot.conn.close()
+            except OSError:
+                pass
+        for slot in self.slots:
+            slot.proc.wait()
+            slot.capture.unlink(missing_ok=True)
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        if self.events is not None:
+            self.events.close(linger=0)
+        self.ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info("dsage-worker stopped")
+
+
+def run_monitor(options: MonitorOptions) -> None:
+    """Run a monitor in this process until it is stopped."""
+    Monitor(options).run()

@@ -1,0 +1,429 @@
+"""The wire format: frames, message types, schemas; pure encode and decode.
+
+A message is a list of frames::
+
+    [VERSION, type, header, blob, blob, ...]
+
+``header`` is a JSON object whose keys and value types are fixed per message
+type (unknown or missing keys are errors); blobs are opaque bytes (job
+payloads, results, captured output) that the broker never looks into. Batched
+messages carry a list of items in the header and a fixed number of blobs per
+item, in order. On the events socket a topic frame (the subscriber's z85 key)
+comes first.
+
+Every problem with a received message raises :class:`ProtocolError` with a
+short code; nothing here asserts on network input.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = b"DSG1"
+#: Most items (jobs, results, records, ids) in one message.
+MAX_BATCH = 10_000
+MAX_FRAMES = 3 + 2 * MAX_BATCH
+DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+MAX_HEADER = 64 * 1024 * 1024
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
+
+
+class Status(enum.StrEnum):
+    NEW = "new"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.KILLED})
+
+
+class Kind(enum.StrEnum):
+    """What a job's payload is: code (Python or Sage) or a dill-pickled call."""
+
+    PYTHON = "python"
+    SAGE = "sage"
+    FUNCTION = "function"
+
+
+class Encoding(enum.StrEnum):
+    """How a result blob is encoded."""
+
+    NONE = "none"  # no result
+    DILL = "dill"  # a dill pickle: only ever loaded from trusted workers
+    DATA = "data"  # dsage.codec's data-only encoding, safe to decode
+
+
+class ResultFrom(enum.StrEnum):
+    """Where a job's result came from, which decides its repr."""
+
+    NONE = "none"
+    EXPRESSION = "expression"  # the value of the code's final expression
+    DSAGE_RESULT = "DSAGE_RESULT"
+    RETURN = "return"  # a function job's return value
+
+
+class M(enum.StrEnum):
+    """Message types."""
+
+    # client -> broker
+    HELLO = "hello"
+    SUBMIT = "submit"
+    KILL = "kill"
+    QUERY = "query"
+    LIST = "list"
+    WORKERS = "workers"
+    PING = "ping"
+    # broker -> client
+    WELCOME = "welcome"
+    ACK = "ack"
+    JOBS = "jobs"
+    WORKER_LIST = "worker_list"
+    PONG = "pong"
+    ERROR = "error"
+    # monitor -> broker
+    REGISTER = "register"
+    HEARTBEAT = "heartbeat"
+    RESULT = "result"
+    STOPPING = "stopping"
+    RELEASE = "release"
+    # broker -> monitor
+    REGISTERED = "registered"
+    RUN = "run"
+    CANCEL = "cancel"
+    RESULT_ACK = "result_ack"
+    # broker -> subscribers
+    EVENT = "event"
+
+
+class ProtocolError(Exception):
+    """A received message is malformed; ``code`` is a short machine-readable word."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class Message:
+    type: M
+    header: dict[str, Any] = field(default_factory=dict)
+    blobs: list[bytes] = field(default_factory=list)
+
+
+# --- validators: each takes a decoded JSON value, returns it or raises ValueError
+
+Validator = Callable[[Any], Any]
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("not a string")
+    return v
+
+
+def _short_str(v: Any) -> str:
+    if not isinstance(v, str) or len(v) > 4096:
+        raise ValueError("not a string of at most 4096 characters")
+    return v
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("not an integer")
+    return v
+
+
+def _nonneg_int(v: Any) -> int:
+    if _int(v) < 0:
+        raise ValueError("negative")
+    return v
+
+
+def _pos_int(v: Any) -> int:
+    if _int(v) <= 0:
+        raise ValueError("not positive")
+    return v
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError("not a finite number")
+    return float(v)
+
+
+def _pos_float(v: Any) -> float:
+    if _float(v) <= 0:
+        raise ValueError("not positive")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("not a boolean")
+    return v
+
+
+def _job_id(v: Any) -> str:
+    if not isinstance(v, str) or not _JOB_ID.match(v):
+        raise ValueError("not a job id (32 lowercase hex digits)")
+    return v
+
+
+def _key(v: Any) -> str:
+    if not isinstance(v, str) or not _Z85.match(v):
+        raise ValueError("not a z85 key")
+    return v
+
+
+def _priority(v: Any) -> int:
+    if not 0 <= _int(v) <= MAX_PRIORITY:
+        raise ValueError(f"priority must be 0..{MAX_PRIORITY}")
+    return v
+
+
+def _one_of(enum_type: type[enum.StrEnum]) -> Validator:
+    values = {e.value for e in enum_type}
+
+    def check(v: Any) -> Any:
+        if v not in values:
+            raise ValueError(f"not one of {sorted(values)}")
+        return v
+
+    return check
+
+
+def _final_status(v: Any) -> str:
+    if v not in {s.value for s in FINAL}:
+        raise ValueError("not a final status")
+    return v
+
+
+def _optional(check: Validator) -> Validator:
+    def opt(v: Any) -> Any:
+        return None if v is None else check(v)
+
+    return opt
+
+
+def _list_of(check: Validator, limit: int = MAX_BATCH) -> Validator:
+    def lst(v: Any) -> list[Any]:
+        if not isinstance(v, list) or len(v) > limit:
+            raise ValueError(f"not a list of at most {limit} items")
+        return [check(x) for x in v]
+
+    return lst
+
+
+def _obj(fields: dict[str, Validator]) -> Validator:
+    def check(v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise ValueError("not an object")
+        missing = fields.keys() - v.keys()
+        extra = v.keys() - fields.keys()
+        if missing or extra:
+            raise ValueError(f"missing {sorted(missing)} / unknown {sorted(extra)} keys")
+        for k, f in fields.items():
+            try:
+                f(v[k])
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
+        return v
+
+    return check
+
+
+_tags = _list_of(_short_str, 64)
+_ids = _list_of(_job_id)
+
+JOB_SPEC = {
+    "id": _job_id,
+    "name": _optional(_short_str),
+    "kind": _one_of(Kind),
+    "timeout": _optional(_pos_float),
+    "priority": _priority,
+    "memory": _optional(_pos_int),
+    "anonymous_ok": _bool,
+    "requires": _tags,
+}
+RUN_SPEC = {
+    "id": _job_id,
+    "name": _optional(_short_str),
+    "kind": _one_of(Kind),
+    "timeout": _optional(_pos_float),
+    "memory": _optional(_pos_int),
+    "owner": _key,
+    "trusted": _bool,
+}
+RESULT_SPEC = {
+    "id": _job_id,
+    "status": _final_status,
+    "error": _optional(_str),
+    "encoding": _one_of(Encoding),
+    "result_from": _one_of(ResultFrom),
+    "sealed": _bool,
+    "started": _optional(_float),
+    "finished": _float,
+}
+WORKER_INFO = {
+    "id": _short_str,
+    "host": _short_str,
+    "anonymous": _bool,
+    "key": _key,
+}
+RECORD = {
+    "id": _job_id,
+    "name": _optional(_short_str),
+    "kind": _one_of(Kind),
+    "status": _one_of(Status),
+    "priority": _priority,
+    "created": _float,
+    "started": _optional(_float),
+    "finished": _optional(_float),
+    "failures": _nonneg_int,
+    "error": _optional(_str),
+    "worker": _optional(_obj(WORKER_INFO)),
+    "encoding": _one_of(Encoding),
+    "result_from": _one_of(ResultFrom),
+    "sealed": _bool,
+}
+MONITOR_INFO = {
+    "id": _short_str,
+    "host": _short_str,
+    "pid": _int,
+    "slots": _pos_int,
+    "busy": _nonneg_int,
+    "anonymous": _bool,
+    "tags": _tags,
+    "key": _key,
+}
+ERROR_ITEM = {"id": _job_id, "code": _short_str, "message": _str}
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Header keys and blob layout of one message type.
+
+    ``items`` names the list in the header whose entries each own
+    ``blobs_per_item`` blobs; otherwise the message has ``blobs`` blobs.
+    """
+
+    fields: dict[str, Validator]
+    items: str | None = None
+    item_fields: dict[str, Validator] | None = None
+    blobs_per_item: int = 0
+    blobs: int = 0
+
+
+_req = {"req": _nonneg_int}
+SCHEMAS: dict[M, Schema] = {
+    M.HELLO: Schema({**_req, "client": _short_str, "version": _short_str}),
+    M.SUBMIT: Schema({**_req}, "jobs", JOB_SPEC, 1),
+    M.KILL: Schema({**_req, "ids": _ids}),
+    M.QUERY: Schema({**_req, "ids": _ids}),
+    M.LIST: Schema({**_req, "status": _optional(_one_of(Status))}),
+    M.WORKERS: Schema({**_req}),
+    M.PING: Schema({}),
+    M.WELCOME: Schema(
+        {**_req, "version": _short_str, "key": _key, "epoch": _short_str,
+         "heartbeat": _pos_float, "max_message_size": _pos_int}
+    ),
+    M.ACK: Schema({**_req, "ids": _ids, "errors": _list_of(_obj(ERROR_ITEM))}),
+    M.JOBS: Schema({**_req, "missing": _ids}, "jobs", RECORD, 2),
+    M.WORKER_LIST: Schema({**_req, "workers": _list_of(_obj(MONITOR_INFO))}),
+    M.PONG: Schema({}),
+    M.ERROR: Schema({"req": _optional(_nonneg_int), "code": _short_str, "message": _str}),
+    M.REGISTER: Schema(
+        {"monitor": _short_str, "host": _short_str, "pid": _int, "slots": _pos_int,
+         "tags": _tags, "running": _ids, "version": _short_str}
+    ),
+    M.HEARTBEAT: Schema({}),
+    M.RESULT: Schema({}, "results", RESULT_SPEC, 2),
+    M.STOPPING: Schema({}),
+    M.RELEASE: Schema({"ids": _ids}),
+    M.REGISTERED: Schema({"heartbeat": _pos_float, "liveness": _pos_int, "cancel": _ids}),
+    M.RUN: Schema({}, "jobs", RUN_SPEC, 1),
+    M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),
+    M.RESULT_ACK: Schema({"ids": _ids}),
+    M.EVENT: Schema({"seq": _nonneg_int, "epoch": _short_str}, "jobs", RECORD, 2),
+}
+
+CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKERS, M.PING})
+CLIENT_REPLIES = frozenset({M.WELCOME, M.ACK, M.JOBS, M.WORKER_LIST, M.PONG, M.ERROR})
+MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.RELEASE})
+MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK, M.ERROR})
+_BY_WIRE = {m.value.encode(): m for m in M}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames for ``msg`` (no routing or topic frame)."""
+    header = json.dumps(msg.header, separators=(",", ":"), allow_nan=False).encode()
+    return [VERSION, msg.type.value.encode(), header, *msg.blobs]
+
+
+def make(type_: M, blobs: Sequence[bytes] = (), **header: Any) -> Message:
+    """A message; shorthand used by senders."""
+    return Message(type_, header, list(blobs))
+
+
+def decode(frames: Sequence[bytes], allowed: frozenset[M]) -> Message:
+    """Validate and decode frames; raise :class:`ProtocolError` when malformed."""
+    if len(frames) < 3:
+        raise ProtocolError("frames", f"a message has at least 3 frames, got {len(frames)}")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError("frames", f"too many frames ({len(frames)} > {MAX_FRAMES})")
+    if bytes(frames[0]) != VERSION:
+        raise ProtocolError(
+            "version", f"protocol version {bytes(frames[0])[:16]!r} is not {VERSION!r}"
+        )
+    type_ = _BY_WIRE.get(bytes(frames[1]))
+    if type_ is None:
+        raise ProtocolError("type", f"unknown message type {bytes(frames[1])[:32]!r}")
+    if type_ not in allowed:
+        raise ProtocolError("type", f"message type '{type_}' is not accepted here")
+    if len(frames[2]) > MAX_HEADER:
+        raise ProtocolError("size", "header too large")
+    try:
+        header = json.loads(bytes(frames[2]), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError("header", f"header is not JSON: {e}") from None
+    schema = SCHEMAS[type_]
+    blobs = [bytes(f) for f in frames[3:]]
+    try:
+        _obj(_with_items(schema))(header)
+        if schema.items is not None:
+            assert schema.item_fields is not None
+            items = _list_of(_obj(schema.item_fields))(header[schema.items])
+            expected = schema.blobs_per_item * len(items)
+        else:
+            expected = schema.blobs
+    except ValueError as e:
+        raise ProtocolError("header", f"bad '{type_}' header: {e}") from None
+    if len(blobs) != expected:
+        raise ProtocolError("frames", f"'{type_}' needs {expected} blob frames, got {len(blobs)}")
+    return Message(type_, header, blobs)
+
+
+def _with_items(schema: Schema) -> dict[str, Validator]:
+    if schema.items is None:
+        return schema.fields
+    return {**schema.fields, schema.items: lambda v: v}
+
+
+def error(code: str, message: str, req: int | None = None) -> Message:
+    return make(M.ERROR, code=code, message=message, req=req)

@@ -1,0 +1,184 @@
+"""The child side of a worker slot: a long-lived process that runs one job at a time.
+
+The monitor starts ``python -m dsage.slot FD CAPTURE TMPDIR NICE`` with one end
+of a socket pair as FD. The slot's stdout and stderr (file descriptors 1 and 2,
+so child processes are captured too) go to the CAPTURE file, which is emptied
+before each job; the monitor can read it even after killing the slot. Each job
+runs in its own folder ``TMPDIR/<job id>``, which the monitor removes.
+
+Messages on the pair are pickles between our own two processes:
+``(run_spec, payload)`` in, a result dict out.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import ctypes
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .codec import encode_result
+from .protocol import Encoding, Kind, ResultFrom, Status
+
+#: the most captured output returned per job (the end is kept)
+MAX_OUTPUT = 64 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+class _Exit(Exception):
+    """The job's code called sys.exit()."""
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this slot when its monitor dies (Linux)."""
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_code(code: str, filename: str, kind: str) -> tuple[Any, ResultFrom]:
+    """Run code like a session cell: the result is ``DSAGE_RESULT`` if the code
+    sets it, else the value of a final expression."""
+    if kind == Kind.SAGE:
+        from .sage import preparse, sage_namespace
+
+        code = preparse(code)
+        namespace = sage_namespace()
+    else:
+        namespace = {"__name__": "__main__", "__builtins__": builtins}
+    tree = ast.parse(code, filename)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, filename, "exec"), namespace)
+    value = eval(compile(last, filename, "eval"), namespace) if last is not None else None
+    if "DSAGE_RESULT" in namespace:
+        return namespace["DSAGE_RESULT"], ResultFrom.DSAGE_RESULT
+    return value, (ResultFrom.EXPRESSION if last is not None else ResultFrom.NONE)
+
+
+def run_function(payload: bytes) -> Any:
+    import dill
+
+    func, args, kwargs = dill.loads(payload)
+    return func(*args, **kwargs)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without this module's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class Capture:
+    """Files 1 and 2 redirected to one file, emptied per job."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+    def read(self) -> bytes:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return read_tail(self.fd)
+
+
+def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
+    """Up to the last ``limit`` bytes of an open file."""
+    size = os.fstat(fd).st_size
+    start = max(0, size - limit)
+    data = os.pread(fd, size - start, start)
+    return (b"[... output cut ...]\n" + data) if start else data
+
+
+def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str) -> dict[str, Any]:
+    """Run one job in its own folder; return the result dict for the monitor."""
+    job_dir = os.path.join(tmpdir, spec["id"])
+    os.makedirs(job_dir, exist_ok=True)
+    os.chdir(job_dir)
+    capture.reset()
+    old_limit = resource.getrlimit(resource.RLIMIT_AS)
+    if spec.get("memory"):
+        resource.setrlimit(resource.RLIMIT_AS, (min(spec["memory"], old_limit[1])
+                                                if old_limit[1] > 0 else spec["memory"],
+                                                old_limit[1]))
+    started = time.time()
+    status, error = Status.COMPLETED, None
+    value: Any = None
+    result_from = ResultFrom.NONE
+    try:
+        if spec["kind"] == Kind.FUNCTION:
+            value, result_from = run_function(payload), ResultFrom.RETURN
+        else:
+            value, result_from = run_code(payload.decode(), spec.get("name") or "<dsage job>",
+                                          spec["kind"])
+    except SystemExit as e:
+        status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
+    except BaseException as e:  # noqa: BLE001 - the job's own failure, reported in full
+        status = Status.FAILED
+        error = f"{type(e).__name__}: {e}"[:2000]
+        sys.stderr.write(_user_traceback(e))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old_limit)
+        os.chdir(tmpdir)
+    encoding, blob = Encoding.NONE, b""
+    if status is Status.COMPLETED and result_from is not ResultFrom.NONE:
+        try:
+            encoding, blob = encode_result(value, spec.get("trusted", True))
+        except Exception as e:  # noqa: BLE001 - unpicklable results are the job's failure
+            status = Status.FAILED
+            error = f"the result ({type(value).__name__}) cannot be serialised: {e}"[:2000]
+            sys.stderr.write(error + "\n")
+    return {"id": spec["id"], "status": status.value, "error": error,
+            "encoding": encoding.value, "result_from": result_from.value, "sealed": False,
+            "started": started, "finished": time.time(), "result": blob,
+            "output": capture.read(), "rss": _rss()}
+
+
+def main(argv: list[str]) -> int:
+    fd, capture_path, tmpdir, nice = int(argv[0]), argv[1], argv[2], int(argv[3])
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the monitor decides when slots stop
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    conn = Connection(fd)
+    capture = Capture(capture_path)
+    os.makedirs(tmpdir, exist_ok=True)
+    os.chdir(tmpdir)
+    conn.send({"ready": True, "rss": _rss()})
+    while True:
+        try:
+            spec, payload = conn.recv()
+        except (EOFError, OSError):
+            return 0
+        conn.send(run_job(spec, payload, capture, tmpdir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
