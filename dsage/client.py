@@ -255,6 +255,8 @@ class _IO(threading.Thread):
                 self.jobs[cmd[1].job_id] = cmd[1]
             elif cmd[0] == "request":
                 type_, header, fut = cmd[1:]
+                self._submit(submits)  # jobs submitted before a request go first
+                submits = []
                 if fut.set_running_or_notify_cancel():
                     req = self.next_req
                     self.next_req += 1

@@ -1,0 +1,138 @@
+"""Fixtures: a fresh DSAGE_HOME per test, random ports, real broker and monitor
+processes that are always ended (whole process groups), also when a test fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dsage
+from dsage import keys
+from dsage.cluster import ManagedProcess, free_port
+
+#: fast liveness for tests: a peer is lost after HEARTBEAT * LIVENESS seconds
+HEARTBEAT = 0.2
+LIVENESS = 5
+REQUIRE_ALL = os.environ.get("DSAGE_REQUIRE_ALL") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip locally; under DSAGE_REQUIRE_ALL=1 (CI) a missing part is a failure."""
+    if REQUIRE_ALL:
+        pytest.fail(f"required in CI (DSAGE_REQUIRE_ALL=1): {reason}")
+    pytest.skip(reason)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
+             interval: float = 0.02) -> Any:
+    """Wait until ``cond()`` is truthy (returning it), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, set-up dsage home, also exported as DSAGE_HOME."""
+    root = tmp_path / "dsage"
+    monkeypatch.setenv("DSAGE_HOME", str(root))
+    keys.setup(root)
+    return root
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+class Procs:
+    """Background processes of a test; all are ended at teardown."""
+
+    def __init__(self, home: Path, port: int) -> None:
+        self.home, self.port = home, port
+        self.started: list[ManagedProcess] = []
+
+    def broker(self, **options: Any) -> ManagedProcess:
+        options.setdefault("heartbeat", HEARTBEAT)
+        options.setdefault("liveness", LIVENESS)
+        p = dsage.server(self.port, blocking=False, home=self.home, **options)
+        assert p is not None
+        self.started.append(p)
+        return p
+
+    def worker(self, workers: int = 2, **options: Any) -> ManagedProcess:
+        options.setdefault("heartbeat", HEARTBEAT)
+        options.setdefault("liveness", LIVENESS)
+        options.setdefault("priority", 0)
+        p = dsage.worker("127.0.0.1", self.port, workers, blocking=False, home=self.home,
+                         **options)
+        assert p is not None
+        self.started.append(p)
+        return p
+
+    def client(self, **options: Any) -> dsage.DSage:
+        options.setdefault("heartbeat", HEARTBEAT)
+        options.setdefault("connect_timeout", 30)
+        d = dsage.DSage("127.0.0.1", self.port, home=self.home, **options)
+        self.clients.append(d)
+        return d
+
+    clients: list[dsage.DSage]
+
+    def wait_workers(self, d: dsage.DSage, slots: int, timeout: float = 30.0) -> None:
+        wait_for(lambda: sum(w.slots for w in d.workers()) >= slots, timeout,
+                 f"{slots} worker slots")
+
+    def kill9(self, p: ManagedProcess) -> None:
+        """SIGKILL the process's whole group, as a crash would."""
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.proc.wait(10)
+
+    def stop_all(self) -> None:
+        for d in self.clients:
+            d.close()
+        for p in reversed(self.started):
+            p.stop(timeout=5)
+
+
+@pytest.fixture
+def procs(home: Path, port: int) -> Iterator[Procs]:
+    p = Procs(home, port)
+    p.clients = []
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+@pytest.fixture
+def cluster(procs: Procs) -> Iterator[dsage.DSage]:
+    """A broker, a monitor with 2 slots and a connected client."""
+    procs.broker()
+    procs.worker(2)
+    d = procs.client()
+    procs.wait_workers(d, 2)
+    yield d
+
+
+def run_python(code: str, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run Python code in a separate process (a second client, say)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

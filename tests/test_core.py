@@ -1,0 +1,278 @@
+"""The seed's quick start and the core client API, over real processes and sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import zmq
+
+import dsage
+from dsage import keys
+
+from .conftest import HEARTBEAT, LIVENESS, Procs, run_python, wait_for
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
+    D = dsage.start_all(workers=2, port=0, home=home, heartbeat=HEARTBEAT)
+    try:
+        j = D("2+2")
+        assert j.wait(60) is j
+        assert repr(j) == "4"
+        assert j.result == 4
+        assert j.status == "completed"
+        assert j.worker is not None and not j.worker.anonymous
+        script = tmp_path / "dsage.py"
+        script.write_text("DSAGE_RESULT = sorted([3, 1, 2])\n")
+        j = D.eval_file(script, "test_job")
+        j.wait(60)
+        assert repr(j) == "No output."
+        assert j.result == [1, 2, 3]
+        assert j.name == "test_job"
+        assert sum(w.slots for w in D.workers()) == 2
+        pids = [p.pid for p in D._cluster.processes()]
+    finally:
+        D.close()
+    for pid in pids:
+        assert not _group_alive(pid), "start_all left a process group running"
+
+
+def test_repr_rules(cluster: dsage.DSage) -> None:
+    D = cluster
+    assert repr(D("print('hello')").wait(60)) == "hello"
+    assert repr(D("x = 5").wait(60)) == "No output."
+    assert repr(D("DSAGE_RESULT = 7").wait(60)) == "No output."
+    assert repr(D("'a' * 3").wait(60)) == "'aaa'"
+    slow = D("import time; time.sleep(30)")
+    assert repr(slow) == "No output yet."
+    slow.kill()
+
+
+def test_output_captures_stdout_stderr_and_child_processes(cluster: dsage.DSage) -> None:
+    j = cluster("import sys, os\nprint('out')\nprint('err', file=sys.stderr)\n"
+                "os.system('echo from-a-child')\n").wait(60)
+    assert "out" in j.output and "err" in j.output and "from-a-child" in j.output
+
+
+def test_failed_job_has_traceback_and_result_raises(cluster: dsage.DSage) -> None:
+    j = cluster("x = 1\n1/0", name="bad").wait(60)
+    assert j.status == "failed"
+    assert "ZeroDivisionError" in j.error
+    assert "Traceback" in j.output and "ZeroDivisionError" in j.output
+    assert "slot.py" not in j.output  # only the job's own frames
+    with pytest.raises(dsage.JobError) as e:
+        j.result
+    assert "ZeroDivisionError" in e.value.output
+    assert cluster("1+1").wait(60).result == 2  # the slot goes on
+
+
+def test_syntax_error_and_sys_exit_fail_clearly(cluster: dsage.DSage) -> None:
+    j = cluster("def (").wait(60)
+    assert j.status == "failed" and "SyntaxError" in j.error
+    j = cluster("import sys; sys.exit(3)").wait(60)
+    assert j.status == "failed" and "sys.exit(3)" in j.error
+
+
+def test_eval_function_and_unpicklable_arguments(cluster: dsage.DSage) -> None:
+    def power(x: int, n: int = 2) -> int:
+        return x ** n
+
+    assert cluster.eval_function(power, (3,), {"n": 3}).wait(60).result == 27
+    with pytest.raises(TypeError, match="argument 0"):
+        cluster.eval_function(power, ((x for x in []),))
+
+
+def test_bad_arguments_are_refused_at_once(cluster: dsage.DSage) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        cluster("1", timeout=-1)
+    with pytest.raises(ValueError, match="kind"):
+        cluster("1", kind="perl")
+    with pytest.raises(ValueError, match="priority"):
+        cluster("1", priority=42)
+    with pytest.raises(ValueError, match="memory"):
+        cluster("1", memory="lots")
+    with pytest.raises(TypeError, match="unknown job option"):
+        cluster.eval_function(print, colour="red")
+    with pytest.raises(TypeError, match="code must be a string"):
+        cluster(42)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="cannot read"):
+        cluster.eval_file("/nonexistent/dsage.py")
+
+
+def test_job_fetched_by_id_from_a_second_client_process(procs: Procs, cluster: dsage.DSage) -> None:
+    j = cluster("DSAGE_RESULT = {'answer': 42}").wait(60)
+    code = (f"import dsage\nD = dsage.DSage('127.0.0.1', {procs.port})\n"
+            f"j = D.job('{j.job_id}')\nprint(j.wait(30).result['answer'], j.status)\n"
+            f"print(len(D.get_my_jobs('completed')))\nD.close()\n")
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[:2] == ["42", "completed"]
+    assert int(lines[2]) >= 1
+
+
+def test_unknown_job_id(cluster: dsage.DSage) -> None:
+    with pytest.raises(dsage.UnknownJob):
+        cluster.job("0" * 32)
+    with pytest.raises(ValueError):
+        cluster.job("not-an-id")
+
+
+def test_get_my_jobs_and_workers(cluster: dsage.DSage) -> None:
+    jobs = [cluster(f"{i}*2") for i in range(5)]
+    for j in jobs:
+        j.wait(60)
+    mine = {j.job_id for j in cluster.get_my_jobs(status="completed")}
+    assert {j.job_id for j in jobs} <= mine
+    with pytest.raises(ValueError):
+        cluster.get_my_jobs(status="bogus")
+    [w] = cluster.workers()
+    assert w.slots == 2 and not w.anonymous and w.host
+
+
+def test_kill_running_and_queued_jobs(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    running = D("import time; time.sleep(60)")
+    wait_for(lambda: running.status == "processing", 30, "the job to start")
+    queued = D("1")
+    running.kill()
+    assert running.status == "killed"
+    assert running.wait(10).status == "killed"
+    with pytest.raises(dsage.JobError):
+        running.result
+    assert queued.wait(30).result == 1  # the slot was respawned
+    q2 = D("import time; time.sleep(60)")
+    q3 = D("2")
+    wait_for(lambda: q2.status == "processing", 30, "the job to start")
+    q3.kill()
+    assert q3.status == "killed"
+    q2.kill()
+
+
+def test_launchers_as_separate_processes(home: Path, port: int) -> None:
+    env = {**os.environ, "DSAGE_HOME": str(home)}
+    broker = subprocess.Popen([sys.executable, "bin/dsage-broker", "--port", str(port),
+                               "--heartbeat", "0.2"], env=env, start_new_session=True,
+                              cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE)
+    worker = subprocess.Popen([sys.executable, "bin/dsage-worker", "--server", "127.0.0.1",
+                               "--port", str(port), "--workers", "1", "--heartbeat", "0.2"],
+                              env=env, start_new_session=True, cwd=Path(__file__).parent.parent,
+                              stderr=subprocess.PIPE)
+    try:
+        with dsage.DSage("127.0.0.1", port, connect_timeout=30) as D:
+            assert D("6*7").wait(60).result == 42
+        for p in (worker, broker):
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(30) == 0
+    finally:
+        for p in (worker, broker):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def test_client_started_before_its_broker(procs: Procs) -> None:
+    D = procs.client(connect_timeout=0)
+    j = D("'early'")
+    procs.broker()
+    procs.worker(1)
+    assert j.wait(60).result == "early"
+    # a client that waits for a broker that comes up while it waits
+    box: list[dsage.DSage] = []
+    t = threading.Thread(target=lambda: box.append(procs.client(connect_timeout=30)))
+    t.start()
+    t.join(40)
+    assert box and box[0]("1+1").wait(30).result == 2
+
+
+def test_no_broker_is_a_clear_error(home: Path, port: int) -> None:
+    with pytest.raises(dsage.BrokerUnreachable, match=f"no broker at 127.0.0.1:{port}"):
+        dsage.DSage("127.0.0.1", port, connect_timeout=1)
+
+
+def test_no_keypair_says_run_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSAGE_HOME", str(tmp_path / "empty"))
+    with pytest.raises(keys.NoKeypair, match="dsage setup"):
+        dsage.DSage(connect_timeout=1)
+    r = subprocess.run([sys.executable, "-m", "dsage.cli", "worker", "--port", "9"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "dsage setup" in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(procs: Procs) -> None:
+    first = procs.broker()
+    with dsage.DSage("127.0.0.1", procs.port, connect_timeout=30):
+        pass
+    r = subprocess.run([sys.executable, "-m", "dsage.cli", "broker", "--port", str(procs.port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "in use" in r.stderr
+    assert first.alive()
+
+
+def test_setup_twice_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "h"
+    assert keys.setup(root) is True
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    assert keys.setup(root) is False
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+    assert (root / "dsage_key").stat().st_mode & 0o777 == 0o600
+    for sub in ("db", "tmp_worker_files", "authorized_keys"):
+        assert (root / sub).is_dir()
+    public, secret = zmq.auth.load_certificate(root / "dsage_key")
+    assert secret is not None and len(public) == 40
+    assert zmq.auth.load_certificate(root / "dsage_key.pub")[0] == public
+    assert public in keys.authorized_keys(root).values()
+
+
+def test_setup_command(tmp_path: Path) -> None:
+    env = {**os.environ, "DSAGE_HOME": str(tmp_path / "h")}
+    for expected in ("created", "already set up"):
+        r = subprocess.run([sys.executable, "-m", "dsage.cli", "setup"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and expected in r.stdout
+
+
+@pytest.mark.parametrize("cmd", [["dsage.cli"], ["dsage.cli", "broker"], ["dsage.cli", "worker"],
+                                 ["dsage.cli", "keys"], ["dsage.cli", "demo"]])
+def test_every_command_has_help(cmd: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", *cmd, "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_temp_folders_are_removed(home: Path, cluster: dsage.DSage) -> None:
+    j = cluster("import os; open('scratch.txt', 'w').write('x'); os.getcwd()").wait(60)
+    job_dir = Path(j.result)
+    assert job_dir.name == j.job_id
+    wait_for(lambda: not job_dir.exists(), 10, "the job folder to be removed")
+
+
+def test_priorities_order_the_queue(procs: Procs) -> None:
+    procs.broker()
+    D = procs.client()
+    low = [D(f"{i}", priority=9) for i in range(3)]
+    urgent = D("'urgent'", priority=0)
+    for j in [*low, urgent]:
+        wait_for(lambda j=j: j.created, 10, "the submit to be acknowledged")
+    procs.worker(1)
+    urgent.wait(60)
+    for j in low:
+        j.wait(60)
+    assert all(urgent.started <= j.started for j in low)
