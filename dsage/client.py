@@ -137,6 +137,8 @@ class _IO(threading.Thread):
         self._wake_w.setblocking(False)
         self.jobs: weakref.WeakValueDictionary[str, JobWrapper] = weakref.WeakValueDictionary()
         self.unacked: dict[str, tuple[dict[str, Any], bytes]] = {}
+        #: ids of jobs not known to be final, whose wrappers may still be alive
+        self.open: set[str] = set()
         self.requests: dict[int, Future[Message]] = {}
         self.next_req = 1
         self.last_seq = 0
@@ -249,10 +251,12 @@ class _IO(threading.Thread):
             if cmd[0] == "submit":
                 spec, payload, wrapper = cmd[1:]
                 self.jobs[spec["id"]] = wrapper
+                self.open.add(spec["id"])
                 self.unacked[spec["id"]] = (spec, payload)
                 submits.append((spec, payload))
             elif cmd[0] == "track":
                 self.jobs[cmd[1].job_id] = cmd[1]
+                self.open.add(cmd[1].job_id)
             elif cmd[0] == "request":
                 type_, header, fut = cmd[1:]
                 self._submit(submits)  # jobs submitted before a request go first
@@ -322,7 +326,7 @@ class _IO(threading.Thread):
     def _resync(self) -> None:
         """Ask the broker for the state of every unfinished job."""
         self.last_news = time.monotonic()
-        open_ids = [jid for jid, w in list(self.jobs.items()) if not w.done()]
+        open_ids = list(self.open)
         for i in range(0, len(open_ids), MAX_BATCH):
             self._send(make(M.QUERY, req=0, ids=open_ids[i:i + MAX_BATCH]))
 
@@ -331,8 +335,7 @@ class _IO(threading.Thread):
         if now - self.last_ping >= self.heartbeat:
             self.last_ping = now
             self._send(make(M.PING))
-        if now - self.last_news > 3 * self.heartbeat and any(
-                not w.done() for w in list(self.jobs.values())):
+        if self.open and now - self.last_news > 3 * self.heartbeat:
             self._resync()
 
     # --- incoming
@@ -352,6 +355,7 @@ class _IO(threading.Thread):
                 self.unacked.pop(jid, None)
             for err in h["errors"]:
                 self.unacked.pop(err["id"], None)
+                self.open.discard(err["id"])
                 w = self.jobs.get(err["id"])
                 if w is not None:
                     w._update({"status": "failed", "name": w.name, "priority": w.priority,
@@ -390,8 +394,8 @@ class _IO(threading.Thread):
     def _apply(self, records: list[dict[str, Any]], blobs: list[bytes]) -> None:
         for i, rec in enumerate(records):
             w = self.jobs.get(rec["id"])
-            if w is not None:
-                w._update(rec, blobs[2 * i:2 * i + 2])
+            if w is None or w._update(rec, blobs[2 * i:2 * i + 2]) or w.done():
+                self.open.discard(rec["id"])
 
 
 class DSage:
