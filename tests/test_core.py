@@ -276,3 +276,13 @@ def test_priorities_order_the_queue(procs: Procs) -> None:
     for j in low:
         j.wait(60)
     assert all(urgent.started <= j.started for j in low)
+
+
+def test_sage_job_without_sage_says_how_to_get_it(cluster: dsage.DSage) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("sage") is not None:
+        assert cluster("2^10", kind="sage").wait(120).result == 1024
+        return
+    j = cluster("2^10", kind="sage").wait(60)
+    assert j.status == "failed" and "Sage extra" in j.output
