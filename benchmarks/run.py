@@ -1,0 +1,231 @@
+"""Run the benchmarks: ``python -m benchmarks`` or ``python benchmarks/run.py``.
+
+Each system runs in its own child process (``--child NAME``), one after the
+other, so each start is cold and a system that hangs is killed (its whole
+process group) after ``--timeout`` seconds without stopping the run. The
+parent prints one table row per system and can write everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.systems import SYSTEMS, Config, missing, repo_root  # noqa: E402
+from benchmarks.tasks import calibrate  # noqa: E402
+
+DEFAULT_SYSTEMS = "dsage,pool,dask,ray,ipyparallel"
+
+#: the targets dsage is held to (docs/DESIGN.md, "Performance it will be held to")
+TARGETS = {
+    "rtt": 2.0,        # one-job round trip within 2x the pool's
+    "tiny": 2.0,       # tiny-job rate at least 2x the pool's unchunked rate
+    "cpu": 1.10,       # CPU-bound wall time within 1.10x the pool's
+    "start_s": 1.0,    # start to first result under 1 s
+    "million_mb": 1024.0,  # a million queued jobs under 1 GB of broker RSS
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS,
+                   help=f"comma-separated, from {','.join(SYSTEMS)} (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer jobs and shorter CPU tasks (about a minute in all)")
+    p.add_argument("--million", action="store_true",
+                   help="also measure the dsage broker's memory with 1,000,000 queued jobs")
+    p.add_argument("--million-count", type=int, default=1_000_000, help=argparse.SUPPRESS)
+    p.add_argument("--latency-jobs", type=int, help="sequential round trips (default 1000)")
+    p.add_argument("--tiny-jobs", type=int, help="tiny jobs for throughput (default 5000)")
+    p.add_argument("--cpu-seconds", type=float, help="length of one CPU task (default 0.25)")
+    p.add_argument("--timeout", type=float, default=240.0,
+                   help="seconds before one system's run is abandoned (default 240)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """Run one system in this process and write its measurements to ``--out``."""
+    if args.child == "million":
+        from benchmarks.million import bench_million
+
+        result = bench_million(json.loads(args.config)["count"])
+    else:
+        cfg = Config(**json.loads(args.config))
+        result = SYSTEMS[args.child][1](cfg)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def run_child(name: str, config: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``--child name`` in a new process group; its result, or ``{"error": ...}``."""
+    fd, out = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".json")
+    os.close(fd)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root(), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "benchmarks", "--child", name, "--config", json.dumps(config),
+           "--out", out]
+    proc = subprocess.Popen(cmd, env=env, cwd=repo_root(), start_new_session=True)
+    try:
+        rc = proc.wait(timeout)
+        if rc != 0:
+            return {"error": f"exited with status {rc}"}
+        with open(out) as f:
+            return json.load(f)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    finally:
+        if proc.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(10)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+        os.unlink(out)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    pool = results.get("pool", {})
+    t = Table(title="dsage and the alternatives, 2 workers each")
+    for col in ("system", "version", "round trip\nmedian ms", "round trip\np90 ms",
+                "tiny jobs/s\n(unchunked)", "CPU-bound\nwall s", "CPU\nvs pool",
+                "start to first\nresult s"):
+        t.add_column(col, justify="left" if col in ("system", "version") else "right")
+    for name, r in results.items():
+        if "error" in r or "skipped" in r:
+            t.add_row(name, "", f"[yellow]{r.get('skipped') or r.get('error')}[/]",
+                      *[""] * 5)
+            continue
+        ratio = r["cpu_s"] / pool["cpu_s"] if pool.get("cpu_s") else None
+        t.add_row(name, str(r.get("version", "")), _fmt(r["rtt_median_ms"], ".2f"),
+                  _fmt(r["rtt_p90_ms"], ".2f"), _fmt(r["tiny_per_s"], ",.0f"),
+                  _fmt(r["cpu_s"], ".2f"), _fmt(ratio, ".3f") + ("x" if ratio else ""),
+                  _fmt(r["start_s"], ".2f"))
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(t)
+    if million is not None:
+        if "error" in million:
+            console.print(f"million queued jobs: [red]{million['error']}[/]")
+        else:
+            console.print(
+                f"{million['million_jobs']:,} queued jobs (no workers): broker RSS "
+                f"{million['broker_rss_mb']:.0f} MB (peak {million['broker_hwm_mb']:.0f} MB, "
+                f"idle {million['broker_rss_idle_mb']:.0f} MB), store "
+                f"{million['store_mb']:.0f} MB on disk, submitted at "
+                f"{million['million_submit_per_s']:,.0f} jobs/s")
+    checks = targets(results, million)
+    if checks:
+        tt = Table(title="dsage against its targets (measured in this run)")
+        for col in ("target", "measured", ""):
+            tt.add_column(col)
+        for name, measured, ok in checks:
+            tt.add_row(name, measured, "[green]meets[/]" if ok else "[red]misses[/]")
+        console.print(tt)
+
+
+def targets(results: dict[str, dict[str, Any]],
+            million: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for dsage against the pool of the same run."""
+    d, p = results.get("dsage", {}), results.get("pool", {})
+    out: list[tuple[str, str, bool]] = []
+    if "rtt_median_ms" in d and "rtt_median_ms" in p:
+        r = d["rtt_median_ms"] / p["rtt_median_ms"]
+        out.append(("round trip within 2x the pool", f"{r:.1f}x", r <= TARGETS["rtt"]))
+        r = d["tiny_per_s"] / p["tiny_per_s"]
+        out.append(("tiny jobs at least 2x the pool's rate", f"{r:.2f}x", r >= TARGETS["tiny"]))
+        r = d["cpu_s"] / p["cpu_s"]
+        out.append(("CPU-bound within 1.10x the pool", f"{r:.3f}x", r <= TARGETS["cpu"]))
+    if "start_s" in d:
+        out.append(("start to first result under 1 s", f"{d['start_s']:.2f} s",
+                    d["start_s"] < TARGETS["start_s"]))
+    if million is not None and "broker_rss_mb" in million:
+        out.append((f"{million['million_jobs']:,} queued jobs under 1 GB",
+                    f"{million['broker_rss_mb']:.0f} MB",
+                    million["broker_rss_mb"] < TARGETS["million_mb"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args)
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        print(f"unknown system(s): {', '.join(unknown)}; known: {', '.join(SYSTEMS)}",
+              file=sys.stderr)
+        return 2
+    quick = args.quick
+    cpu_seconds = args.cpu_seconds or (0.1 if quick else 0.25)
+    cfg = Config(latency_jobs=args.latency_jobs or (200 if quick else 1000),
+                 latency_warmup=20 if quick else 50,
+                 tiny_jobs=args.tiny_jobs or (1000 if quick else 5000),
+                 cpu_rounds=1 if quick else 2,
+                 cpu_iterations=calibrate(cpu_seconds))
+    print(f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.2f}; CPU task = spin({cfg.cpu_iterations:,}) "
+          f"~{cpu_seconds:g} s", file=sys.stderr)
+    t_all = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        why = missing(name)
+        if why:
+            print(f"{name}: skipped, {why}", file=sys.stderr)
+            results[name] = {"skipped": why}
+            continue
+        print(f"{name}:", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        results[name] = run_child(name, dataclasses.asdict(cfg), args.timeout)
+        if "error" in results[name]:
+            print(f"  {name} failed: {results[name]['error']}", file=sys.stderr)
+        print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+    million = None
+    if args.million:
+        print("dsage, million queued jobs:", file=sys.stderr, flush=True)
+        million = run_child("million", {"count": args.million_count}, max(args.timeout, 1800))
+    total = time.perf_counter() - t_all
+    print_table(results, million)
+    print(f"total {total:.0f} s; load average now {os.getloadavg()[0]:.2f}")
+    if args.json:
+        doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+               "cpus": os.cpu_count(), "python": platform.python_version(),
+               "config": dataclasses.asdict(cfg), "cpu_task_seconds": cpu_seconds,
+               "results": results, "million": million,
+               "targets": [{"target": n, "measured": m, "met": ok}
+                           for n, m, ok in targets(results, million)],
+               "total_s": total}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

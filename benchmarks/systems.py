@@ -1,0 +1,250 @@
+"""One function per system. Each starts its cluster with 2 workers, measures, and
+always shuts the cluster down (``try``/``finally``).
+
+Every function returns a dict of measurements (see :func:`measure`); the runner
+calls each in a fresh child process, so start-up is cold and one system's
+threads, imports and leftovers cannot disturb the next.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .tasks import ident, spin
+
+WORKERS = 2
+
+
+@dataclass
+class Config:
+    """What to measure and how much of it."""
+
+    latency_jobs: int = 1000
+    latency_warmup: int = 50
+    tiny_jobs: int = 5000
+    cpu_tasks: int = 16
+    cpu_iterations: int = 1_000_000  # set by calibration in the runner
+    cpu_rounds: int = 2
+
+
+def log(msg: str) -> None:
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def measure(cfg: Config, start_s: float, one: Callable[[int], Any],
+            many: Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]) -> dict[str, Any]:
+    """The shared measurements, given a running system.
+
+    ``one(x)`` submits ``ident(x)`` and waits for its result; ``many(f, xs)``
+    submits ``f(x)`` for every x, one job each (no chunking), and returns the
+    results in order.
+    """
+    out: dict[str, Any] = {"start_s": start_s}
+
+    for i in range(cfg.latency_warmup):
+        one(i)
+    lat = []
+    for i in range(cfg.latency_jobs):
+        t = time.perf_counter()
+        r = one(i)
+        lat.append(time.perf_counter() - t)
+        if r != i:
+            raise AssertionError(f"round trip returned {r!r} for {i!r}")
+    lat.sort()
+    out["rtt_median_ms"] = statistics.median(lat) * 1e3
+    out["rtt_p90_ms"] = lat[int(0.9 * (len(lat) - 1))] * 1e3
+    log(f"round trip: median {out['rtt_median_ms']:.2f} ms, p90 {out['rtt_p90_ms']:.2f} ms")
+
+    xs = list(range(cfg.tiny_jobs))
+    t = time.perf_counter()
+    results = many(ident, xs)
+    elapsed = time.perf_counter() - t
+    if results != xs:
+        raise AssertionError("tiny jobs returned wrong results")
+    out["tiny_jobs"] = cfg.tiny_jobs
+    out["tiny_s"] = elapsed
+    out["tiny_per_s"] = cfg.tiny_jobs / elapsed
+    log(f"tiny jobs: {cfg.tiny_jobs} in {elapsed:.2f} s = {out['tiny_per_s']:.0f}/s")
+
+    walls = []
+    expected = spin(1000)  # sanity check on a small input, computed locally
+    if many(spin, [1000])[0] != expected:
+        raise AssertionError("spin returned a wrong result")
+    for _ in range(cfg.cpu_rounds):
+        t = time.perf_counter()
+        many(spin, [cfg.cpu_iterations] * cfg.cpu_tasks)
+        walls.append(time.perf_counter() - t)
+    out["cpu_s"] = min(walls)
+    out["cpu_all_s"] = walls
+    log(f"cpu-bound: {cfg.cpu_tasks} tasks in {out['cpu_s']:.2f} s (best of {len(walls)})")
+    return out
+
+
+# --- the systems
+
+
+def bench_pool(cfg: Config) -> dict[str, Any]:
+    """concurrent.futures.ProcessPoolExecutor(2): the baseline."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    ex = ProcessPoolExecutor(WORKERS)
+    try:
+        ex.submit(ident, 0).result()
+        start = time.perf_counter() - t0
+
+        def many(f, xs):
+            futs = [ex.submit(f, x) for x in xs]
+            return [fu.result() for fu in futs]
+
+        out = measure(cfg, start, lambda x: ex.submit(ident, x).result(), many)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    out["version"] = f"Python {sys.version.split()[0]}"
+    return out
+
+
+def bench_dsage(cfg: Config) -> dict[str, Any]:
+    """dsage: ``start_all(workers=2, port=0)`` in a fresh DSAGE_HOME."""
+    import dsage
+
+    home = tempfile.mkdtemp(prefix="dsage-bench-")
+    D = None
+    try:
+        t0 = time.perf_counter()
+        D = dsage.start_all(workers=WORKERS, port=0, home=home)
+        t_up = time.perf_counter() - t0
+        D.eval_function(ident, (0,)).result
+        start = time.perf_counter() - t0
+        log(f"start_all {t_up:.2f} s, first result at {start:.2f} s")
+
+        def many(f, xs):
+            jobs = [D.eval_function(f, (x,)) for x in xs]
+            return [j.result for j in jobs]
+
+        out = measure(cfg, start, lambda x: D.eval_function(ident, (x,)).result, many)
+        out["start_all_s"] = t_up
+    finally:
+        if D is not None:
+            D.close()
+        shutil.rmtree(home, ignore_errors=True)
+    out["version"] = dsage.__version__
+    return out
+
+
+def bench_dask(cfg: Config) -> dict[str, Any]:
+    """dask.distributed: LocalCluster(n_workers=2, threads_per_worker=1)."""
+    import cloudpickle
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    from . import tasks
+
+    cloudpickle.register_pickle_by_value(tasks)
+    t0 = time.perf_counter()
+    cluster = client = None
+    try:
+        cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+        client.submit(ident, 0, pure=False).result()
+        start = time.perf_counter() - t0
+
+        def many(f, xs):
+            return client.gather([client.submit(f, x, pure=False) for x in xs])
+
+        out = measure(cfg, start, lambda x: client.submit(ident, x, pure=False).result(), many)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    out["version"] = dask.__version__
+    return out
+
+
+def bench_ray(cfg: Config) -> dict[str, Any]:
+    """Ray: ``ray.init(num_cpus=2)``."""
+    import cloudpickle
+    import ray
+
+    from . import tasks
+
+    cloudpickle.register_pickle_by_value(tasks)
+    t0 = time.perf_counter()
+    try:
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False,
+                 logging_level="warning")
+        r_ident = ray.remote(ident)
+        r_spin = ray.remote(spin)
+        remote = {ident: r_ident, spin: r_spin}
+        ray.get(r_ident.remote(0))
+        start = time.perf_counter() - t0
+
+        def many(f, xs):
+            rf = remote[f]
+            return ray.get([rf.remote(x) for x in xs])
+
+        out = measure(cfg, start, lambda x: ray.get(r_ident.remote(x)), many)
+    finally:
+        ray.shutdown()
+    out["version"] = ray.__version__
+    return out
+
+
+def bench_ipyparallel(cfg: Config) -> dict[str, Any]:
+    """ipyparallel: a local Cluster(n=2), load-balanced view."""
+    import ipyparallel as ipp
+
+    t0 = time.perf_counter()
+    cluster = ipp.Cluster(n=WORKERS, log_level=40)
+    rc = None
+    try:
+        rc = cluster.start_and_connect_sync()
+        view = rc.load_balanced_view()
+        view.apply_async(ident, 0).get()
+        start = time.perf_counter() - t0
+
+        def many(f, xs):
+            ars = [view.apply_async(f, x) for x in xs]
+            return [ar.get() for ar in ars]
+
+        out = measure(cfg, start, lambda x: view.apply_async(ident, x).get(), many)
+    finally:
+        if rc is not None:
+            rc.close()
+        cluster.stop_cluster_sync()
+    out["version"] = ipp.__version__
+    return out
+
+
+SYSTEMS: dict[str, tuple[str | None, Callable[[Config], dict[str, Any]]]] = {
+    # name: (module that must be importable, function)
+    "dsage": ("dsage", bench_dsage),
+    "pool": (None, bench_pool),
+    "dask": ("distributed", bench_dask),
+    "ray": ("ray", bench_ray),
+    "ipyparallel": ("ipyparallel", bench_ipyparallel),
+}
+
+
+def missing(name: str) -> str | None:
+    """Why a system cannot run here (its package is not installed), or None."""
+    import importlib.util
+
+    module = SYSTEMS[name][0]
+    if module is not None and importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install 'dsage[bench]')"
+    return None
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
