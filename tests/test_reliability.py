@@ -1,0 +1,439 @@
+"""Nothing lost: real kill -9 of monitors and the broker, kills, timeouts, limits,
+crashes, slot recycling, graceful stops, and late results (issue 3)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import dsage
+from dsage.brokerstate import BrokerConfig, BrokerState
+from dsage.protocol import MONITOR_REQUESTS, M, Message, decode, encode, make
+from dsage.store import Store
+
+from .conftest import HEARTBEAT, Procs, wait_for
+
+#: a longer liveness window where a spurious "lost" on a busy machine would change
+#: the failure count a test asserts
+STEADY = {"heartbeat": HEARTBEAT, "liveness": 15}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _first_run_hangs(marker: Path, value: str = "42") -> str:
+    """Job code that hangs on its first run (leaving ``marker``) and returns at once after."""
+    return (f"import os, time\np = {str(marker)!r}\nfirst = not os.path.exists(p)\n"
+            f"open(p, 'a').write(str(os.getpid()) + '\\n')\n"
+            f"if first: time.sleep(300)\n{value}")
+
+
+def _gated(gate: Path, value: str) -> str:
+    """Job code that waits for the file ``gate`` to exist, then evaluates ``value``."""
+    return (f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
+            f"{value}")
+
+
+def _processing(j: dsage.JobWrapper) -> bool:
+    return j.status == "processing" and j.worker is not None
+
+
+# --- lost monitors
+
+
+def test_monitor_killed_mid_job_requeues_it_once(procs: Procs, tmp_path: Path) -> None:
+    procs.broker(**STEADY)
+    a = procs.worker(1, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    marker = tmp_path / "runs"
+    j = D(_first_run_hangs(marker))
+    wait_for(lambda: _processing(j) and marker.exists(), 30, "the job running on monitor A")
+    assert j.worker is not None
+    first_monitor = j.worker.id
+    procs.worker(1, **STEADY)
+    procs.wait_workers(D, 2)
+    procs.kill9(a)
+    assert j.wait(60).status == "completed", j.error
+    assert j.result == 42
+    assert j.failures == 1
+    assert j.worker is not None and j.worker.id != first_monitor
+    assert len(marker.read_text().split()) == 2  # one lost run, one completed run
+    assert [x.job_id for x in D.get_my_jobs("completed")] == [j.job_id]
+
+
+def test_failure_limit_stops_a_job_that_kills_its_workers(procs: Procs) -> None:
+    procs.broker(failure_limit=2, **STEADY)
+    procs.worker(1, **STEADY)
+    procs.worker(1, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 2)
+    # A poison job: it SIGKILLs the monitor running it (its slot follows).
+    j = D("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
+    assert j.wait(60).status == "failed"
+    assert j.failures == 2
+    assert "lost its worker 2 times" in (j.error or "")
+    assert D.job(j.job_id).status == "failed"
+
+
+# --- broker restart
+
+
+def test_broker_kill9_and_restart_loses_nothing(procs: Procs, tmp_path: Path) -> None:
+    broker = procs.broker(**STEADY)
+    procs.worker(2, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 2)
+    gate1, gate2 = tmp_path / "gate1", tmp_path / "gate2"
+    finishes_in_outage = D(_gated(gate1, "'one'"))
+    adopted = D(_gated(gate2, "'two'"))
+    wait_for(lambda: _processing(finishes_in_outage) and _processing(adopted), 30,
+             "two running jobs")
+    queued = [D(f"{i} * 10") for i in range(3)]
+    wait_for(lambda: {j.status for j in queued} == {"new"}
+             and len(D.get_my_jobs()) == 5, 30, "the queued jobs acknowledged")
+    procs.kill9(broker)
+    gate1.touch()  # finishes while the broker is down: its result waits on the monitor
+    late = D("'submitted while the broker was down'")
+    procs.broker(**STEADY)
+    procs.wait_workers(D, 2, timeout=60)
+    wait_for(lambda: adopted.status == "processing" and adopted.failures == 0, 30,
+             "the running job adopted by its re-registered monitor")
+    gate2.touch()
+    for j in [finishes_in_outage, adopted, late, *queued]:
+        assert j.wait(60).status == "completed", (j.status, j.error)
+    assert finishes_in_outage.result == "one"
+    assert adopted.result == "two" and adopted.failures == 0
+    assert [j.result for j in queued] == [0, 10, 20]
+    assert late.result == "submitted while the broker was down"
+    assert len(D.get_my_jobs("completed")) == 6
+
+
+def test_broker_sigterm_commits_and_exits(procs: Procs, tmp_path: Path) -> None:
+    broker = procs.broker(**STEADY)
+    procs.worker(1, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    gate = tmp_path / "gate"
+    running = D(_gated(gate, "1"))
+    queued = D("2")
+    wait_for(lambda: _processing(running) and len(D.get_my_jobs()) == 2, 30, "jobs stored")
+    os.kill(broker.pid, signal.SIGTERM)
+    assert broker.proc.wait(15) == 0
+    procs.broker(**STEADY)
+    gate.touch()
+    assert running.wait(60).result == 1
+    assert queued.wait(60).result == 2
+
+
+# --- clients
+
+
+def test_results_wait_for_a_client_that_disconnected(procs: Procs, tmp_path: Path) -> None:
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    gate = tmp_path / "gate"
+    j = D(_gated(gate, "'kept'"))
+    job_id = j.job_id
+    wait_for(lambda: _processing(j), 30, "the job running")
+    D.close()
+    gate.touch()
+    D2 = procs.client()
+    again = wait_for(lambda: (w := D2.job(job_id)).done() and w, 30, "the result in the store")
+    assert again.result == "kept"
+    assert [w.job_id for w in D2.get_my_jobs("completed")] == [job_id]
+
+
+# --- kill, timeout, memory, crashes
+
+
+def _slot_pid_job(D: dsage.DSage) -> int:
+    return int(D("import os; os.getpid()").wait(60).result)
+
+
+def test_kill_ends_the_process_within_a_second_and_the_slot_returns(
+        procs: Procs, tmp_path: Path) -> None:
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    marker = tmp_path / "pid"
+    j = D(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+          f"time.sleep(300)")
+    queued = D("'never runs'")
+    wait_for(lambda: marker.exists() and marker.read_text(), 30, "the job running")
+    pid = int(marker.read_text())
+    t0 = time.monotonic()
+    queued.kill()
+    assert queued.status == "killed"
+    j.kill()
+    wait_for(lambda: j.done() and not _pid_alive(pid), 1.0, "the job's process dead")
+    assert time.monotonic() - t0 < 1.0
+    assert j.status == "killed"
+    assert queued.wait(1).status == "killed"
+    assert _slot_pid_job(D) != pid  # a fresh slot process runs the next job
+
+
+def test_timeout_fails_the_job_and_the_slot_returns(cluster: dsage.DSage) -> None:
+    t0 = time.monotonic()
+    j = cluster("import time; time.sleep(300)", timeout=0.5).wait(60)
+    assert j.status == "failed"
+    assert "timed out after 0.5 s" in (j.error or "")
+    assert time.monotonic() - t0 < 30
+    assert cluster("'next'").wait(60).result == "next"
+
+
+def test_memory_limit_fails_with_memory_error(cluster: dsage.DSage) -> None:
+    j = cluster("x = b'x' * (400 * 10**6)\nlen(x)", memory="200MB").wait(60)
+    assert j.status == "failed"
+    assert "MemoryError" in j.output
+    assert "MemoryError" in (j.error or "")
+    # the limit is per job: the same slots can use more memory afterwards
+    big = [cluster("len(b'x' * (300 * 10**6))") for _ in range(2)]
+    assert [b.wait(60).result for b in big] == [300 * 10**6] * 2
+
+
+@pytest.mark.parametrize("code, says", [
+    ("import ctypes; ctypes.string_at(0)", "SIGSEGV"),
+    ("import os; os._exit(3)", "exited with status 3"),
+])
+def test_crashing_job_fails_saying_so_and_the_slot_returns(
+        cluster: dsage.DSage, code: str, says: str) -> None:
+    j = cluster(code).wait(60)
+    assert j.status == "failed"
+    assert says in (j.error or "")
+    assert says in j.output
+    assert [cluster(f"{i} + 1").wait(60).result for i in range(3)] == [1, 2, 3]
+
+
+# --- slot hygiene
+
+
+def test_max_jobs_per_slot_recycles_the_slot(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1, max_jobs_per_slot=2)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    pids = [_slot_pid_job(D) for _ in range(4)]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
+
+
+def test_memory_growth_recycles_the_slot(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    small = [_slot_pid_job(D) for _ in range(2)]
+    assert small[0] == small[1]  # no growth, no recycling
+    grown = D("import os, sys\nsys.dsage_keep = b'x' * (300 * 10**6)\nos.getpid()").wait(60)
+    assert grown.result == small[1]
+    assert _slot_pid_job(D) != grown.result
+
+
+# --- graceful stop
+
+
+def test_monitor_sigterm_finishes_running_jobs_and_gives_back_the_rest(
+        procs: Procs, tmp_path: Path) -> None:
+    procs.broker(**STEADY)
+    m1 = procs.worker(2, grace=3, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 2)
+    marker = tmp_path / "runs"
+    short = D("import time; time.sleep(1); 'short'")
+    long = D(_first_run_hangs(marker, "'long'"))
+    wait_for(lambda: _processing(short) and _processing(long) and marker.exists(), 30,
+             "both jobs running on the first monitor")
+    assert short.worker is not None
+    first = short.worker.id
+    os.kill(m1.pid, signal.SIGTERM)
+    assert m1.proc.wait(20) == 0
+    assert short.wait(10).result == "short"
+    assert short.worker is not None and short.worker.id == first
+    wait_for(lambda: long.status == "new", 10, "the unfinished job back in the queue")
+    procs.worker(1, **STEADY)
+    assert long.wait(60).result == "long"
+    assert long.failures == 0  # given back, not lost
+
+
+# --- start_all at interpreter exit
+
+
+def _processes_using(home: Path) -> list[int]:
+    """Pids (not ours) whose command line or environment mentions ``home``."""
+    needle = str(home).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except OSError:
+            continue
+        if not zombie and (needle in cmd or needle in env):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("ending", ["exit", "sigkill"])
+def test_start_all_leaves_no_orphans(home: Path, tmp_path: Path, ending: str) -> None:
+    """A script that calls start_all and ends without close (normally, or killed)."""
+    script = (
+        "import os, sys, dsage\n"
+        f"D = dsage.start_all(workers=2, port=0, home={str(home)!r}, heartbeat=0.2)\n"
+        "assert D('2+2').wait(60).result == 4\n"
+        "print('ready', flush=True)\n"
+        + ("" if ending == "exit" else "sys.stdin.read()\n"))
+    cwd = tmp_path / "cwd"  # not tmp_path, where the home folder 'dsage' would shadow the package
+    cwd.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE, env={**os.environ, "DSAGE_HOME": str(home)},
+                            cwd=str(cwd))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        assert len(_processes_using(home)) >= 4  # broker, monitor and two slots
+        if ending == "sigkill":
+            proc.kill()
+        assert proc.wait(30) == (0 if ending == "exit" else -signal.SIGKILL)
+        wait_for(lambda: not _processes_using(home), 20, "no process left behind")
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in _processes_using(home):
+            os.kill(pid, signal.SIGKILL)
+
+
+# --- late results (pure state, real store)
+
+
+OWNER = "A" * 40
+MON_KEY = "B" * 40
+
+
+def _job_id(n: int) -> str:
+    return f"{n:032x}"
+
+
+class _World:
+    """A BrokerState on a real store, driven by hand with a fake clock."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = Store(tmp_path / "db" / "dsage.db")
+        self.now = 1000.0
+        self.state = BrokerState(self.store, BrokerConfig(heartbeat=1.0, liveness=3),
+                                 self.now, lambda k: True)
+        self.sent_to: dict[bytes, list[Message]] = {}
+
+    def submit(self, job_id: str) -> None:
+        spec = {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
+                "memory": None, "anonymous_ok": False, "requires": []}
+        self.state.on_client(self.now, b"client", OWNER, make(M.SUBMIT, [b"1"], req=1,
+                                                              jobs=[spec]))
+        self.flush()
+
+    def monitor(self, rid: bytes, msg: Message) -> list[Message]:
+        msg = decode(encode(msg), MONITOR_REQUESTS)  # only what could come off the wire
+        self.state.on_monitor(self.now, rid, MON_KEY, False, msg)
+        return self.flush(rid)
+
+    def register(self, rid: bytes, monitor_id: str, running: list[str] = ()) -> list[Message]:
+        return self.monitor(rid, make(M.REGISTER, monitor=monitor_id, host="h", pid=1, slots=1,
+                                      tags=[], running=list(running), version="0"))
+
+    def result(self, rid: bytes, job_id: str, value: bytes) -> list[Message]:
+        item = {"id": job_id, "status": "completed", "error": None, "encoding": "data",
+                "result_from": "expression", "sealed": False, "started": None,
+                "finished": 1.0}
+        return self.monitor(rid, make(M.RESULT, [value, b""], results=[item]))
+
+    def flush(self, rid: bytes | None = None) -> list[Message]:
+        """Flush; record what went to each routing id; return what went to ``rid``."""
+        outs = self.state.flush(self.now)
+        for o in outs:
+            self.sent_to.setdefault(o.to, []).append(o.msg)
+        return [o.msg for o in outs if rid is None or o.to == rid]
+
+    def lose(self, rid: bytes) -> None:
+        """Let the liveness window pass with only the other monitors heard from."""
+        self.now += 10
+        for other in self.state.monitors:
+            if other != rid:
+                self.state.monitors[other].last_seen = self.now
+        self.state.tick(self.now)
+        self.flush()
+
+    def record(self, job_id: str) -> tuple[dict[str, object], list[bytes]]:
+        return self.store.records([job_id])[job_id]
+
+
+def test_late_result_is_accepted_while_the_job_is_open(tmp_path: Path) -> None:
+    w = _World(tmp_path)
+    jid = _job_id(1)
+    w.register(b"a", "mon-a")
+    w.submit(jid)
+    assert w.record(jid)[0]["worker"]["id"] == "mon-a"  # type: ignore[index]
+    w.lose(b"a")
+    assert w.record(jid)[0]["status"] == "new" and w.record(jid)[0]["failures"] == 1
+    assert w.state.queued == 1
+    # the lost monitor comes back (new connection) and delivers its result
+    w.register(b"a2", "mon-a")
+    sent = w.result(b"a2", jid, b"late")
+    assert any(m.type is M.RESULT_ACK and m.header["ids"] == [jid] for m in sent)
+    rec, blobs = w.record(jid)
+    assert rec["status"] == "completed" and blobs[0] == b"late"
+    assert w.state.queued == 0  # taken back out of the queue, not run again
+    w.register(b"b", "mon-b")
+    assert not any(m.type is M.RUN for m in w.flush())
+
+
+def test_late_result_cancels_the_rerun_on_another_monitor(tmp_path: Path) -> None:
+    w = _World(tmp_path)
+    jid = _job_id(2)
+    w.register(b"a", "mon-a")
+    w.submit(jid)
+    w.register(b"b", "mon-b")
+    w.lose(b"a")
+    assert w.record(jid)[0]["worker"]["id"] == "mon-b"  # type: ignore[index]
+    w.register(b"a2", "mon-a")
+    w.result(b"a2", jid, b"late")
+    assert w.record(jid)[0]["status"] == "completed"
+    assert w.record(jid)[1][0] == b"late"
+    assert any(m.type is M.CANCEL and m.header["ids"] == [jid] for m in w.sent_to[b"b"])
+    # b's own result for the job is now ignored: one final state
+    w.result(b"b", jid, b"second")
+    assert w.record(jid)[1][0] == b"late"
+
+
+def test_late_result_is_ignored_when_the_job_is_already_final(tmp_path: Path) -> None:
+    w = _World(tmp_path)
+    jid = _job_id(3)
+    w.register(b"a", "mon-a")
+    w.submit(jid)
+    w.register(b"b", "mon-b")
+    w.lose(b"a")
+    w.result(b"b", jid, b"from-b")
+    assert w.record(jid)[0]["status"] == "completed"
+    w.register(b"a2", "mon-a")
+    sent = w.result(b"a2", jid, b"from-a")
+    assert any(m.type is M.RESULT_ACK for m in sent)  # acknowledged, so not resent forever
+    rec, blobs = w.record(jid)
+    assert blobs[0] == b"from-b" and rec["worker"]["id"] == "mon-b"  # type: ignore[index]
