@@ -31,8 +31,9 @@ from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
 from .job import JobWrapper, WorkerInfo
+from .seal import Opener
 from .protocol import (
-    CLIENT_REPLIES, DEFAULT_PRIORITY, MAX_BATCH, MAX_PRIORITY, Kind, M, Message,
+    CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, MAX_BATCH, MAX_PRIORITY, Kind, M, Message,
     ProtocolError, Status, decode, encode, make,
 )
 
@@ -118,18 +119,22 @@ class _Conn:
         self.handshake_failed: str | None = None
         self.rejected: str | None = None
         self.epoch: str | None = None
+        #: the broker's largest accepted frame, from its welcome
+        self.max_message_size: int | None = None
 
 
 class _IO(threading.Thread):
     """The thread that owns the sockets."""
 
     def __init__(self, client: DSage, endpoint_host: str, port: int,
-                 keys: keys_mod.Keypair, server_key: bytes, heartbeat: float) -> None:
+                 keys: keys_mod.Keypair, server_key: bytes, heartbeat: float,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         super().__init__(name="dsage-client-io", daemon=True)
         self.client = client
         self.host, self.port = endpoint_host, port
         self.keys, self.server_key = keys, server_key
         self.heartbeat = heartbeat
+        self.max_message_size = max_message_size
         self.conn = _Conn()
         self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -191,9 +196,9 @@ class _IO(threading.Thread):
 
     def _setup(self) -> None:
         self.dealer = self.ctx.socket(zmq.DEALER)
-        make_client(self.dealer, self.keys, self.server_key)
+        make_client(self.dealer, self.keys, self.server_key, self.max_message_size)
         self.sub = self.ctx.socket(zmq.SUB)
-        make_client(self.sub, self.keys, self.server_key)
+        make_client(self.sub, self.keys, self.server_key, self.max_message_size)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, self.keys.public)
         watched = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -275,7 +280,14 @@ class _IO(threading.Thread):
     def _submit(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
         batch: list[tuple[dict[str, Any], bytes]] = []
         size = 0
+        limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
         for spec, payload in items:
+            if len(payload) > limit:
+                # the broker would drop the connection: refuse here, never send it
+                self.unacked.pop(spec["id"], None)
+                self._refuse(spec["id"], "size", f"the job is {len(payload)} bytes, more than "
+                             f"the largest message allowed ({limit} bytes, --max-message-size)")
+                continue
             if batch and (len(batch) >= MAX_BATCH or size + len(payload) > BATCH_BYTES):
                 self._send_batch(batch)
                 batch, size = [], 0
@@ -320,8 +332,7 @@ class _IO(threading.Thread):
         req = self.next_req
         self.next_req += 1
         self._send(make(M.HELLO, req=req, client=f"dsage {os.getpid()}", version=__version__))
-        self._submit(list(self.unacked.values()))
-        self._resync()
+        # Unacknowledged jobs go after the welcome, which says the broker's size limit.
 
     def _resync(self) -> None:
         """Ask the broker for the state of every unfinished job."""
@@ -349,21 +360,16 @@ class _IO(threading.Thread):
         self.last_news = time.monotonic()
         if msg.type is M.WELCOME:
             self.conn.epoch = h["epoch"]
+            self.conn.max_message_size = h["max_message_size"]
+            self._submit(list(self.unacked.values()))
+            self._resync()
             self.conn.welcomed.set()
         elif msg.type is M.ACK:
             for jid in h["ids"]:
                 self.unacked.pop(jid, None)
             for err in h["errors"]:
                 self.unacked.pop(err["id"], None)
-                self.open.discard(err["id"])
-                w = self.jobs.get(err["id"])
-                if w is not None:
-                    w._update({"status": "failed", "name": w.name, "priority": w.priority,
-                               "created": time.time(), "started": None,
-                               "finished": time.time(), "failures": 0,
-                               "error": f"refused by the broker: {err['message']}",
-                               "worker": None, "encoding": "none", "result_from": "none",
-                               "sealed": False}, [b"", b""])
+                self._refuse(err["id"], err["code"], f"refused by the broker: {err['message']}")
         elif msg.type is M.JOBS:
             self._apply(h["jobs"], msg.blobs)
         if msg.type is M.PONG:
@@ -375,6 +381,20 @@ class _IO(threading.Thread):
                 fut.set_exception(DSageError(f"broker error ({h['code']}): {h['message']}"))
             else:
                 fut.set_result(msg)
+
+    def _refuse(self, job_id: str, code: str, message: str) -> None:
+        """End a job that was not accepted: it fails, and its ``result`` raises
+        :class:`SubmitRejected` with ``message``."""
+        self.open.discard(job_id)
+        w = self.jobs.get(job_id)
+        if w is None:
+            return
+        w.refused = code
+        now = time.time()
+        w._update({"status": "failed", "name": w.name, "priority": w.priority, "created": now,
+                   "started": None, "finished": now, "failures": 0, "error": message,
+                   "worker": None, "encoding": "none", "result_from": "none",
+                   "sealed": False}, [b"", b""])
 
     def _on_event(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or frames[0] != self.keys.public:
@@ -405,12 +425,15 @@ class DSage:
     ``connect_timeout`` seconds for it; 0 to return at once and let jobs wait
     for the broker). ``server_key`` is the broker's public key (z85 or a key
     file); by default the user's own, as when the keypair was copied.
+    ``max_message_size`` caps every frame received, and jobs larger than it (or
+    than the broker's own limit) are refused without being sent.
     """
 
     def __init__(self, server: str = "localhost", port: int = 8081,
                  server_key: str | bytes | os.PathLike[str] | None = None, *,
                  home: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0,
-                 heartbeat: float = 1.0) -> None:
+                 heartbeat: float = 1.0,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.server, self.port = server, port
         self.home = keys_mod.home(home)
         self.keys = keys_mod.load_keypair(self.home)
@@ -418,8 +441,9 @@ class DSage:
                            else self.keys.public)
         self._cluster: Any = None
         self._closed = False
-        self._box_cache: dict[str, Any] = {}
-        self._io = _IO(self, server, port, self.keys, self.server_key, heartbeat)
+        self._opener = Opener(self.keys)
+        self._io = _IO(self, server, port, self.keys, self.server_key, heartbeat,
+                       max_message_size)
         self._io.start()
         self._io.ready.wait()
         if self._io.failure is not None:
@@ -570,9 +594,8 @@ class DSage:
 
     def _unseal(self, result: bytes, output: bytes,
                 worker: WorkerInfo | None) -> tuple[bytes, bytes]:
-        from .seal import open_sealed
-
-        return open_sealed(self.keys, result), open_sealed(self.keys, output)
+        """Open a result and output sealed to this client's key (raises SealError)."""
+        return self._opener.open(result), self._opener.open(output)
 
     # --- lifetime
 

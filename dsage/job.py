@@ -64,6 +64,8 @@ class JobWrapper:
         self._output_blob = b""
         self._result: Any = _UNSET
         self._done = threading.Event()
+        #: why the job was refused before it was queued ('quota', 'size', ...), else None
+        self.refused: str | None = None
 
     # --- updates from the I/O thread
 
@@ -83,8 +85,13 @@ class JobWrapper:
             self._encoding, self._result_from = rec["encoding"], rec["result_from"]
             self._result_blob, self._output_blob = blobs
             if rec["sealed"] and self._client is not None:
-                self._result_blob, self._output_blob = self._client._unseal(
-                    self._result_blob, self._output_blob, self.worker)
+                try:
+                    self._result_blob, self._output_blob = self._client._unseal(
+                        self._result_blob, self._output_blob, self.worker)
+                except ValueError as e:  # seal.SealError: never let it stop the I/O thread
+                    self.status, self.error = Status.FAILED.value, f"unreadable result: {e}"
+                    self._encoding = Encoding.NONE.value
+                    self._result_blob = self._output_blob = b""
             self._done.set()
             return True
         return False
@@ -118,8 +125,12 @@ class JobWrapper:
     @property
     def result(self) -> Any:
         """The job's result, waiting for it if needed; raises :class:`JobError` if the
-        job failed or was killed."""
+        job failed or was killed, and ``SubmitRejected`` if it was never accepted."""
         self.wait()
+        if self.refused is not None:
+            from .client import SubmitRejected
+
+            raise SubmitRejected(f"job {self.job_id}: {self.error}")
         if self.status != Status.COMPLETED:
             raise JobError(self)
         if self._result is _UNSET:

@@ -29,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
+from .seal import Sealer
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REPLIES, M, Message, ProtocolError, Status, decode, encode,
     make,
@@ -98,6 +99,7 @@ class Monitor:
         else:
             self.keys = keys_mod.load_keypair(self.home)
         self.server_key = options.server_key or self.keys.public
+        self.sealer = Sealer(self.keys)
         self.tmpdir = self.home / "tmp_worker_files"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.monitor_id = uuid.uuid4().hex
@@ -336,13 +338,31 @@ class Monitor:
 
     def _finish(self, job: dict[str, Any], reply: dict[str, Any], result: bytes,
                 output: bytes) -> None:
+        """Queue a job's outcome for the broker, its result and output sealed to the
+        job's owner (every path ends here: results, crashes, timeouts, kills)."""
         item = {"id": job["id"], "status": reply["status"], "error": reply["error"],
                 "encoding": reply["encoding"], "result_from": reply["result_from"],
-                "sealed": reply["sealed"], "started": reply["started"],
+                "sealed": True, "started": reply["started"],
                 "finished": reply["finished"]}
+        result, output = self._fit(item, result, output)
+        result = self.sealer.seal(job["owner"], result)
+        output = self.sealer.seal(job["owner"], output)
         self.unacked[job["id"]] = (item, result, output)
         self.outgoing.append(job["id"])
         shutil.rmtree(self.tmpdir / job["id"], ignore_errors=True)
+
+    def _fit(self, item: dict[str, Any], result: bytes, output: bytes) -> tuple[bytes, bytes]:
+        """Keep each blob within the message size limit (less the sealing overhead):
+        a result too large fails the job; output keeps its end."""
+        limit = self.options.max_message_size - 4096
+        if len(result) > limit:
+            item.update(status=Status.FAILED.value, encoding="none", result_from="none",
+                        error=f"the result is {len(result)} bytes, more than the largest "
+                        f"message allowed ({self.options.max_message_size} bytes)")
+            result = b""
+        if len(output) > limit:
+            output = b"[... output cut ...]\n" + output[-(limit - 64):]
+        return result, output
 
     def _cancel(self, job_id: str, reason: str) -> None:
         for i, (spec, _) in enumerate(self.pending):

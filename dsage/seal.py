@@ -1,23 +1,105 @@
-"""Private results: sealed by the monitor to the submitting client's public key.
+"""Private results: encrypted by the monitor to the submitting client's public key.
 
-A CurveZMQ key is a Curve25519 key, so PyNaCl's ``SealedBox`` can encrypt to
-it directly: only the holder of the client's secret key can open the result,
-not the broker's database nor any other subscriber.
+A CurveZMQ key is a Curve25519 key, so NaCl boxes can encrypt to it directly:
+only the holder of the client's secret key can open a result, not the
+broker's database nor any other subscriber.
+
+The construction is a NaCl ``Box`` (X25519 + XSalsa20-Poly1305) between the
+monitor's keypair and the owner's public key, with a fresh random nonce per
+blob. A sealed blob is self-contained::
+
+    b"\\x01" + sender public key (32 bytes) + nonce (24) + ciphertext with MAC (16 + n)
+
+Why not ``SealedBox``: it makes a fresh ephemeral keypair for every blob, so
+each job costs two X25519 scalar multiplications to seal and two to open
+(about 0.4 ms in all on a 2-core machine, as much as a whole round trip).
+A ``Box`` does the scalar multiplication once per (monitor, owner) pair; the
+precomputed shared key is cached, and each blob then costs a few
+microseconds. Anonymous monitors use a fresh keypair per process, so this
+holds for them too. An empty blob stays empty (there is nothing to hide).
 """
 
 from __future__ import annotations
 
-import zmq
-from nacl.public import PrivateKey, PublicKey, SealedBox
+from collections import OrderedDict
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+from zmq.utils import z85
 
 from .keys import Keypair
 
+VERSION = b"\x01"
+_KEY_LEN = 32
+_HEADER = len(VERSION) + _KEY_LEN
+#: most shared keys one side keeps (one X25519 multiplication each to remake)
+CACHE_SIZE = 1024
 
-def seal(owner_z85: str, data: bytes) -> bytes:
-    """Encrypt ``data`` to the owner's public key (z85)."""
-    return SealedBox(PublicKey(zmq.z85_decode(owner_z85))).encrypt(data)
+
+class SealError(ValueError):
+    """A sealed blob could not be opened: malformed, tampered with, or for another key."""
+
+
+class _BoxCache:
+    """Precomputed ``Box`` objects of one own secret key, by peer public key (raw)."""
+
+    def __init__(self, secret: PrivateKey) -> None:
+        self.secret = secret
+        self.boxes: OrderedDict[bytes, Box] = OrderedDict()
+
+    def get(self, peer: bytes) -> Box:
+        box = self.boxes.get(peer)
+        if box is None:
+            box = Box(self.secret, PublicKey(peer))
+            self.boxes[peer] = box
+            if len(self.boxes) > CACHE_SIZE:
+                self.boxes.popitem(last=False)
+        else:
+            self.boxes.move_to_end(peer)
+        return box
+
+
+class Sealer:
+    """The monitor's side: seals blobs from its keypair to job owners."""
+
+    def __init__(self, keys: Keypair) -> None:
+        self.public_raw = z85.decode(keys.public)
+        self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)))
+
+    def seal(self, owner_z85: str | bytes, data: bytes) -> bytes:
+        """Encrypt ``data`` to the owner's public key (z85); ``b""`` stays ``b""``."""
+        if not data:
+            return b""
+        owner = owner_z85.encode() if isinstance(owner_z85, str) else owner_z85
+        box = self._cache.get(z85.decode(owner))
+        return VERSION + self.public_raw + bytes(box.encrypt(data))
+
+
+class Opener:
+    """The client's side: opens blobs sealed to its keypair, by any monitor."""
+
+    def __init__(self, keys: Keypair) -> None:
+        self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)))
+
+    def open(self, data: bytes) -> bytes:
+        """Decrypt a sealed blob; raises :class:`SealError` if it cannot be opened."""
+        if not data:
+            return b""
+        if len(data) < _HEADER + Box.NONCE_SIZE + 16 or data[:1] != VERSION:
+            raise SealError("not a sealed dsage blob (unknown format or too short)")
+        box = self._cache.get(bytes(data[1:_HEADER]))
+        try:
+            return bytes(box.decrypt(bytes(data[_HEADER:])))
+        except CryptoError:
+            raise SealError("a sealed blob failed authentication: tampered with, or sealed "
+                            "to another key") from None
+
+
+def seal(keys: Keypair, owner_z85: str | bytes, data: bytes) -> bytes:
+    """One-off :meth:`Sealer.seal` (no cache kept between calls)."""
+    return Sealer(keys).seal(owner_z85, data)
 
 
 def open_sealed(keys: Keypair, data: bytes) -> bytes:
-    """Decrypt data sealed to ``keys``; raises nacl.exceptions.CryptoError if tampered."""
-    return SealedBox(PrivateKey(zmq.z85_decode(keys.secret))).decrypt(data)
+    """One-off :meth:`Opener.open` (no cache kept between calls)."""
+    return Opener(keys).open(data)
