@@ -171,3 +171,161 @@ def test_sealed_blobs_open_only_for_their_owner() -> None:
         Opener(owner).open(tampered)
     with pytest.raises(SealError):
         Opener(owner).open(b"\x02" + blob[1:])
+
+
+# --- keys on the command line
+
+
+def test_keys_command_shows_adds_lists_and_removes(tmp_path: Path) -> None:
+    home = other_home(tmp_path, "h")
+    alice = other_home(tmp_path, "alice")
+    own = keys.load_keypair(home).public.decode()
+    r = cli("keys", "--home", str(home))
+    assert r.returncode == 0 and r.stdout.strip() == own
+    r = cli("keys", "--home", str(home), "add", "alice", str(keys.public_key_file(alice)))
+    assert r.returncode == 0, r.stderr
+    bob_key = zmq.curve_keypair()[0].decode()
+    assert cli("keys", "--home", str(home), "add", "bob", bob_key).returncode == 0
+    listed = cli("keys", "--home", str(home), "list").stdout.splitlines()
+    alice_key = keys.load_keypair(alice).public.decode()
+    assert sorted(listed) == sorted([f"alice\t{alice_key}", f"bob\t{bob_key}", f"self\t{own}"])
+    r = cli("keys", "--home", str(home), "add", "no good", bob_key)
+    assert r.returncode == 2 and "not a valid key name" in r.stderr
+    r = cli("keys", "--home", str(home), "add", "carol", "not-a-key")
+    assert r.returncode == 2 and "neither a 40-character z85 key nor a key file" in r.stderr
+    assert cli("keys", "--home", str(home), "remove", "alice").returncode == 0
+    assert "alice" not in cli("keys", "--home", str(home), "list").stdout
+    r = cli("keys", "--home", str(home), "remove", "alice")
+    assert r.returncode == 2 and "no authorized key named 'alice'" in r.stderr
+
+
+def test_secret_key_readable_by_others_is_refused_everywhere(tmp_path: Path, port: int) -> None:
+    """setup, `dsage keys`, both launchers and the client refuse, saying to chmod 600."""
+    home = other_home(tmp_path, "h")
+    secret = home / keys.SECRET_NAME
+    secret.chmod(0o644)
+    for args in (["setup", "--home", str(home)], ["keys", "--home", str(home)],
+                 ["broker", "--home", str(home), "--port", str(port)],
+                 ["worker", "--home", str(home), "--port", str(port), "--workers", "1"]):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "too open" in r.stderr and f"chmod 600 {secret}" in r.stderr, args
+    with pytest.raises(keys.InsecureKeyFile, match="chmod 600"):
+        dsage.DSage("127.0.0.1", port, home=home, connect_timeout=0)
+    secret.chmod(0o640)
+    with pytest.raises(keys.InsecureKeyFile):
+        keys.setup(home)
+    secret.chmod(0o600)
+    assert cli("setup", "--home", str(home)).returncode == 0
+
+
+def test_key_add_and_remove_take_effect_on_a_running_broker(procs: Procs, home: Path,
+                                                            tmp_path: Path) -> None:
+    procs.broker()
+    bob = other_home(tmp_path, "bob")
+    with pytest.raises(KeyRejected):
+        user_client(procs, bob, connect_timeout=10)
+
+    def connects() -> dsage.DSage | None:
+        try:
+            return user_client(procs, bob, connect_timeout=10)
+        except KeyRejected:
+            return None
+
+    r = cli("keys", "--home", str(home), "add", "bob", str(keys.public_key_file(bob)))
+    assert r.returncode == 0, r.stderr
+    D = wait_for(connects, 10, "the broker to accept the added key")
+    assert D.get_my_jobs() == []
+    assert cli("keys", "--home", str(home), "remove", "bob").returncode == 0
+    wait_for(lambda: connects() is None, 10, "the broker to refuse the removed key")
+
+
+# --- strangers
+
+
+def test_stranger_refused_on_each_of_the_three_ports(procs: Procs, home: Path,
+                                                     ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    procs.broker(allow_anonymous=False)
+    server = broker_key(home)
+    stranger = keys.Keypair(*zmq.curve_keypair())
+    trusted = keys.load_keypair(home)
+    for offset, kind in ((0, zmq.DEALER), (1, zmq.DEALER), (2, zmq.SUB)):
+        endpoint = f"tcp://127.0.0.1:{procs.port + offset}"
+        # wait until the port answers at all (the broker may still be starting)
+        wait_for(lambda: handshake(ctx, kind, endpoint, trusted, server, 2) == "ok", 30,
+                 f"port +{offset} to admit the trusted key")
+        assert handshake(ctx, kind, endpoint, stranger, server) == "auth", offset
+
+
+def test_without_a_zap_handler_nobody_gets_in(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """make_server fails closed: no authenticator in the context means refusal."""
+    server = keys.Keypair(*zmq.curve_keypair())
+    anyone = keys.Keypair(*zmq.curve_keypair())
+    enforced = ctx.socket(zmq.ROUTER)
+    make_server(enforced, server, CLIENTS, 1 << 20)
+    port = enforced.bind_to_random_port("tcp://127.0.0.1")
+    assert handshake(ctx, zmq.DEALER, f"tcp://127.0.0.1:{port}", anyone, server.public) \
+        in ("no-detail", "protocol", "auth")
+    assert enforced.poll(0) == 0
+    # The control: the same socket without ZAP_ENFORCE_DOMAIN admits anyone (fails open).
+    lax = ctx.socket(zmq.ROUTER)
+    make_server(lax, server, CLIENTS, 1 << 20)
+    lax.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)
+    port = lax.bind_to_random_port("tcp://127.0.0.1")
+    assert handshake(ctx, zmq.DEALER, f"tcp://127.0.0.1:{port}", anyone, server.public) == "ok"
+    enforced.close(linger=0)
+    lax.close(linger=0)
+
+
+def test_stranger_client_gets_key_rejected_and_nothing_is_stored_or_run(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    procs.broker()
+    procs.worker(1)
+    stranger = other_home(tmp_path, "stranger")
+    marker = tmp_path / "ran"
+    S = user_client(procs, stranger, connect_timeout=0)
+    sneaky = S(f"open({str(marker)!r}, 'w').close()")
+    start = time.monotonic()
+    with pytest.raises(KeyRejected, match="rejected this client's key") as e:
+        S.wait_connected(10)
+    assert time.monotonic() - start < 10
+    assert "dsage keys add" in str(e.value) and keys.load_keypair(stranger).public.decode() \
+        in str(e.value)
+    start = time.monotonic()
+    with pytest.raises(KeyRejected):
+        user_client(procs, stranger, connect_timeout=10)
+    assert time.monotonic() - start < 10
+    D = procs.client()
+    assert D("1+1").wait(60).result == 2  # the broker stored and ran this one
+    assert [r[0] for r in db_rows(home, "SELECT owner FROM jobs")] == [D.keys.public.decode()]
+    assert not sneaky.done() and not marker.exists()
+
+
+def test_wrong_server_key_is_a_different_clear_error(procs: Procs) -> None:
+    procs.broker()
+    procs.client()  # the broker is up
+    wrong = zmq.curve_keypair()[0]
+    with pytest.raises(BrokerUnreachable, match="server key") as e:
+        procs.client(server_key=wrong, connect_timeout=3)
+    assert not isinstance(e.value, KeyRejected)
+    assert wrong.decode() in str(e.value)
+
+
+def test_monitor_with_unknown_key_is_refused_and_never_gets_a_job(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    broker = procs.broker()
+    stranger_home = other_home(tmp_path, "stranger")
+    stranger_key = keys.load_keypair(stranger_home).public.decode()
+    D = procs.client()
+    j = D("import os; os.getppid()")
+    stranger = other_worker(procs, stranger_home, server_key=broker_key(home))
+    wait_for(lambda: "rejected this worker's key" in log_text(stranger), 20,
+             "the stranger monitor to log its refusal")
+    assert "dsage keys add" in log_text(stranger)
+    wait_for(lambda: f"refused key {stranger_key}" in log_text(broker), 10,
+             "the broker to log the refused key")
+    assert D.workers() == [] and j.status == "new"
+    trusted = procs.worker(1)
+    assert j.wait(60).result == trusted.pid
+    assert j.worker is not None and j.worker.key != stranger_key
+    assert all(w.key != stranger_key for w in D.workers())
