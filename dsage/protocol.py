@@ -197,7 +197,7 @@ def _one_of(enum_type: type[enum.StrEnum]) -> Validator:
     values = {e.value for e in enum_type}
 
     def check(v: Any) -> Any:
-        if v not in values:
+        if not isinstance(v, str) or v not in values:  # a list or dict is not hashable
             raise ValueError(f"not one of {sorted(values)}")
         return v
 
@@ -205,7 +205,7 @@ def _one_of(enum_type: type[enum.StrEnum]) -> Validator:
 
 
 def _final_status(v: Any) -> str:
-    if v not in {s.value for s in FINAL}:
+    if not isinstance(v, str) or v not in {s.value for s in FINAL}:
         raise ValueError("not a final status")
     return v
 
