@@ -146,6 +146,7 @@ class BrokerState:
     def _submit(self, now: float, rid: bytes, key: str, h: dict[str, Any],
                 payloads: list[bytes]) -> None:
         specs = h["jobs"]
+        wall = time.time()  # stored times are wall-clock; ``now`` is only for liveness
         existing = self.store.owner_of([s["id"] for s in specs])
         ids: list[str] = []
         errors: list[dict[str, str]] = []
@@ -163,13 +164,13 @@ class BrokerState:
                                f"this client already has {self.config.max_queued_per_client} "
                                f"queued jobs (the broker's --max-queued-per-client)"})
                 continue
-            self.store.insert(key, spec, payload, now)
+            self.store.insert(key, spec, payload, wall)
             existing[jid] = key
             self._enqueue(key, spec["anonymous_ok"])
             ids.append(jid)
             queued.append(({
                 "id": jid, "name": spec["name"], "kind": spec["kind"], "status": "new",
-                "priority": spec["priority"], "created": now, "started": None,
+                "priority": spec["priority"], "created": wall, "started": None,
                 "finished": None, "failures": 0, "error": None, "worker": None,
                 "encoding": "none", "result_from": "none", "sealed": False}, [b"", b""]))
         self._send("client", rid, make(M.ACK, req=h["req"], ids=ids, errors=errors))
@@ -187,7 +188,7 @@ class BrokerState:
                 continue
             flags = self.store.owner_and_flags(jid)
             outcome = Outcome(Status.KILLED, "killed by its owner", "none", "none", False,
-                              None, now, b"", b"")
+                              None, time.time(), b"", b"")
             if self.store.finish(jid, outcome):
                 killed.append(jid)
                 if state[0] is Status.NEW and flags is not None:
@@ -321,7 +322,8 @@ class BrokerState:
             self._cancel_on_monitor(jid, state[1], "finished elsewhere")
 
     def _requeue(self, jid: str, count_failure: bool, reason: str, now: float) -> None:
-        new = self.store.requeue(jid, count_failure, self.config.failure_limit, reason, now)
+        new = self.store.requeue(jid, count_failure, self.config.failure_limit, reason,
+                                 time.time())
         if new is Status.NEW:
             flags = self.store.owner_and_flags(jid)
             if flags is not None:

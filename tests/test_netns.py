@@ -185,5 +185,6 @@ def test_link_down_mid_job_requeues_and_the_monitor_comes_back(
     assert runs.read_text() == "run\n"  # it ran once: never started again elsewhere
     assert _job_row(home) == ("completed", 1)
     assert monitor.poll() is None
-    log = (home / "monitor.log").read_text()
-    assert log.count("registering") >= 2, log
+    # registered again: over a new connection, or over the old one once packets flow
+    log = (home / "broker.log").read_text()
+    assert log.count(" registered from ") >= 2, log

@@ -14,8 +14,8 @@ import pytest
 
 import dsage
 from dsage.brokerstate import BrokerConfig, BrokerState
-from dsage.protocol import MONITOR_REQUESTS, M, Message, decode, encode, make
-from dsage.store import Store
+from dsage.protocol import MONITOR_REQUESTS, M, Message, Status, decode, encode, make
+from dsage.store import Outcome, Store
 
 from .conftest import HEARTBEAT, Procs, wait_for
 
@@ -135,6 +135,29 @@ def test_broker_sigterm_commits_and_exits(procs: Procs, tmp_path: Path) -> None:
     gate.touch()
     assert running.wait(60).result == 1
     assert queued.wait(60).result == 2
+
+
+def test_final_jobs_survive_a_broker_restart_with_wall_clock_times(procs: Procs) -> None:
+    """Killed and failed-by-limit jobs keep real timestamps, so the retention pruning
+    at the next start does not take them for ancient."""
+    broker = procs.broker(failure_limit=1, **STEADY)
+    D = procs.client()
+    before = time.time()
+    queued = D("1")
+    wait_for(lambda: len(D.get_my_jobs()) == 1, 30, "the job stored")
+    queued.kill()
+    procs.worker(1, **STEADY)
+    procs.wait_workers(D, 1)
+    poison = D("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)").wait(60)
+    assert poison.status == "failed"
+    for j in (queued, poison):
+        assert j.created is not None and j.finished is not None
+        assert before - 5 < j.created <= j.finished < time.time() + 5, (j.created, j.finished)
+    procs.kill9(broker)
+    procs.broker(failure_limit=1, **STEADY)
+    D2 = procs.client()
+    assert D2.job(queued.job_id).status == "killed"
+    assert D2.job(poison.job_id).status == "failed"
 
 
 # --- clients
@@ -310,7 +333,8 @@ def test_start_all_leaves_no_orphans(home: Path, tmp_path: Path, ending: str) ->
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
-        assert len(_processes_using(home)) >= 4  # broker, monitor and two slots
+        wait_for(lambda: len(_processes_using(home)) >= 4, 20,  # broker, monitor, two slots
+                 "the cluster's processes in the process table")
         if ending == "sigkill":
             proc.kill()
         assert proc.wait(30) == (0 if ending == "exit" else -signal.SIGKILL)
@@ -437,3 +461,18 @@ def test_late_result_is_ignored_when_the_job_is_already_final(tmp_path: Path) ->
     assert any(m.type is M.RESULT_ACK for m in sent)  # acknowledged, so not resent forever
     rec, blobs = w.record(jid)
     assert blobs[0] == b"from-b" and rec["worker"]["id"] == "mon-b"  # type: ignore[index]
+
+
+def test_retention_prunes_only_old_final_jobs(tmp_path: Path) -> None:
+    w = _World(tmp_path)
+    old, recent, open_ = _job_id(10), _job_id(11), _job_id(12)
+    for jid in (old, recent, open_):
+        w.submit(jid)
+    day = 86400.0
+    for jid, finished in ((old, time.time() - 8 * day), (recent, time.time() - 6 * day)):
+        w.store.finish(jid, Outcome(Status.COMPLETED, None, "none", "none", False, None,
+                                    finished, b"", b""))
+    w.store.commit()
+    w.state.tick(w.now)  # the first tick after a start prunes (then once an hour)
+    w.flush()
+    assert set(w.store.records([old, recent, open_])) == {recent, open_}
