@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-BATCH = 50_000
+BATCH = 10_000
 
 
 def proc_status_kb(pid: int, field: str) -> int:
@@ -61,7 +61,7 @@ def bench_million(count: int = 1_000_000) -> dict[str, Any]:
                 D("0")  # the wrapper is dropped; the client tracks it weakly
             _wait_acked(D, 600)
             done += n
-            if done % 200_000 == 0 or done == count:
+            if done % 100_000 == 0 or done == count:
                 print(f"  {done:,} queued, broker RSS "
                       f"{proc_status_kb(broker.pid, 'VmRSS') / 1024:.0f} MB, "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
