@@ -22,6 +22,7 @@ holds for them too. An empty blob stays empty (there is nothing to hide).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
@@ -41,16 +42,18 @@ class SealError(ValueError):
 
 
 class _BoxCache:
-    """Precomputed ``Box`` objects of one own secret key, by peer public key (raw)."""
+    """Precomputed ``Box`` objects of one own secret key, by peer public key
+    (z85 or raw, as ``to_raw`` says; decoding only happens on a miss)."""
 
-    def __init__(self, secret: PrivateKey) -> None:
+    def __init__(self, secret: PrivateKey, to_raw: Callable[[bytes], bytes]) -> None:
         self.secret = secret
+        self.to_raw = to_raw
         self.boxes: OrderedDict[bytes, Box] = OrderedDict()
 
     def get(self, peer: bytes) -> Box:
         box = self.boxes.get(peer)
         if box is None:
-            box = Box(self.secret, PublicKey(peer))
+            box = Box(self.secret, PublicKey(self.to_raw(peer)))
             self.boxes[peer] = box
             if len(self.boxes) > CACHE_SIZE:
                 self.boxes.popitem(last=False)
@@ -64,14 +67,14 @@ class Sealer:
 
     def __init__(self, keys: Keypair) -> None:
         self.public_raw = z85.decode(keys.public)
-        self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)))
+        self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)), z85.decode)
 
     def seal(self, owner_z85: str | bytes, data: bytes) -> bytes:
         """Encrypt ``data`` to the owner's public key (z85); ``b""`` stays ``b""``."""
         if not data:
             return b""
         owner = owner_z85.encode() if isinstance(owner_z85, str) else owner_z85
-        box = self._cache.get(z85.decode(owner))
+        box = self._cache.get(owner)
         return VERSION + self.public_raw + bytes(box.encrypt(data))
 
 
@@ -79,7 +82,7 @@ class Opener:
     """The client's side: opens blobs sealed to its keypair, by any monitor."""
 
     def __init__(self, keys: Keypair) -> None:
-        self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)))
+        self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)), bytes)
 
     def open(self, data: bytes) -> bytes:
         """Decrypt a sealed blob; raises :class:`SealError` if it cannot be opened."""

@@ -6,7 +6,9 @@ peers that play a stranger or a hostile anonymous worker.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import sqlite3
 import subprocess
 import sys
@@ -14,15 +16,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dill
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
 import dsage
-from dsage import keys
+from dsage import codec, keys, protocol
 from dsage.auth import CLIENTS, make_client, make_server
 from dsage.client import BrokerUnreachable, KeyRejected, SubmitRejected, UnknownJob
 from dsage.cluster import ManagedProcess
+from dsage.seal import Sealer
 
 from .conftest import HEARTBEAT, LIVENESS, Procs, wait_for
 
@@ -329,3 +335,314 @@ def test_monitor_with_unknown_key_is_refused_and_never_gets_a_job(
     assert j.wait(60).result == trusted.pid
     assert j.worker is not None and j.worker.key != stranger_key
     assert all(w.key != stranger_key for w in D.workers())
+
+
+# --- anonymous workers and untrusted results
+
+
+def test_anonymous_worker_gets_only_anonymous_ok_jobs(procs: Procs, home: Path,
+                                                      tmp_path: Path) -> None:
+    procs.broker(allow_anonymous=True)
+    anon_home = tmp_path / "anon"  # no keypair: only the broker's public key file
+    anon = other_worker(procs, anon_home, 2, anonymous=True,
+                        server_key=str(keys.public_key_file(home)))
+    D = procs.client()
+    procs.wait_workers(D, 2)
+    assert not keys.has_keypair(anon_home)
+    [info] = D.workers()
+    assert info.anonymous and info.pid == anon.pid and info.key != D.keys.public.decode()
+    code = "import os\nprint('from', os.getppid())\nos.getppid()"  # the slot's monitor
+    # Round 1: only the anonymous monitor is up.
+    trusted_only = [D(code) for _ in range(15)]
+    anon_ok = [D(code, anonymous_ok=True) for _ in range(15)]
+    odd = D("object()", anonymous_ok=True)
+    for j in anon_ok:
+        assert j.wait(60).result == anon.pid
+        assert j.worker is not None and j.worker.anonymous and not j.trusted
+        assert j.output.strip() == f"from {anon.pid}"
+    assert isinstance(odd.wait(60).result, dsage.codec.UntrustedResult)
+    assert odd.result.startswith("<object object at")
+    queued = {j.job_id for j in D.get_my_jobs("new")}
+    assert queued == {j.job_id for j in trusted_only}  # what the anonymous one did not get
+    # Round 2: a trusted monitor joins; jobs of both kinds arrive together.
+    trusted = procs.worker(1)
+    procs.wait_workers(D, 3)
+    trusted_only += [D(code) for _ in range(15)]
+    anon_ok += [D(code, anonymous_ok=True) for _ in range(15)]
+    for j in trusted_only:
+        assert j.wait(60).result == trusted.pid
+        assert j.worker is not None and not j.worker.anonymous and j.trusted
+    for j in anon_ok:
+        j.wait(60)
+        ran_anonymously = j.result == anon.pid
+        assert j.worker is not None and j.worker.anonymous == ran_anonymously
+        assert j.trusted is not ran_anonymously
+
+
+class Evil:
+    """Unpickling this runs a shell command that creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def hostile_blobs(marker: Path) -> st.SearchStrategy[bytes]:
+    """Pickles (plain and dill, every protocol) that create ``marker`` when loaded,
+    also nested in containers, plus data-encoded-looking wrappers around them."""
+    values = st.recursive(
+        st.just(Evil(marker)),
+        lambda inner: st.lists(inner, min_size=1, max_size=3)
+        | st.tuples(inner, st.integers())
+        | st.dictionaries(st.text(max_size=3), inner, min_size=1, max_size=2),
+        max_leaves=4)
+    pickled = st.builds(lambda v, proto, use_dill: (dill.dumps if use_dill else pickle.dumps)(
+        v, protocol=proto), values, st.integers(0, pickle.HIGHEST_PROTOCOL), st.booleans())
+    return pickled | st.builds(lambda p: b'["r",' + p + b"]", pickled)
+
+
+def test_hostile_pickle_marker_really_runs_when_unpickled(tmp_path: Path) -> None:
+    """The control for the tests below: loading these blobs does create the marker."""
+    marker = tmp_path / "control"
+    pickle.loads(pickle.dumps([Evil(marker)]))
+    assert marker.exists()
+
+
+class FakeAnonymousMonitor:
+    """A raw anonymous monitor that answers each job it is given with chosen bytes."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], port: int, server: bytes) -> None:
+        self.keys = keys.Keypair(*zmq.curve_keypair())
+        self.sock = ctx.socket(zmq.DEALER)
+        make_client(self.sock, self.keys, server)
+        self.sock.connect(f"tcp://127.0.0.1:{port + 1}")
+        self.sealer = Sealer(self.keys)
+        self._register()
+
+    def _register(self) -> None:
+        self._send(protocol.make(protocol.M.REGISTER, monitor="fake", host="fake", pid=1,
+                                 slots=1, tags=[], running=[], version=dsage.__version__))
+
+    def _send(self, msg: protocol.Message) -> None:
+        self.sock.send_multipart(protocol.encode(msg))
+
+    def next_job(self, timeout: float = 30.0) -> dict[str, object]:
+        """The next RUN spec, heartbeating (and re-registering) meanwhile."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._send(protocol.make(protocol.M.HEARTBEAT))
+            if not self.sock.poll(100):
+                continue
+            msg = protocol.decode(self.sock.recv_multipart(), protocol.MONITOR_REPLIES)
+            if msg.type is protocol.M.RUN:
+                return msg.header["jobs"][0]  # type: ignore[no-any-return]
+            if msg.type is protocol.M.ERROR and msg.header["code"] == "unregistered":
+                self._register()
+        raise AssertionError("the fake monitor got no job")
+
+    def answer(self, spec: dict[str, object], encoding: str, blob: bytes, sealed: bool) -> None:
+        owner = str(spec["owner"])
+        result = self.sealer.seal(owner, blob) if sealed else blob
+        output = self.sealer.seal(owner, b"hostile") if sealed else b"hostile"
+        now = time.time()
+        self._send(protocol.make(protocol.M.RESULT, [result, output], results=[{
+            "id": spec["id"], "status": "completed", "error": None, "encoding": encoding,
+            "result_from": "expression", "sealed": sealed, "started": now, "finished": now}]))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_hostile_pickles_from_an_anonymous_worker_never_run(
+        procs: Procs, home: Path, tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]],
+        data: st.DataObject) -> None:
+    if not procs.started:
+        procs.broker(allow_anonymous=True, heartbeat=1.0)
+        procs.fake = FakeAnonymousMonitor(ctx, procs.port, broker_key(home))  # type: ignore
+        procs.D = procs.client()  # type: ignore[attr-defined]
+    fake: FakeAnonymousMonitor = procs.fake  # type: ignore[attr-defined]
+    D: dsage.DSage = procs.D  # type: ignore[attr-defined]
+    marker = tmp_path / "pwned"
+    blob = data.draw(hostile_blobs(marker), "blob")
+    encoding = data.draw(st.sampled_from(["dill", "data"]), "encoding")
+    sealed = data.draw(st.booleans(), "sealed")
+    j = D("1", anonymous_ok=True)
+    spec = fake.next_job()
+    assert spec["id"] == j.job_id and spec["trusted"] is False
+    fake.answer(spec, encoding, blob, sealed)
+    j.wait(30)
+    assert j.status == "completed" and not j.trusted
+    assert j.worker is not None and j.worker.anonymous and j.worker.key == \
+        fake.keys.public.decode()
+    expected = dsage.UntrustedResultError if encoding == "dill" else ValueError
+    with pytest.raises(expected):
+        j.result
+    assert j.output == "hostile"
+    assert not marker.exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=64) | hostile_blobs(Path("/nonexistent/dsage-pwned")),
+       encoding=st.sampled_from(["dill", "data", "none"]))
+def test_wrapper_never_unpickles_what_an_anonymous_worker_sent(blob: bytes,
+                                                               encoding: str) -> None:
+    marker = Path("/nonexistent/dsage-pwned")
+    w = dsage.JobWrapper(None, "0" * 32, None, "python")
+    w._update({"status": "completed", "name": None, "priority": 5, "created": 0.0,
+               "started": 0.0, "finished": 0.0, "failures": 0, "error": None,
+               "worker": {"id": "m", "host": "h", "anonymous": True, "key": "k" * 40},
+               "encoding": encoding, "result_from": "expression", "sealed": False},
+              [blob, b""])
+    assert not w.trusted
+    try:
+        value = w.result
+    except (dsage.UntrustedResultError, ValueError):
+        pass
+    else:
+        assert encoding in ("data", "none")
+        assert value is None or not isinstance(value, Evil)
+    assert not marker.exists()
+
+
+# --- the data-only encoding
+
+data_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+    | st.binary(),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=4) | st.integers(), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(value=data_values)
+def test_data_encoding_round_trips_plain_values(value: object) -> None:
+    blob = codec.dump_data(value)
+    back = codec.load_data(blob)
+    assert back == value and type(back) is type(value)
+
+
+@given(value=st.builds(object) | st.builds(set, st.lists(st.integers(), max_size=3))
+       | st.builds(lambda: Evil(Path("/nonexistent"))))
+def test_other_values_become_their_repr_marked_untrusted(value: object) -> None:
+    back = codec.load_data(codec.dump_data(value))
+    assert isinstance(back, codec.UntrustedResult) and back == repr(value)
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                 max_size=3),
+    max_leaves=12)
+tagged = st.lists(st.sampled_from(list("nTFifsbltdr")) | json_like, min_size=1, max_size=3)
+
+
+@settings(max_examples=300)
+@given(blob=st.binary(max_size=200)
+       | json_like.map(lambda v: json.dumps(v).encode())
+       | tagged.map(lambda v: json.dumps(v).encode())
+       | st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n))
+def test_load_data_rejects_garbage_with_value_error_only(blob: bytes) -> None:
+    try:
+        codec.load_data(blob)
+    except ValueError:
+        pass
+
+
+# --- isolation between users
+
+
+def test_two_users_cannot_see_fetch_list_or_kill_each_others_jobs(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    procs.broker()
+    procs.worker(2)
+    bob_home = other_home(tmp_path, "bob")
+    keys.add_key("bob", keys.public_key_file(bob_home), home)
+    A = procs.client()
+    B = user_client(procs, bob_home)
+    done_a = A("6*7").wait(60)
+    running_a = A("import time; time.sleep(60)")
+    wait_for(lambda: running_a.status == "processing", 30, "alice's job to start")
+    done_b = B("'bob'").wait(60)
+    assert done_a.result == 42 and done_b.result == "bob"
+    for jid in (done_a.job_id, running_a.job_id):
+        with pytest.raises(UnknownJob):
+            B.job(jid)
+        with pytest.raises(UnknownJob):
+            B.kill(jid)
+    with pytest.raises(UnknownJob):
+        A.job(done_b.job_id)
+    assert {j.job_id for j in B.get_my_jobs()} == {done_b.job_id}
+    assert {j.job_id for j in A.get_my_jobs()} == {done_a.job_id, running_a.job_id}
+    assert A.job(running_a.job_id).status == "processing"  # bob's kill did nothing
+    running_a.kill()
+    assert running_a.wait(30).status == "killed"
+
+
+def test_events_socket_admits_only_the_subscribers_own_topic(
+        procs: Procs, home: Path, tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    procs.broker()
+    procs.worker(1)
+    bob_home = other_home(tmp_path, "bob")
+    keys.add_key("bob", keys.public_key_file(bob_home), home)
+    A = procs.client()
+    B = user_client(procs, bob_home)
+    alice_topic, bob_topic = A.keys.public, B.keys.public
+    spy = ctx.socket(zmq.SUB)  # bob's key, asking for alice's topic and then his own
+    make_client(spy, B.keys, broker_key(home))
+    spy.setsockopt(zmq.SUBSCRIBE, alice_topic)
+    spy.setsockopt(zmq.SUBSCRIBE, bob_topic)
+    spy.connect(f"tcp://127.0.0.1:{procs.port + 2}")
+    topics: list[bytes] = []
+    jobs_seen: set[str] = set()
+
+    def receive() -> None:
+        while spy.poll(20):
+            frames = spy.recv_multipart()
+            topics.append(frames[0])
+            msg = protocol.decode(frames[1:], frozenset({protocol.M.EVENT}))
+            jobs_seen.update(r["id"] for r in msg.header["jobs"] if r["status"] == "completed")
+
+    # Bob's own subscription is live once its first (empty) event arrives; the
+    # refused one was sent before it on the same connection.
+    wait_for(lambda: receive() or bob_topic in topics, 30, "the spy's own subscription")
+    assert A("'alice secret'").wait(60).result == "alice secret"
+    b = B("1").wait(60)
+    wait_for(lambda: receive() or b.job_id in jobs_seen, 30, "bob's own job events")
+    assert alice_topic not in topics and set(topics) == {bob_topic}
+    spy.close(linger=0)
+
+
+# --- limits
+
+
+def test_per_client_queue_cap_is_a_clear_error(procs: Procs) -> None:
+    procs.broker(max_queued_per_client=2)
+    D = procs.client()
+    first, second, third = D("1"), D("2"), D("3")
+    third.wait(30)
+    assert third.refused == "quota" and third.status == "failed"
+    with pytest.raises(SubmitRejected, match="--max-queued-per-client"):
+        third.result
+    assert {j.job_id for j in D.get_my_jobs("new")} == {first.job_id, second.job_id}
+    procs.worker(1)
+    assert first.wait(60).result == 1 and second.wait(60).result == 2
+    assert D("4").wait(60).result == 4  # room again
+
+
+def test_max_message_size_is_enforced_with_clear_errors(procs: Procs) -> None:
+    limit = 1 << 20
+    procs.broker(max_message_size=limit)
+    procs.worker(1, max_message_size=limit)
+    D = procs.client()
+    big = D("s = '" + "a" * (2 * limit) + "'\nlen(s)")
+    with pytest.raises(SubmitRejected, match="largest message allowed"):
+        big.wait(30).result
+    assert big.refused == "size"
+    huge_result = D(f"b'x' * {2 * limit}").wait(60)
+    assert huge_result.status == "failed" and "largest message allowed" in huge_result.error
+    assert D("1+1").wait(60).result == 2  # the connections are fine
