@@ -210,6 +210,7 @@ def start_all(workers: int = 2, port: int = 8081, home: str | os.PathLike[str] |
     if not keys_mod.has_keypair(root):
         keys_mod.setup(root)
         print(f"dsage: no keypair yet, so ran `dsage setup`: created {root}", file=sys.stderr)
+    keys_mod.load_keypair(root)  # a too-open secret key is refused before anything starts
     port = port or free_port()
     shared = {k: options[k] for k in ("heartbeat", "liveness") if k in options}
     broker_opts = {k: v for k, v in options.items() if k in BROKER_FIELDS}

@@ -218,6 +218,8 @@ def test_secret_key_readable_by_others_is_refused_everywhere(tmp_path: Path, por
         assert "too open" in r.stderr and f"chmod 600 {secret}" in r.stderr, args
     with pytest.raises(keys.InsecureKeyFile, match="chmod 600"):
         dsage.DSage("127.0.0.1", port, home=home, connect_timeout=0)
+    with pytest.raises(keys.InsecureKeyFile, match="chmod 600"):
+        dsage.start_all(1, port=port, home=home)
     secret.chmod(0o640)
     with pytest.raises(keys.InsecureKeyFile):
         keys.setup(home)
