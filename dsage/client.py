@@ -37,6 +37,9 @@ from .protocol import (
     ProtocolError, Status, decode, encode, make,
 )
 
+#: longest job name or tag, and most tags, that the protocol accepts
+MAX_TEXT = 4096
+MAX_TAGS = 64
 #: most payload bytes batched into one submit message
 BATCH_BYTES = 8 * 1024 * 1024
 
@@ -108,6 +111,19 @@ def _check_options(timeout: float | None, priority: int, name: str | None) -> No
                          f"to {MAX_PRIORITY}")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a string, not {type(name).__name__}")
+    if name is not None and len(name) > MAX_TEXT:
+        raise ValueError(f"name is {len(name)} characters long; at most {MAX_TEXT} are allowed")
+
+
+def _check_tags(requires: Iterable[str]) -> list[str]:
+    """The job's required tags as a list, within the limits the broker accepts."""
+    if isinstance(requires, (str, bytes)):
+        raise TypeError(f"requires={requires!r}: give a list of tags, such as ['sage']")
+    tags = [str(t) for t in requires]
+    if len(tags) > MAX_TAGS or any(len(t) > MAX_TEXT for t in tags):
+        raise ValueError(f"requires: at most {MAX_TAGS} tags of at most {MAX_TEXT} "
+                         f"characters each")
+    return tags
 
 
 class _Conn:
@@ -535,7 +551,7 @@ class DSage:
         if self._closed:
             raise DSageError("this DSage connection is closed")
         _check_options(timeout, priority, name)
-        tags = [str(t) for t in requires]
+        tags = _check_tags(requires)
         spec = {"id": uuid.uuid4().hex, "name": name, "kind": kind,
                 "timeout": None if timeout is None else float(timeout), "priority": priority,
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
@@ -585,6 +601,8 @@ class DSage:
 
     def kill(self, job_id: str, timeout: float = 10.0) -> None:
         """Kill a job of this key: queued ones are removed, running ones killed."""
+        if not isinstance(job_id, str) or not re.fullmatch(r"[0-9a-f]{32}", job_id):
+            raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
         reply = self._io.request(M.KILL, timeout, ids=[job_id])
         if reply.header["missing"]:
             raise UnknownJob(f"no job {job_id} belongs to this key")

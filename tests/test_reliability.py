@@ -180,6 +180,27 @@ def test_results_wait_for_a_client_that_disconnected(procs: Procs, tmp_path: Pat
     assert [w.job_id for w in D2.get_my_jobs("completed")] == [job_id]
 
 
+def test_bad_arguments_are_clear_errors_and_nothing_is_sent(procs: Procs) -> None:
+    """Arguments the broker would refuse fail at the call, never as a hanging job."""
+    procs.broker()
+    D = procs.client()
+    with pytest.raises(ValueError, match="timeout"):
+        D("1", timeout=-1)
+    with pytest.raises(ValueError, match="kind"):
+        D("1", kind="fortran")
+    with pytest.raises(ValueError, match="name is 5000 characters"):
+        D("1", name="n" * 5000)
+    with pytest.raises(TypeError, match="list of tags"):
+        D("1", requires="sage")
+    with pytest.raises(ValueError, match="at most 64 tags"):
+        D("1", requires=[f"t{i}" for i in range(65)])
+    with pytest.raises(ValueError, match="not a job id"):
+        D.kill("not-a-job")
+    with pytest.raises(TypeError, match=r"keyword argument 'items' \(generator\)"):
+        D.eval_function(print, ("fine",), {"items": (x for x in [])})
+    assert D.get_my_jobs() == []
+
+
 # --- kill, timeout, memory, crashes
 
 
@@ -324,7 +345,7 @@ def test_start_all_leaves_no_orphans(home: Path, tmp_path: Path, ending: str) ->
         f"D = dsage.start_all(workers=2, port=0, home={str(home)!r}, heartbeat=0.2)\n"
         "assert D('2+2').wait(60).result == 4\n"
         "print('ready', flush=True)\n"
-        + ("" if ending == "exit" else "sys.stdin.read()\n"))
+        "sys.stdin.readline()\n")  # then ends without D.close()
     cwd = tmp_path / "cwd"  # not tmp_path, where the home folder 'dsage' would shadow the package
     cwd.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
@@ -337,6 +358,10 @@ def test_start_all_leaves_no_orphans(home: Path, tmp_path: Path, ending: str) ->
                  "the cluster's processes in the process table")
         if ending == "sigkill":
             proc.kill()
+        else:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
         assert proc.wait(30) == (0 if ending == "exit" else -signal.SIGKILL)
         wait_for(lambda: not _processes_using(home), 20, "no process left behind")
     finally:
