@@ -133,6 +133,8 @@ class _Conn:
         self.welcomed = threading.Event()
         self.tcp_connected = False
         self.handshake_failed: str | None = None
+        #: handshakes that failed other than by a key refusal (a wrong server key)
+        self.handshake_failures = 0
         self.rejected: str | None = None
         self.epoch: str | None = None
         #: the broker's largest accepted frame, from its welcome
@@ -333,6 +335,7 @@ class _IO(threading.Thread):
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 self.conn.handshake_failed = "handshake failed"
+                self.conn.handshake_failures += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and is_dealer:
                 self.conn.rejected = None
                 self._on_connected()
@@ -475,12 +478,15 @@ class DSage:
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until the broker has answered, raising a clear error if it does not."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
         while not self._io.conn.welcomed.wait(0.05):
             if self._io.conn.rejected:
                 raise KeyRejected(self._io.conn.rejected)
-            if time.monotonic() > deadline:
-                raise self._unreachable(timeout)
+            waited = time.monotonic() - start
+            # A server that drops handshake after handshake cannot decrypt ours:
+            # almost surely the wrong server key, so say so without waiting it out.
+            if waited > timeout or self._io.conn.handshake_failures >= 3:
+                raise self._unreachable(min(waited, timeout))
 
     def _unreachable(self, waited: float) -> DSageError:
         c = self._io.conn
@@ -490,7 +496,7 @@ class DSage:
         if c.tcp_connected and not c.welcomed.is_set():
             return BrokerUnreachable(
                 f"reached {where} but the encrypted handshake did not complete within "
-                f"{waited:g} s: is the server key right? It must be the broker's public key "
+                f"{waited:.3g} s: is the server key right? It must be the broker's public key "
                 f"(its dsage_key.pub); this client used {self.server_key.decode()}")
         return BrokerUnreachable(
             f"no broker at {where} (waited {waited:g} s): start one with "
