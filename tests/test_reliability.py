@@ -73,6 +73,30 @@ def test_monitor_killed_mid_job_requeues_it_once(procs: Procs, tmp_path: Path) -
     assert [x.job_id for x in D.get_my_jobs("completed")] == [j.job_id]
 
 
+def test_hung_monitor_is_lost_and_its_stale_copy_cancelled_when_it_wakes(
+        procs: Procs, tmp_path: Path) -> None:
+    """A monitor that stops answering (SIGSTOP) while its slot goes on running."""
+    procs.broker(**STEADY)
+    a = procs.worker(1, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    marker = tmp_path / "runs"
+    j = D(_first_run_hangs(marker))
+    wait_for(lambda: _processing(j) and marker.exists(), 30, "the job running on monitor A")
+    stale_slot = int(marker.read_text().split()[0])
+    procs.worker(1, **STEADY)
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        assert j.wait(60).result == 42  # re-queued and run on the other monitor
+        assert j.failures == 1
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    # A wakes, registers again listing the job; the broker has it final: cancel it
+    wait_for(lambda: not _pid_alive(stale_slot), 30, "the stale copy killed")
+    assert j.status == "completed" and D.job(j.job_id).result == 42
+    assert len(D.get_my_jobs()) == 1
+
+
 def test_failure_limit_stops_a_job_that_kills_its_workers(procs: Procs) -> None:
     procs.broker(failure_limit=2, **STEADY)
     procs.worker(1, **STEADY)
