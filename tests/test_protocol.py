@@ -202,7 +202,7 @@ def test_garbage_is_a_protocol_error_never_another_exception(frames: list[bytes]
     b'{"req": Infinity}',
     b'{"req": 1, "req": -1}',  # a duplicate key: the last wins, and -1 is not allowed
     b"\xff\xfe",
-])
+], ids=["deep-nesting", "infinity", "duplicate-key", "not-utf8"])
 def test_pathological_headers(header: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode([VERSION, b"workers", header], ALL)
