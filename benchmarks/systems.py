@@ -74,17 +74,30 @@ def measure(cfg: Config, start_s: float, one: Callable[[int], Any],
     out["tiny_per_s"] = cfg.tiny_jobs / elapsed
     log(f"tiny jobs: {cfg.tiny_jobs} in {elapsed:.2f} s = {out['tiny_per_s']:.0f}/s")
 
-    walls = []
+    # CPU-bound, paired with a local pool run just before each round, so that a
+    # busy machine slows both sides alike and the ratio stays meaningful
     expected = spin(1000)  # sanity check on a small input, computed locally
     if many(spin, [1000])[0] != expected:
         raise AssertionError("spin returned a wrong result")
-    for _ in range(cfg.cpu_rounds):
-        t = time.perf_counter()
-        many(spin, [cfg.cpu_iterations] * cfg.cpu_tasks)
-        walls.append(time.perf_counter() - t)
+    from concurrent.futures import ProcessPoolExecutor
+
+    walls, pool_walls = [], []
+    with ProcessPoolExecutor(WORKERS) as ref:
+        list(ref.map(ident, range(WORKERS * 4)))  # start its processes
+        for _ in range(cfg.cpu_rounds):
+            t = time.perf_counter()
+            list(ref.map(spin, [cfg.cpu_iterations] * cfg.cpu_tasks))
+            pool_walls.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            many(spin, [cfg.cpu_iterations] * cfg.cpu_tasks)
+            walls.append(time.perf_counter() - t)
     out["cpu_s"] = min(walls)
     out["cpu_all_s"] = walls
-    log(f"cpu-bound: {cfg.cpu_tasks} tasks in {out['cpu_s']:.2f} s (best of {len(walls)})")
+    out["cpu_pool_s"] = min(pool_walls)
+    out["cpu_pool_all_s"] = pool_walls
+    out["cpu_vs_pool"] = out["cpu_s"] / out["cpu_pool_s"]
+    log(f"cpu-bound: {cfg.cpu_tasks} tasks in {out['cpu_s']:.2f} s (best of {len(walls)}); "
+        f"paired local pool {out['cpu_pool_s']:.2f} s: {out['cpu_vs_pool']:.3f}x")
     return out
 
 
