@@ -261,6 +261,9 @@ class Broker:
         except zmq.ZMQError as e:
             # The peer is gone or not reading. Clients resync by query (events
             # carry sequence numbers); a monitor that cannot take its jobs is lost.
+            if out.dest == "monitor" and e.errno == zmq.EHOSTUNREACH:
+                self.state.unreachable(out.to)  # disconnected: it may register again
+                return
             log.warning("could not send %s to a %s: %s", out.msg.type, out.dest, e.strerror)
             if out.dest == "monitor":
                 self.state.lose_monitor(time.monotonic(), out.to, f"unreachable ({e.strerror})")

@@ -61,10 +61,15 @@ class MonitorEntry:
     last_seen: float
     inflight: set[str] = field(default_factory=set)
     stopping: bool = False
+    #: False once its connection is gone: it gets no jobs, and is lost after the
+    #: liveness window unless it registers again (from a new connection)
+    reachable: bool = True
 
     @property
     def credit(self) -> int:
-        return 0 if self.stopping else max(0, self.slots - len(self.inflight))
+        if self.stopping or not self.reachable:
+            return 0
+        return max(0, self.slots - len(self.inflight))
 
     def ref(self) -> WorkerRef:
         return WorkerRef(self.monitor_id, self.host, self.key, self.anonymous)
@@ -91,6 +96,7 @@ class BrokerState:
         self.orphans: dict[str, str | None] = dict(store.processing())
         self.orphan_deadline = now + grace
         self.last_heartbeat = now
+        self.last_tick = now
         self.last_prune = 0.0
         self.rotation = 0
 
@@ -331,6 +337,16 @@ class BrokerState:
         if new is not None:
             self._announce_ids([jid])
 
+    def unreachable(self, rid: bytes) -> None:
+        """A monitor's connection is gone. It often comes back at once (a reconnect,
+        a broker that was stalled), registering with the jobs it still runs, so wait
+        for that, or for the liveness window, before re-queueing its jobs."""
+        entry = self.monitors.get(rid)
+        if entry is not None and entry.reachable:
+            entry.reachable = False
+            log.info("monitor %s on %s disconnected; waiting for it to register again",
+                     entry.monitor_id, entry.host)
+
     def lose_monitor(self, now: float, rid: bytes, reason: str) -> None:
         """Forget a monitor and put its jobs back in the queue, counting a failure."""
         entry = self.monitors.pop(rid, None)
@@ -347,13 +363,22 @@ class BrokerState:
     def tick(self, now: float) -> None:
         """Liveness checks, heartbeats, orphan re-queueing and pruning."""
         window = self.config.heartbeat * self.config.liveness
+        if now - self.last_tick > window:
+            # The broker itself was stalled (stopped, swapped out): the silence was
+            # ours, not the monitors'. Give each a fresh window to be heard from.
+            log.warning("the broker did not run for %.1f s; not counting that against "
+                        "monitors", now - self.last_tick)
+            for m in self.monitors.values():
+                m.last_seen = max(m.last_seen, now)
+        self.last_tick = now
         for rid, m in list(self.monitors.items()):
             if now - m.last_seen > window:
                 self.lose_monitor(now, rid, f"no heartbeat for {now - m.last_seen:.1f} s")
         if now - self.last_heartbeat >= self.config.heartbeat:
             self.last_heartbeat = now
             for m in self.monitors.values():
-                self._send("monitor", m.rid, make(M.HEARTBEAT))
+                if m.reachable:
+                    self._send("monitor", m.rid, make(M.HEARTBEAT))
         if self.orphans and now >= self.orphan_deadline:
             for jid in list(self.orphans):
                 self._requeue(jid, False, "its monitor did not come back after a broker restart",

@@ -82,7 +82,8 @@ def test_hung_monitor_is_lost_and_its_stale_copy_cancelled_when_it_wakes(
     procs.wait_workers(D, 1)
     marker = tmp_path / "runs"
     j = D(_first_run_hangs(marker))
-    wait_for(lambda: _processing(j) and marker.exists(), 30, "the job running on monitor A")
+    wait_for(lambda: _processing(j) and marker.exists() and marker.read_text().endswith("\n"),
+             30, "the job running on monitor A")
     stale_slot = int(marker.read_text().split()[0])
     procs.worker(1, **STEADY)
     os.kill(a.pid, signal.SIGSTOP)
@@ -142,6 +143,29 @@ def test_broker_kill9_and_restart_loses_nothing(procs: Procs, tmp_path: Path) ->
     assert [j.result for j in queued] == [0, 10, 20]
     assert late.result == "submitted while the broker was down"
     assert len(D.get_my_jobs("completed")) == 6
+
+
+def test_hung_broker_resumes_and_nothing_is_lost(procs: Procs, tmp_path: Path) -> None:
+    """The broker stops answering (SIGSTOP) long enough for its monitor to give up on
+    the connection, then wakes: the running job is kept, the queued one runs."""
+    broker = procs.broker()
+    monitor = procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    gate = tmp_path / "gate"
+    running = D(_gated(gate, "'kept'"))
+    queued = D("'next'")
+    wait_for(lambda: _processing(running) and len(D.get_my_jobs()) == 2, 30, "jobs stored")
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "no word from the broker" in monitor.log.read_text(), 30,
+                 "the monitor noticing the silent broker")
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    gate.touch()
+    assert running.wait(60).result == "kept"
+    assert queued.wait(60).result == "next"
+    assert running.failures == 0
 
 
 def test_broker_sigterm_commits_and_exits(procs: Procs, tmp_path: Path) -> None:
@@ -270,8 +294,8 @@ def test_memory_limit_fails_with_memory_error(cluster: dsage.DSage) -> None:
     assert "MemoryError" in j.output
     assert "MemoryError" in (j.error or "")
     # the limit is per job: the same slots can use more memory afterwards
-    big = [cluster("len(b'x' * (300 * 10**6))") for _ in range(2)]
-    assert [b.wait(60).result for b in big] == [300 * 10**6] * 2
+    big = [cluster("len(b'x' * (250 * 10**6))") for _ in range(2)]
+    assert [b.wait(60).result for b in big] == [250 * 10**6] * 2
 
 
 @pytest.mark.parametrize("code, says", [
@@ -306,7 +330,7 @@ def test_memory_growth_recycles_the_slot(procs: Procs) -> None:
     procs.wait_workers(D, 1)
     small = [_slot_pid_job(D) for _ in range(2)]
     assert small[0] == small[1]  # no growth, no recycling
-    grown = D("import os, sys\nsys.dsage_keep = b'x' * (300 * 10**6)\nos.getpid()").wait(60)
+    grown = D("import os, sys\nsys.dsage_keep = b'x' * (100 * 10**6)\nos.getpid()").wait(60)
     assert grown.result == small[1]
     assert _slot_pid_job(D) != grown.result
 
@@ -446,13 +470,14 @@ class _World:
         return [o.msg for o in outs if rid is None or o.to == rid]
 
     def lose(self, rid: bytes) -> None:
-        """Let the liveness window pass with only the other monitors heard from."""
-        self.now += 10
-        for other in self.state.monitors:
-            if other != rid:
-                self.state.monitors[other].last_seen = self.now
-        self.state.tick(self.now)
-        self.flush()
+        """Let the liveness window pass, ticking, with only the other monitors heard from."""
+        for _ in range(20):
+            self.now += 0.5
+            for other in self.state.monitors:
+                if other != rid:
+                    self.state.monitors[other].last_seen = self.now
+            self.state.tick(self.now)
+            self.flush()
 
     def record(self, job_id: str) -> tuple[dict[str, object], list[bytes]]:
         return self.store.records([job_id])[job_id]
