@@ -173,6 +173,18 @@ def targets(results: dict[str, dict[str, Any]],
     return out
 
 
+def git_revision() -> str | None:
+    """The repository's commit (with ``+dirty`` when dsage/ has local changes), if known."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(),
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dsage"], cwd=repo_root(),
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -190,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                  tiny_jobs=args.tiny_jobs or (1000 if quick else 5000),
                  cpu_rounds=1 if quick else 2,
                  cpu_iterations=calibrate(cpu_seconds))
-    print(f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+    revision = git_revision()
+    print(f"dsage at {revision or '?'}; {platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.2f}; CPU task = spin({cfg.cpu_iterations:,}) "
           f"~{cpu_seconds:g} s", file=sys.stderr)
     t_all = time.perf_counter()
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {total:.0f} s; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
-               "cpus": os.cpu_count(), "python": platform.python_version(),
+               "cpus": os.cpu_count(), "revision": revision, "python": platform.python_version(),
                "config": dataclasses.asdict(cfg), "cpu_task_seconds": cpu_seconds,
                "results": results, "million": million,
                "targets": [{"target": n, "measured": m, "met": ok}
