@@ -363,13 +363,14 @@ class BrokerState:
     def tick(self, now: float) -> None:
         """Liveness checks, heartbeats, orphan re-queueing and pruning."""
         window = self.config.heartbeat * self.config.liveness
-        if now - self.last_tick > window:
-            # The broker itself was stalled (stopped, swapped out): the silence was
-            # ours, not the monitors'. Give each a fresh window to be heard from.
+        stalled = now - self.last_tick - 2 * self.config.heartbeat
+        if stalled > 0:
+            # The broker itself did not run (stopped, swapped out): that silence was
+            # its own, not the monitors'. It does not count against them.
             log.warning("the broker did not run for %.1f s; not counting that against "
                         "monitors", now - self.last_tick)
             for m in self.monitors.values():
-                m.last_seen = max(m.last_seen, now)
+                m.last_seen = min(now, m.last_seen + stalled)
         self.last_tick = now
         for rid, m in list(self.monitors.items()):
             if now - m.last_seen > window:
