@@ -235,10 +235,11 @@ class BrokerState:
         elif msg.type is M.STOPPING:
             entry.stopping = True
         elif msg.type is M.RELEASE:
-            for jid in msg.header["ids"]:
+            h = msg.header
+            for jid in h["ids"]:
                 if jid in entry.inflight:
                     entry.inflight.discard(jid)
-                    self._requeue(jid, False, "released by a stopping monitor", now)
+                    self._requeue(jid, h["count_failure"], h["reason"], now)
 
     def _register(self, now: float, rid: bytes, key: str, anonymous: bool,
                   h: dict[str, Any]) -> None:

@@ -297,10 +297,24 @@ class Monitor:
                      reply["rss"] >> 20)
             self._respawn(slot)
 
+    def _release(self, ids: list[str], reason: str, count_failure: bool = False) -> None:
+        """Give jobs back to the broker's queue (counting a failure: as if their
+        worker had been lost)."""
+        self._send(make(M.RELEASE, ids=ids, reason=reason, count_failure=count_failure))
+
     def _slot_died(self, slot: Slot) -> None:
         job = slot.job
         rc = slot.proc.wait()
-        if job is not None:
+        if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
+            # Killed from outside (the OOM killer, an admin): the worker was lost,
+            # not the job's fault. It goes back to the queue; the failure limit
+            # stops a job that keeps doing this.
+            log.warning("slot %d was killed from outside while running job %s; giving it back",
+                        slot.index, job["id"])
+            self._release([job["id"]], f"its slot process on {self.host} was killed (SIGKILL)",
+                          count_failure=True)
+            shutil.rmtree(self.tmpdir / job["id"], ignore_errors=True)
+        elif job is not None:
             status, error = self._death_outcome(slot, rc)
             output = b""
             try:
@@ -427,7 +441,7 @@ class Monitor:
         self.stop_deadline = time.monotonic() + self.options.grace
         self._send(make(M.STOPPING))
         if self.pending:
-            self._send(make(M.RELEASE, ids=[spec["id"] for spec, _ in self.pending]))
+            self._release([spec["id"] for spec, _ in self.pending], "released by a stopping monitor")
             self.pending.clear()
         try:
             self._wake_w.send(b"x")
@@ -460,7 +474,7 @@ class Monitor:
                     s.kill_reason = "released"
                     s.job = None
                     s.kill()
-            self._send(make(M.RELEASE, ids=left))
+            self._release(left, "released by a stopping monitor")
         end = time.monotonic() + min(2.0, self.options.grace)
         while self.unacked and time.monotonic() < end:
             if self.outgoing:

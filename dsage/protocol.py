@@ -351,7 +351,7 @@ SCHEMAS: dict[M, Schema] = {
     M.HEARTBEAT: Schema({}),
     M.RESULT: Schema({}, "results", RESULT_SPEC, 2),
     M.STOPPING: Schema({}),
-    M.RELEASE: Schema({"ids": _ids}),
+    M.RELEASE: Schema({"ids": _ids, "reason": _short_str, "count_failure": _bool}),
     M.REGISTERED: Schema({"heartbeat": _pos_float, "liveness": _pos_int, "cancel": _ids}),
     M.RUN: Schema({}, "jobs", RUN_SPEC, 1),
     M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),

@@ -311,6 +311,33 @@ def test_crashing_job_fails_saying_so_and_the_slot_returns(
     assert [cluster(f"{i} + 1").wait(60).result for i in range(3)] == [1, 2, 3]
 
 
+def test_slot_killed_from_outside_requeues_its_job(procs: Procs, tmp_path: Path) -> None:
+    """An outside SIGKILL of a slot (the OOM killer, say) is a lost worker, not the
+    job's failure: the job runs again and completes, with one failure counted."""
+    procs.broker(**STEADY)
+    procs.worker(1, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    marker = tmp_path / "runs"
+    j = D(_first_run_hangs(marker))
+    wait_for(lambda: marker.exists(), 60, "the first run to start")
+    os.kill(int(marker.read_text().split()[0]), signal.SIGKILL)
+    assert j.wait(60).result == 42
+    assert j.failures == 1
+    assert len(marker.read_text().split()) == 2
+
+
+def test_job_that_keeps_killing_its_slot_hits_the_failure_limit(procs: Procs) -> None:
+    procs.broker(failure_limit=2, **STEADY)
+    procs.worker(1, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    j = D("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)").wait(60)
+    assert j.status == "failed"
+    assert "killed (SIGKILL)" in (j.error or "") and "2 times" in (j.error or "")
+    assert D("1 + 1").wait(60).result == 2
+
+
 # --- slot hygiene
 
 

@@ -1,11 +1,8 @@
 """Soak: thousands of tiny jobs while slots and whole monitors are killed at random.
 
-A monitor killed with SIGKILL (its whole process group) loses nothing: its jobs
-are re-queued and run elsewhere. A slot killed from outside ends the one job it
-was running as ``failed`` ("died of SIGKILL"), exactly as if the job had crashed
-its process (the monitor cannot tell the two apart, and a crashing job must not
-be retried forever); such jobs are counted and submitted again, as a user would.
-At the end every job has exactly one final state and the right result.
+A monitor killed with SIGKILL (its whole process group) or a slot killed from
+outside loses nothing: the jobs they ran are re-queued and run elsewhere. At
+the end every job is completed exactly once with the right result.
 """
 
 from __future__ import annotations
@@ -84,18 +81,13 @@ def test_soak_random_kills_lose_nothing(procs: Procs) -> None:
     deadline = time.monotonic() + 80
     for j in jobs.values():
         j.wait(max(1.0, deadline - time.monotonic()))
-    crashed = {i for i, j in jobs.items() if j.status == "failed" and "SIGKILL" in (j.error or "")}
-    assert len(crashed) <= slot_kills
     for i, j in jobs.items():
-        if i not in crashed:
-            assert j.status == "completed", (i, j.status, j.error)
-            assert j.result == i * i
-    again = {i: D(f"{i} * {i}") for i in crashed}
-    assert all(j.wait(30).result == i * i for i, j in again.items())
+        assert j.status == "completed", (i, j.status, j.error)
+        assert j.result == i * i
     stored = D.get_my_jobs()
-    assert len(stored) == JOBS + len(crashed)
-    assert len({w.job_id for w in stored}) == len(stored)
+    assert len(stored) == JOBS
+    assert len({w.job_id for w in stored}) == JOBS
+    assert all(w.status == "completed" for w in stored)
     assert monitor_kills == ROUNDS // 2
     print(f"soak: {JOBS} jobs, {monitor_kills} monitors and {slot_kills} slots killed, "
-          f"{len(crashed)} jobs failed with their slot, "
           f"{sum(j.failures > 0 for j in jobs.values())} re-queued")
