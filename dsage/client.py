@@ -167,6 +167,10 @@ class _IO(threading.Thread):
         self.last_seq = 0
         self.last_news = time.monotonic()
         self.last_ping = 0.0
+        #: request ids of the resync queries in flight
+        self.resync_reqs: set[int] = set()
+        self.resync_sent = 0.0
+        self.resync_wanted = False
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ready = threading.Event()
@@ -353,12 +357,27 @@ class _IO(threading.Thread):
         self._send(make(M.HELLO, req=req, client=f"dsage {os.getpid()}", version=__version__))
         # Unacknowledged jobs go after the welcome, which says the broker's size limit.
 
-    def _resync(self) -> None:
-        """Ask the broker for the state of every unfinished job."""
-        self.last_news = time.monotonic()
-        open_ids = list(self.open)
+    def _resync(self, force: bool = False) -> None:
+        """Ask the broker for the state of every unfinished, acknowledged job.
+
+        At most one such query is in flight: asked again meanwhile, the next is
+        sent when it is answered (or ``force``, after a reconnection, or when the
+        answer is long overdue), so a busy broker is never flooded with them.
+        """
+        now = time.monotonic()
+        self.last_news = now
+        if self.resync_reqs and not force and now - self.resync_sent < 10 * self.heartbeat:
+            self.resync_wanted = True
+            return
+        self.resync_reqs.clear()
+        self.resync_wanted = False
+        self.resync_sent = now
+        open_ids = [jid for jid in self.open if jid not in self.unacked]
         for i in range(0, len(open_ids), MAX_BATCH):
-            self._send(make(M.QUERY, req=0, ids=open_ids[i:i + MAX_BATCH]))
+            req = self.next_req
+            self.next_req += 1
+            self.resync_reqs.add(req)
+            self._send(make(M.QUERY, req=req, ids=open_ids[i:i + MAX_BATCH]))
 
     def _timers(self) -> None:
         now = time.monotonic()
@@ -381,7 +400,7 @@ class _IO(threading.Thread):
             self.conn.epoch = h["epoch"]
             self.conn.max_message_size = h["max_message_size"]
             self._submit(list(self.unacked.values()))
-            self._resync()
+            self._resync(force=True)
             self.conn.welcomed.set()
         elif msg.type is M.ACK:
             for jid in h["ids"]:
@@ -391,6 +410,10 @@ class _IO(threading.Thread):
                 self._refuse(err["id"], err["code"], f"refused by the broker: {err['message']}")
         elif msg.type is M.JOBS:
             self._apply(h["jobs"], msg.blobs)
+            if h["req"] in self.resync_reqs:
+                self.resync_reqs.discard(h["req"])
+                if not self.resync_reqs and self.resync_wanted:
+                    self._resync()
         if msg.type is M.PONG:
             return
         req = h.get("req")

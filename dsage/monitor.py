@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
 from .seal import Sealer
+from .slot import remove_folder
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REPLIES, M, Message, ProtocolError, Status, decode, encode,
     make,
@@ -313,7 +313,7 @@ class Monitor:
                         slot.index, job["id"])
             self._release([job["id"]], f"its slot process on {self.host} was killed (SIGKILL)",
                           count_failure=True)
-            shutil.rmtree(self.tmpdir / job["id"], ignore_errors=True)
+            remove_folder(str(self.tmpdir / job["id"]))
         elif job is not None:
             status, error = self._death_outcome(slot, rc)
             output = b""
@@ -323,6 +323,7 @@ class Monitor:
                 pass
             if error:
                 output += f"\n[dsage] {error}\n".encode()
+            remove_folder(str(self.tmpdir / job["id"]))  # the slot could not
             self._finish(job, {"status": status.value, "error": error, "encoding": "none",
                                "result_from": "none", "sealed": False, "started": slot.started,
                                "finished": time.time()}, b"", output)
@@ -363,7 +364,6 @@ class Monitor:
         output = self.sealer.seal(job["owner"], output)
         self.unacked[job["id"]] = (item, result, output)
         self.outgoing.append(job["id"])
-        shutil.rmtree(self.tmpdir / job["id"], ignore_errors=True)
 
     def _fit(self, item: dict[str, Any], result: bytes, output: bytes) -> tuple[bytes, bytes]:
         """Keep each blob within the message size limit (less the sealing overhead):

@@ -17,6 +17,7 @@ import builtins
 import ctypes
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -117,7 +118,10 @@ def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
 def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str) -> dict[str, Any]:
     """Run one job in its own folder; return the result dict for the monitor."""
     job_dir = os.path.join(tmpdir, spec["id"])
-    os.makedirs(job_dir, exist_ok=True)
+    try:
+        os.mkdir(job_dir, 0o700)
+    except FileExistsError:
+        pass
     os.chdir(job_dir)
     capture.reset()
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
@@ -178,6 +182,17 @@ def main(argv: list[str]) -> int:
         except (EOFError, OSError):
             return 0
         conn.send(run_job(spec, payload, capture, tmpdir))
+        remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
+
+
+def remove_folder(path: str) -> None:
+    """Remove a job's folder: one rmdir when the job left it empty, as most do."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -128,11 +128,16 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
         self.db.execute("BEGIN")
+        self._committed_changes = self.db.total_changes
 
     def commit(self) -> None:
-        """Make everything since the last commit durable, and start the next transaction."""
+        """Make everything since the last commit durable, and start the next
+        transaction (nothing to do when nothing changed)."""
+        if self.db.total_changes == self._committed_changes:
+            return
         self.db.execute("COMMIT")
         self.db.execute("BEGIN")
+        self._committed_changes = self.db.total_changes
 
     def close(self) -> None:
         try:
