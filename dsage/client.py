@@ -16,7 +16,6 @@ import re
 import socket
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -581,7 +580,7 @@ class DSage:
             raise DSageError("this DSage connection is closed")
         _check_options(timeout, priority, name)
         tags = _check_tags(requires)
-        spec = {"id": uuid.uuid4().hex, "name": name, "kind": kind,
+        spec = {"id": os.urandom(16).hex(), "name": name, "kind": kind,
                 "timeout": None if timeout is None else float(timeout), "priority": priority,
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": tags}
