@@ -176,6 +176,18 @@ def _keys(a: argparse.Namespace) -> int:
     return 0
 
 
+def _protect_keys(args: list[str]) -> list[str]:
+    """A z85 key may start with '-': after ``keys add``, end option parsing before the
+    positionals so such a key is not taken for an option."""
+    if "keys" in args and "add" in args[args.index("keys"):]:
+        i = args.index("add", args.index("keys"))
+        rest = args[i + 1:]
+        if "--" not in rest and any(keys_mod.looks_like_key(r) and r.startswith("-")
+                                    for r in rest):
+            return [*args[:i + 1], "--", *rest]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="dsage", description="Distributed computing from a script or a session: "
@@ -206,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("broker", "worker"):
         run: Callable[..., int] = broker_main if args[0] == "broker" else worker_main
         return run(args[1:], prog=f"dsage {args[0]}")
-    a = p.parse_args(args)
+    a = p.parse_args(_protect_keys(args))
     if not getattr(a, "func", None):
         p.print_help()
         return 0

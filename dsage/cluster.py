@@ -87,11 +87,11 @@ def _as_args(options: dict[str, Any], allowed: set[str], what: str) -> list[str]
         if value is True:
             args.append(flag)
         elif isinstance(value, (list, tuple)):
-            args += [flag, ",".join(map(str, value))]
-        elif isinstance(value, bytes):
-            args += [flag, value.decode()]
+            args.append(f"{flag}={','.join(map(str, value))}")
+        elif isinstance(value, bytes):  # a z85 key may start with '-': keep it glued
+            args.append(f"{flag}={value.decode()}")
         else:
-            args += [flag, str(value)]
+            args.append(f"{flag}={value}")
     return args
 
 

@@ -150,6 +150,11 @@ def _read_certificate(path: Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
+def looks_like_key(text: str) -> bool:
+    """Whether ``text`` is 40 z85 characters (a key given on a command line)."""
+    return bool(_Z85_KEY.match(text.encode(errors="replace")))
+
+
 def parse_public_key(value: str | bytes | os.PathLike[str]) -> bytes:
     """A z85 public key given as the key itself or as a certificate file's path."""
     raw = os.fsencode(value) if isinstance(value, os.PathLike) else value

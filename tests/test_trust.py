@@ -182,6 +182,27 @@ def test_sealed_blobs_open_only_for_their_owner() -> None:
 # --- keys on the command line
 
 
+def _key_starting_with_dash() -> bytes:
+    """A real public key whose z85 form starts with '-' (as about one in 85 do)."""
+    while True:
+        public = zmq.curve_keypair()[0]
+        if public.startswith(b"-"):
+            return public
+
+
+def test_keys_that_start_with_a_dash_pass_every_command_line(tmp_path: Path) -> None:
+    home = other_home(tmp_path, "h")
+    key = _key_starting_with_dash()
+    r = cli("keys", "--home", str(home), "add", "dash", key.decode())
+    assert r.returncode == 0, r.stderr
+    assert keys.authorized_keys(home)["dash"] == key
+    from dsage.cli import worker_parser
+    from dsage.cluster import MONITOR_FIELDS, _as_args
+
+    args = worker_parser().parse_args(_as_args({"server_key": key}, MONITOR_FIELDS, "worker"))
+    assert args.server_key == key.decode()
+
+
 def test_keys_command_shows_adds_lists_and_removes(tmp_path: Path) -> None:
     home = other_home(tmp_path, "h")
     alice = other_home(tmp_path, "alice")
