@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 _UNSET: Any = object()
 
 
+#: how much of a failed job's output its JobError message shows (the end)
+MESSAGE_TAIL = 4000
+
+
 class JobError(Exception):
     """A job failed or was killed; ``output`` holds what it printed, with the traceback."""
 
@@ -24,7 +28,10 @@ class JobError(Exception):
         self.error = job.error
         self.output = job.output
         detail = f"job {job.job_id[:8]}{f' ({job.name})' if job.name else ''} {job.status}"
-        super().__init__(f"{detail}: {job.error}" + (f"\n{self.output}" if self.output else ""))
+        tail = self.output[-MESSAGE_TAIL:]
+        if len(self.output) > MESSAGE_TAIL:
+            tail = "[... the start is in .output ...]\n" + tail
+        super().__init__(f"{detail}: {job.error}" + (f"\n{tail}" if tail else ""))
 
 
 class UntrustedResultError(Exception):

@@ -286,3 +286,12 @@ def test_sage_job_without_sage_says_how_to_get_it(cluster: dsage.DSage) -> None:
         return
     j = cluster("2^10", kind="sage").wait(60)
     assert j.status == "failed" and "Sage extra" in j.output
+
+
+def test_job_error_message_shows_the_end_of_a_long_output(cluster: dsage.DSage) -> None:
+    j = cluster("print('x' * 100_000)\nraise ValueError('the end')").wait(60)
+    with pytest.raises(dsage.JobError) as e:
+        j.result
+    message = str(e.value)
+    assert "ValueError: the end" in message and len(message) < 5000
+    assert len(e.value.output) > 100_000
