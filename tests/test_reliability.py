@@ -49,6 +49,17 @@ def _processing(j: dsage.JobWrapper) -> bool:
     return j.status == "processing" and j.worker is not None
 
 
+def _one_running_one_queued(procs: Procs, gate: Path, running: str, queued: str
+                            ) -> tuple[dsage.DSage, dsage.JobWrapper, dsage.JobWrapper]:
+    """A client of a one-slot cluster with a job running until ``gate`` exists and
+    another queued behind it, both stored."""
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    first, second = D(_gated(gate, running)), D(queued)
+    wait_for(lambda: _processing(first) and len(D.get_my_jobs()) == 2, 30, "jobs stored")
+    return D, first, second
+
+
 # --- lost monitors
 
 
@@ -150,12 +161,8 @@ def test_hung_broker_resumes_and_nothing_is_lost(procs: Procs, tmp_path: Path) -
     the connection, then wakes: the running job is kept, the queued one runs."""
     broker = procs.broker()
     monitor = procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D, running, queued = _one_running_one_queued(procs, tmp_path / "gate", "'kept'", "'next'")
     gate = tmp_path / "gate"
-    running = D(_gated(gate, "'kept'"))
-    queued = D("'next'")
-    wait_for(lambda: _processing(running) and len(D.get_my_jobs()) == 2, 30, "jobs stored")
     os.kill(broker.pid, signal.SIGSTOP)
     try:
         wait_for(lambda: "no word from the broker" in monitor.log.read_text(), 30,
@@ -171,12 +178,8 @@ def test_hung_broker_resumes_and_nothing_is_lost(procs: Procs, tmp_path: Path) -
 def test_broker_sigterm_commits_and_exits(procs: Procs, tmp_path: Path) -> None:
     broker = procs.broker(**STEADY)
     procs.worker(1, **STEADY)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D, running, queued = _one_running_one_queued(procs, tmp_path / "gate", "1", "2")
     gate = tmp_path / "gate"
-    running = D(_gated(gate, "1"))
-    queued = D("2")
-    wait_for(lambda: _processing(running) and len(D.get_my_jobs()) == 2, 30, "jobs stored")
     os.kill(broker.pid, signal.SIGTERM)
     assert broker.proc.wait(15) == 0
     procs.broker(**STEADY)
