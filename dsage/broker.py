@@ -80,7 +80,7 @@ class Broker:
             heartbeat=options.heartbeat, liveness=options.liveness,
             failure_limit=options.failure_limit, max_message_size=options.max_message_size,
             max_queued_per_client=options.max_queued_per_client,
-            retention=options.retention_days * 86400.0)
+            retention=options.retention_days * 86400.0, allow_anonymous=options.allow_anonymous)
         self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_trusted)
         self.poller = zmq.Poller()
         for s in (self.clients, self.monitors, self.events):

@@ -42,6 +42,8 @@ class BrokerConfig:
     max_queued_per_client: int = 1_000_000
     max_message_size: int = 256 * 1024 * 1024
     retention: float = 7 * 24 * 3600.0
+    #: admit monitors whose key is not trusted, as anonymous workers
+    allow_anonymous: bool = False
     #: changes at every broker start, so clients notice a restart
     epoch: str = field(default_factory=lambda: f"{time.time():.6f}")
 
@@ -126,6 +128,9 @@ class BrokerState:
 
     def on_client(self, now: float, rid: bytes, key: str, msg: Message) -> None:
         h = msg.header
+        if not self.is_trusted(key):
+            self._unauthorized_client(rid, msg)
+            return
         if msg.type is M.HELLO:
             self._send("client", rid, make(
                 M.WELCOME, req=h["req"], version=__version__, key=key, epoch=self.config.epoch,
@@ -148,6 +153,17 @@ class BrokerState:
                  "key": m.key} for m in self.monitors.values()]))
         elif msg.type is M.PING:
             self._send("client", rid, make(M.PONG))
+
+    def _unauthorized_client(self, rid: bytes, msg: Message) -> None:
+        """A connection made with a key that has since been removed: refuse what it asks
+        (jobs one by one, so the client can fail them)."""
+        text = "this client's key is no longer authorized on this broker"
+        if msg.type is M.SUBMIT:
+            self._send("client", rid, make(M.ACK, req=msg.header["req"], ids=[], errors=[
+                {"id": s["id"], "code": "unauthorized", "message": text}
+                for s in msg.header["jobs"]]))
+        else:
+            self._send("client", rid, error("unauthorized", text, msg.header.get("req")))
 
     def _submit(self, now: float, rid: bytes, key: str, h: dict[str, Any],
                 payloads: list[bytes]) -> None:
@@ -223,6 +239,15 @@ class BrokerState:
         entry = self.monitors.get(rid)
         if entry is not None:
             entry.last_seen = now
+            if entry.anonymous != anonymous:
+                # Its key was removed from (or added to) the authorized keys while
+                # connected: it may no longer run what it was given.
+                self.lose_monitor(now, rid, "its key's trust changed")
+                entry = None
+        if anonymous and not self.config.allow_anonymous:
+            self._send("monitor", rid, error(
+                "unauthorized", "this monitor's key is no longer authorized on this broker"))
+            return
         if msg.type is M.REGISTER:
             self._register(now, rid, key, anonymous, msg.header)
             return

@@ -419,7 +419,8 @@ class _IO(threading.Thread):
         fut = self.requests.pop(req, None) if req else None
         if fut is not None and not fut.done():
             if msg.type is M.ERROR:
-                fut.set_exception(DSageError(f"broker error ({h['code']}): {h['message']}"))
+                kind = KeyRejected if h["code"] == "unauthorized" else DSageError
+                fut.set_exception(kind(f"broker error ({h['code']}): {h['message']}"))
             else:
                 fut.set_result(msg)
 

@@ -265,8 +265,24 @@ def test_key_add_and_remove_take_effect_on_a_running_broker(procs: Procs, home: 
     assert r.returncode == 0, r.stderr
     D = wait_for(connects, 10, "the broker to accept the added key")
     assert D.get_my_jobs() == []
+    monitor = dsage.worker("127.0.0.1", procs.port, 1, blocking=False, home=bob,
+                           heartbeat=HEARTBEAT, server_key=keys.load_keypair(home).public)
+    assert monitor is not None
+    procs.started.append(monitor)
+    wait_for(lambda: any(w.key == keys.load_keypair(bob).public.decode()
+                         for w in D.workers()), 30, "bob's monitor registered")
     assert cli("keys", "--home", str(home), "remove", "bob").returncode == 0
     wait_for(lambda: connects() is None, 10, "the broker to refuse the removed key")
+    # connections made before the removal lose their rights too
+    with pytest.raises(KeyRejected, match="no longer authorized"):
+        D.get_my_jobs()
+    refused = D("1").wait(10)
+    assert refused.status == "failed" and refused.refused == "unauthorized"
+    owner = dsage.DSage("127.0.0.1", procs.port, home=home, connect_timeout=30)
+    try:
+        wait_for(lambda: not owner.workers(), 10, "bob's monitor dropped")
+    finally:
+        owner.close()
 
 
 # --- strangers
