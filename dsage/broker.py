@@ -26,6 +26,7 @@ from .protocol import (
     CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REQUESTS, ProtocolError, decode, encode,
     error,
 )
+from .sockets import send_frames
 from .store import Store
 
 log = logging.getLogger("dsage.broker")
@@ -254,10 +255,10 @@ class Broker:
         frames = encode(out.msg)
         try:
             if out.dest == "event":
-                self.events.send_multipart([out.to, *frames], zmq.NOBLOCK, copy=False)
+                send_frames(self.events, [out.to, *frames])
             else:
                 sock = self.clients if out.dest == "client" else self.monitors
-                sock.send_multipart([out.to, *frames], zmq.NOBLOCK, copy=False)
+                send_frames(sock, [out.to, *frames])
         except zmq.ZMQError as e:
             # The peer is gone or not reading. Clients resync by query (events
             # carry sequence numbers); a monitor that cannot take its jobs is lost.

@@ -107,7 +107,7 @@ class BrokerState:
     def _send(self, dest: Dest, to: bytes, msg: Message) -> None:
         self.outbox.append(Out(dest, to, msg))
 
-    def _announce(self, owner: str, records: list[Record]) -> None:
+    def _announce(self, owner: str, *records: Record) -> None:
         self.events.setdefault(owner, []).extend(records)
 
     def _unqueue(self, owner: str, anonymous_ok: bool) -> None:
@@ -122,7 +122,7 @@ class BrokerState:
 
     def _announce_ids(self, ids: list[str]) -> None:
         for owner, rec in self.store.owned_records(ids):
-            self._announce(owner, [rec])
+            self._announce(owner, rec)
 
     # --- clients
 
@@ -169,39 +169,34 @@ class BrokerState:
                 payloads: list[bytes]) -> None:
         specs = h["jobs"]
         wall = time.time()  # stored times are wall-clock; ``now`` is only for liveness
-        existing = self.store.owner_of([s["id"] for s in specs])
+        cap = self.config.max_queued_per_client
         ids: list[str] = []
         errors: list[dict[str, str]] = []
         queued: list[Record] = []
         for spec, payload in zip(specs, payloads):
             jid = spec["id"]
-            if jid in existing:
-                if existing[jid] == key:
-                    ids.append(jid)  # a resend: already stored
-                else:
-                    errors.append({"id": jid, "code": "exists", "message": "job id in use"})
+            if self.queued_by_owner.get(key, 0) < cap and self.store.insert(
+                    key, spec, payload, wall):
+                self._enqueue(key, spec["anonymous_ok"])
+                ids.append(jid)
+                queued.append(_open_record(jid, spec["name"], spec["kind"], Status.NEW,
+                                           spec["priority"], wall, 0))
                 continue
-            if self.queued_by_owner.get(key, 0) >= self.config.max_queued_per_client:
+            owner = self.store.owner_of([jid]).get(jid)
+            if owner == key:
+                ids.append(jid)  # a resend: already stored
+            elif owner is not None:
+                errors.append({"id": jid, "code": "exists", "message": "job id in use"})
+            else:
                 errors.append({"id": jid, "code": "quota", "message":
-                               f"this client already has {self.config.max_queued_per_client} "
-                               f"queued jobs (the broker's --max-queued-per-client)"})
-                continue
-            self.store.insert(key, spec, payload, wall)
-            existing[jid] = key
-            self._enqueue(key, spec["anonymous_ok"])
-            ids.append(jid)
-            queued.append(({
-                "id": jid, "name": spec["name"], "kind": spec["kind"], "status": "new",
-                "priority": spec["priority"], "created": wall, "started": None,
-                "finished": None, "failures": 0, "error": None, "worker": None,
-                "encoding": "none", "result_from": "none", "sealed": False}, [b"", b""]))
+                               f"this client already has {cap} queued jobs "
+                               f"(the broker's --max-queued-per-client)"})
         self._send("client", rid, make(M.ACK, req=h["req"], ids=ids, errors=errors))
         if queued:
-            self._announce(key, queued)
+            self._announce(key, *queued)
 
     def _kill(self, now: float, key: str, ids: list[str]) -> None:
         owners = self.store.owner_of(ids)
-        killed: list[str] = []
         for jid in ids:
             if owners.get(jid) != key:
                 continue  # not this client's job: invisible to it
@@ -211,16 +206,15 @@ class BrokerState:
             flags = self.store.owner_and_flags(jid)
             outcome = Outcome(Status.KILLED, "killed by its owner", "none", "none", False,
                               None, time.time(), b"", b"")
-            if self.store.finish(jid, outcome):
-                killed.append(jid)
+            done = self.store.finish(jid, outcome)
+            if done:
+                self._announce(*done)
                 if state[0] is Status.NEW and flags is not None:
                     self._unqueue(key, flags[1])
                 else:
                     self._cancel_on_monitor(jid, state[1], "killed")
                 self.orphans.pop(jid, None)
                 self.lost_assignments.pop(jid, None)
-        if killed:
-            self._announce(key, list(self.store.records(killed).values()))
 
     def _cancel_on_monitor(self, job_id: str, monitor_id: str | None, reason: str) -> None:
         for m in self.monitors.values():
@@ -318,7 +312,6 @@ class BrokerState:
 
     def _results(self, now: float, entry: MonitorEntry, msg: Message) -> None:
         results = msg.header["results"]
-        finished: list[str] = []
         acked: list[str] = []
         for i, r in enumerate(results):
             jid = r["id"]
@@ -333,12 +326,11 @@ class BrokerState:
                               msg.blobs[2 * i], msg.blobs[2 * i + 1])
             if late:
                 self._take_back(jid, entry)
-            if self.store.finish(jid, outcome, entry.ref()):
-                finished.append(jid)
+            done = self.store.finish(jid, outcome, entry.ref())
+            if done:
+                self._announce(*done)
             self.lost_assignments.pop(jid, None)
             self.orphans.pop(jid, None)
-        if finished:
-            self._announce_ids(finished)
         self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=acked))
 
     def _take_back(self, jid: str, entry: MonitorEntry) -> None:
@@ -448,7 +440,9 @@ class BrokerState:
             if not jobs:
                 continue
             ids = [j.id for j in jobs]
-            self.store.start(ids, m.ref(), time.time())
+            wall = time.time()
+            worker = m.ref()
+            self.store.start(ids, worker, wall)
             m.inflight.update(ids)
             specs, blobs = [], []
             for j in jobs:
@@ -457,8 +451,10 @@ class BrokerState:
                               "memory": j.memory, "owner": j.owner,
                               "trusted": not m.anonymous})
                 blobs.append(j.payload)
+                self._announce(j.owner, _open_record(j.id, j.name, j.kind, Status.PROCESSING,
+                                                     j.priority, j.created, j.failures,
+                                                     wall, worker))
             self._send("monitor", m.rid, make(M.RUN, blobs, jobs=specs))
-            self._announce_ids(ids)
 
     def flush(self, now: float) -> list[Out]:
         """Dispatch, commit, and return everything to send (acks, jobs, events)."""
@@ -472,6 +468,19 @@ class BrokerState:
                 M.EVENT, records, seq=seq, epoch=self.config.epoch)))
         self.events = {}
         return out
+
+
+def _open_record(job_id: str, name: str | None, kind: str, status: Status, priority: int,
+                 created: float, failures: int, started: float | None = None,
+                 worker: WorkerRef | None = None) -> Record:
+    """The record of a job that is not final (nothing to carry but its state)."""
+    return ({"id": job_id, "name": name, "kind": kind, "status": status.value,
+             "priority": priority, "created": created, "started": started, "finished": None,
+             "failures": failures, "error": None,
+             "worker": None if worker is None else {"id": worker.id, "host": worker.host,
+                                                    "key": worker.key,
+                                                    "anonymous": worker.anonymous},
+             "encoding": "none", "result_from": "none", "sealed": False}, [b"", b""])
 
 
 def _records_message(type_: M, records: list[Record], **header: Any) -> Message:

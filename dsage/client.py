@@ -31,6 +31,7 @@ from . import keys as keys_mod
 from .auth import make_client
 from .job import JobWrapper, WorkerInfo
 from .seal import Opener
+from .sockets import send_frames
 from .protocol import (
     CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, MAX_BATCH, MAX_PRIORITY, Kind, M, Message,
     ProtocolError, Status, decode, encode, make,
@@ -263,7 +264,7 @@ class _IO(threading.Thread):
 
     def _send(self, msg: Message) -> None:
         try:
-            self.dealer.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+            send_frames(self.dealer, encode(msg))
         except zmq.Again:
             pass  # not connected yet: unacked submits and open requests are sent on connect
 

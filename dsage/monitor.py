@@ -30,6 +30,7 @@ from . import keys as keys_mod
 from .auth import make_client
 from .seal import Sealer
 from .slot import remove_folder
+from .sockets import send_frames
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REPLIES, M, Message, ProtocolError, Status, decode, encode,
     make,
@@ -155,7 +156,7 @@ class Monitor:
     def _send(self, msg: Message) -> bool:
         assert self.sock is not None
         try:
-            self.sock.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+            send_frames(self.sock, encode(msg))
         except zmq.Again:
             return False  # not connected: what matters is sent again after registering
         self.last_sent = time.monotonic()

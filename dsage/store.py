@@ -71,6 +71,9 @@ class RunnableJob:
     memory: int | None
     anonymous_ok: bool
     payload: bytes
+    priority: int
+    created: float
+    failures: int
 
 
 @dataclass(frozen=True)
@@ -156,14 +159,16 @@ class Store:
             out.update(self.db.execute(q, chunk).fetchall())
         return out
 
-    def insert(self, owner: str, spec: dict[str, Any], payload: bytes, now: float) -> None:
-        self.db.execute(
-            "INSERT INTO jobs (id, owner, name, kind, status, priority, anonymous_ok, timeout,"
-            " memory, requires, created, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+    def insert(self, owner: str, spec: dict[str, Any], payload: bytes, now: float) -> bool:
+        """Store a new job; False (and no change) if its id exists already."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO jobs (id, owner, name, kind, status, priority, anonymous_ok,"
+            " timeout, memory, requires, created, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (spec["id"], owner, spec["name"], spec["kind"], Status.NEW.value, spec["priority"],
              int(spec["anonymous_ok"]), spec["timeout"], spec["memory"],
              json.dumps(spec["requires"]), now, payload),
         )
+        return cur.rowcount == 1
 
     # --- dispatch
 
@@ -172,11 +177,12 @@ class Store:
         index = "queue_anon" if anonymous_only else "queue"
         extra = " AND anonymous_ok = 1" if anonymous_only else ""
         rows = self.db.execute(
-            f"SELECT id, owner, name, kind, timeout, memory, anonymous_ok, payload FROM jobs "
-            f"INDEXED BY {index} WHERE status = 'new'{extra} ORDER BY priority, seq LIMIT ?",
+            f"SELECT id, owner, name, kind, timeout, memory, anonymous_ok, payload, priority,"
+            f" created, failures FROM jobs INDEXED BY {index} WHERE status = 'new'{extra}"
+            f" ORDER BY priority, seq LIMIT ?",
             (limit,),
         ).fetchall()
-        return [RunnableJob(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows]
+        return [RunnableJob(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), *r[7:]) for r in rows]
 
     def start(self, ids: Sequence[str], worker: WorkerRef, now: float) -> None:
         self.db.executemany(
@@ -187,26 +193,28 @@ class Store:
 
     # --- results and state changes
 
-    def finish(self, job_id: str, outcome: Outcome, worker: WorkerRef | None = None) -> bool:
-        """Record a final state; False (and no change) if the job is already final.
+    def finish(self, job_id: str, outcome: Outcome,
+               worker: WorkerRef | None = None) -> tuple[str, Record] | None:
+        """Record a final state; return (owner, record), or None (and no change) if
+        the job is already final.
 
         ``worker`` is the monitor that delivered the outcome, recorded as the one
         that ran the job.
         """
-        if worker is not None:
-            self.db.execute(
-                "UPDATE jobs SET worker_id=?, worker_host=?, worker_key=?, worker_anonymous=?"
-                " WHERE id=? AND status IN ('new', 'processing')",
-                (worker.id, worker.host, worker.key, int(worker.anonymous), job_id))
-        cur = self.db.execute(
+        w = (None, None, None, None) if worker is None else (
+            worker.id, worker.host, worker.key, int(worker.anonymous))
+        row = self.db.execute(
             "UPDATE jobs SET status=?, error=?, encoding=?, result_from=?, sealed=?,"
-            " started=COALESCE(?, started), finished=?, result=?, output=?, payload=NULL"
-            " WHERE id=? AND status IN ('new', 'processing')",
+            " started=COALESCE(?, started), finished=?, result=?, output=?, payload=NULL,"
+            " worker_id=COALESCE(?, worker_id), worker_host=COALESCE(?, worker_host),"
+            " worker_key=COALESCE(?, worker_key),"
+            " worker_anonymous=COALESCE(?, worker_anonymous)"
+            f" WHERE id=? AND status IN ('new', 'processing') RETURNING {_RECORD_COLUMNS}",
             (outcome.status.value, outcome.error, outcome.encoding, outcome.result_from,
              int(outcome.sealed), outcome.started, outcome.finished, outcome.result,
-             outcome.output, job_id),
-        )
-        return cur.rowcount == 1
+             outcome.output, *w, job_id),
+        ).fetchone()
+        return None if row is None else _record(row)
 
     def requeue(self, job_id: str, count_failure: bool, failure_limit: int,
                 reason: str, now: float) -> Status | None:
