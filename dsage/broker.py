@@ -194,7 +194,7 @@ class Broker:
                 frames = self.clients.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            rid, body = frames[0].bytes, frames[1:]
+            rid, body = frames[0].bytes, [f.bytes for f in frames[1:]]
             key = _user_id(frames)
             try:
                 msg = decode(body, CLIENT_REQUESTS)
@@ -210,7 +210,7 @@ class Broker:
                 frames = self.monitors.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            rid, body = frames[0].bytes, frames[1:]
+            rid, body = frames[0].bytes, [f.bytes for f in frames[1:]]
             key = _user_id(frames)
             try:
                 msg = decode(body, MONITOR_REQUESTS)
@@ -236,10 +236,7 @@ class Broker:
                 # could drop another subscriber's topic.
                 continue
             topic = data[1:]
-            try:
-                key = frame.get("User-Id") or ""
-            except zmq.ZMQError:
-                key = ""
+            key = _user_id([frame])
             if self.state.on_subscribe(key, topic):
                 self.events.setsockopt(zmq.SUBSCRIBE, topic)
             else:
@@ -289,7 +286,7 @@ class Broker:
 def _user_id(frames: list[zmq.Frame]) -> str:
     """The authenticated z85 key of a message's sender (set by ZAP)."""
     try:
-        return frames[-1].get("User-Id") or ""
+        return str(frames[-1].get("User-Id") or "")
     except zmq.ZMQError:
         return ""
 

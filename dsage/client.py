@@ -582,11 +582,12 @@ class DSage:
             raise DSageError("this DSage connection is closed")
         _check_options(timeout, priority, name)
         tags = _check_tags(requires)
-        spec = {"id": os.urandom(16).hex(), "name": name, "kind": kind,
+        job_id = os.urandom(16).hex()
+        spec = {"id": job_id, "name": name, "kind": kind,
                 "timeout": None if timeout is None else float(timeout), "priority": priority,
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": tags}
-        wrapper = JobWrapper(self, spec["id"], name, kind, priority)
+        wrapper = JobWrapper(self, job_id, name, kind, priority)
         self._io.command("submit", spec, payload, wrapper)
         return wrapper
 

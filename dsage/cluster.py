@@ -233,7 +233,7 @@ def start_all(workers: int = 2, port: int = 8081, home: str | os.PathLike[str] |
             cluster.check()
             if time.monotonic() > deadline:
                 raise StartError(f"the broker did not answer within {timeout:g} s; "
-                                 f"see {cluster.broker.log}")
+                                 f"see the logs in {root / 'logs'}")
         while sum(w.slots for w in d.workers()) < workers:
             cluster.check()
             if time.monotonic() > deadline:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+import zmq.auth
 
 SECRET_NAME = "dsage_key"
 PUBLIC_NAME = "dsage_key.pub"

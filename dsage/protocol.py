@@ -21,7 +21,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,7 +226,7 @@ def _list_of(check: Validator, limit: int = MAX_BATCH) -> Validator:
     return lst
 
 
-def _obj(fields: dict[str, Validator]) -> Validator:
+def _obj(fields: Mapping[str, Validator]) -> Validator:
     def check(v: Any) -> dict[str, Any]:
         if not isinstance(v, dict):
             raise ValueError("not an object")

@@ -58,7 +58,8 @@ def run_code(code: str, filename: str, kind: str) -> tuple[Any, ResultFrom]:
     tree = ast.parse(code, filename)
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+        last = ast.Expression(tree.body[-1].value)
+        tree.body.pop()
     exec(compile(tree, filename, "exec"), namespace)
     value = eval(compile(last, filename, "eval"), namespace) if last is not None else None
     if "DSAGE_RESULT" in namespace:
