@@ -152,7 +152,10 @@ class BrokerState:
                  "busy": len(m.inflight), "anonymous": m.anonymous, "tags": m.tags,
                  "key": m.key} for m in self.monitors.values()]))
         elif msg.type is M.PING:
-            self._send("client", rid, make(M.PONG))
+            # the last event sequence number of this key: a client that has not
+            # seen it (an event was dropped) asks for its jobs' state
+            self._send("client", rid, make(M.PONG, seq=self.event_seq.get(key, 0),
+                                           epoch=self.config.epoch))
 
     def _unauthorized_client(self, rid: bytes, msg: Message) -> None:
         """A connection made with a key that has since been removed: refuse what it asks

@@ -165,12 +165,12 @@ class _IO(threading.Thread):
         self.requests: dict[int, Future[Message]] = {}
         self.next_req = 1
         self.last_seq = 0
-        self.last_news = time.monotonic()
         self.last_ping = 0.0
         #: request ids of the resync queries in flight
         self.resync_reqs: set[int] = set()
-        self.resync_sent = 0.0
         self.resync_wanted = False
+        #: an event sequence number the broker sent that had not arrived yet
+        self.expected_seq: int | None = None
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ready = threading.Event()
@@ -293,8 +293,10 @@ class _IO(threading.Thread):
                     self.next_req += 1
                     self.requests[req] = fut
                     self._send(make(type_, req=req, **header))
-            elif cmd[0] == "resync":
-                self._resync()
+            elif cmd[0] == "query":
+                ids = [i for i in cmd[1] if i not in self.unacked]
+                if ids:
+                    self._send(make(M.QUERY, req=0, ids=ids))
             elif cmd[0] == "close":
                 self.running = False
         self._submit(submits)
@@ -360,18 +362,16 @@ class _IO(threading.Thread):
     def _resync(self, force: bool = False) -> None:
         """Ask the broker for the state of every unfinished, acknowledged job.
 
-        At most one such query is in flight: asked again meanwhile, the next is
-        sent when it is answered (or ``force``, after a reconnection, or when the
-        answer is long overdue), so a busy broker is never flooded with them.
+        Called after a (re)connection (``force``) and when an event was missed,
+        never on a timer. At most one such query is in flight: asked again
+        meanwhile, the next is sent when it is answered, so a busy broker is never
+        flooded with them.
         """
-        now = time.monotonic()
-        self.last_news = now
-        if self.resync_reqs and not force and now - self.resync_sent < 10 * self.heartbeat:
+        if self.resync_reqs and not force:
             self.resync_wanted = True
             return
         self.resync_reqs.clear()
         self.resync_wanted = False
-        self.resync_sent = now
         open_ids = [jid for jid in self.open if jid not in self.unacked]
         for i in range(0, len(open_ids), MAX_BATCH):
             req = self.next_req
@@ -379,13 +379,20 @@ class _IO(threading.Thread):
             self.resync_reqs.add(req)
             self._send(make(M.QUERY, req=req, ids=open_ids[i:i + MAX_BATCH]))
 
+    def _check_missed_events(self, broker_seq: int, epoch: str) -> None:
+        """The broker's PONG says the last event sequence number it sent us. One not
+        received by the next PONG was dropped (a PUB socket can drop): resync."""
+        if epoch != self.conn.epoch:
+            return  # a restart: the reconnection resyncs
+        if self.expected_seq is not None and self.last_seq < self.expected_seq:
+            self._resync()
+        self.expected_seq = broker_seq if broker_seq > self.last_seq else None
+
     def _timers(self) -> None:
         now = time.monotonic()
         if now - self.last_ping >= self.heartbeat:
             self.last_ping = now
             self._send(make(M.PING))
-        if self.open and now - self.last_news > 3 * self.heartbeat:
-            self._resync()
 
     # --- incoming
 
@@ -395,7 +402,6 @@ class _IO(threading.Thread):
         except ProtocolError:
             return
         h = msg.header
-        self.last_news = time.monotonic()
         if msg.type is M.WELCOME:
             self.conn.epoch = h["epoch"]
             self.conn.max_message_size = h["max_message_size"]
@@ -415,6 +421,7 @@ class _IO(threading.Thread):
                 if not self.resync_reqs and self.resync_wanted:
                     self._resync()
         if msg.type is M.PONG:
+            self._check_missed_events(h["seq"], h["epoch"])
             return
         req = h.get("req")
         fut = self.requests.pop(req, None) if req else None
@@ -447,7 +454,6 @@ class _IO(threading.Thread):
         except ProtocolError:
             return
         h = msg.header
-        self.last_news = time.monotonic()
         gap = h["epoch"] != self.conn.epoch or h["seq"] != self.last_seq + 1
         self.conn.epoch, self.last_seq = h["epoch"], h["seq"]
         self._apply(h["jobs"], msg.blobs)
@@ -638,8 +644,9 @@ class DSage:
         if reply.header["missing"]:
             raise UnknownJob(f"no job {job_id} belongs to this key")
 
-    def _resync(self) -> None:
-        self._io.command("resync")
+    def _query(self, job_id: str) -> None:
+        """Ask the broker for one job's state, in the background."""
+        self._io.command("query", [job_id])
 
     def _unseal(self, result: bytes, output: bytes,
                 worker: WorkerInfo | None) -> tuple[bytes, bytes]:

@@ -115,7 +115,7 @@ class JobWrapper:
             raise ValueError("timeout must be None or a number of seconds >= 0")
         if not self._done.wait(timeout):
             if self._client is not None:
-                self._client._resync()
+                self._client._query(self.job_id)  # the truth, should an event be lost
             raise TimeoutError(f"job {self.job_id} is still {self.status} after {timeout} s")
         return self
 

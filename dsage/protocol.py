@@ -342,7 +342,7 @@ SCHEMAS: dict[M, Schema] = {
     M.ACK: Schema({**_req, "ids": _ids, "errors": _list_of(_obj(ERROR_ITEM))}),
     M.JOBS: Schema({**_req, "missing": _ids}, "jobs", RECORD, 2),
     M.WORKER_LIST: Schema({**_req, "workers": _list_of(_obj(MONITOR_INFO))}),
-    M.PONG: Schema({}),
+    M.PONG: Schema({"seq": _nonneg_int, "epoch": _short_str}),
     M.ERROR: Schema({"req": _optional(_nonneg_int), "code": _short_str, "message": _str}),
     M.REGISTER: Schema(
         {"monitor": _short_str, "host": _short_str, "pid": _int, "slots": _pos_int,

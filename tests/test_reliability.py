@@ -4,6 +4,7 @@ crashes, slot recycling, graceful stops, and late results (issue 3)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dsage.brokerstate import BrokerConfig, BrokerState
 from dsage.protocol import MONITOR_REQUESTS, M, Message, Status, decode, encode, make
 from dsage.store import Outcome, Store
 
-from .conftest import HEARTBEAT, Procs, wait_for
+from .conftest import HEARTBEAT, Procs, skip_or_fail, wait_for
 
 #: a longer liveness window where a spurious "lost" on a busy machine would change
 #: the failure count a test asserts
@@ -212,6 +213,33 @@ def test_final_jobs_survive_a_broker_restart_with_wall_clock_times(procs: Procs)
 
 
 # --- clients
+
+
+def test_a_dropped_event_is_noticed_and_the_result_still_arrives(procs: Procs,
+                                                                  tmp_path: Path) -> None:
+    """The events connection alone is cut (``ss -K``) just before a job finishes, so
+    its result event is dropped while the client's request connection stays up.
+    The subscription comes back with a gap in the event sequence, and the client
+    asks for the state it missed. Waiting here is on the wrapper only (no wait()
+    timeouts, which would query by themselves)."""
+    if os.geteuid() != 0 or shutil.which("ss") is None:
+        skip_or_fail("cutting one TCP connection needs root and `ss` (iproute2)")
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    gate = tmp_path / "gate"
+    j = D(_gated(gate, "'arrived'"))
+    wait_for(lambda: _processing(j), 30, "the job running")
+    cut = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{procs.port + 2}"],
+                         capture_output=True, text=True, timeout=30)
+    assert cut.returncode == 0 and str(procs.port + 2) in cut.stdout, cut.stderr
+    gate.touch()
+    wait_for(j.done, 20, "the result despite the dropped event")
+    assert j.result == "arrived"
+
+
+# --- clients (disconnects)
 
 
 def test_results_wait_for_a_client_that_disconnected(procs: Procs, tmp_path: Path) -> None:
@@ -511,6 +539,17 @@ class _World:
 
     def record(self, job_id: str) -> tuple[dict[str, object], list[bytes]]:
         return self.store.records([job_id])[job_id]
+
+
+def test_pong_names_the_last_event_sent_to_the_key(tmp_path: Path) -> None:
+    """So that a client notices events dropped with no later event to show a gap."""
+    w = _World(tmp_path)
+    w.submit("a" * 32)
+    w.submit("b" * 32)
+    w.state.on_client(w.now, b"client", OWNER, make(M.PING))
+    [pong] = [m for m in w.flush(b"client") if m.type is M.PONG]
+    assert pong.header["seq"] == w.state.event_seq[OWNER] == 2
+    assert pong.header["epoch"] == w.state.config.epoch
 
 
 def test_late_result_is_accepted_while_the_job_is_open(tmp_path: Path) -> None:
