@@ -537,6 +537,13 @@ class _World:
             self.state.tick(self.now)
             self.flush()
 
+    def lose_to_another(self, job_id: str) -> None:
+        """Monitor ``a`` runs the job and is lost; the job is re-run on monitor ``b``."""
+        self.register(b"a", "mon-a")
+        self.submit(job_id)
+        self.register(b"b", "mon-b")
+        self.lose(b"a")
+
     def record(self, job_id: str) -> tuple[dict[str, object], list[bytes]]:
         return self.store.records([job_id])[job_id]
 
@@ -575,10 +582,7 @@ def test_late_result_is_accepted_while_the_job_is_open(tmp_path: Path) -> None:
 def test_late_result_cancels_the_rerun_on_another_monitor(tmp_path: Path) -> None:
     w = _World(tmp_path)
     jid = _job_id(2)
-    w.register(b"a", "mon-a")
-    w.submit(jid)
-    w.register(b"b", "mon-b")
-    w.lose(b"a")
+    w.lose_to_another(jid)
     assert w.record(jid)[0]["worker"]["id"] == "mon-b"  # type: ignore[index]
     w.register(b"a2", "mon-a")
     w.result(b"a2", jid, b"late")
@@ -593,10 +597,7 @@ def test_late_result_cancels_the_rerun_on_another_monitor(tmp_path: Path) -> Non
 def test_late_result_is_ignored_when_the_job_is_already_final(tmp_path: Path) -> None:
     w = _World(tmp_path)
     jid = _job_id(3)
-    w.register(b"a", "mon-a")
-    w.submit(jid)
-    w.register(b"b", "mon-b")
-    w.lose(b"a")
+    w.lose_to_another(jid)
     w.result(b"b", jid, b"from-b")
     assert w.record(jid)[0]["status"] == "completed"
     w.register(b"a2", "mon-a")
