@@ -597,14 +597,20 @@ def test_load_data_rejects_garbage_with_value_error_only(blob: bytes) -> None:
 # --- isolation between users
 
 
-def test_two_users_cannot_see_fetch_list_or_kill_each_others_jobs(
-        procs: Procs, home: Path, tmp_path: Path) -> None:
+def _alice_and_bob(procs: Procs, home: Path, tmp_path: Path,
+                   slots: int) -> tuple[dsage.DSage, dsage.DSage]:
+    """A cluster and two clients: alice (the broker's own key) and bob (another
+    authorized key)."""
     procs.broker()
-    procs.worker(2)
+    procs.worker(slots)
     bob_home = other_home(tmp_path, "bob")
     keys.add_key("bob", keys.public_key_file(bob_home), home)
-    A = procs.client()
-    B = user_client(procs, bob_home)
+    return procs.client(), user_client(procs, bob_home)
+
+
+def test_two_users_cannot_see_fetch_list_or_kill_each_others_jobs(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    A, B = _alice_and_bob(procs, home, tmp_path, slots=2)
     done_a = A("6*7").wait(60)
     running_a = A("import time; time.sleep(60)")
     wait_for(lambda: running_a.status == "processing", 30, "alice's job to start")
@@ -626,12 +632,7 @@ def test_two_users_cannot_see_fetch_list_or_kill_each_others_jobs(
 
 def test_events_socket_admits_only_the_subscribers_own_topic(
         procs: Procs, home: Path, tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
-    procs.broker()
-    procs.worker(1)
-    bob_home = other_home(tmp_path, "bob")
-    keys.add_key("bob", keys.public_key_file(bob_home), home)
-    A = procs.client()
-    B = user_client(procs, bob_home)
+    A, B = _alice_and_bob(procs, home, tmp_path, slots=1)
     alice_topic, bob_topic = A.keys.public, B.keys.public
     spy = ctx.socket(zmq.SUB)  # bob's key, asking for alice's topic and then his own
     make_client(spy, B.keys, broker_key(home))
