@@ -155,6 +155,8 @@ class _IO(threading.Thread):
         self.max_message_size = max_message_size
         self.conn = _Conn()
         self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        #: a wake-up byte was sent and not yet consumed (set by user threads)
+        self.woken = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -180,6 +182,9 @@ class _IO(threading.Thread):
 
     def command(self, *cmd: Any) -> None:
         self.commands.put(cmd)
+        if self.woken:
+            return  # a wake-up is on its way, and the thread reads the queue after it
+        self.woken = True
         try:
             self._wake_w.send(b"x")
         except BlockingIOError:
@@ -243,6 +248,7 @@ class _IO(threading.Thread):
                     pass
             except BlockingIOError:
                 pass
+        self.woken = False  # before reading the queue: a later command wakes us again
         self._run_commands()
         if self.dealer_events in ready:
             self._socket_events(self.dealer_events, is_dealer=True)
