@@ -113,7 +113,6 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
     from rich.console import Console
     from rich.table import Table
 
-    pool = results.get("pool", {})
     t = Table(title="dsage and the alternatives, 2 workers each")
     for col in ("system", "version", "round trip\nmedian ms", "round trip\np90 ms",
                 "tiny jobs/s\n(unchunked)", "CPU-bound\nwall s", "CPU vs\npaired pool",

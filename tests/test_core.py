@@ -15,7 +15,7 @@ import zmq
 import dsage
 from dsage import keys
 
-from .conftest import HEARTBEAT, LIVENESS, Procs, run_python, wait_for
+from .conftest import HEARTBEAT, Procs, run_python, wait_for
 
 
 def _group_alive(pid: int) -> bool:
