@@ -199,23 +199,19 @@ class BrokerState:
             self._announce(key, *queued)
 
     def _kill(self, now: float, key: str, ids: list[str]) -> None:
-        owners = self.store.owner_of(ids)
         for jid in ids:
-            if owners.get(jid) != key:
-                continue  # not this client's job: invisible to it
-            state = self.store.status_of(jid)
-            if state is None or state[0] in FINAL:
-                continue
-            flags = self.store.owner_and_flags(jid)
+            state = self.store.state(jid)
+            if state is None or state.owner != key or state.status in FINAL:
+                continue  # another client's job is invisible to this one
             outcome = Outcome(Status.KILLED, "killed by its owner", "none", "none", False,
                               None, time.time(), b"", b"")
             done = self.store.finish(jid, outcome)
             if done:
                 self._announce(*done)
-                if state[0] is Status.NEW and flags is not None:
-                    self._unqueue(key, flags[1])
+                if state.status is Status.NEW:
+                    self._unqueue(key, state.anonymous_ok)
                 else:
-                    self._cancel_on_monitor(jid, state[1], "killed")
+                    self._cancel_on_monitor(jid, state.worker_id, "killed")
                 self.orphans.pop(jid, None)
                 self.lost_assignments.pop(jid, None)
 
@@ -294,19 +290,17 @@ class BrokerState:
 
     def _adopt(self, entry: MonitorEntry, jid: str) -> bool:
         """Whether a job a (re)registering monitor says it runs may go on there."""
-        state = self.store.status_of(jid)
-        flags = self.store.owner_and_flags(jid)
-        if state is None or flags is None or state[0] in FINAL:
+        state = self.store.state(jid)
+        if state is None or state.status in FINAL:
             return False
-        if entry.anonymous and not flags[1]:
+        if entry.anonymous and not state.anonymous_ok:
             return False
-        status, worker_id = state
-        if status is Status.PROCESSING:
-            if worker_id != entry.monitor_id and any(
-                    m.monitor_id == worker_id for m in self.monitors.values()):
+        if state.status is Status.PROCESSING:
+            if state.worker_id != entry.monitor_id and any(
+                    m.monitor_id == state.worker_id for m in self.monitors.values()):
                 return False  # running elsewhere already
         else:  # requeued while the monitor was away: take it back out of the queue
-            self._unqueue(flags[0], flags[1])
+            self._unqueue(state.owner, state.anonymous_ok)
         self.store.start([jid], entry.ref(), time.time())
         entry.inflight.add(jid)
         self.orphans.pop(jid, None)
@@ -339,22 +333,21 @@ class BrokerState:
     def _take_back(self, jid: str, entry: MonitorEntry) -> None:
         """A late result is about to close a job that was re-queued: undo what the
         re-queue started (its place in the queue, or its run on another monitor)."""
-        flags = self.store.owner_and_flags(jid)
-        state = self.store.status_of(jid)
-        if state is None or flags is None:
+        state = self.store.state(jid)
+        if state is None:
             return
-        if state[0] is Status.NEW:
-            self._unqueue(flags[0], flags[1])
-        elif state[0] is Status.PROCESSING and state[1] != entry.monitor_id:
-            self._cancel_on_monitor(jid, state[1], "finished elsewhere")
+        if state.status is Status.NEW:
+            self._unqueue(state.owner, state.anonymous_ok)
+        elif state.status is Status.PROCESSING and state.worker_id != entry.monitor_id:
+            self._cancel_on_monitor(jid, state.worker_id, "finished elsewhere")
 
     def _requeue(self, jid: str, count_failure: bool, reason: str, now: float) -> None:
         new = self.store.requeue(jid, count_failure, self.config.failure_limit, reason,
                                  time.time())
         if new is Status.NEW:
-            flags = self.store.owner_and_flags(jid)
-            if flags is not None:
-                self._enqueue(flags[0], flags[1])
+            state = self.store.state(jid)
+            if state is not None:
+                self._enqueue(state.owner, state.anonymous_ok)
         if new is not None:
             self._announce_ids([jid])
 

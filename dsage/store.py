@@ -77,6 +77,16 @@ class RunnableJob:
 
 
 @dataclass(frozen=True)
+class JobState:
+    """A job's status, the monitor running it (if any), its owner and security setting."""
+
+    status: Status
+    worker_id: str | None
+    owner: str
+    anonymous_ok: bool
+
+
+@dataclass(frozen=True)
 class WorkerRef:
     id: str
     host: str
@@ -243,10 +253,12 @@ class Store:
         )
         return Status.NEW
 
-    def status_of(self, job_id: str) -> tuple[Status, str | None] | None:
-        """A job's status and the id of the monitor running it."""
-        row = self.db.execute("SELECT status, worker_id FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return None if row is None else (Status(row[0]), row[1])
+    def state(self, job_id: str) -> JobState | None:
+        """What the broker's rules need to know of one job."""
+        row = self.db.execute(
+            "SELECT status, worker_id, owner, anonymous_ok FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        return None if row is None else JobState(Status(row[0]), row[1], row[2], bool(row[3]))
 
     def processing(self) -> list[tuple[str, str | None]]:
         """(job id, monitor id) of every job marked processing."""
@@ -292,12 +304,6 @@ class Store:
             "SELECT COUNT(*) FROM jobs WHERE status='new' AND anonymous_ok=1"
         ).fetchone()[0]
         return sum(per_owner.values()), anon, per_owner
-
-    def owner_and_flags(self, job_id: str) -> tuple[str, bool] | None:
-        row = self.db.execute(
-            "SELECT owner, anonymous_ok FROM jobs WHERE id=?", (job_id,)
-        ).fetchone()
-        return None if row is None else (row[0], bool(row[1]))
 
     def prune(self, finished_before: float) -> int:
         """Delete final jobs that finished before the given time."""
