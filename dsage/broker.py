@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class BrokerOptions:
     max_queued_per_client: int = 1_000_000
     retention_days: float = 7.0
     exit_with_parent: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Broker:

@@ -132,7 +132,6 @@ class _Conn:
     def __init__(self) -> None:
         self.welcomed = threading.Event()
         self.tcp_connected = False
-        self.handshake_failed: str | None = None
         #: handshakes that failed other than by a key refusal (a wrong server key)
         self.handshake_failures = 0
         self.rejected: str | None = None
@@ -346,7 +345,6 @@ class _IO(threading.Thread):
                 self._fail_requests()
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                self.conn.handshake_failed = "handshake failed"
                 self.conn.handshake_failures += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and is_dealer:
                 self.conn.rejected = None

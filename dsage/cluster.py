@@ -25,7 +25,7 @@ from .broker import BrokerOptions, run_broker
 from .client import DSage
 from .monitor import MonitorOptions, run_monitor
 
-BROKER_FIELDS = {f.name for f in dataclasses.fields(BrokerOptions)} - {"extra", "home", "port"}
+BROKER_FIELDS = {f.name for f in dataclasses.fields(BrokerOptions)} - {"home", "port"}
 MONITOR_FIELDS = {f.name for f in dataclasses.fields(MonitorOptions)} - {
     "home", "port", "server", "workers"}
 

@@ -97,12 +97,3 @@ class Opener:
             raise SealError("a sealed blob failed authentication: tampered with, or sealed "
                             "to another key") from None
 
-
-def seal(keys: Keypair, owner_z85: str | bytes, data: bytes) -> bytes:
-    """One-off :meth:`Sealer.seal` (no cache kept between calls)."""
-    return Sealer(keys).seal(owner_z85, data)
-
-
-def open_sealed(keys: Keypair, data: bytes) -> bytes:
-    """One-off :meth:`Opener.open` (no cache kept between calls)."""
-    return Opener(keys).open(data)

@@ -33,10 +33,6 @@ MAX_OUTPUT = 64 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 
 
-class _Exit(Exception):
-    """The job's code called sys.exit()."""
-
-
 def _die_with_parent() -> None:
     """Have the kernel kill this slot when its monitor dies (Linux)."""
     try:
