@@ -44,6 +44,15 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
         time.sleep(interval)
 
 
+def alive(pid: int, group: bool = False) -> bool:
+    """Whether a process (or, with ``group``, any process of its group) still exists."""
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, set-up dsage home, also exported as DSAGE_HOME."""

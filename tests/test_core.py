@@ -15,15 +15,7 @@ import zmq
 import dsage
 from dsage import keys
 
-from .conftest import HEARTBEAT, Procs, run_python, wait_for
-
-
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from .conftest import HEARTBEAT, Procs, alive, run_python, wait_for
 
 
 def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
@@ -47,7 +39,7 @@ def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
     finally:
         D.close()
     for pid in pids:
-        assert not _group_alive(pid), "start_all left a process group running"
+        assert not alive(pid, group=True), "start_all left a process group running"
 
 
 def test_repr_rules(cluster: dsage.DSage) -> None:

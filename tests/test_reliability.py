@@ -14,23 +14,16 @@ from pathlib import Path
 import pytest
 
 import dsage
+from dsage.cluster import ManagedProcess
 from dsage.brokerstate import BrokerConfig, BrokerState
 from dsage.protocol import MONITOR_REQUESTS, M, Message, Status, decode, encode, make
 from dsage.store import Outcome, Store
 
-from .conftest import HEARTBEAT, Procs, skip_or_fail, wait_for
+from .conftest import HEARTBEAT, Procs, alive, skip_or_fail, wait_for
 
 #: a longer liveness window where a spurious "lost" on a busy machine would change
 #: the failure count a test asserts
 STEADY = {"heartbeat": HEARTBEAT, "liveness": 15}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _first_run_hangs(marker: Path, value: str = "42") -> str:
@@ -61,17 +54,26 @@ def _one_running_one_queued(procs: Procs, gate: Path, running: str, queued: str
     return D, first, second
 
 
+def _first_run_hanging(procs: Procs, marker: Path
+                       ) -> tuple[dsage.DSage, ManagedProcess, dsage.JobWrapper, int]:
+    """A broker, a one-slot monitor (returned) and a client whose job hangs on its
+    first run there; also the pid of the slot running it."""
+    procs.broker(**STEADY)
+    monitor = procs.worker(1, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    j = D(_first_run_hangs(marker))
+    wait_for(lambda: _processing(j) and marker.exists() and marker.read_text().endswith("\n"),
+             60, "the job's first run going")
+    return D, monitor, j, int(marker.read_text().split()[0])
+
+
 # --- lost monitors
 
 
 def test_monitor_killed_mid_job_requeues_it_once(procs: Procs, tmp_path: Path) -> None:
-    procs.broker(**STEADY)
-    a = procs.worker(1, **STEADY)
-    D = procs.client()
-    procs.wait_workers(D, 1)
     marker = tmp_path / "runs"
-    j = D(_first_run_hangs(marker))
-    wait_for(lambda: _processing(j) and marker.exists(), 30, "the job running on monitor A")
+    D, a, j, _ = _first_run_hanging(procs, marker)
     assert j.worker is not None
     first_monitor = j.worker.id
     procs.worker(1, **STEADY)
@@ -88,15 +90,8 @@ def test_monitor_killed_mid_job_requeues_it_once(procs: Procs, tmp_path: Path) -
 def test_hung_monitor_is_lost_and_its_stale_copy_cancelled_when_it_wakes(
         procs: Procs, tmp_path: Path) -> None:
     """A monitor that stops answering (SIGSTOP) while its slot goes on running."""
-    procs.broker(**STEADY)
-    a = procs.worker(1, **STEADY)
-    D = procs.client()
-    procs.wait_workers(D, 1)
     marker = tmp_path / "runs"
-    j = D(_first_run_hangs(marker))
-    wait_for(lambda: _processing(j) and marker.exists() and marker.read_text().endswith("\n"),
-             30, "the job running on monitor A")
-    stale_slot = int(marker.read_text().split()[0])
+    D, a, j, stale_slot = _first_run_hanging(procs, marker)
     procs.worker(1, **STEADY)
     os.kill(a.pid, signal.SIGSTOP)
     try:
@@ -105,7 +100,7 @@ def test_hung_monitor_is_lost_and_its_stale_copy_cancelled_when_it_wakes(
     finally:
         os.kill(a.pid, signal.SIGCONT)
     # A wakes, registers again listing the job; the broker has it final: cancel it
-    wait_for(lambda: not _pid_alive(stale_slot), 30, "the stale copy killed")
+    wait_for(lambda: not alive(stale_slot), 30, "the stale copy killed")
     assert j.status == "completed" and D.job(j.job_id).result == 42
     assert len(D.get_my_jobs()) == 1
 
@@ -303,7 +298,7 @@ def test_kill_ends_the_process_within_a_second_and_the_slot_returns(
     queued.kill()
     assert queued.status == "killed"
     j.kill()
-    wait_for(lambda: j.done() and not _pid_alive(pid), 1.0, "the job's process dead")
+    wait_for(lambda: j.done() and not alive(pid), 1.0, "the job's process dead")
     assert time.monotonic() - t0 < 1.0
     assert j.status == "killed"
     assert queued.wait(1).status == "killed"
@@ -345,14 +340,9 @@ def test_crashing_job_fails_saying_so_and_the_slot_returns(
 def test_slot_killed_from_outside_requeues_its_job(procs: Procs, tmp_path: Path) -> None:
     """An outside SIGKILL of a slot (the OOM killer, say) is a lost worker, not the
     job's failure: the job runs again and completes, with one failure counted."""
-    procs.broker(**STEADY)
-    procs.worker(1, **STEADY)
-    D = procs.client()
-    procs.wait_workers(D, 1)
     marker = tmp_path / "runs"
-    j = D(_first_run_hangs(marker))
-    wait_for(lambda: marker.exists(), 60, "the first run to start")
-    os.kill(int(marker.read_text().split()[0]), signal.SIGKILL)
+    _, _, j, slot = _first_run_hanging(procs, marker)
+    os.kill(slot, signal.SIGKILL)
     assert j.wait(60).result == 42
     assert j.failures == 1
     assert len(marker.read_text().split()) == 2
