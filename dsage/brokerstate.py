@@ -476,7 +476,8 @@ def _open_record(job_id: str, name: str | None, kind: str, status: Status, prior
              "worker": None if worker is None else {"id": worker.id, "host": worker.host,
                                                     "key": worker.key,
                                                     "anonymous": worker.anonymous},
-             "encoding": "none", "result_from": "none", "sealed": False}, [b"", b""])
+             "encoding": "none", "result_from": "none", "sealed": False, "reason": None},
+            [b"", b""])
 
 
 def _records_message(type_: M, records: list[Record], **header: Any) -> Message:

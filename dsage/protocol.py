@@ -26,13 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VERSION = b"DSG1"
-#: Most items (jobs, results, records, ids) in one message.
-MAX_BATCH = 10_000
+#: Most items (jobs, results, records, ids) in one message; senders split larger
+#: batches with :func:`batches`.
+MAX_BATCH = 1000
 MAX_FRAMES = 3 + 2 * MAX_BATCH
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
-MAX_HEADER = 64 * 1024 * 1024
+#: Most bytes of a message's JSON header (a full batch of job specs is ~200 KB).
+MAX_HEADER = 1024 * 1024
+#: Most blob bytes senders put in one batched message (a single larger blob
+#: travels alone, up to the receiver's frame limit).
+BATCH_BYTES = 8 * 1024 * 1024
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
+#: Longest name, tag, host or other short text; longest error or message text.
+MAX_TEXT = 4096
+MAX_LONG_TEXT = 64 * 1024
+MAX_TAGS = 64
+#: Integers must fit SQLite's signed 64-bit INTEGER.
+MAX_INT = 2**63 - 1
 
 
 class Status(enum.StrEnum):
@@ -127,21 +138,40 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
 
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("not a string")
-    return v
+def text_problem(v: str, limit: int) -> str | None:
+    """Why ``v`` is not acceptable text (too long, or not encodable as UTF-8,
+    as a lone surrogate is), or None."""
+    if len(v) > limit:
+        return f"longer than {limit} characters"
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid Unicode text (a lone surrogate)"
+    return None
 
 
-def _short_str(v: Any) -> str:
-    if not isinstance(v, str) or len(v) > 4096:
-        raise ValueError("not a string of at most 4096 characters")
-    return v
+def _text(limit: int) -> Validator:
+    def check(v: Any) -> str:
+        if not isinstance(v, str):
+            raise ValueError("not a string")
+        problem = text_problem(v, limit)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    return check
+
+
+_str = _text(MAX_LONG_TEXT)
+_short_str = _text(MAX_TEXT)
 
 
 def _int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError("not an integer")
+    if not -MAX_INT <= v <= MAX_INT:
+        raise ValueError("out of the 64-bit range")
     return v
 
 
@@ -158,7 +188,11 @@ def _pos_int(v: Any) -> int:
 
 
 def _float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("not a number")
+    if isinstance(v, int):
+        v = _int(v)
+    if not math.isfinite(v):
         raise ValueError("not a finite number")
     return float(v)
 
@@ -244,7 +278,7 @@ def _obj(fields: Mapping[str, Validator]) -> Validator:
     return check
 
 
-_tags = _list_of(_short_str, 64)
+_tags = _list_of(_short_str, MAX_TAGS)
 _ids = _list_of(_job_id)
 
 JOB_SPEC = {
@@ -297,6 +331,8 @@ RECORD = {
     "encoding": _one_of(Encoding),
     "result_from": _one_of(ResultFrom),
     "sealed": _bool,
+    #: why a queued job is waiting (no connected worker can run it, say), else None
+    "reason": _optional(_short_str),
 }
 MONITOR_INFO = {
     "id": _short_str,
@@ -426,4 +462,29 @@ def _with_items(schema: Schema) -> dict[str, Validator]:
 
 
 def error(code: str, message: str, req: int | None = None) -> Message:
-    return make(M.ERROR, code=code, message=message, req=req)
+    return make(M.ERROR, code=code, message=clip(message, MAX_LONG_TEXT), req=req)
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` made acceptable to the protocol: lone surrogates replaced, and cut to
+    ``limit`` characters (keeping the start)."""
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit - 15] + " [... cut ...]"
+
+
+def batches(sizes: Sequence[int], max_items: int = MAX_BATCH,
+            max_bytes: int = BATCH_BYTES) -> list[range]:
+    """Split items into consecutive batches for separate messages: at most
+    ``max_items`` each, and at most ``max_bytes`` of blobs unless one item alone
+    is larger. ``sizes`` are the items' blob bytes; returns index ranges."""
+    out: list[range] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_items or total + size > max_bytes):
+            out.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out

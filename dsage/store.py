@@ -125,7 +125,7 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
         "id": id_, "name": name, "kind": kind, "status": status, "priority": priority,
         "created": created, "started": started, "finished": finished,
         "failures": failures, "error": error, "worker": worker, "encoding": encoding,
-        "result_from": result_from, "sealed": bool(sealed),
+        "result_from": result_from, "sealed": bool(sealed), "reason": None,
     }
     return owner, (header, [result or b"", output or b""])
 

@@ -71,7 +71,7 @@ ITEMS: dict[int, st.SearchStrategy[Any]] = {
     id(RUN_SPEC): _fixed(RUN_SPEC),
     id(RESULT_SPEC): _fixed(RESULT_SPEC, status=st.sampled_from(sorted(s.value for s in FINAL))),
     id(RECORD): _fixed(RECORD, status=_enum(Status), finished=st.none() | finite,
-                       worker=st.none() | worker_info),
+                       worker=st.none() | worker_info, reason=st.none() | short),
 }
 HEADER_OVERRIDES: dict[M, dict[str, st.SearchStrategy[Any]]] = {
     M.LIST: {"status": st.none() | _enum(Status)},
@@ -299,3 +299,48 @@ def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home:
     small = D("len(%r)" % ("y" * 100_000)).wait(60)
     assert small.result == 100_000
     wait_for(lambda: D.workers(), 10, "the monitor still registered")
+
+
+# --- bounds on values: what once reached SQLite and killed the broker
+
+
+@pytest.mark.parametrize("spec_change", [
+    {"name": "x\udcff"},                       # a lone surrogate cannot be stored as text
+    {"memory": 10_000_000 * 10**12},           # 10,000,000 TB: past SQLite's 64-bit INTEGER
+    {"requires": ["gpu\udc80"]},
+    {"timeout": 10**400},                      # an int too large for a float
+    {"name": "n" * 5000},
+])
+def test_submit_values_out_of_bounds_are_protocol_errors(spec_change: dict[str, Any]) -> None:
+    spec = {"id": "0" * 32, "name": None, "kind": "python", "timeout": None, "priority": 5,
+            "memory": None, "anonymous_ok": False, "requires": [], **spec_change}
+    frames = [VERSION, b"submit", json.dumps({"req": 0, "jobs": [spec]}).encode(), b"1"]
+    with pytest.raises(ProtocolError):
+        decode(frames, ALL)
+
+
+def test_result_error_text_with_a_surrogate_is_refused_and_clip_fixes_it() -> None:
+    from dsage.protocol import clip
+
+    item = {"id": "0" * 32, "status": "failed", "error": "KeyError: '\udcff'",
+            "encoding": "none", "result_from": "none", "sealed": False, "started": None,
+            "finished": 1.0}
+    frames = [VERSION, b"result", json.dumps({"results": [item]}).encode(), b"", b""]
+    with pytest.raises(ProtocolError):
+        decode(frames, ALL)
+    item["error"] = clip(item["error"])
+    frames[2] = json.dumps({"results": [item]}).encode()
+    assert decode(frames, ALL).header["results"][0]["error"] == "KeyError: '?'"
+    assert len(clip("x" * 10_000, 100)) == 100
+
+
+@given(st.lists(st.integers(0, 3000), max_size=60), st.integers(1, 7), st.integers(1, 5000))
+def test_batches_cover_every_item_once_within_limits(sizes: list[int], max_items: int,
+                                                     max_bytes: int) -> None:
+    from dsage.protocol import batches
+
+    parts = batches(sizes, max_items, max_bytes)
+    assert [i for r in parts for i in r] == list(range(len(sizes)))
+    for r in parts:
+        assert 1 <= len(r) <= max_items
+        assert len(r) == 1 or sum(sizes[i] for i in r) <= max_bytes
