@@ -470,7 +470,8 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
     ``limit`` characters (keeping the start)."""
     if not text.isascii():
         text = text.encode("utf-8", "replace").decode("utf-8")
-    return text if len(text) <= limit else text[:limit - 15] + " [... cut ...]"
+    marker = " [... cut ...]"
+    return text if len(text) <= limit else text[:limit - len(marker)] + marker
 
 
 def batches(sizes: Sequence[int], max_items: int = MAX_BATCH,
