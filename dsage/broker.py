@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,10 @@ import zmq
 
 from . import keys as keys_mod
 from .auth import CLIENTS, EVENTS, MONITORS, KeyRing, ZapPolicy, make_server, start_authenticator
-from .brokerstate import BrokerConfig, BrokerState, Out
+from .brokerstate import BrokerConfig, BrokerState, Dest, Out
 from .protocol import (
-    CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REQUESTS, ProtocolError, decode, encode,
-    error,
+    CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REQUESTS, Message, ProtocolError, decode,
+    encode, error,
 )
 from .sockets import send_frames
 from .store import Store
@@ -33,6 +34,8 @@ log = logging.getLogger("dsage.broker")
 
 #: most messages taken from one socket before the others get a turn
 DRAIN_LIMIT = 2000
+#: most event messages queued per subscriber (each at most protocol.BATCH_BYTES of blobs)
+EVENTS_HWM = 64
 
 
 class PortInUse(Exception):
@@ -53,6 +56,12 @@ class BrokerOptions:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_queued_per_client: int = 1_000_000
     retention_days: float = 7.0
+    #: jobs sent to a monitor beyond its free slots
+    prefetch: int = 1
+    #: the job store (default ``HOME/db/dsage.db``); one broker per store
+    store: Path | None = None
+    #: fsync every commit (SQLite ``synchronous=FULL``): survives power loss
+    durable: bool = False
     exit_with_parent: int | None = None
 
 
@@ -64,23 +73,30 @@ class Broker:
         self.home = keys_mod.home(options.home)
         self.keys = keys_mod.load_keypair(self.home)
         self.keyring = KeyRing(self.home, self.keys.public)
+        store_path = options.store or self.home / "db" / "dsage.db"
+        self.store = Store(store_path, durable=options.durable,
+                           holder=f"pid {os.getpid()} on {socket.gethostname()}, "
+                                  f"ports {options.port}-{options.port + 2}")
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.auth = start_authenticator(self.ctx, ZapPolicy(self.keyring, options.allow_anonymous))
-        self.stopping = False
         self._sockets: list[zmq.Socket[bytes]] = []
+        self.auth: Any = None
+        self.stopping = False
         try:
+            self.auth = start_authenticator(
+                self.ctx, ZapPolicy(self.keyring, options.allow_anonymous))
             self.clients = self._bind(zmq.ROUTER, CLIENTS, options.port)
             self.monitors = self._bind(zmq.ROUTER, MONITORS, options.port + 1)
             self.events = self._bind(zmq.XPUB, EVENTS, options.port + 2)
-        except Exception:
+        except BaseException:
+            self.store.close()
             self._close_sockets()
             raise
-        self.store = Store(self.home / "db" / "dsage.db")
         config = BrokerConfig(
             heartbeat=options.heartbeat, liveness=options.liveness,
             failure_limit=options.failure_limit, max_message_size=options.max_message_size,
             max_queued_per_client=options.max_queued_per_client,
-            retention=options.retention_days * 86400.0, allow_anonymous=options.allow_anonymous)
+            retention=options.retention_days * 86400.0, allow_anonymous=options.allow_anonymous,
+            prefetch=options.prefetch)
         self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_trusted)
         self.poller = zmq.Poller()
         for s in (self.clients, self.monitors, self.events):
@@ -103,7 +119,9 @@ class Broker:
         else:
             sock.setsockopt(zmq.XPUB_MANUAL, 1)
             sock.setsockopt(zmq.XPUB_NODROP, 1)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
+            # Bounded: a subscriber that does not read loses events past this (sends
+            # fail at once), and catches up by query, as it does for any gap.
+            sock.setsockopt(zmq.SNDHWM, EVENTS_HWM)
         try:
             sock.bind(f"tcp://{self.options.bind}:{port}")
         except zmq.ZMQError as e:
@@ -138,7 +156,10 @@ class Broker:
             if self.options.exit_with_parent and os.getppid() != self.options.exit_with_parent:
                 log.warning("parent process %d is gone: stopping", self.options.exit_with_parent)
                 self.stopping = True
-        self.state.tick(now)
+        try:
+            self.state.tick(now)
+        except sqlite3.Error as e:
+            self.state.reload(now, str(e))
         self._send_all(self.state.flush(now))
 
     def run(self) -> None:
@@ -201,7 +222,10 @@ class Broker:
                 log.warning("bad message from client %s: %s", key[:8], e)
                 self._send(Out("client", rid, error(e.code, str(e))))
                 continue
-            self.state.on_client(now, rid, key, msg)
+            try:
+                self.state.on_client(now, rid, key, msg)
+            except Exception as e:  # noqa: BLE001 - one message must not stop the broker
+                self._failed("client", rid, key, msg, e)
 
     def _drain_monitors(self, now: float) -> None:
         for _ in range(DRAIN_LIMIT):
@@ -218,7 +242,19 @@ class Broker:
                 self._send(Out("monitor", rid, error(e.code, str(e))))
                 continue
             anonymous = not self.keyring.is_trusted(key)
-            self.state.on_monitor(now, rid, key, anonymous, msg)
+            try:
+                self.state.on_monitor(now, rid, key, anonymous, msg)
+            except Exception as e:  # noqa: BLE001 - one message must not stop the broker
+                self._failed("monitor", rid, key, msg, e)
+
+    def _failed(self, dest: Dest, rid: bytes, key: str, msg: Message, e: Exception) -> None:
+        """Handling one message raised: log it with its sender, answer with an error,
+        and go on (what the message asked for is sent again or reported)."""
+        log.exception("could not handle a %s message from %s %s", msg.type.value, dest,
+                      key[:8] or "?")
+        self._send(Out(dest, rid, error("internal", f"the broker could not handle this "
+                                        f"'{msg.type.value}' message: {type(e).__name__}: {e}",
+                                        msg.header.get("req"))))
 
     def _drain_subscriptions(self) -> None:
         for _ in range(DRAIN_LIMIT):
@@ -256,6 +292,8 @@ class Broker:
                 sock = self.clients if out.dest == "client" else self.monitors
                 send_frames(sock, [out.to, *frames])
         except zmq.ZMQError as e:
+            if out.dest == "event":
+                return  # a subscriber not reading: it finds the gap and queries
             # The peer is gone or not reading. Clients resync by query (events
             # carry sequence numbers); a monitor that cannot take its jobs is lost.
             if out.dest == "monitor" and e.errno == zmq.EHOSTUNREACH:
@@ -268,7 +306,8 @@ class Broker:
     def _close_sockets(self) -> None:
         for s in self._sockets:
             s.close(linger=0)
-        self.auth.stop()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
     def close(self) -> None:

@@ -1,22 +1,30 @@
-"""The broker's tables and job state machine, apart from sockets.
+"""The broker's rules, apart from sockets.
 
 :class:`BrokerState` takes decoded messages with the time and the sender's
-authenticated key, updates the store and its in-memory tables, and queues what
-to send in an outbox. :meth:`BrokerState.flush` dispatches queued jobs to
-monitors with free slots, commits the store, and hands back the outbox, so
-nothing is acknowledged or announced before it is durable.
+authenticated key, changes the in-memory :class:`~dsage.scheduler.Scheduler`
+and journals each change to the store, and queues what to send in an outbox.
+:meth:`BrokerState.flush` dispatches queued jobs to monitors with credit,
+commits the store once, and hands back the outbox, so nothing is
+acknowledged or announced before it is durable.
+
+A failed store write (a full disk, say) leaves the job as it was and its
+message unacknowledged: the client or monitor sends it again later. A failed
+commit makes the state reload from the store and drops the outbox, so
+nothing is acknowledged that the store does not hold.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import __version__
-from .protocol import FINAL, MAX_BATCH, M, Message, Status, error, make
+from .protocol import BATCH_BYTES, MAX_BATCH, M, Message, Status, batches, clip, error, make
+from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
 from .store import Outcome, Record, Store, WorkerRef
 
 log = logging.getLogger("dsage.broker")
@@ -44,6 +52,10 @@ class BrokerConfig:
     retention: float = 7 * 24 * 3600.0
     #: admit monitors whose key is not trusted, as anonymous workers
     allow_anonymous: bool = False
+    #: jobs sent to a monitor beyond its free slots, so no slot idles for a round trip
+    prefetch: int = 1
+    #: payload bytes of queued jobs kept in memory; the rest is read from the store
+    payload_memory: int = 256 * 1024 * 1024
     #: changes at every broker start, so clients notice a restart
     epoch: str = field(default_factory=lambda: f"{time.time():.6f}")
 
@@ -61,17 +73,13 @@ class MonitorEntry:
     slots: int
     tags: list[str]
     last_seen: float
-    inflight: set[str] = field(default_factory=set)
     stopping: bool = False
     #: False once its connection is gone: it gets no jobs, and is lost after the
     #: liveness window unless it registers again (from a new connection)
     reachable: bool = True
 
-    @property
-    def credit(self) -> int:
-        if self.stopping or not self.reachable:
-            return 0
-        return max(0, self.slots - len(self.inflight))
+    def __post_init__(self) -> None:
+        self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous)
 
     def ref(self) -> WorkerRef:
         return WorkerRef(self.monitor_id, self.host, self.key, self.anonymous)
@@ -85,22 +93,45 @@ class BrokerState:
         self.store = store
         self.config = config
         self.is_trusted = is_trusted
-        self.monitors: dict[bytes, MonitorEntry] = {}
         self.outbox: list[Out] = []
         self.events: dict[str, list[Record]] = {}
         self.event_seq: dict[str, int] = {}
-        #: job id -> monitor id, for jobs taken from a monitor declared lost,
-        #: whose late result is still welcome while the job is open
-        self.lost_assignments: dict[str, str] = {}
-        self.queued, self.queued_anon, self.queued_by_owner = store.queued_counts()
-        #: jobs found processing at start, waiting for their monitor to come back
-        grace = config.heartbeat * config.liveness * 2
-        self.orphans: dict[str, str | None] = dict(store.processing())
-        self.orphan_deadline = now + grace
         self.last_heartbeat = now
         self.last_tick = now
         self.last_prune = 0.0
         self.rotation = 0
+        self._load(now)
+
+    def _load(self, now: float) -> None:
+        """(Re)build the in-memory state from the store. Jobs found processing wait
+        a grace period for their monitor to register again before being re-queued."""
+        self.monitors: dict[bytes, MonitorEntry] = {}
+        self.by_id: dict[str, MonitorEntry] = {}
+        self.sched = Scheduler()
+        self.payload_bytes = 0
+        for o in self.store.open_jobs(self.config.payload_memory):
+            processing = o.status is Status.PROCESSING and o.worker_id is not None
+            self.sched.add(Job(
+                o.id, o.owner, o.name, o.kind, o.priority, o.timeout, o.memory, o.anonymous_ok,
+                frozenset(o.requires), o.created, o.failures, o.seq, o.payload,
+                monitor=o.worker_id if processing else None, started=o.started))
+            self.payload_bytes += len(o.payload or b"")
+        self.orphan_deadline: float | None = (
+            now + self.config.heartbeat * self.config.liveness * 2
+            if self.sched.assigned else None)
+
+    def reload(self, now: float, why: str) -> None:
+        """The store could not commit: forget what was not committed and start again
+        from the store. Monitors are told to register again; clients resend."""
+        log.error("the job store could not commit (%s): reloading from the store; "
+                  "unacknowledged submits and results will be sent again", why)
+        self.store.rollback()
+        rids = list(self.monitors)
+        self.outbox, self.events = [], {}
+        self._load(now)
+        for rid in rids:
+            self._send("monitor", rid, error("unregistered", "the broker restarted its "
+                                             "state: register again"))
 
     # --- helpers
 
@@ -110,19 +141,19 @@ class BrokerState:
     def _announce(self, owner: str, *records: Record) -> None:
         self.events.setdefault(owner, []).extend(records)
 
-    def _unqueue(self, owner: str, anonymous_ok: bool) -> None:
-        self.queued -= 1
-        self.queued_anon -= int(anonymous_ok)
-        self.queued_by_owner[owner] = self.queued_by_owner.get(owner, 1) - 1
+    def _takers(self) -> list[Taker]:
+        return [m.taker for m in self.monitors.values() if m.reachable and not m.stopping]
 
-    def _enqueue(self, owner: str, anonymous_ok: bool) -> None:
-        self.queued += 1
-        self.queued_anon += int(anonymous_ok)
-        self.queued_by_owner[owner] = self.queued_by_owner.get(owner, 0) + 1
+    def _credit(self, m: MonitorEntry) -> int:
+        if m.stopping or not m.reachable:
+            return 0
+        busy = len(self.sched.assigned.get(m.monitor_id, ()))
+        return max(0, m.slots + self.config.prefetch - busy)
 
-    def _announce_ids(self, ids: list[str]) -> None:
-        for owner, rec in self.store.owned_records(ids):
-            self._announce(owner, rec)
+    def _cancel_on(self, monitor_id: str | None, job_id: str, reason: str) -> None:
+        m = self.by_id.get(monitor_id) if monitor_id is not None else None
+        if m is not None and m.reachable:
+            self._send("monitor", m.rid, make(M.CANCEL, ids=[job_id], reason=reason))
 
     # --- clients
 
@@ -136,21 +167,22 @@ class BrokerState:
                 M.WELCOME, req=h["req"], version=__version__, key=key, epoch=self.config.epoch,
                 heartbeat=self.config.heartbeat, max_message_size=self.config.max_message_size))
         elif msg.type is M.SUBMIT:
-            self._submit(now, rid, key, h, msg.blobs)
+            self._submit(rid, key, h, msg.blobs)
         elif msg.type is M.KILL:
-            self._kill(now, key, h["ids"])
+            self._kill(key, h["ids"])
             self._reply_records(rid, key, h["req"], h["ids"])
         elif msg.type is M.QUERY:
             self._reply_records(rid, key, h["req"], h["ids"])
         elif msg.type is M.LIST:
             status = None if h["status"] is None else Status(h["status"])
-            recs = self.store.list(key, status, MAX_BATCH)
-            self._send("client", rid, _records_message(M.JOBS, recs, req=h["req"], missing=[]))
+            recs = self.store.list(key, status, 10_000)
+            self._send_records(rid, h["req"], self._with_reasons(recs), [])
         elif msg.type is M.WORKERS:
             self._send("client", rid, make(M.WORKER_LIST, req=h["req"], workers=[
                 {"id": m.monitor_id, "host": m.host, "pid": m.pid, "slots": m.slots,
-                 "busy": len(m.inflight), "anonymous": m.anonymous, "tags": m.tags,
-                 "key": m.key} for m in self.monitors.values()]))
+                 "busy": len(self.sched.assigned.get(m.monitor_id, ())),
+                 "anonymous": m.anonymous, "tags": m.tags, "key": m.key}
+                for m in self.monitors.values()]))
         elif msg.type is M.PING:
             # the last event sequence number of this key: a client that has not
             # seen it (an event was dropped) asks for its jobs' state
@@ -168,63 +200,97 @@ class BrokerState:
         else:
             self._send("client", rid, error("unauthorized", text, msg.header.get("req")))
 
-    def _submit(self, now: float, rid: bytes, key: str, h: dict[str, Any],
-                payloads: list[bytes]) -> None:
-        specs = h["jobs"]
+    def _submit(self, rid: bytes, key: str, h: dict[str, Any], payloads: list[bytes]) -> None:
         wall = time.time()  # stored times are wall-clock; ``now`` is only for liveness
         cap = self.config.max_queued_per_client
         ids: list[str] = []
         errors: list[dict[str, str]] = []
         queued: list[Record] = []
-        for spec, payload in zip(specs, payloads):
+        takers = self._takers()
+        for spec, payload in zip(h["jobs"], payloads):
             jid = spec["id"]
-            if self.queued_by_owner.get(key, 0) < cap and self.store.insert(
-                    key, spec, payload, wall):
-                self._enqueue(key, spec["anonymous_ok"])
-                ids.append(jid)
-                queued.append(_open_record(jid, spec["name"], spec["kind"], Status.NEW,
-                                           spec["priority"], wall, 0))
+            known = self.sched.jobs.get(jid)
+            if known is not None:
+                self._resent(key, jid, known.owner, ids, errors)
                 continue
-            owner = self.store.owner_of([jid]).get(jid)
-            if owner == key:
-                ids.append(jid)  # a resend: already stored
-            elif owner is not None:
-                errors.append({"id": jid, "code": "exists", "message": "job id in use"})
-            else:
+            if self.sched.queued_by_owner.get(key, 0) >= cap:
                 errors.append({"id": jid, "code": "quota", "message":
                                f"this client already has {cap} queued jobs "
                                f"(the broker's --max-queued-per-client)"})
+                continue
+            try:
+                seq = self.store.insert(key, spec, payload, wall)
+                if seq is None:
+                    self._resent(key, jid, self.store.owner_of([jid]).get(jid), ids, errors)
+                    continue
+            except sqlite3.Error as e:
+                # Not acknowledged: the client sends it again later.
+                log.error("could not store job %s of client %s: %s", jid, key[:8], e)
+                continue
+            keep = self.payload_bytes + len(payload) <= self.config.payload_memory
+            self.payload_bytes += len(payload) if keep else 0
+            job = Job(jid, key, spec["name"], spec["kind"], spec["priority"], spec["timeout"],
+                      spec["memory"], spec["anonymous_ok"], frozenset(spec["requires"]), wall,
+                      0, seq, payload if keep else None)
+            self.sched.add(job)
+            ids.append(jid)
+            queued.append(_open_record(job, waiting_reason(job, takers)))
         self._send("client", rid, make(M.ACK, req=h["req"], ids=ids, errors=errors))
         if queued:
             self._announce(key, *queued)
 
-    def _kill(self, now: float, key: str, ids: list[str]) -> None:
+    @staticmethod
+    def _resent(key: str, jid: str, owner: str | None, ids: list[str],
+                errors: list[dict[str, str]]) -> None:
+        if owner == key:
+            ids.append(jid)  # a resend: already stored
+        else:
+            errors.append({"id": jid, "code": "exists", "message": "job id in use"})
+
+    def _kill(self, key: str, ids: list[str]) -> None:
         for jid in ids:
-            state = self.store.state(jid)
-            if state is None or state.owner != key or state.status in FINAL:
-                continue  # another client's job is invisible to this one
+            job = self.sched.jobs.get(jid)
+            if job is None or job.owner != key:
+                continue  # final already, or another client's job: invisible to this one
             outcome = Outcome(Status.KILLED, "killed by its owner", "none", "none", False,
                               None, time.time(), b"", b"")
             done = self.store.finish(jid, outcome)
+            if job.where is Where.ASSIGNED:
+                self._cancel_on(job.monitor, jid, "killed")
+            self._forget(job)
             if done:
                 self._announce(*done)
-                if state.status is Status.NEW:
-                    self._unqueue(key, state.anonymous_ok)
-                else:
-                    self._cancel_on_monitor(jid, state.worker_id, "killed")
-                self.orphans.pop(jid, None)
-                self.lost_assignments.pop(jid, None)
 
-    def _cancel_on_monitor(self, job_id: str, monitor_id: str | None, reason: str) -> None:
-        for m in self.monitors.values():
-            if job_id in m.inflight or m.monitor_id == monitor_id:
-                self._send("monitor", m.rid, make(M.CANCEL, ids=[job_id], reason=reason))
+    def _forget(self, job: Job) -> None:
+        self.sched.remove(job.id)
+        if job.payload is not None:
+            self.payload_bytes -= len(job.payload)
+            job.payload = None
 
     def _reply_records(self, rid: bytes, key: str, req: int, ids: list[str]) -> None:
         found = self.store.records(ids, owner=key)
         missing = [i for i in ids if i not in found]
-        self._send("client", rid, _records_message(
-            M.JOBS, list(found.values()), req=req, missing=missing))
+        self._send_records(rid, req, self._with_reasons(list(found.values())), missing)
+
+    def _send_records(self, rid: bytes, req: int, records: list[Record],
+                      missing: list[str]) -> None:
+        """JOBS replies, split within the protocol's limits (the last carries ``missing``)."""
+        parts = batches([len(b[0]) + len(b[1]) for _, b in records]) or [range(0)]
+        for n, part in enumerate(parts):
+            last = n == len(parts) - 1
+            self._send("client", rid, _records_message(
+                M.JOBS, [records[i] for i in part], req=req, missing=missing if last else [],
+                more=not last))
+
+    def _with_reasons(self, records: list[Record]) -> list[Record]:
+        """Queued jobs' records say why they wait, when no connected monitor can run them."""
+        takers = self._takers()
+        for rec, _ in records:
+            if rec["status"] == Status.NEW:
+                job = self.sched.jobs.get(rec["id"])
+                if job is not None:
+                    rec["reason"] = waiting_reason(job, takers)
+        return records
 
     # --- monitors
 
@@ -249,111 +315,126 @@ class BrokerState:
                 "unregistered", "this monitor is not registered (or was lost): register again"))
             return
         if msg.type is M.RESULT:
-            self._results(now, entry, msg)
+            self._results(entry, msg)
         elif msg.type is M.STOPPING:
             entry.stopping = True
         elif msg.type is M.RELEASE:
             h = msg.header
             for jid in h["ids"]:
-                if jid in entry.inflight:
-                    entry.inflight.discard(jid)
-                    self._requeue(jid, h["count_failure"], h["reason"], now)
+                job = self.sched.jobs.get(jid)
+                if job is not None and job.monitor == entry.monitor_id:
+                    self._requeue(job, h["count_failure"], h["reason"], None)
 
     def _register(self, now: float, rid: bytes, key: str, anonymous: bool,
                   h: dict[str, Any]) -> None:
-        # A monitor that reconnected keeps its identity. Jobs its old entry had
-        # that it no longer runs were lost in transit or finished with the result
-        # still to come: re-queue them, but welcome their late results.
-        running = set(h["running"])
-        for old_rid, old in list(self.monitors.items()):
-            if old.monitor_id == h["monitor"] and old.key == key:
-                del self.monitors[old_rid]
-                for jid in old.inflight - running:
-                    self.lost_assignments[jid] = old.monitor_id
-                    self._requeue(jid, False, "its monitor reconnected without it", now)
-        entry = MonitorEntry(rid, key, anonymous, h["monitor"], h["host"], h["pid"],
+        monitor_id = h["monitor"]
+        old = self.by_id.get(monitor_id)
+        if old is not None and old.key != key:
+            log.warning("refused a monitor registering as %s with another key (%s)",
+                        monitor_id, key[:8])
+            self._send("monitor", rid, error("monitor_id", "this monitor id belongs to "
+                                             "another key: register with a new id"))
+            return
+        same_conn = self.monitors.get(rid)
+        if same_conn is not None and same_conn.monitor_id != monitor_id:
+            # The connection now speaks for another monitor: the old one is gone.
+            self.lose_monitor(now, rid, "re-registered as another monitor", count=False)
+        holds = set(h["running"])
+        if old is not None:
+            # It reconnected. Jobs its old entry had that it no longer holds were lost in
+            # transit: re-queue them, but welcome their late results.
+            self._drop_entry(old)
+            for jid in self.sched.of_monitor(monitor_id):
+                if jid not in holds:
+                    self._requeue(self.sched.jobs[jid], False,
+                                  "its monitor reconnected without it", monitor_id)
+        entry = MonitorEntry(rid, key, anonymous, monitor_id, h["host"], h["pid"],
                              h["slots"], h["tags"], now)
-        cancel: list[str] = []
-        adopted: list[str] = []
-        for jid in h["running"]:
-            if self._adopt(entry, jid):
-                adopted.append(jid)
-            else:
-                cancel.append(jid)
         self.monitors[rid] = entry
+        self.by_id[monitor_id] = entry
+        cancel: list[str] = []
+        adopted: list[Job] = []
+        for jid in h["running"]:
+            job = self._adoptable(entry, jid)
+            if job is None:
+                cancel.append(jid)
+            else:
+                adopted.append(job)
         if adopted:
-            self._announce_ids(adopted)
-        log.info("monitor %s registered from %s (%d slots%s, %d running)", entry.monitor_id,
-                 entry.host, entry.slots, ", anonymous" if anonymous else "", len(adopted))
+            wall = time.time()
+            self.store.start([j.id for j in adopted], entry.ref(), wall)
+            for job in adopted:
+                self.sched.adopt(job.id, monitor_id)
+                job.started = job.started or wall
+                self._announce(job.owner, _open_record(job, None, entry.ref()))
+        log.info("monitor %s registered from %s (%d slots%s, %d held)", monitor_id, entry.host,
+                 entry.slots, ", anonymous" if anonymous else "", len(adopted))
         self._send("monitor", rid, make(M.REGISTERED, heartbeat=self.config.heartbeat,
                                         liveness=self.config.liveness, cancel=cancel))
 
-    def _adopt(self, entry: MonitorEntry, jid: str) -> bool:
-        """Whether a job a (re)registering monitor says it runs may go on there."""
-        state = self.store.state(jid)
-        if state is None or state.status in FINAL:
-            return False
-        if entry.anonymous and not state.anonymous_ok:
-            return False
-        if state.status is Status.PROCESSING:
-            if state.worker_id != entry.monitor_id and any(
-                    m.monitor_id == state.worker_id for m in self.monitors.values()):
-                return False  # running elsewhere already
-        else:  # requeued while the monitor was away: take it back out of the queue
-            self._unqueue(state.owner, state.anonymous_ok)
-        self.store.start([jid], entry.ref(), time.time())
-        entry.inflight.add(jid)
-        self.orphans.pop(jid, None)
-        self.lost_assignments.pop(jid, None)
-        return True
+    def _adoptable(self, entry: MonitorEntry, jid: str) -> Job | None:
+        """The job a (re)registering monitor says it holds, if it may keep it."""
+        job = self.sched.jobs.get(jid)
+        if job is None or (entry.anonymous and not job.anonymous_ok):
+            return None
+        if job.where is Where.ASSIGNED and job.monitor != entry.monitor_id:
+            other = self.by_id.get(job.monitor) if job.monitor else None
+            if other is not None:
+                return None  # running on another connected monitor already
+        return job
 
-    def _results(self, now: float, entry: MonitorEntry, msg: Message) -> None:
-        results = msg.header["results"]
+    def _results(self, entry: MonitorEntry, msg: Message) -> None:
         acked: list[str] = []
-        for i, r in enumerate(results):
+        for i, r in enumerate(msg.header["results"]):
             jid = r["id"]
-            acked.append(jid)
-            mine = jid in entry.inflight
-            late = entry.monitor_id in (self.lost_assignments.get(jid), self.orphans.get(jid))
-            entry.inflight.discard(jid)
-            if not (mine or late):
-                continue  # not this monitor's job (any more): ignore
+            job = self.sched.jobs.get(jid)
+            if job is None or not (job.monitor == entry.monitor_id
+                                   or entry.monitor_id in (job.lost_from or ())):
+                acked.append(jid)  # not this monitor's job (any more): drop it
+                continue
             outcome = Outcome(Status(r["status"]), r["error"], r["encoding"], r["result_from"],
                               r["sealed"], r["started"], r["finished"],
                               msg.blobs[2 * i], msg.blobs[2 * i + 1])
-            if late:
-                self._take_back(jid, entry)
-            done = self.store.finish(jid, outcome, entry.ref())
+            try:
+                done = self.store.finish(jid, outcome, entry.ref())
+            except sqlite3.Error as e:
+                log.error("could not store the result of job %s: %s", jid, e)
+                continue  # not acknowledged: the monitor sends it again
+            acked.append(jid)
+            if job.where is Where.ASSIGNED and job.monitor != entry.monitor_id:
+                self._cancel_on(job.monitor, jid, "finished elsewhere")
+            self._forget(job)
             if done:
                 self._announce(*done)
-            self.lost_assignments.pop(jid, None)
-            self.orphans.pop(jid, None)
-        self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=acked))
+        for part in batches([0] * len(acked)):
+            self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=acked[part.start:part.stop]))
 
-    def _take_back(self, jid: str, entry: MonitorEntry) -> None:
-        """A late result is about to close a job that was re-queued: undo what the
-        re-queue started (its place in the queue, or its run on another monitor)."""
-        state = self.store.state(jid)
-        if state is None:
+    def _requeue(self, job: Job, count_failure: bool, reason: str, lost_from: str | None) -> None:
+        """An assigned job goes back to the queue, or fails past the failure limit."""
+        failures = job.failures + int(count_failure)
+        limit = self.config.failure_limit
+        if failures >= limit:
+            done = self.store.fail(job.id, failures, clip(
+                f"{reason}: lost its worker {failures} times (failure limit {limit})"),
+                time.time())
+            self._forget(job)
+            if done:
+                self._announce(*done)
             return
-        if state.status is Status.NEW:
-            self._unqueue(state.owner, state.anonymous_ok)
-        elif state.status is Status.PROCESSING and state.worker_id != entry.monitor_id:
-            self._cancel_on_monitor(jid, state.worker_id, "finished elsewhere")
+        self.store.requeue(job.id, failures)
+        job.failures = failures
+        self.sched.requeue(job.id, lost_from)
+        self._announce(job.owner, _open_record(job, waiting_reason(job, self._takers())))
 
-    def _requeue(self, jid: str, count_failure: bool, reason: str, now: float) -> None:
-        new = self.store.requeue(jid, count_failure, self.config.failure_limit, reason,
-                                 time.time())
-        if new is Status.NEW:
-            state = self.store.state(jid)
-            if state is not None:
-                self._enqueue(state.owner, state.anonymous_ok)
-        if new is not None:
-            self._announce_ids([jid])
+    def _drop_entry(self, entry: MonitorEntry) -> None:
+        if self.monitors.get(entry.rid) is entry:
+            del self.monitors[entry.rid]
+        if self.by_id.get(entry.monitor_id) is entry:
+            del self.by_id[entry.monitor_id]
 
     def unreachable(self, rid: bytes) -> None:
         """A monitor's connection is gone. It often comes back at once (a reconnect,
-        a broker that was stalled), registering with the jobs it still runs, so wait
+        a broker that was stalled), registering with the jobs it still holds, so wait
         for that, or for the liveness window, before re-queueing its jobs."""
         entry = self.monitors.get(rid)
         if entry is not None and entry.reachable:
@@ -361,16 +442,18 @@ class BrokerState:
             log.info("monitor %s on %s disconnected; waiting for it to register again",
                      entry.monitor_id, entry.host)
 
-    def lose_monitor(self, now: float, rid: bytes, reason: str) -> None:
-        """Forget a monitor and put its jobs back in the queue, counting a failure."""
-        entry = self.monitors.pop(rid, None)
+    def lose_monitor(self, now: float, rid: bytes, reason: str, count: bool = True) -> None:
+        """Forget a monitor and put its jobs back in the queue (counting a failure)."""
+        entry = self.monitors.get(rid)
         if entry is None:
             return
+        self._drop_entry(entry)
+        ids = self.sched.of_monitor(entry.monitor_id)
         log.warning("monitor %s on %s lost (%s); re-queueing %d jobs", entry.monitor_id,
-                    entry.host, reason, len(entry.inflight))
-        for jid in entry.inflight:
-            self.lost_assignments[jid] = entry.monitor_id
-            self._requeue(jid, True, f"worker {entry.host} lost", now)
+                    entry.host, reason, len(ids))
+        for jid in ids:
+            self._requeue(self.sched.jobs[jid], count, f"worker {entry.host} lost",
+                          entry.monitor_id)
 
     # --- time
 
@@ -385,6 +468,8 @@ class BrokerState:
                         "monitors", now - self.last_tick)
             for m in self.monitors.values():
                 m.last_seen = min(now, m.last_seen + stalled)
+            if self.orphan_deadline is not None:
+                self.orphan_deadline += stalled
         self.last_tick = now
         for rid, m in list(self.monitors.items()):
             if now - m.last_seen > window:
@@ -394,11 +479,13 @@ class BrokerState:
             for m in self.monitors.values():
                 if m.reachable:
                     self._send("monitor", m.rid, make(M.HEARTBEAT))
-        if self.orphans and now >= self.orphan_deadline:
-            for jid in list(self.orphans):
-                self._requeue(jid, False, "its monitor did not come back after a broker restart",
-                              now)
-            self.orphans.clear()
+        if self.orphan_deadline is not None and now >= self.orphan_deadline:
+            self.orphan_deadline = None
+            for monitor_id in list(self.sched.assigned):
+                if monitor_id not in self.by_id:
+                    for jid in self.sched.of_monitor(monitor_id):
+                        self._requeue(self.sched.jobs[jid], False, "its monitor did not come "
+                                      "back after a broker restart", monitor_id)
         wall = time.time()
         if wall - self.last_prune > 3600:
             self.last_prune = wall
@@ -421,62 +508,71 @@ class BrokerState:
 
     # --- dispatch and flush
 
-    def dispatch(self, now: float) -> None:
-        monitors = list(self.monitors.values())
-        if not monitors or self.queued <= 0:
+    def dispatch(self) -> None:
+        """Send queued jobs to monitors with credit, in turn."""
+        if not self.sched.queued or not self.monitors:
             return
+        monitors = list(self.monitors.values())
         self.rotation = (self.rotation + 1) % len(monitors)
         for m in monitors[self.rotation:] + monitors[:self.rotation]:
-            if self.queued <= 0:
+            if not self.sched.queued:
                 break
-            credit = m.credit
-            if credit <= 0 or (m.anonymous and self.queued_anon <= 0):
+            credit = self._credit(m)
+            if credit <= 0:
                 continue
-            jobs = self.store.next_queued(min(credit, MAX_BATCH), m.anonymous)
+            jobs = self.sched.take(m.taker, credit)
             if not jobs:
                 continue
-            ids = [j.id for j in jobs]
             wall = time.time()
             worker = m.ref()
-            self.store.start(ids, worker, wall)
-            m.inflight.update(ids)
-            specs, blobs = [], []
-            for j in jobs:
-                self._unqueue(j.owner, j.anonymous_ok)
-                specs.append({"id": j.id, "name": j.name, "kind": j.kind, "timeout": j.timeout,
-                              "memory": j.memory, "owner": j.owner,
-                              "trusted": not m.anonymous})
-                blobs.append(j.payload)
-                self._announce(j.owner, _open_record(j.id, j.name, j.kind, Status.PROCESSING,
-                                                     j.priority, j.created, j.failures,
-                                                     wall, worker))
-            self._send("monitor", m.rid, make(M.RUN, blobs, jobs=specs))
+            self.store.start([j.id for j in jobs], worker, wall)
+            payloads = [j.payload if j.payload is not None else self.store.payload(j.id)
+                        for j in jobs]
+            for part in batches([len(p) for p in payloads]):
+                specs = []
+                for i in part:
+                    j = jobs[i]
+                    j.started = wall
+                    specs.append({"id": j.id, "name": j.name, "kind": j.kind,
+                                  "timeout": j.timeout, "memory": j.memory, "owner": j.owner,
+                                  "trusted": not m.anonymous})
+                    self._announce(j.owner, _open_record(j, None, worker))
+                self._send("monitor", m.rid, make(M.RUN, payloads[part.start:part.stop],
+                                                  jobs=specs))
 
     def flush(self, now: float) -> list[Out]:
         """Dispatch, commit, and return everything to send (acks, jobs, events)."""
-        self.dispatch(now)
-        self.store.commit()
+        try:
+            self.dispatch()
+            self.store.commit()
+        except sqlite3.Error as e:
+            self.reload(now, str(e))
+            return []
         out, self.outbox = self.outbox, []
         for owner, records in self.events.items():
-            seq = self.event_seq.get(owner, 0) + 1
-            self.event_seq[owner] = seq
-            out.append(Out("event", owner.encode(), _records_message(
-                M.EVENT, records, seq=seq, epoch=self.config.epoch)))
+            topic = owner.encode()
+            parts = batches([len(b[0]) + len(b[1]) for _, b in records]) or [range(0)]
+            for part in parts:
+                seq = self.event_seq.get(owner, 0) + 1
+                self.event_seq[owner] = seq
+                out.append(Out("event", topic, _records_message(
+                    M.EVENT, [records[i] for i in part], seq=seq, epoch=self.config.epoch)))
         self.events = {}
         return out
 
 
-def _open_record(job_id: str, name: str | None, kind: str, status: Status, priority: int,
-                 created: float, failures: int, started: float | None = None,
-                 worker: WorkerRef | None = None) -> Record:
+def _open_record(job: Job, reason: str | None, worker: WorkerRef | None = None) -> Record:
     """The record of a job that is not final (nothing to carry but its state)."""
-    return ({"id": job_id, "name": name, "kind": kind, "status": status.value,
-             "priority": priority, "created": created, "started": started, "finished": None,
-             "failures": failures, "error": None,
+    queued = job.where is Where.QUEUED
+    return ({"id": job.id, "name": job.name, "kind": job.kind,
+             "status": (Status.NEW if queued else Status.PROCESSING).value,
+             "priority": job.priority, "created": job.created,
+             "started": None if queued else job.started, "finished": None,
+             "failures": job.failures, "error": None,
              "worker": None if worker is None else {"id": worker.id, "host": worker.host,
                                                     "key": worker.key,
                                                     "anonymous": worker.anonymous},
-             "encoding": "none", "result_from": "none", "sealed": False, "reason": None},
+             "encoding": "none", "result_from": "none", "sealed": False, "reason": reason},
             [b"", b""])
 
 

@@ -17,6 +17,7 @@ from . import keys as keys_mod
 from .broker import BrokerOptions, PortInUse, run_broker
 from .monitor import MonitorOptions, run_monitor
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+from .store import StoreLocked
 
 
 def _positive_float(text: str) -> float:
@@ -30,6 +31,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
 
 
@@ -71,6 +79,14 @@ def broker_parser(prog: str = "dsage-broker") -> argparse.ArgumentParser:
                    help="most queued jobs per client key (default 1,000,000)")
     p.add_argument("--retention-days", type=_positive_float, default=7.0,
                    help="finished jobs are deleted after this many days (default 7)")
+    p.add_argument("--prefetch", type=_nonneg_int, default=1,
+                   help="jobs sent to a monitor beyond its free slots, so no slot waits "
+                   "for a round trip (default 1)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="the SQLite job store (default HOME/db/dsage.db); one broker per store")
+    p.add_argument("--durable", action="store_true",
+                   help="make every commit reach the disk (survives power loss, slower); by "
+                   "default commits survive a crash of the broker but not of the machine")
     _common(p)
     return p
 
@@ -119,10 +135,11 @@ def broker_main(argv: Sequence[str] | None = None, prog: str = "dsage-broker") -
         port=a.port, bind=a.bind, home=a.home, allow_anonymous=a.allow_anonymous,
         heartbeat=a.heartbeat, liveness=a.liveness, failure_limit=a.failure_limit,
         max_message_size=a.max_message_size, max_queued_per_client=a.max_queued_per_client,
-        retention_days=a.retention_days, exit_with_parent=a.exit_with_parent)
+        retention_days=a.retention_days, prefetch=a.prefetch, store=a.store, durable=a.durable,
+        exit_with_parent=a.exit_with_parent)
     try:
         run_broker(options)
-    except (keys_mod.KeyProblem, PortInUse) as e:
+    except (keys_mod.KeyProblem, PortInUse, StoreLocked) as e:
         return _fail(prog, str(e))
     return 0
 

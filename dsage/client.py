@@ -164,6 +164,8 @@ class _IO(threading.Thread):
         #: ids of jobs not known to be final, whose wrappers may still be alive
         self.open: set[str] = set()
         self.requests: dict[int, Future[Message]] = {}
+        #: the parts so far of answers that come in several JOBS messages, by request id
+        self.partial: dict[int, Message] = {}
         self.next_req = 1
         self.last_seq = 0
         self.last_ping = 0.0
@@ -420,6 +422,17 @@ class _IO(threading.Thread):
                 self._refuse(err["id"], err["code"], f"refused by the broker: {err['message']}")
         elif msg.type is M.JOBS:
             self._apply(h["jobs"], msg.blobs)
+            if h["more"]:
+                part = self.partial.setdefault(h["req"], Message(M.JOBS, {**h, "jobs": []}))
+                part.header["jobs"].extend(h["jobs"])
+                part.blobs.extend(msg.blobs)
+                return  # the rest of the answer follows
+            if h["req"] in self.partial:
+                part = self.partial.pop(h["req"])
+                part.header["jobs"].extend(h["jobs"])
+                part.blobs.extend(msg.blobs)
+                part.header["missing"] = h["missing"]
+                msg, h = part, part.header
             if h["req"] in self.resync_reqs:
                 self.resync_reqs.discard(h["req"])
                 if not self.resync_reqs and self.resync_wanted:

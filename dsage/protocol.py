@@ -376,7 +376,8 @@ SCHEMAS: dict[M, Schema] = {
          "heartbeat": _pos_float, "max_message_size": _pos_int}
     ),
     M.ACK: Schema({**_req, "ids": _ids, "errors": _list_of(_obj(ERROR_ITEM))}),
-    M.JOBS: Schema({**_req, "missing": _ids}, "jobs", RECORD, 2),
+    # a long answer comes in several JOBS messages: all but the last say ``more``
+    M.JOBS: Schema({**_req, "missing": _ids, "more": _bool}, "jobs", RECORD, 2),
     M.WORKER_LIST: Schema({**_req, "workers": _list_of(_obj(MONITOR_INFO))}),
     M.PONG: Schema({"seq": _nonneg_int, "epoch": _short_str}),
     M.ERROR: Schema({"req": _optional(_nonneg_int), "code": _short_str, "message": _str}),

@@ -1,13 +1,18 @@
-"""The broker's job store: one SQLite file in WAL mode.
+"""The broker's job store: one SQLite file in WAL mode, the journal of the
+in-memory scheduler (:mod:`dsage.scheduler`).
 
-The store is the single owner of job state. Callers group changes and call
-:meth:`Store.commit` once per loop iteration; the broker acknowledges a submit
-only after that commit. Payloads, results and output are opaque bytes here.
+Every change to a job is written here; callers group them and call
+:meth:`Store.commit` once per loop iteration, and the broker acknowledges a
+submit or announces a final state only after that commit. At start the broker
+reloads the open jobs from here. Payloads, results and output are opaque
+bytes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -59,31 +64,30 @@ _RECORD_COLUMNS = (
 )
 
 
+class StoreLocked(Exception):
+    """Another broker has this store open."""
+
+
 @dataclass(frozen=True)
-class RunnableJob:
-    """A queued job as a monitor needs it."""
+class OpenJob:
+    """A job that is not final, as the broker reloads it at start."""
 
     id: str
     owner: str
     name: str | None
     kind: str
+    priority: int
     timeout: float | None
     memory: int | None
     anonymous_ok: bool
-    payload: bytes
-    priority: int
+    requires: list[str]
     created: float
     failures: int
-
-
-@dataclass(frozen=True)
-class JobState:
-    """A job's status, the monitor running it (if any), its owner and security setting."""
-
+    seq: int
     status: Status
     worker_id: str | None
-    owner: str
-    anonymous_ok: bool
+    started: float | None
+    payload: bytes | None
 
 
 @dataclass(frozen=True)
@@ -131,16 +135,29 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
 
 
 class Store:
-    """SQLite-backed job table."""
+    """SQLite-backed job table, opened by one broker at a time.
 
-    def __init__(self, path: str | Path) -> None:
+    An exclusive ``flock`` on ``PATH.lock`` (held while the store is open, and
+    released by the kernel if the broker dies) keeps a second broker off the
+    same file; the lock file says who holds it. ``durable`` makes every commit
+    reach the disk (``synchronous=FULL``); by default a commit survives the
+    broker's crash but not the machine's (``synchronous=NORMAL`` in WAL mode).
+    """
+
+    def __init__(self, path: str | Path, durable: bool = False, holder: str = "") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
-        self.db.execute("BEGIN")
+        self._lock_fd = _lock(self.path.with_name(self.path.name + ".lock"), holder)
+        try:
+            self.db = sqlite3.connect(str(self.path), isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self.db.executescript(_SCHEMA)
+            self.db.execute("BEGIN")
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._committed_changes = self.db.total_changes
 
     def commit(self) -> None:
@@ -155,9 +172,19 @@ class Store:
     def close(self) -> None:
         try:
             self.db.execute("COMMIT")
-        except sqlite3.OperationalError:
+        except sqlite3.Error:
             pass
         self.db.close()
+        os.close(self._lock_fd)
+
+    def rollback(self) -> None:
+        """Drop every change since the last commit (after a failed write)."""
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self.db.execute("BEGIN")
+        self._committed_changes = self.db.total_changes
 
     # --- submit
 
@@ -169,8 +196,9 @@ class Store:
             out.update(self.db.execute(q, chunk).fetchall())
         return out
 
-    def insert(self, owner: str, spec: dict[str, Any], payload: bytes, now: float) -> bool:
-        """Store a new job; False (and no change) if its id exists already."""
+    def insert(self, owner: str, spec: dict[str, Any], payload: bytes, now: float) -> int | None:
+        """Store a new job and return its row number (submission order); None (and
+        no change) if its id exists already."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO jobs (id, owner, name, kind, status, priority, anonymous_ok,"
             " timeout, memory, requires, created, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -178,21 +206,32 @@ class Store:
              int(spec["anonymous_ok"]), spec["timeout"], spec["memory"],
              json.dumps(spec["requires"]), now, payload),
         )
-        return cur.rowcount == 1
+        return cur.lastrowid if cur.rowcount == 1 else None
 
     # --- dispatch
 
-    def next_queued(self, limit: int, anonymous_only: bool) -> list[RunnableJob]:
-        """Up to ``limit`` queued jobs, most urgent first (priority, then submission order)."""
-        index = "queue_anon" if anonymous_only else "queue"
-        extra = " AND anonymous_ok = 1" if anonymous_only else ""
+    def open_jobs(self, payload_budget: int) -> list[OpenJob]:
+        """Every job that is not final, in submission order; payloads are loaded
+        while their total stays within ``payload_budget`` bytes (the rest: None)."""
         rows = self.db.execute(
-            f"SELECT id, owner, name, kind, timeout, memory, anonymous_ok, payload, priority,"
-            f" created, failures FROM jobs INDEXED BY {index} WHERE status = 'new'{extra}"
-            f" ORDER BY priority, seq LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [RunnableJob(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), *r[7:]) for r in rows]
+            "SELECT id, owner, name, kind, priority, timeout, memory, anonymous_ok, requires,"
+            " created, failures, seq, status, worker_id, started, length(payload)"
+            " FROM jobs WHERE status IN ('new', 'processing') ORDER BY seq").fetchall()
+        out: list[OpenJob] = []
+        for r in rows:
+            size = r[15] or 0
+            payload = None
+            if size <= payload_budget:
+                payload = self.payload(r[0])
+                payload_budget -= size
+            out.append(OpenJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]),
+                               json.loads(r[8]), r[9], r[10], r[11], Status(r[12]), r[13],
+                               r[14], payload))
+        return out
+
+    def payload(self, job_id: str) -> bytes:
+        row = self.db.execute("SELECT payload FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return b"" if row is None or row[0] is None else bytes(row[0])
 
     def start(self, ids: Sequence[str], worker: WorkerRef, now: float) -> None:
         self.db.executemany(
@@ -226,45 +265,23 @@ class Store:
         ).fetchone()
         return None if row is None else _record(row)
 
-    def requeue(self, job_id: str, count_failure: bool, failure_limit: int,
-                reason: str, now: float) -> Status | None:
-        """Put a processing job back in the queue, or fail it past the failure limit.
-
-        Returns the new status, or None when the job was not processing.
-        """
-        row = self.db.execute(
-            "SELECT failures FROM jobs WHERE id=? AND status='processing'", (job_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        failures = row[0] + (1 if count_failure else 0)
-        if failures >= failure_limit:
-            self.db.execute(
-                "UPDATE jobs SET status='failed', failures=?, finished=?, error=?, payload=NULL"
-                " WHERE id=?",
-                (failures, now, f"{reason}: lost its worker {failures} times "
-                                f"(failure limit {failure_limit})", job_id),
-            )
-            return Status.FAILED
+    def requeue(self, job_id: str, failures: int) -> None:
+        """A processing job is queued again, with ``failures`` counted so far."""
         self.db.execute(
             "UPDATE jobs SET status='new', failures=?, started=NULL, worker_id=NULL,"
             " worker_host=NULL, worker_key=NULL, worker_anonymous=NULL WHERE id=?",
             (failures, job_id),
         )
-        return Status.NEW
 
-    def state(self, job_id: str) -> JobState | None:
-        """What the broker's rules need to know of one job."""
+    def fail(self, job_id: str, failures: int, error: str,
+             now: float) -> tuple[str, Record] | None:
+        """An open job fails without a result (its worker was lost too often)."""
         row = self.db.execute(
-            "SELECT status, worker_id, owner, anonymous_ok FROM jobs WHERE id=?", (job_id,)
+            "UPDATE jobs SET status='failed', failures=?, finished=?, error=?, payload=NULL"
+            f" WHERE id=? AND status IN ('new', 'processing') RETURNING {_RECORD_COLUMNS}",
+            (failures, now, error, job_id),
         ).fetchone()
-        return None if row is None else JobState(Status(row[0]), row[1], row[2], bool(row[3]))
-
-    def processing(self) -> list[tuple[str, str | None]]:
-        """(job id, monitor id) of every job marked processing."""
-        return self.db.execute(
-            "SELECT id, worker_id FROM jobs WHERE status='processing'"
-        ).fetchall()
+        return None if row is None else _record(row)
 
     # --- queries
 
@@ -295,16 +312,6 @@ class Store:
         args.append(limit)
         return [_record(r)[1] for r in self.db.execute(q, args)]
 
-    def queued_counts(self) -> tuple[int, int, dict[str, int]]:
-        """Queued jobs: total, how many may run anonymously, and per owner."""
-        per_owner = dict(self.db.execute(
-            "SELECT owner, COUNT(*) FROM jobs WHERE status='new' GROUP BY owner"
-        ).fetchall())
-        anon = self.db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE status='new' AND anonymous_ok=1"
-        ).fetchone()[0]
-        return sum(per_owner.values()), anon, per_owner
-
     def prune(self, finished_before: float) -> int:
         """Delete final jobs that finished before the given time."""
         finals = ",".join(f"'{s.value}'" for s in FINAL)
@@ -312,6 +319,23 @@ class Store:
             f"DELETE FROM jobs WHERE status IN ({finals}) AND finished < ?", (finished_before,)
         )
         return cur.rowcount
+
+
+def _lock(path: Path, holder: str) -> int:
+    """Hold an exclusive lock on ``path`` (writing ``holder`` in it) or raise StoreLocked."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise StoreLocked(
+            f"the job store {path.with_suffix('')} is in use by another broker"
+            f"{f' ({other})' if other else ''}: one broker per store. Stop that broker, "
+            f"connect to it, or give this one another --home or --store") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    return fd
 
 
 def _chunks(items: Sequence[str], size: int = 500) -> Iterable[list[str]]:

@@ -57,7 +57,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "ids": ids, "missing": ids, "code": short, "message": text, "client": short,
     "version": short, "epoch": short, "heartbeat": positive, "max_message_size": pos_int,
     "monitor": short, "running": ids, "liveness": pos_int, "cancel": ids, "reason": short,
-    "seq": nonneg, "count_failure": st.booleans(),
+    "seq": nonneg, "count_failure": st.booleans(), "more": st.booleans(),
 }
 
 

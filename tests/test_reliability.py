@@ -557,14 +557,14 @@ def test_late_result_is_accepted_while_the_job_is_open(tmp_path: Path) -> None:
     assert w.record(jid)[0]["worker"]["id"] == "mon-a"  # type: ignore[index]
     w.lose(b"a")
     assert w.record(jid)[0]["status"] == "new" and w.record(jid)[0]["failures"] == 1
-    assert w.state.queued == 1
+    assert w.state.sched.queued == 1
     # the lost monitor comes back (new connection) and delivers its result
     w.register(b"a2", "mon-a")
     sent = w.result(b"a2", jid, b"late")
     assert any(m.type is M.RESULT_ACK and m.header["ids"] == [jid] for m in sent)
     rec, blobs = w.record(jid)
     assert rec["status"] == "completed" and blobs[0] == b"late"
-    assert w.state.queued == 0  # taken back out of the queue, not run again
+    assert w.state.sched.queued == 0  # taken back out of the queue, not run again
     w.register(b"b", "mon-b")
     assert not any(m.type is M.RUN for m in w.flush())
 
