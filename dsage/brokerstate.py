@@ -207,6 +207,7 @@ class BrokerState:
         errors: list[dict[str, str]] = []
         queued: list[Record] = []
         takers = self._takers()
+        unstored, why = 0, ""
         for spec, payload in zip(h["jobs"], payloads):
             jid = spec["id"]
             known = self.sched.jobs.get(jid)
@@ -224,8 +225,8 @@ class BrokerState:
                     self._resent(key, jid, self.store.owner_of([jid]).get(jid), ids, errors)
                     continue
             except sqlite3.Error as e:
-                # Not acknowledged: the client sends it again later.
-                log.error("could not store job %s of client %s: %s", jid, key[:8], e)
+                unstored += 1  # not acknowledged: the client sends it again later
+                why = str(e)
                 continue
             keep = self.payload_bytes + len(payload) <= self.config.payload_memory
             self.payload_bytes += len(payload) if keep else 0
@@ -235,6 +236,9 @@ class BrokerState:
             self.sched.add(job)
             ids.append(jid)
             queued.append(_open_record(job, waiting_reason(job, takers)))
+        if unstored:
+            log.error("could not store %d jobs of client %s (%s); they stay unacknowledged",
+                      unstored, key[:8], why)
         self._send("client", rid, make(M.ACK, req=h["req"], ids=ids, errors=errors))
         if queued:
             self._announce(key, *queued)

@@ -24,6 +24,7 @@ from . import keys as keys_mod
 from .broker import BrokerOptions, run_broker
 from .client import DSage
 from .monitor import MonitorOptions, run_monitor
+from .store import holder_of
 
 BROKER_FIELDS = {f.name for f in dataclasses.fields(BrokerOptions)} - {"home", "port"}
 MONITOR_FIELDS = {f.name for f in dataclasses.fields(MonitorOptions)} - {
@@ -165,6 +166,22 @@ class Cluster:
             self.broker.stop()
 
 
+def _ports_free(base: int, host: str = "127.0.0.1") -> bool:
+    """Whether ports base..base+2 can be bound now."""
+    held: list[socket.socket] = []
+    try:
+        for p in range(base, base + 3):
+            s = socket.socket()
+            held.append(s)
+            s.bind((host, p))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in held:
+            s.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port p such that p, p+1 and p+2 are free now (the broker needs three)."""
     for _ in range(200):
@@ -197,21 +214,35 @@ def _close_all() -> None:
         d.close()
 
 
-def start_all(workers: int = 2, port: int = 8081, home: str | os.PathLike[str] | None = None,
-              timeout: float = 60.0, **options: Any) -> DSage:
+def start_all(workers: int = 2, port: int | None = None,
+              home: str | os.PathLike[str] | None = None, timeout: float = 60.0,
+              **options: Any) -> DSage:
     """Start a local broker and a monitor with ``workers`` slots; return a connected DSage.
 
-    Runs ``dsage setup`` first when there is no keypair yet. ``port=0`` picks free
-    ports. ``D.close()`` (or leaving a ``with`` block, or the interpreter exiting)
-    stops everything started here. Other options go to the broker and the monitor
-    by name (``heartbeat=0.5``, ``max_jobs_per_slot=100``, ``allow_anonymous=True``).
+    Runs ``dsage setup`` first when there is no keypair yet. The broker uses ports
+    8081-8083 when they are free, else (or with ``port=0``) free ones; a given
+    ``port`` is used as it is. When another broker (another script's ``start_all``)
+    has the home's job store open, this cluster keeps its jobs in a store of its
+    own, and says so. ``D.close()`` (or leaving a ``with`` block, or the interpreter
+    exiting) stops everything started here. Other options go to the broker and the
+    monitor by name (``heartbeat=0.5``, ``max_jobs_per_slot=100``).
     """
     root = keys_mod.home(home)
     if not keys_mod.has_keypair(root):
         keys_mod.setup(root)
         print(f"dsage: no keypair yet, so ran `dsage setup`: created {root}", file=sys.stderr)
     keys_mod.load_keypair(root)  # a too-open secret key is refused before anything starts
+    if port is None:
+        port = 8081 if _ports_free(8081) else free_port()
     port = port or free_port()
+    if "store" not in options:
+        default = root / "db" / "dsage.db"
+        holder = holder_of(default)
+        if holder is not None:
+            options["store"] = root / "db" / f"dsage-{port}.db"
+            print(f"dsage: the job store {default} is in use by another broker ({holder}); "
+                  f"this cluster keeps its jobs in its own job store, {options['store']}",
+                  file=sys.stderr)
     shared = {k: options[k] for k in ("heartbeat", "liveness") if k in options}
     broker_opts = {k: v for k, v in options.items() if k in BROKER_FIELDS}
     monitor_opts = {k: v for k, v in options.items() if k in MONITOR_FIELDS}

@@ -147,7 +147,7 @@ class Store:
     def __init__(self, path: str | Path, durable: bool = False, holder: str = "") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(self.path.with_name(self.path.name + ".lock"), holder)
+        self._lock_fd = _lock(lock_path(self.path), holder)
         try:
             self.db = sqlite3.connect(str(self.path), isolation_level=None,
                                       check_same_thread=False)
@@ -319,6 +319,25 @@ class Store:
             f"DELETE FROM jobs WHERE status IN ({finals}) AND finished < ?", (finished_before,)
         )
         return cur.rowcount
+
+
+def lock_path(store: Path) -> Path:
+    return store.with_name(store.name + ".lock")
+
+
+def holder_of(store: Path) -> str | None:
+    """Who has the store open (what its lock file says), or None if nobody does."""
+    try:
+        fd = os.open(lock_path(store), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another broker"
+    finally:
+        os.close(fd)
+    return None
 
 
 def _lock(path: Path, holder: str) -> int:

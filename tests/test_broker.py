@@ -1,0 +1,406 @@
+"""The broker under hostile values, a full disk, tags, fairness, a second broker on
+the same store, and monitors that change identity: live tests against real
+processes, and pure-state tests of the scheduler (a hypothesis state machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from dsage import keys
+from dsage.auth import make_client
+from dsage.brokerstate import BrokerConfig, BrokerState
+from dsage.protocol import (
+    CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
+    make,
+)
+from dsage.scheduler import Job, Scheduler, Taker, Where
+from dsage.store import Store, StoreLocked
+
+from .conftest import Procs, run_python, skip_or_fail, wait_for
+
+ALL = frozenset(M)
+OWNER = "o" * 40
+
+
+def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int,
+            kp: keys.Keypair | None = None) -> zmq.Socket[bytes]:
+    """A CURVE DEALER (the home's keypair unless ``kp``), connected to ``port``."""
+    own = keys.load_keypair(home)
+    sock = ctx.socket(zmq.DEALER)
+    make_client(sock, kp or own, own.public)
+    sock.rcvtimeo = 10_000
+    sock.sndtimeo = 10_000
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    return sock
+
+
+def _spec(job_id: str, **change: Any) -> dict[str, Any]:
+    return {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
+            "memory": None, "anonymous_ok": False, "requires": [], **change}
+
+
+def _raw(type_: str, header: dict[str, Any], *blobs: bytes) -> list[bytes]:
+    """Frames as any peer could send them: json.dumps writes a lone surrogate as an
+    escape, which is valid JSON."""
+    return [VERSION, type_.encode(), json.dumps(header).encode(), *blobs]
+
+
+def _register(monitor_id: str, running: list[str] = (), host: str = "h") -> list[bytes]:
+    return _raw("register", {"monitor": monitor_id, "host": host, "pid": 1, "slots": 1,
+                             "tags": [], "running": list(running), "version": "0"})
+
+
+def _replies(sock: zmq.Socket[bytes], want: M) -> Message:
+    """The next message of type ``want`` (skipping heartbeats and the like)."""
+    while True:
+        msg = decode(sock.recv_multipart(), ALL)
+        if msg.type is want:
+            return msg
+
+
+# --- values that once killed the broker (and kept it down: the sender resends)
+
+
+def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path) -> None:
+    broker = procs.broker(allow_anonymous=True)
+    procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        client = _dealer(ctx, home, procs.port)
+        for change in ({"name": "x\udcff"}, {"memory": 10_000_000 * 10**12},
+                       {"requires": ["\ud800"]}):
+            client.send_multipart(_raw("submit", {"req": 1, "jobs": [_spec("a" * 32, **change)]},
+                                       b"1"))
+            assert _replies(client, M.ERROR).header["code"] == "header"
+        # an anonymous worker whose host name holds a lone surrogate
+        stranger = keys.Keypair(*zmq.curve_keypair())
+        anon = _dealer(ctx, home, procs.port + 1, stranger)
+        anon.send_multipart(_register("m" * 8, host="host\udcff"))
+        assert _replies(anon, M.ERROR).header["code"] == "header"
+        # a trusted monitor whose job's error text holds one
+        mon = _dealer(ctx, home, procs.port + 1)
+        mon.send_multipart(_register("raw-monitor"))
+        _replies(mon, M.REGISTERED)
+        j = D("1 + 1")
+        wait_for(lambda: j.status == "processing" or j.done(), 30, "the job dispatched")
+        item = {"id": j.job_id, "status": "failed", "error": "KeyError: '\udcff'",
+                "encoding": "none", "result_from": "none", "sealed": False, "started": None,
+                "finished": 1.0}
+        mon.send_multipart(_raw("result", {"results": [item]}, b"", b""))
+        assert _replies(mon, M.ERROR).header["code"] == "header"
+        assert broker.alive()
+    finally:
+        ctx.destroy(linger=0)
+    assert D("6 * 7").wait(60).result == 42
+    assert broker.alive()
+
+
+def _tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        skip_or_fail("a full-disk test mounts a small tmpfs: needs root and mount")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs: {r.stderr.strip()}")
+
+
+def test_a_full_disk_loses_nothing_and_does_not_stop_the_broker(procs: Procs,
+                                                                   tmp_path: Path) -> None:
+    db = tmp_path / "small"
+    _tmpfs(db, "2m")
+    try:
+        broker = procs.broker(store=db / "dsage.db")
+        D = procs.client()
+        big = "x" * 200_000
+        jobs = [D(f"len({big!r}) + {i}") for i in range(30)]  # ~6 MB: more than the disk
+        wait_for(lambda: "could not store" in broker.log_tail(200)
+                 or "could not commit" in broker.log_tail(200), 60, "the disk to fill up")
+        assert broker.alive()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(db)], check=True)
+        procs.worker(2)
+        for i, j in enumerate(jobs):
+            assert j.wait(120).result == 200_000 + i
+        assert broker.alive()
+        assert len(D.get_my_jobs("completed")) == 30
+    finally:
+        procs.stop_all()
+        subprocess.run(["umount", "-l", str(db)], capture_output=True)
+
+
+# --- scheduling: tags, reasons, fairness
+
+
+def test_requires_is_honoured_and_a_waiting_job_says_why(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    gpu = D("'ran on gpu'", requires=["gpu"])
+    plain = D("'plain'")
+    assert plain.wait(60).result == "plain"
+    assert gpu.status == "new"
+    [rec] = [w for w in D.get_my_jobs("new") if w.job_id == gpu.job_id]
+    assert "gpu" in (rec.reason or "")
+    procs.worker(1, tags=["gpu", "cuda"])
+    assert gpu.wait(60).result == "ran on gpu"
+    assert gpu.worker is not None
+    assert gpu.worker.id in {w.id for w in D.workers() if "gpu" in w.tags}
+
+
+def _take_all(s: Scheduler, taker: Taker, n: int = 1) -> list[Job]:
+    out: list[Job] = []
+    while True:
+        got = s.take(taker, n)
+        if not got:
+            return out
+        out += got
+
+
+def _job(i: int, owner: str = OWNER, priority: int = 5, requires: frozenset[str] = frozenset(),
+         anonymous_ok: bool = False) -> Job:
+    return Job(f"{i:032x}", owner, None, "python", priority, None, None, anonymous_ok,
+               requires, 0.0, 0, i, b"")
+
+
+def test_owners_take_turns_and_priorities_come_first() -> None:
+    s = Scheduler()
+    for i in range(100):
+        s.add(_job(i, owner="A"))
+    for i in range(100, 105):
+        s.add(_job(i, owner="B"))
+    s.add(_job(200, owner="C", priority=1))
+    taker = Taker("m", frozenset(), False)
+    order = [j.owner for j in _take_all(s, taker)]
+    assert order[0] == "C"
+    assert order[1:11] in (["A", "B"] * 5, ["B", "A"] * 5)  # B is not starved by A's 100
+    assert len(order) == 106 and s.queued == 0
+
+
+def test_tags_and_anonymous_eligibility() -> None:
+    s = Scheduler()
+    s.add(_job(1, requires=frozenset({"gpu"})))
+    s.add(_job(2, anonymous_ok=True))
+    s.add(_job(3))
+    assert [j.seq for j in s.take(Taker("anon", frozenset({"gpu"}), True), 10)] == [2]
+    assert [j.seq for j in s.take(Taker("cpu", frozenset(), False), 10)] == [3]
+    assert [j.seq for j in s.take(Taker("gpu", frozenset({"gpu", "x"}), False), 10)] == [1]
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random submits, dispatches, releases, losses, re-registrations, late and
+    duplicate results and kills against a BrokerState on a real store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="dsage-sm-")
+        self.store = Store(Path(self.dir) / "dsage.db")
+        self.now = 1000.0
+        self.state = BrokerState(self.store, BrokerConfig(heartbeat=1.0, liveness=3,
+                                                          failure_limit=3),
+                                 self.now, lambda k: True)
+        self.n = 0
+        self.final: dict[str, str] = {}
+        self.rids = {"m1": b"r1", "m2": b"r2"}
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _flush(self) -> None:
+        for out in self.state.flush(self.now):
+            msg = decode(encode(out.msg), ALL)  # every message must be a valid one
+            if out.dest == "event":
+                for rec in msg.header["jobs"]:
+                    if rec["status"] in ("completed", "failed", "killed"):
+                        # one final state, never changed
+                        assert self.final.setdefault(rec["id"], rec["status"]) == rec["status"]
+
+    def _monitor(self, mid: str, msg: Message) -> None:
+        msg = decode(encode(msg), ALL)
+        self.state.on_monitor(self.now, self.rids[mid], "k" * 40, False, msg)
+        self._flush()
+
+    @rule(count=st.integers(1, 5), owner=st.sampled_from(["a" * 40, "b" * 40]),
+          tags=st.sampled_from([[], ["gpu"]]))
+    def submit(self, count: int, owner: str, tags: list[str]) -> None:
+        specs = []
+        for _ in range(count):
+            self.n += 1
+            specs.append(_spec(f"{self.n:032x}", requires=tags))
+        msg = make(M.SUBMIT, [b"1"] * count, req=1, jobs=specs)
+        self.state.on_client(self.now, b"c", owner, msg)
+        self._flush()
+
+    @rule(mid=st.sampled_from(["m1", "m2"]), gpu=st.booleans())
+    def register(self, mid: str, gpu: bool) -> None:
+        held = self.state.sched.of_monitor(mid)
+        self._monitor(mid, make(M.REGISTER, monitor=mid, host="h", pid=1, slots=2,
+                                tags=["gpu"] if gpu else [], running=held[:1], version="0"))
+
+    @rule(mid=st.sampled_from(["m1", "m2"]), data=st.data())
+    def result(self, mid: str, data: st.DataObject) -> None:
+        known = sorted(self.state.sched.jobs) + sorted(self.final)
+        if not known or self.rids[mid] not in self.state.monitors:
+            return
+        jid = data.draw(st.sampled_from(known))  # its own, another's, or a final one
+        item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
+                "result_from": "expression", "sealed": False, "started": None, "finished": 1.0}
+        self._monitor(mid, make(M.RESULT, [b"1", b""], results=[item]))
+
+    @rule(mid=st.sampled_from(["m1", "m2"]), count_failure=st.booleans())
+    def release(self, mid: str, count_failure: bool) -> None:
+        if self.rids[mid] in self.state.monitors:
+            ids = self.state.sched.of_monitor(mid)[:2]
+            self._monitor(mid, make(M.RELEASE, ids=ids, reason="r", count_failure=count_failure))
+
+    @rule(mid=st.sampled_from(["m1", "m2"]))
+    def lose(self, mid: str) -> None:
+        self.state.lose_monitor(self.now, self.rids[mid], "test")
+        self._flush()
+
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        if self.state.sched.jobs:
+            jid = data.draw(st.sampled_from(sorted(self.state.sched.jobs)))
+            owner = self.state.sched.jobs[jid].owner
+            self.state.on_client(self.now, b"c", owner, make(M.KILL, req=2, ids=[jid]))
+            self._flush()
+
+    @rule()
+    def tick(self) -> None:
+        self.now += 0.7
+        self.state.tick(self.now)
+        self._flush()
+
+    @invariant()
+    def queues_match_the_store(self) -> None:
+        sched = self.state.sched
+        rows = dict(self.store.db.execute(
+            "SELECT id, status FROM jobs WHERE status IN ('new', 'processing')").fetchall())
+        assert set(rows) == set(sched.jobs)
+        queued = [j for j in sched.jobs.values() if j.where is Where.QUEUED]
+        assert sched.queued == len(queued) == sum(sched.queued_by_owner.values())
+        for j in sched.jobs.values():
+            assert rows[j.id] == ("new" if j.where is Where.QUEUED else "processing")
+            # each job in at most one place
+            holders = [m for m, ids in sched.assigned.items() if j.id in ids]
+            assert holders == ([] if j.where is Where.QUEUED else [j.monitor])
+        assert not set(self.final) & set(sched.jobs)
+
+
+TestScheduler = SchedulerMachine.TestCase
+TestScheduler.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_every_flushed_message_is_within_the_protocol_limits(tmp_path: Path) -> None:
+    """6,000 jobs submitted at once once made one EVENT of 24,003 frames, which the
+    client refused; every message the broker sends must decode."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    for start in range(0, 6000, 1000):
+        specs = [_spec(f"{i:032x}") for i in range(start, start + 1000)]
+        state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"x"] * 1000, req=1, jobs=specs))
+    state.on_client(0.0, b"c", OWNER, make(M.LIST, req=2, status=None))
+    outs = state.flush(0.0)
+    assert outs
+    for out in outs:
+        frames = encode(out.msg)
+        assert len(frames) <= MAX_FRAMES and len(frames[2]) <= MAX_HEADER
+        decode(frames, CLIENT_REPLIES | {M.EVENT})
+    listed = [o.msg for o in outs if o.msg.type is M.JOBS]
+    assert sum(len(m.header["jobs"]) for m in listed) == 6000
+    assert [m.header["more"] for m in listed] == [True] * 5 + [False]
+    assert max(len(o.msg.header.get("jobs", [])) for o in outs) <= MAX_BATCH
+    store.close()
+
+
+# --- a monitor that changes identity on its connection
+
+
+def test_a_monitor_re_registering_under_a_new_id_strands_nothing(procs: Procs,
+                                                                  home: Path) -> None:
+    procs.broker()
+    D = procs.client()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        mon = _dealer(ctx, home, procs.port + 1)
+        mon.send_multipart(_register("first-id"))
+        _replies(mon, M.REGISTERED)
+        j = D("'done'")
+        run = _replies(mon, M.RUN)
+        assert run.header["jobs"][0]["id"] == j.job_id
+        mon.send_multipart(_register("second-id"))  # the same connection, a new id
+        _replies(mon, M.REGISTERED)
+        procs.worker(1)
+        assert j.wait(60).result == "done"
+    finally:
+        ctx.destroy(linger=0)
+
+
+# --- one broker per store
+
+
+def test_a_second_broker_on_the_same_home_refuses_and_names_the_first(
+        procs: Procs, home: Path) -> None:
+    first = procs.broker()
+    D = procs.client()
+    from dsage.cluster import free_port
+
+    other = free_port()
+    r = subprocess.run([sys.executable, "-m", "dsage.cli", "broker", "--port", str(other)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DSAGE_HOME": str(home)})
+    assert r.returncode == 2
+    assert "in use by another broker" in r.stderr
+    assert f"pid {first.pid}" in r.stderr and f"ports {procs.port}-" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert first.alive() and D.workers() == []  # the first broker is unharmed
+    with pytest.raises(StoreLocked):
+        Store(home / "db" / "dsage.db")
+
+
+def test_start_all_in_a_second_script_gets_a_cluster_of_its_own(home: Path) -> None:
+    code = ("import dsage, sys\n"
+            "D = dsage.start_all(workers=1, port=0)\n"
+            "print(D('2 + 2').wait(120).result, D.port, flush=True)\n"
+            "sys.stdin.readline()\n"
+            "D.close()\n")
+    env = {**os.environ, "DSAGE_HOME": str(home)}
+    first = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    try:
+        assert first.stdout is not None and first.stdin is not None
+        line = first.stdout.readline().split()
+        assert line and line[0] == "4", first.stderr.read() if first.stderr else ""
+        second = run_python(code.replace("sys.stdin.readline()\n", ""), env=env, timeout=120)
+        assert second.returncode == 0, second.stderr
+        answer, port = second.stdout.split()
+        assert answer == "4" and port != line[1]
+        assert "own job store" in second.stderr
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, 9)
+            first.wait()
+
