@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import __version__
-from .protocol import BATCH_BYTES, MAX_BATCH, M, Message, Status, batches, clip, error, make
+from .protocol import (
+    BY_REF_BYTES, CHUNK_BYTES, M, Message, Status, batches, clip, error, make,
+)
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
 from .store import Outcome, Record, Store, WorkerRef
 
@@ -139,7 +141,7 @@ class BrokerState:
         self.outbox.append(Out(dest, to, msg))
 
     def _announce(self, owner: str, *records: Record) -> None:
-        self.events.setdefault(owner, []).extend(records)
+        self.events.setdefault(owner, []).extend(_by_ref(r) for r in records)
 
     def _takers(self) -> list[Taker]:
         return [m.taker for m in self.monitors.values() if m.reachable and not m.stopping]
@@ -183,11 +185,24 @@ class BrokerState:
                  "busy": len(self.sched.assigned.get(m.monitor_id, ())),
                  "anonymous": m.anonymous, "tags": m.tags, "key": m.key}
                 for m in self.monitors.values()]))
+        elif msg.type is M.FETCH:
+            self._fetch(rid, key, h)
         elif msg.type is M.PING:
             # the last event sequence number of this key: a client that has not
             # seen it (an event was dropped) asks for its jobs' state
             self._send("client", rid, make(M.PONG, seq=self.event_seq.get(key, 0),
                                            epoch=self.config.epoch))
+
+    def _fetch(self, rid: bytes, key: str, h: dict[str, Any]) -> None:
+        """One chunk of a large result or output, to its owner only."""
+        got = self.store.read_part(h["id"], key, h["part"], h["offset"], CHUNK_BYTES)
+        if got is None:
+            self._send("client", rid, error("unknown_job", f"no finished job {h['id']} of "
+                                            "this key", h["req"]))
+            return
+        data, total = got
+        self._send("client", rid, make(M.CHUNK, [data], req=h["req"], id=h["id"],
+                                       part=h["part"], offset=h["offset"], total=total))
 
     def _unauthorized_client(self, rid: bytes, msg: Message) -> None:
         """A connection made with a key that has since been removed: refuse what it asks
@@ -279,6 +294,7 @@ class BrokerState:
     def _send_records(self, rid: bytes, req: int, records: list[Record],
                       missing: list[str]) -> None:
         """JOBS replies, split within the protocol's limits (the last carries ``missing``)."""
+        records = [_by_ref(r) for r in records]
         parts = batches([len(b[0]) + len(b[1]) for _, b in records]) or [range(0)]
         for n, part in enumerate(parts):
             last = n == len(parts) - 1
@@ -576,8 +592,17 @@ def _open_record(job: Job, reason: str | None, worker: WorkerRef | None = None) 
              "worker": None if worker is None else {"id": worker.id, "host": worker.host,
                                                     "key": worker.key,
                                                     "anonymous": worker.anonymous},
-             "encoding": "none", "result_from": "none", "sealed": False, "reason": reason},
+             "encoding": "none", "result_from": "none", "sealed": False, "reason": reason,
+             "by_ref": False},
             [b"", b""])
+
+
+def _by_ref(record: Record) -> Record:
+    """The record as it travels: large blobs stay behind, to be fetched in chunks."""
+    header, blobs = record
+    if len(blobs[0]) + len(blobs[1]) <= BY_REF_BYTES:
+        return record
+    return {**header, "by_ref": True}, [b"", b""]
 
 
 def _records_message(type_: M, records: list[Record], **header: Any) -> Message:

@@ -36,6 +36,11 @@ MAX_HEADER = 1024 * 1024
 #: Most blob bytes senders put in one batched message (a single larger blob
 #: travels alone, up to the receiver's frame limit).
 BATCH_BYTES = 8 * 1024 * 1024
+#: A final job whose result and output together exceed this travels by reference:
+#: its record carries ``by_ref`` and its owner fetches the blobs in chunks.
+BY_REF_BYTES = 256 * 1024
+#: Most bytes of one CHUNK.
+CHUNK_BYTES = 1024 * 1024
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
 #: Longest name, tag, host or other short text; longest error or message text.
@@ -93,12 +98,14 @@ class M(enum.StrEnum):
     LIST = "list"
     WORKERS = "workers"
     PING = "ping"
+    FETCH = "fetch"
     # broker -> client
     WELCOME = "welcome"
     ACK = "ack"
     JOBS = "jobs"
     WORKER_LIST = "worker_list"
     PONG = "pong"
+    CHUNK = "chunk"
     ERROR = "error"
     # monitor -> broker
     REGISTER = "register"
@@ -279,6 +286,12 @@ def _obj(fields: Mapping[str, Validator]) -> Validator:
 
 
 _tags = _list_of(_short_str, MAX_TAGS)
+
+
+def _part(v: Any) -> str:
+    if v not in ("result", "output"):
+        raise ValueError("not 'result' or 'output'")
+    return str(v)
 _ids = _list_of(_job_id)
 
 JOB_SPEC = {
@@ -333,6 +346,9 @@ RECORD = {
     "sealed": _bool,
     #: why a queued job is waiting (no connected worker can run it, say), else None
     "reason": _optional(_short_str),
+    #: the result and output are not in this message: their owner fetches them
+    #: with FETCH, in chunks (large results do not ride the events socket)
+    "by_ref": _bool,
 }
 MONITOR_INFO = {
     "id": _short_str,
@@ -371,6 +387,9 @@ SCHEMAS: dict[M, Schema] = {
     M.LIST: Schema({**_req, "status": _optional(_one_of(Status))}),
     M.WORKERS: Schema({**_req}),
     M.PING: Schema({}),
+    M.FETCH: Schema({**_req, "id": _job_id, "part": _part, "offset": _nonneg_int}),
+    M.CHUNK: Schema({**_req, "id": _job_id, "part": _part, "offset": _nonneg_int,
+                     "total": _nonneg_int}, blobs=1),
     M.WELCOME: Schema(
         {**_req, "version": _short_str, "key": _key, "epoch": _short_str,
          "heartbeat": _pos_float, "max_message_size": _pos_int}
@@ -396,8 +415,9 @@ SCHEMAS: dict[M, Schema] = {
     M.EVENT: Schema({"seq": _nonneg_int, "epoch": _short_str}, "jobs", RECORD, 2),
 }
 
-CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKERS, M.PING})
-CLIENT_REPLIES = frozenset({M.WELCOME, M.ACK, M.JOBS, M.WORKER_LIST, M.PONG, M.ERROR})
+CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKERS, M.PING,
+                             M.FETCH})
+CLIENT_REPLIES = frozenset({M.WELCOME, M.ACK, M.JOBS, M.WORKER_LIST, M.PONG, M.CHUNK, M.ERROR})
 MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.RELEASE})
 MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK, M.ERROR})
 _BY_WIRE = {m.value.encode(): m for m in M}

@@ -129,7 +129,7 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
         "id": id_, "name": name, "kind": kind, "status": status, "priority": priority,
         "created": created, "started": started, "finished": finished,
         "failures": failures, "error": error, "worker": worker, "encoding": encoding,
-        "result_from": result_from, "sealed": bool(sealed), "reason": None,
+        "result_from": result_from, "sealed": bool(sealed), "reason": None, "by_ref": False,
     }
     return owner, (header, [result or b"", output or b""])
 
@@ -187,6 +187,24 @@ class Store:
         self._committed_changes = self.db.total_changes
 
     # --- submit
+
+    def read_part(self, job_id: str, owner: str, part: str, offset: int,
+                  length: int) -> tuple[bytes, int] | None:
+        """Up to ``length`` bytes of a final job's result or output from ``offset``,
+        and the blob's total size; None unless the job is ``owner``'s and final.
+        Reads only those bytes (incremental blob I/O), not the whole blob."""
+        column = {"result": "result", "output": "output"}[part]
+        row = self.db.execute(
+            f"SELECT seq, length({column}) FROM jobs WHERE id=? AND owner=?"
+            " AND status IN ('completed', 'failed', 'killed')", (job_id, owner)).fetchone()
+        if row is None:
+            return None
+        total = row[1] or 0
+        if offset >= total:
+            return b"", total
+        with self.db.blobopen("jobs", column, row[0], readonly=True) as blob:
+            blob.seek(offset)
+            return blob.read(min(length, total - offset)), total
 
     def owner_of(self, ids: Sequence[str]) -> dict[str, str]:
         """Owners of those ``ids`` that exist."""

@@ -58,6 +58,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "version": short, "epoch": short, "heartbeat": positive, "max_message_size": pos_int,
     "monitor": short, "running": ids, "liveness": pos_int, "cancel": ids, "reason": short,
     "seq": nonneg, "count_failure": st.booleans(), "more": st.booleans(),
+    "part": st.sampled_from(["result", "output"]), "offset": nonneg, "total": nonneg,
 }
 
 
@@ -71,7 +72,7 @@ ITEMS: dict[int, st.SearchStrategy[Any]] = {
     id(RUN_SPEC): _fixed(RUN_SPEC),
     id(RESULT_SPEC): _fixed(RESULT_SPEC, status=st.sampled_from(sorted(s.value for s in FINAL))),
     id(RECORD): _fixed(RECORD, status=_enum(Status), finished=st.none() | finite,
-                       worker=st.none() | worker_info, reason=st.none() | short),
+                       worker=st.none() | worker_info, reason=st.none() | short, by_ref=st.booleans()),
 }
 HEADER_OVERRIDES: dict[M, dict[str, st.SearchStrategy[Any]]] = {
     M.LIST: {"status": st.none() | _enum(Status)},
