@@ -404,3 +404,37 @@ def test_start_all_in_a_second_script_gets_a_cluster_of_its_own(home: Path) -> N
             os.killpg(first.pid, 9)
             first.wait()
 
+
+
+# --- the hot path cannot regress: messages and SQL statements per job
+
+
+def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
+    """100 jobs through submit, dispatch and results: the broker sends a handful of
+    messages for the whole batch and runs at most 3 SQL statements per job (insert,
+    start, finish) plus a constant number per loop turn."""
+    store = Store(tmp_path / "dsage.db")
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    n = 100
+    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=n, tags=[], running=[],
+                    version="0")
+    state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
+    state.flush(0.0)
+    statements.clear()
+    specs = [_spec(f"{i:032x}") for i in range(n)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * n, req=1, jobs=specs))
+    sent = state.flush(0.0)
+    items = [{"id": s["id"], "status": "completed", "error": None, "encoding": "data",
+              "result_from": "expression", "sealed": False, "started": None, "finished": 1.0}
+             for s in specs]
+    state.on_monitor(0.0, b"m", "k" * 40, False,
+                     decode(encode(make(M.RESULT, [b"1", b""] * n, results=items)), ALL))
+    sent += state.flush(0.0)
+    kinds = sorted(o.msg.type.value for o in sent)
+    assert kinds == ["ack", "event", "event", "result_ack", "run"], kinds
+    writes = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
+    assert len(writes) <= 3 * n, writes[:5]
+    assert sum(s.startswith("COMMIT") for s in statements) <= 2
+    store.close()
