@@ -14,8 +14,6 @@ import signal
 import socket
 import sqlite3
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -23,8 +21,9 @@ import zmq
 from . import keys as keys_mod
 from .auth import CLIENTS, EVENTS, MONITORS, KeyRing, ZapPolicy, make_server, start_authenticator
 from .brokerstate import BrokerConfig, BrokerState, Dest, Out
+from .options import BrokerOptions
 from .protocol import (
-    CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REQUESTS, Message, ProtocolError, decode,
+    CLIENT_REQUESTS, MONITOR_REQUESTS, Message, ProtocolError, decode,
     encode, error,
 )
 from .sockets import send_frames
@@ -40,29 +39,6 @@ EVENTS_HWM = 64
 
 class PortInUse(Exception):
     """A port the broker needs is taken."""
-
-
-@dataclass
-class BrokerOptions:
-    """Everything ``dsage-broker`` can be told; ``port`` is the first of three."""
-
-    port: int = 8081
-    bind: str = "*"
-    home: Path | None = None
-    allow_anonymous: bool = False
-    heartbeat: float = 1.0
-    liveness: int = 3
-    failure_limit: int = 3
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    max_queued_per_client: int = 1_000_000
-    retention_days: float = 7.0
-    #: jobs sent to a monitor beyond its free slots
-    prefetch: int = 1
-    #: the job store (default ``HOME/db/dsage.db``); one broker per store
-    store: Path | None = None
-    #: fsync every commit (SQLite ``synchronous=FULL``): survives power loss
-    durable: bool = False
-    exit_with_parent: int | None = None
 
 
 class Broker:

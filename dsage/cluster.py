@@ -9,7 +9,6 @@ process that started them dies, and :meth:`Cluster.stop` (called by
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import signal
 import socket
@@ -21,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from . import keys as keys_mod
-from .broker import BrokerOptions, run_broker
+from .broker import run_broker
 from .client import DSage
-from .monitor import MonitorOptions, run_monitor
+from .monitor import run_monitor
+from .options import BrokerOptions, MonitorOptions, names
 from .store import holder_of
 
-BROKER_FIELDS = {f.name for f in dataclasses.fields(BrokerOptions)} - {"home", "port"}
-MONITOR_FIELDS = {f.name for f in dataclasses.fields(MonitorOptions)} - {
+BROKER_FIELDS = names(BrokerOptions) - {"home", "port"}
+MONITOR_FIELDS = names(MonitorOptions) - {
     "home", "port", "server", "workers"}
 
 

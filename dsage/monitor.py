@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
+from .options import MonitorOptions
 from .seal import Sealer
 from .slot import remove_folder
 from .sockets import send_frames
@@ -37,28 +38,6 @@ from .protocol import (
 )
 
 log = logging.getLogger("dsage.monitor")
-
-
-@dataclass
-class MonitorOptions:
-    """Everything ``dsage-worker`` can be told."""
-
-    server: str = "localhost"
-    port: int = 8081
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    home: Path | None = None
-    priority: int = 10
-    server_key: bytes | None = None
-    anonymous: bool = False
-    heartbeat: float = 1.0
-    liveness: int = 3
-    max_jobs_per_slot: int | None = None
-    #: recycle a slot after a job when its memory grew past this factor of its start size
-    memory_growth: float = 2.0
-    grace: float = 10.0
-    tags: list[str] = field(default_factory=list)
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    exit_with_parent: int | None = None
 
 
 @dataclass

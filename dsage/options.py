@@ -1,0 +1,174 @@
+"""Every option of the broker and the monitor, declared once.
+
+Each option is a dataclass field whose metadata holds its help text (and, where
+needed, how a command line spells or checks it). The launchers' argparse
+parsers are built from these fields (:func:`add_arguments`, :func:`from_args`),
+and ``dsage.server()``, ``dsage.worker()`` and ``dsage.start_all()`` take the
+same names as keyword arguments, so a new option is written in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65533:
+        raise argparse.ArgumentTypeError(f"{text} is not a port from 1 to 65533")
+    return value
+
+
+def tag_list(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *,
+        parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+        default_factory: Callable[[], Any] | None = None, hidden: bool = False) -> Any:
+    """A field that is also a command-line option ``--name-with-dashes``.
+
+    ``parse`` turns the command line's text into the value (by default the
+    field's type); ``hidden`` options are for dsage's own use."""
+    meta = {"help": argparse.SUPPRESS if hidden else help, "parse": parse, "metavar": metavar}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_HOME_HELP = "the dsage folder (default: $DSAGE_HOME, else ~/.sage/dsage)"
+
+
+@dataclass
+class BrokerOptions:
+    """Everything ``dsage-broker`` can be told; ``port`` is the first of three."""
+
+    port: int = opt(8081, "first of three ports: clients, monitors, job events (default 8081)",
+                    parse=port)
+    bind: str = opt("*", "address to listen on (default: all)")
+    home: Path | None = opt(None, _HOME_HELP)
+    allow_anonymous: bool = opt(False, "admit monitors with unknown keys, as anonymous workers "
+                                "that only get jobs submitted with anonymous_ok=True")
+    heartbeat: float = opt(1.0, "seconds between heartbeats (default 1)", parse=positive_float)
+    liveness: int = opt(3, "heartbeats missed before a monitor counts as lost (default 3)",
+                        parse=positive_int)
+    failure_limit: int = opt(3, "a job whose worker was lost this many times fails (default 3)",
+                             parse=positive_int)
+    max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
+                                "largest frame accepted, in bytes (default 256 MiB)",
+                                parse=positive_int)
+    max_queued_per_client: int = opt(1_000_000, "most queued jobs per client key "
+                                     "(default 1,000,000)", parse=positive_int)
+    retention_days: float = opt(7.0, "finished jobs are deleted after this many days "
+                                "(default 7)", parse=positive_float)
+    prefetch: int = opt(1, "jobs sent to a monitor beyond its free slots, so no slot waits "
+                        "for a round trip (default 1)", parse=nonneg_int)
+    store: Path | None = opt(None, "the SQLite job store (default HOME/db/dsage.db); one broker "
+                             "per store")
+    durable: bool = opt(False, "make every commit reach the disk (survives power loss, "
+                        "slower); by default commits survive a crash of the broker but not "
+                        "of the machine")
+    exit_with_parent: int | None = opt(None, hidden=True)
+
+
+@dataclass
+class MonitorOptions:
+    """Everything ``dsage-worker`` can be told."""
+
+    server: str = opt("localhost", "the broker's host (default localhost)")
+    port: int = opt(8081, "the broker's port (default 8081)", parse=port)
+    workers: int = opt(help=f"number of slots (default: one per core, here {os.cpu_count()})",
+                       parse=positive_int, default_factory=lambda: os.cpu_count() or 1)
+    home: Path | None = opt(None, _HOME_HELP)
+    priority: int = opt(10, "nice value of the slot processes (default 10)", parse=int)
+    server_key: bytes | None = opt(None, "the broker's public key, z85 or a key file "
+                                   "(default: own public key)", parse=str)
+    anonymous: bool = opt(False, "connect with a fresh key instead of the dsage keypair (the "
+                          "broker must allow anonymous workers; needs --server-key)")
+    heartbeat: float = opt(1.0, "seconds between heartbeats (default 1)", parse=positive_float)
+    liveness: int = opt(3, "heartbeats missed before the broker counts as lost (default 3)",
+                        parse=positive_int)
+    max_jobs_per_slot: int | None = opt(None, "restart a slot process after this many jobs",
+                                        parse=positive_int)
+    memory_growth: float = opt(2.0, "restart a slot whose memory grew past this factor of its "
+                               "start size (default 2)", parse=positive_float)
+    grace: float = opt(10.0, "on SIGTERM, seconds running jobs get to finish (default 10)",
+                       parse=nonneg_float)
+    tags: list[str] = opt(help="comma-separated tags this worker offers, for jobs sent with "
+                          "requires=[...]", parse=tag_list, metavar="TAG,TAG",
+                          default_factory=list)
+    max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
+                                "largest frame accepted, in bytes (default 256 MiB)",
+                                parse=positive_int)
+    exit_with_parent: int | None = opt(None, hidden=True)
+
+
+def _parser_type(f: dataclasses.Field[Any], hint: Any) -> Callable[[str], Any]:
+    if f.metadata.get("parse"):
+        return f.metadata["parse"]  # type: ignore[no-any-return]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if isinstance(hint, types.UnionType) and args else hint
+    return base if base in (int, float, str, Path) else str  # type: ignore[no-any-return]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One ``--option`` per field of the options dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        parser.add_argument(flag, type=_parser_type(f, hints[f.name]), default=default,
+                            metavar=f.metadata.get("metavar"), help=help_text)
+
+
+def from_args(cls: type[Any], namespace: argparse.Namespace, **override: Any) -> Any:
+    """An options dataclass from parsed arguments (``override`` wins)."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{**values, **override})
+
+
+def names(cls: type[Any]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
