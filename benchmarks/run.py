@@ -38,6 +38,7 @@ TARGETS = {
     "cpu_job_ms": 0.4,     # CPU per job over all processes at most 0.4 ms
     "cpu": 1.10,           # CPU-bound wall time within 1.10x the pool's
     "start_s": 1.0,        # start to first result under 1 s
+    "owed_mb": 300.0,      # broker RSS while a stopped client is owed 12 x 25 MB
     "million_mb": 1024.0,  # a million queued jobs under 1 GB of broker RSS
 }
 
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--million", action="store_true",
                    help="also measure the dsage broker's memory with 1,000,000 queued jobs")
     p.add_argument("--million-count", type=int, default=1_000_000, help=argparse.SUPPRESS)
+    p.add_argument("--no-owed", action="store_true",
+                   help="skip the broker's memory while a stopped client is owed 12 x 25 MB "
+                        "(run by default with dsage)")
     p.add_argument("--latency-jobs", type=int, help="sequential round trips (default 1000)")
     p.add_argument("--tiny-jobs", type=int, help="tiny jobs for throughput (default 20000)")
     p.add_argument("--cpu-jobs", type=int, help="tiny jobs for CPU per job (default 10000)")
@@ -70,6 +74,10 @@ def child_main(args: argparse.Namespace) -> int:
         from benchmarks.million import bench_million
 
         result = bench_million(json.loads(args.config)["count"])
+    elif args.child == "owed":
+        from benchmarks.owed import bench_owed
+
+        result = bench_owed(**json.loads(args.config))
     else:
         cfg = Config(**json.loads(args.config))
         result = SYSTEMS[args.child][1](cfg)
@@ -121,7 +129,8 @@ def _pair(r: dict[str, Any], prefix: str) -> str:
     return f"{r[f'{prefix}_median_ms']:.2f} / {r[f'{prefix}_p90_ms']:.2f}"
 
 
-def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | None) -> None:
+def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | None,
+                owed: dict[str, Any] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -152,6 +161,17 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
         if by:
             console.print(f"CPU ms per job, {name}: " + ", ".join(
                 f"{role} {ms:.3f}" for role, ms in by.items()) + f" (total {r['cpu_job_ms']:.3f})")
+    if owed is not None:
+        if "error" in owed:
+            console.print(f"broker owing a stopped client results: [red]{owed['error']}[/]")
+        else:
+            console.print(
+                f"broker while a stopped client is owed {owed['owed_jobs']} x "
+                f"{owed['owed_bytes_each'] / 1e6:g} MB: RSS {owed['owed_broker_rss_mb']:.0f} MB "
+                f"(peak {owed['owed_broker_hwm_mb']:.0f} MB, idle "
+                f"{owed['owed_broker_idle_mb']:.0f} MB), all completed "
+                f"{owed['owed_completed_s']:.1f} s after the client started "
+                f"({owed['owed_done_before_stop']} done before it stopped)")
     if million is not None:
         if "error" in million:
             console.print(f"million queued jobs: [red]{million['error']}[/]")
@@ -162,7 +182,7 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
                 f"idle {million['broker_rss_idle_mb']:.0f} MB), store "
                 f"{million['store_mb']:.0f} MB on disk, submitted at "
                 f"{million['million_submit_per_s']:,.0f} jobs/s")
-    checks = targets(results, million)
+    checks = targets(results, million, owed)
     if checks:
         tt = Table(title="dsage against its targets (measured in this run)")
         for col in ("target", "measured", ""):
@@ -174,8 +194,8 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
         console.print(tt)
 
 
-def targets(results: dict[str, dict[str, Any]],
-            million: dict[str, Any] | None) -> list[tuple[str, str, bool | None]]:
+def targets(results: dict[str, dict[str, Any]], million: dict[str, Any] | None,
+            owed: dict[str, Any] | None = None) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for dsage against the others of the same run; met is
     None when the system to compare with was not measured."""
     T = TARGETS
@@ -220,6 +240,11 @@ def targets(results: dict[str, dict[str, Any]],
     if "start_s" in d:
         out.append((f"start to first result < {T['start_s']:g} s", f"{d['start_s']:.2f} s",
                     d["start_s"] < T["start_s"]))
+    if owed is not None and "owed_broker_rss_mb" in owed:
+        out.append((f"broker RSS owing a stopped client {owed['owed_jobs']} x "
+                    f"{owed['owed_bytes_each'] / 1e6:g} MB <= {T['owed_mb']:g} MB",
+                    f"{owed['owed_broker_rss_mb']:.0f} MB (peak {owed['owed_broker_hwm_mb']:.0f})",
+                    owed["owed_broker_rss_mb"] <= T["owed_mb"]))
     if million is not None and "broker_rss_mb" in million:
         out.append((f"{million['million_jobs']:,} queued jobs < 1 GB",
                     f"{million['broker_rss_mb']:.0f} MB",
@@ -275,20 +300,28 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in results[name]:
             print(f"  {name} failed: {results[name]['error']}", file=sys.stderr)
         print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+    owed = None
+    if "dsage" in names and not args.no_owed and "skipped" not in results["dsage"]:
+        print("dsage, broker owing a stopped client large results:", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        owed = run_child("owed", {}, args.timeout)
+        if "error" in owed:
+            print(f"  failed: {owed['error']}", file=sys.stderr)
+        print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     million = None
     if args.million:
         print("dsage, million queued jobs:", file=sys.stderr, flush=True)
         million = run_child("million", {"count": args.million_count}, max(args.timeout, 1800))
     total = time.perf_counter() - t_all
-    print_table(results, million)
+    print_table(results, million, owed)
     print(f"total {total:.0f} s; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
                "cpus": os.cpu_count(), "revision": revision, "python": platform.python_version(),
                "config": dataclasses.asdict(cfg), "cpu_task_seconds": cpu_seconds,
-               "results": results, "million": million,
+               "results": results, "owed": owed, "million": million,
                "targets": [{"target": n, "measured": m, "met": ok}
-                           for n, m, ok in targets(results, million)],
+                           for n, m, ok in targets(results, million, owed)],
                "total_s": total}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
