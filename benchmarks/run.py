@@ -204,31 +204,25 @@ def targets(results: dict[str, dict[str, Any]], million: dict[str, Any] | None,
         d = {}
     out: list[tuple[str, str, bool | None]] = []
 
-    def vs(label: str, key: str, other: str, limit: float, at_most: bool, unit: str = "") -> None:
-        o = results.get(other, {})
+    def vs(label: str, key: str, other: str, limit: float, at_most: bool, spec: str,
+           unit: str = "", other_key: str | None = None) -> None:
+        """dsage's ``key`` over ``other``'s ``other_key`` (the same key by default)."""
+        o, ok = results.get(other, {}), other_key or key
         if key not in d:
             return
-        if key not in o:
-            out.append((label, f"{d[key]:{unit}} ({other} not measured)", None))
+        if ok not in o:
+            out.append((label, f"{d[key]:{spec}}{unit} ({other} not measured)", None))
             return
-        r = d[key] / o[key]
-        out.append((label, f"{r:.2f}x ({d[key]:{unit}} against {o[key]:{unit}})",
+        r = d[key] / o[ok]
+        out.append((label, f"{r:.2f}x ({d[key]:{spec}} against {o[ok]:{spec}}{unit})",
                     r <= limit if at_most else r >= limit))
 
+    # the others have one kind of job: both of dsage's round trips are held to it
     for key, what in (("rtt_median_ms", "round trip (eval_function)"),
                       ("rtt_code_median_ms", "round trip (code job D('2+2'))")):
-        key_other = "rtt_median_ms"  # the others have one kind of job
         for other, limit in (("pool", T["rtt_vs_pool"]), ("ray", T["rtt_vs_ray"])):
-            o = results.get(other, {})
-            if key not in d:
-                continue
-            label = f"{what} median <= {limit:g}x {other}'s"
-            if key_other not in o:
-                out.append((label, f"{d[key]:.2f} ms ({other} not measured)", None))
-                continue
-            r = d[key] / o[key_other]
-            out.append((label, f"{r:.2f}x ({d[key]:.2f} against {o[key_other]:.2f} ms)",
-                        r <= limit))
+            vs(f"{what} median <= {limit:g}x {other}'s", key, other, limit, True, ".2f", " ms",
+               "rtt_median_ms")
     for other, limit in (("pool", T["tiny_vs_pool"]), ("ray", T["tiny_vs_ray"])):
         vs(f"unchunked jobs/s >= {limit:g}x {other}'s", "tiny_per_s", other, limit, False, ",.0f")
     if "cpu_job_ms" in d:
