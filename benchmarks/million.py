@@ -16,15 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .procs import proc_status_kb
+
 BATCH = 10_000
-
-
-def proc_status_kb(pid: int, field: str) -> int:
-    """A ``kB`` field of ``/proc/PID/status`` (VmRSS, VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _wait_acked(D: Any, timeout: float) -> None:

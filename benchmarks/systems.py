@@ -8,6 +8,7 @@ threads, imports and leftovers cannot disturb the next.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import statistics
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .procs import cpu_per_job, role_ticks
 from .tasks import ident, spin
 
 WORKERS = 2
@@ -29,39 +31,75 @@ class Config:
 
     latency_jobs: int = 1000
     latency_warmup: int = 50
-    tiny_jobs: int = 5000
+    tiny_jobs: int = 20_000
+    cpu_jobs: int = 10_000
+    #: dask and ipyparallel run at most this many tiny jobs (throughput and CPU
+    #: per job): at their few hundred jobs/s, more would not fit the 5 minutes
+    slow_jobs: int = 5_000
     cpu_tasks: int = 16
     cpu_iterations: int = 1_000_000  # set by calibration in the runner
     cpu_rounds: int = 2
+
+
+#: systems whose job counts are capped at ``Config.slow_jobs``
+SLOW = ("dask", "ipyparallel")
+
+
+def capped(cfg: Config) -> Config:
+    """``cfg`` with the tiny-job counts capped for a slow system."""
+    return dataclasses.replace(cfg, tiny_jobs=min(cfg.tiny_jobs, cfg.slow_jobs),
+                               cpu_jobs=min(cfg.cpu_jobs, cfg.slow_jobs))
 
 
 def log(msg: str) -> None:
     print(f"  {msg}", file=sys.stderr, flush=True)
 
 
+#: roles of the processes whose CPU time is counted: the client (this process
+#: alone) and everything it started (a system's cluster, the pool's workers)
+def default_roles() -> dict[str, list[tuple[int, str]]]:
+    me = os.getpid()
+    return {"client": [(me, "self")], "cluster": [(me, "descendants")]}
+
+
+def round_trips(cfg: Config, prefix: str, call: Callable[[int], Any],
+                expect: Callable[[int], Any]) -> dict[str, Any]:
+    """Median and p90 of ``cfg.latency_jobs`` sequential ``call(i)`` after a warm-up."""
+    for i in range(cfg.latency_warmup):
+        call(i)
+    lat = []
+    for i in range(cfg.latency_jobs):
+        t = time.perf_counter()
+        r = call(i)
+        lat.append(time.perf_counter() - t)
+        if r != expect(i):
+            raise AssertionError(f"round trip returned {r!r} for {i!r}")
+    lat.sort()
+    out = {f"{prefix}_median_ms": statistics.median(lat) * 1e3,
+           f"{prefix}_p90_ms": lat[int(0.9 * (len(lat) - 1))] * 1e3}
+    log(f"{prefix.replace('_', ' ')}: median {out[f'{prefix}_median_ms']:.2f} ms, "
+        f"p90 {out[f'{prefix}_p90_ms']:.2f} ms")
+    return out
+
+
 def measure(cfg: Config, start_s: float, one: Callable[[int], Any],
-            many: Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]]) -> dict[str, Any]:
+            many: Callable[[Callable[[Any], Any], Iterable[Any]], list[Any]], *,
+            code_one: Callable[[], Any] | None = None, code_expect: Any = None,
+            roles: Callable[[], dict[str, list[tuple[int, str]]]] = default_roles,
+            ) -> dict[str, Any]:
     """The shared measurements, given a running system.
 
     ``one(x)`` submits ``ident(x)`` and waits for its result; ``many(f, xs)``
     submits ``f(x)`` for every x, one job each (no chunking), and returns the
-    results in order.
+    results in order. ``code_one()``, where a system has code jobs, submits one
+    and returns its result (``code_expect``). ``roles()`` says whose CPU time
+    to count (see :func:`benchmarks.procs.role_ticks`).
     """
     out: dict[str, Any] = {"start_s": start_s}
 
-    for i in range(cfg.latency_warmup):
-        one(i)
-    lat = []
-    for i in range(cfg.latency_jobs):
-        t = time.perf_counter()
-        r = one(i)
-        lat.append(time.perf_counter() - t)
-        if r != i:
-            raise AssertionError(f"round trip returned {r!r} for {i!r}")
-    lat.sort()
-    out["rtt_median_ms"] = statistics.median(lat) * 1e3
-    out["rtt_p90_ms"] = lat[int(0.9 * (len(lat) - 1))] * 1e3
-    log(f"round trip: median {out['rtt_median_ms']:.2f} ms, p90 {out['rtt_p90_ms']:.2f} ms")
+    out.update(round_trips(cfg, "rtt", one, lambda i: i))
+    if code_one is not None:
+        out.update(round_trips(cfg, "rtt_code", lambda i: code_one(), lambda i: code_expect))
 
     xs = list(range(cfg.tiny_jobs))
     t = time.perf_counter()
@@ -73,6 +111,24 @@ def measure(cfg: Config, start_s: float, one: Callable[[int], Any],
     out["tiny_s"] = elapsed
     out["tiny_per_s"] = cfg.tiny_jobs / elapsed
     log(f"tiny jobs: {cfg.tiny_jobs} in {elapsed:.2f} s = {out['tiny_per_s']:.0f}/s")
+
+    # CPU time per job, over all the processes of the system (the client included)
+    xs = list(range(cfg.cpu_jobs))
+    who = roles()
+    before = role_ticks(who)
+    t = time.perf_counter()
+    results = many(ident, xs)
+    elapsed = time.perf_counter() - t
+    after = role_ticks(who)
+    if results != xs:
+        raise AssertionError("tiny jobs returned wrong results")
+    per = cpu_per_job(before, after, cfg.cpu_jobs)
+    out["cpu_jobs"] = cfg.cpu_jobs
+    out["cpu_jobs_s"] = elapsed
+    out["cpu_job_ms"] = per.pop("total")
+    out["cpu_job_ms_by_role"] = per
+    log(f"CPU per job over {cfg.cpu_jobs} tiny jobs ({elapsed:.2f} s): "
+        f"{out['cpu_job_ms']:.3f} ms (" + ", ".join(f"{k} {v:.3f}" for k, v in per.items()) + ")")
 
     # CPU-bound, paired with a local pool run just before each round, so that a
     # busy machine slows both sides alike and the ratio stays meaningful
@@ -118,7 +174,11 @@ def bench_pool(cfg: Config) -> dict[str, Any]:
             futs = [ex.submit(f, x) for x in xs]
             return [fu.result() for fu in futs]
 
-        out = measure(cfg, start, lambda x: ex.submit(ident, x).result(), many)
+        def roles():
+            me = os.getpid()
+            return {"client": [(me, "self")], "workers": [(me, "descendants")]}
+
+        out = measure(cfg, start, lambda x: ex.submit(ident, x).result(), many, roles=roles)
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
     out["version"] = f"Python {sys.version.split()[0]}"
@@ -143,7 +203,14 @@ def bench_dsage(cfg: Config) -> dict[str, Any]:
             jobs = [D.eval_function(f, (x,)) for x in xs]
             return [j.result for j in jobs]
 
-        out = measure(cfg, start, lambda x: D.eval_function(ident, (x,)).result, many)
+        def roles():
+            me, c = os.getpid(), D._cluster
+            return {"client": [(me, "self")], "broker": [(c.broker.pid, "tree")],
+                    "monitor": [(m.pid, "self") for m in c.monitors],
+                    "slots": [(m.pid, "descendants") for m in c.monitors]}
+
+        out = measure(cfg, start, lambda x: D.eval_function(ident, (x,)).result, many,
+                      code_one=lambda: D("2+2").wait().result, code_expect=4, roles=roles)
         out["start_all_s"] = t_up
     finally:
         if D is not None:
@@ -155,6 +222,7 @@ def bench_dsage(cfg: Config) -> dict[str, Any]:
 
 def bench_dask(cfg: Config) -> dict[str, Any]:
     """dask.distributed: LocalCluster(n_workers=2, threads_per_worker=1)."""
+    cfg = capped(cfg)
     import cloudpickle
     import dask
     from dask.distributed import Client, LocalCluster
@@ -215,6 +283,7 @@ def bench_ray(cfg: Config) -> dict[str, Any]:
 
 def bench_ipyparallel(cfg: Config) -> dict[str, Any]:
     """ipyparallel: a local Cluster(n=2), load-balanced view."""
+    cfg = capped(cfg)
     import ipyparallel as ipp
 
     t0 = time.perf_counter()
