@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from . import __version__
 from .protocol import (
-    BY_REF_BYTES, CHUNK_BYTES, M, Message, Status, batches, clip, error, make,
+    CHUNK_BYTES, M, Message, Status, batches, clip, error, make,
 )
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
 from .store import Outcome, Record, Store, WorkerRef
@@ -141,7 +141,7 @@ class BrokerState:
         self.outbox.append(Out(dest, to, msg))
 
     def _announce(self, owner: str, *records: Record) -> None:
-        self.events.setdefault(owner, []).extend(_by_ref(r) for r in records)
+        self.events.setdefault(owner, []).extend(records)
 
     def _takers(self) -> list[Taker]:
         return [m.taker for m in self.monitors.values() if m.reachable and not m.stopping]
@@ -294,7 +294,6 @@ class BrokerState:
     def _send_records(self, rid: bytes, req: int, records: list[Record],
                       missing: list[str]) -> None:
         """JOBS replies, split within the protocol's limits (the last carries ``missing``)."""
-        records = [_by_ref(r) for r in records]
         parts = batches([len(b[0]) + len(b[1]) for _, b in records]) or [range(0)]
         for n, part in enumerate(parts):
             last = n == len(parts) - 1
@@ -595,14 +594,6 @@ def _open_record(job: Job, reason: str | None, worker: WorkerRef | None = None) 
              "encoding": "none", "result_from": "none", "sealed": False, "reason": reason,
              "by_ref": False},
             [b"", b""])
-
-
-def _by_ref(record: Record) -> Record:
-    """The record as it travels: large blobs stay behind, to be fetched in chunks."""
-    header, blobs = record
-    if len(blobs[0]) + len(blobs[1]) <= BY_REF_BYTES:
-        return record
-    return {**header, "by_ref": True}, [b"", b""]
 
 
 def _records_message(type_: M, records: list[Record], **header: Any) -> Message:

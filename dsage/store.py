@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import FINAL, Status
+from .protocol import BY_REF_BYTES, FINAL, Status
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -57,10 +57,13 @@ CREATE INDEX IF NOT EXISTS by_owner ON jobs(owner, status);
 CREATE INDEX IF NOT EXISTS by_status ON jobs(status);
 """
 
+_BIG = f"(COALESCE(length(result), 0) + COALESCE(length(output), 0) > {BY_REF_BYTES})"
+#: a record's columns; large results and outputs stay in the store (``by_ref``)
 _RECORD_COLUMNS = (
     "id, name, kind, status, priority, created, started, finished, failures, error, "
     "worker_id, worker_host, worker_key, worker_anonymous, encoding, result_from, sealed, "
-    "result, output, owner"
+    f"CASE WHEN {_BIG} THEN NULL ELSE result END, CASE WHEN {_BIG} THEN NULL ELSE output END, "
+    f"owner, {_BIG}"
 )
 
 
@@ -120,7 +123,7 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
     """(owner, record) from a row of ``_RECORD_COLUMNS``."""
     (id_, name, kind, status, priority, created, started, finished, failures, error,
      worker_id, worker_host, worker_key, worker_anon, encoding, result_from, sealed,
-     result, output, owner) = row
+     result, output, owner, big) = row
     worker = None
     if worker_id is not None:
         worker = {"id": worker_id, "host": worker_host, "key": worker_key,
@@ -129,7 +132,7 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
         "id": id_, "name": name, "kind": kind, "status": status, "priority": priority,
         "created": created, "started": started, "finished": finished,
         "failures": failures, "error": error, "worker": worker, "encoding": encoding,
-        "result_from": result_from, "sealed": bool(sealed), "reason": None, "by_ref": False,
+        "result_from": result_from, "sealed": bool(sealed), "reason": None, "by_ref": bool(big),
     }
     return owner, (header, [result or b"", output or b""])
 

@@ -438,3 +438,37 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     assert len(writes) <= 3 * n, writes[:5]
     assert sum(s.startswith("COMMIT") for s in statements) <= 2
     store.close()
+
+
+def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path: Path) -> None:
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
+                    version="0")
+    state.on_monitor(0.0, b"m", "k" * 40, False, register)
+    jid = "f" * 32
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)]))
+    state.flush(0.0)
+    big = os.urandom(3 * 1024 * 1024 + 5)
+    item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
+            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0}
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [big, b"out"], results=[item]))
+    [event] = [o.msg for o in state.flush(0.0) if o.dest == "event"]
+    [rec] = event.header["jobs"]
+    assert rec["by_ref"] and rec["status"] == "completed" and event.blobs == [b"", b""]
+    got, offset = b"", 0
+    while True:
+        state.on_client(0.0, b"c", OWNER, make(M.FETCH, req=2, id=jid, part="result",
+                                                offset=offset))
+        [chunk] = [o.msg for o in state.flush(0.0) if o.msg.type is M.CHUNK]
+        assert chunk.header["total"] == len(big) and len(chunk.blobs[0]) <= 1024 * 1024
+        got += chunk.blobs[0]
+        offset += len(chunk.blobs[0])
+        if offset >= chunk.header["total"]:
+            break
+    assert got == big
+    # only the owner may fetch
+    state.on_client(0.0, b"c", "x" * 40, make(M.FETCH, req=3, id=jid, part="result", offset=0))
+    [err] = [o.msg for o in state.flush(0.0) if o.msg.type is M.ERROR]
+    assert err.header["code"] == "unknown_job"
+    store.close()
