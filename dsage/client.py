@@ -29,7 +29,8 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
-from .job import JobWrapper, WorkerInfo
+from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
+from .job import JobWrapper
 from .seal import Opener
 from .sockets import send_frames
 from .protocol import (
@@ -37,34 +38,24 @@ from .protocol import (
     ProtocolError, Status, decode, encode, make,
 )
 
+__all__ = [
+    "BrokerUnreachable", "DSage", "DSageError", "KeyRejected", "MonitorInfo", "SubmitRejected",
+    "UnknownJob", "check_job_id", "parse_memory",
+]
+
 #: longest job name or tag, and most tags, that the protocol accepts
 MAX_TEXT = 4096
 MAX_TAGS = 64
 #: most payload bytes batched into one submit message
 BATCH_BYTES = 8 * 1024 * 1024
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
-class DSageError(Exception):
-    """Base of the client's errors."""
-
-
-class BrokerUnreachable(DSageError, ConnectionError):
-    """No broker answered in time."""
-
-
-class KeyRejected(DSageError, PermissionError):
-    """The broker refused this client's key."""
-
-
-class UnknownJob(DSageError, KeyError):
-    """No job with that id belongs to this client's key."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class SubmitRejected(DSageError):
-    """The broker refused a job (for instance the per-client queue limit)."""
+def check_job_id(job_id: Any) -> str:
+    """``job_id`` if it is a job id (32 lowercase hex digits), else ValueError."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
+    return job_id
 
 
 @dataclass(frozen=True)
@@ -140,8 +131,31 @@ class _Conn:
         self.max_message_size: int | None = None
 
 
+class _Host:
+    """What a client's JobWrappers see of it (:class:`dsage.job.JobHost`)."""
+
+    __slots__ = ("_client", "changed")
+
+    def __init__(self, client: DSage, changed: threading.Condition) -> None:
+        self._client = client
+        self.changed = changed
+
+    def check_usable(self) -> None:
+        self._client._check_usable()
+
+    def kill(self, job_id: str) -> None:
+        self._client.kill(job_id)
+
+    def query(self, job_id: str) -> None:
+        self._client._io.command("query", [job_id])
+
+    def open_sealed(self, result: bytes, output: bytes) -> tuple[bytes, bytes]:
+        opener = self._client._opener
+        return opener.open(result), opener.open(output)
+
+
 class _IO(threading.Thread):
-    """The thread that owns the sockets."""
+    """The thread that owns the sockets and updates the wrappers."""
 
     def __init__(self, client: DSage, endpoint_host: str, port: int,
                  keys: keys_mod.Keypair, server_key: bytes, heartbeat: float,
@@ -153,6 +167,10 @@ class _IO(threading.Thread):
         self.heartbeat = heartbeat
         self.max_message_size = max_message_size
         self.conn = _Conn()
+        #: notified when jobs reach a final state; JobWrappers wait on it
+        self.changed = threading.Condition()
+        #: some wrapper became final since waiters were last notified
+        self.to_notify = False
         self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         #: a wake-up byte was sent and not yet consumed (set by user threads)
         self.woken = False
@@ -257,6 +275,7 @@ class _IO(threading.Thread):
             self._drain(self.dealer, self._on_reply)
         if self.sub in ready:
             self._drain(self.sub, self._on_event)
+        self._notify()
         self._timers()
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
@@ -266,6 +285,13 @@ class _IO(threading.Thread):
             except zmq.Again:
                 return
             handle(frames)
+
+    def _notify(self) -> None:
+        """Wake the threads waiting on wrappers, once for all jobs that became final."""
+        if self.to_notify:
+            self.to_notify = False
+            with self.changed:
+                self.changed.notify_all()
 
     def _send(self, msg: Message) -> None:
         try:
@@ -441,14 +467,8 @@ class _IO(threading.Thread):
         :class:`SubmitRejected` with ``message``."""
         self.open.discard(job_id)
         w = self.jobs.get(job_id)
-        if w is None:
-            return
-        w.refused = code
-        now = time.time()
-        w._update({"status": "failed", "name": w.name, "priority": w.priority, "created": now,
-                   "started": None, "finished": now, "failures": 0, "error": message,
-                   "worker": None, "encoding": "none", "result_from": "none",
-                   "sealed": False}, [b"", b""])
+        if w is not None and w._end(message, refused=code):
+            self.to_notify = True
 
     def _on_event(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or frames[0] != self.keys.public:
@@ -467,7 +487,9 @@ class _IO(threading.Thread):
     def _apply(self, records: list[dict[str, Any]], blobs: list[bytes]) -> None:
         for i, rec in enumerate(records):
             w = self.jobs.get(rec["id"])
-            if w is None or w._update(rec, blobs[2 * i:2 * i + 2]) or w.done():
+            if w is not None and w._update(rec, blobs[2 * i:2 * i + 2]):
+                self.to_notify = True
+            if w is None or w.done():
                 self.open.discard(rec["id"])
 
 
@@ -497,6 +519,7 @@ class DSage:
         self._opener = Opener(self.keys)
         self._io = _IO(self, server, port, self.keys, self.server_key, heartbeat,
                        max_message_size)
+        self._host = _Host(self, self._io.changed)
         self._io.start()
         self._io.ready.wait()
         if self._io.failure is not None:
@@ -509,6 +532,11 @@ class DSage:
                 raise
 
     # --- connection
+
+    def _check_usable(self) -> None:
+        """Raise DSageError if this client is closed."""
+        if self._closed:
+            raise DSageError("this DSage connection is closed")
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until the broker has answered, raising a clear error if it does not."""
@@ -597,7 +625,7 @@ class DSage:
                 "timeout": None if timeout is None else float(timeout), "priority": priority,
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": tags}
-        wrapper = JobWrapper(self, job_id, name, kind, priority)
+        wrapper = JobWrapper(self._host, job_id, name, kind, priority)
         self._io.command("submit", spec, payload, wrapper)
         return wrapper
 
@@ -608,7 +636,7 @@ class DSage:
         for i, rec in enumerate(msg.header["jobs"]):
             w = self._io.jobs.get(rec["id"])
             if w is None:
-                w = JobWrapper(self, rec["id"], rec["name"], rec["kind"], rec["priority"])
+                w = JobWrapper(self._host, rec["id"], rec["name"], rec["kind"], rec["priority"])
                 w._update(rec, msg.blobs[2 * i:2 * i + 2])
                 if not w.done():
                     self._io.command("track", w)
@@ -617,15 +645,15 @@ class DSage:
 
     def job(self, job_id: str, timeout: float = 10.0) -> JobWrapper:
         """The JobWrapper of an existing job of this key (also one another process submitted)."""
-        if not isinstance(job_id, str) or not re.fullmatch(r"[0-9a-f]{32}", job_id):
-            raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
+        check_job_id(job_id)
         known = self._io.jobs.get(job_id)
         if known is not None:
             return known
         reply = self._io.request(M.QUERY, timeout, ids=[job_id])
         wrappers = self._records_to_wrappers(reply)
         if not wrappers:
-            raise UnknownJob(f"no job {job_id} belongs to this key on {self.server}:{self.port}")
+            raise UnknownJob(f"no job {job_id} belongs to this key on {self.server}:{self.port}",
+                             job_id)
         return wrappers[0]
 
     def get_my_jobs(self, status: str | None = None, timeout: float = 30.0) -> list[JobWrapper]:
@@ -642,20 +670,10 @@ class DSage:
 
     def kill(self, job_id: str, timeout: float = 10.0) -> None:
         """Kill a job of this key: queued ones are removed, running ones killed."""
-        if not isinstance(job_id, str) or not re.fullmatch(r"[0-9a-f]{32}", job_id):
-            raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
+        check_job_id(job_id)
         reply = self._io.request(M.KILL, timeout, ids=[job_id])
         if reply.header["missing"]:
-            raise UnknownJob(f"no job {job_id} belongs to this key")
-
-    def _query(self, job_id: str) -> None:
-        """Ask the broker for one job's state, in the background."""
-        self._io.command("query", [job_id])
-
-    def _unseal(self, result: bytes, output: bytes,
-                worker: WorkerInfo | None) -> tuple[bytes, bytes]:
-        """Open a result and output sealed to this client's key (raises SealError)."""
-        return self._opener.open(result), self._opener.open(output)
+            raise UnknownJob(f"no job {job_id} belongs to this key", job_id)
 
     # --- lifetime
 
