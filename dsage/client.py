@@ -10,6 +10,7 @@ the state of every unfinished job, so no result is ever missed.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -17,9 +18,10 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,9 @@ from .job import JobWrapper
 from .seal import Opener
 from .sockets import send_frames
 from .protocol import (
-    CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, MAX_BATCH, MAX_PRIORITY, Kind, M, Message,
-    ProtocolError, Status, decode, encode, make,
+    BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, MAX_BATCH,
+    MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
+    Status, batches, decode, encode, make, text_problem,
 )
 
 __all__ = [
@@ -43,11 +46,14 @@ __all__ = [
     "UnknownJob", "check_job_id", "parse_memory",
 ]
 
-#: longest job name or tag, and most tags, that the protocol accepts
-MAX_TEXT = 4096
-MAX_TAGS = 64
-#: most payload bytes batched into one submit message
-BATCH_BYTES = 8 * 1024 * 1024
+#: Upper bound on a job spec's JSON bytes apart from its name and tags (the
+#: longest id, kind, float, and 64-bit integer), and the bytes a submit header
+#: needs besides its specs.
+_SPEC_FIXED_BYTES = 200
+_HEADER_SLACK = 64
+_SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
+#: JSON bytes of one job id in a list of ids (quotes and comma)
+_ID_BYTES = 35
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -78,32 +84,61 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 
 
 def parse_memory(value: int | str | None) -> int | None:
-    """Bytes from ``2GB``, ``512MiB``, ``1.5G`` or a number of bytes."""
+    """Bytes from ``2GB``, ``512MiB``, ``1.5G`` or a number of bytes; at least one
+    byte and at most 2**63-1 (what the broker stores)."""
     if value is None:
         return None
+    n: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError("memory must be a positive number of bytes")
-        return value
-    if isinstance(value, str):
+        n = value
+    elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ValueError(f"memory={value!r}: give bytes as an int, or a size like '2GB' or '512MiB'")
+        if m and m.group(2).lower() in _UNITS:
+            n = int(Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n is None:
+        raise ValueError(f"memory={value!r}: give bytes as an int, or a size like '2GB' "
+                         f"or '512MiB'")
+    if not 1 <= n <= MAX_INT:
+        raise ValueError(f"memory={value!r}: give from 1 byte to {MAX_INT} bytes "
+                         f"(about 9.2 EB)")
+    return n
 
 
-def _check_options(timeout: float | None, priority: int, name: str | None) -> None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0 or timeout == float("inf")):
-        raise ValueError(f"timeout={timeout!r}: give a positive number of seconds, or None")
+def _check_timeout(timeout: float | None) -> float | None:
+    """The job's timeout as a float (seconds), or None for no limit."""
+    if timeout is None:
+        return None
+    problem = f"timeout={timeout!r}: give a positive, finite number of seconds, or None"
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(problem)
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        raise ValueError(problem) from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(problem)
+    return seconds
+
+
+def _check_priority(priority: int) -> int:
     if isinstance(priority, bool) or not isinstance(priority, int) \
             or not 0 <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority={priority!r}: give an int from 0 (most urgent) "
                          f"to {MAX_PRIORITY}")
-    if name is not None and not isinstance(name, str):
+    return priority
+
+
+def _check_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str):
         raise TypeError(f"name must be a string, not {type(name).__name__}")
-    if name is not None and len(name) > MAX_TEXT:
+    if len(name) > MAX_TEXT:
         raise ValueError(f"name is {len(name)} characters long; at most {MAX_TEXT} are allowed")
+    problem = text_problem(name, MAX_TEXT)
+    if problem:
+        raise ValueError(f"name={name!r}: {problem}")
+    return name
 
 
 def _check_tags(requires: Iterable[str]) -> list[str]:
@@ -114,7 +149,41 @@ def _check_tags(requires: Iterable[str]) -> list[str]:
     if len(tags) > MAX_TAGS or any(len(t) > MAX_TEXT for t in tags):
         raise ValueError(f"requires: at most {MAX_TAGS} tags of at most {MAX_TEXT} "
                          f"characters each")
+    for t in tags:
+        problem = text_problem(t, MAX_TEXT)
+        if problem:
+            raise ValueError(f"requires: the tag {t!r} is {problem}")
     return tags
+
+
+def _json_text_bytes(s: str) -> int:
+    """At most how many bytes ``s`` takes as a JSON string, quotes included (an
+    escaped printable ASCII character takes 2, anything else at most 12)."""
+    return (2 if s.isascii() and s.isprintable() else 12) * len(s) + 2
+
+
+def _spec_bytes(spec: dict[str, Any]) -> int:
+    """The JSON bytes of a job spec in a submit header (an upper bound, exact for
+    the rare spec near the limit); ValueError if it cannot fit in one header."""
+    name, tags = spec["name"], spec["requires"]
+    size = _SPEC_FIXED_BYTES + (0 if name is None else _json_text_bytes(name)) \
+        + sum(_json_text_bytes(t) + 1 for t in tags)
+    if size > _SPEC_BUDGET:
+        size = len(json.dumps(spec, separators=(",", ":")))
+        if size > _SPEC_BUDGET:
+            raise ValueError(f"the job's name and tags take {size} bytes of message header; "
+                             f"at most {_SPEC_BUDGET} fit (shorten the name or the tags)")
+    return size
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A submitted job, kept until the broker acknowledges it (or refuses it)."""
+
+    spec: dict[str, Any]
+    payload: bytes
+    #: its spec's JSON bytes in a submit header (see :func:`_spec_bytes`)
+    header_bytes: int
 
 
 class _Conn:
@@ -178,7 +247,7 @@ class _IO(threading.Thread):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.jobs: weakref.WeakValueDictionary[str, JobWrapper] = weakref.WeakValueDictionary()
-        self.unacked: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self.unacked: dict[str, _Outgoing] = {}
         #: ids of jobs not known to be final, whose wrappers may still be alive
         self.open: set[str] = set()
         self.requests: dict[int, Future[Message]] = {}
@@ -300,18 +369,19 @@ class _IO(threading.Thread):
             pass  # not connected yet: unacked submits and open requests are sent on connect
 
     def _run_commands(self) -> None:
-        submits: list[tuple[dict[str, Any], bytes]] = []
+        submits: list[_Outgoing] = []
         while True:
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
                 break
             if cmd[0] == "submit":
-                spec, payload, wrapper = cmd[1:]
-                self.jobs[spec["id"]] = wrapper
-                self.open.add(spec["id"])
-                self.unacked[spec["id"]] = (spec, payload)
-                submits.append((spec, payload))
+                job, wrapper = cmd[1:]
+                jid = job.spec["id"]
+                self.jobs[jid] = wrapper
+                self.open.add(jid)
+                self.unacked[jid] = job
+                submits.append(job)
             elif cmd[0] == "track":
                 self.jobs[cmd[1].job_id] = cmd[1]
                 self.open.add(cmd[1].job_id)
@@ -325,34 +395,34 @@ class _IO(threading.Thread):
                     self.requests[req] = fut
                     self._send(make(type_, req=req, **header))
             elif cmd[0] == "query":
-                ids = [i for i in cmd[1] if i not in self.unacked]
-                if ids:
-                    self._send(make(M.QUERY, req=0, ids=ids))
+                self._send_ids(M.QUERY, [i for i in cmd[1] if i not in self.unacked])
             elif cmd[0] == "close":
                 self.running = False
         self._submit(submits)
 
-    def _submit(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
-        batch: list[tuple[dict[str, Any], bytes]] = []
-        size = 0
-        limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
-        for spec, payload in items:
-            if len(payload) > limit:
-                # the broker would drop the connection: refuse here, never send it
-                self.unacked.pop(spec["id"], None)
-                self._refuse(spec["id"], "size", f"the job is {len(payload)} bytes, more than "
-                             f"the largest message allowed ({limit} bytes, --max-message-size)")
-                continue
-            if batch and (len(batch) >= MAX_BATCH or size + len(payload) > BATCH_BYTES):
-                self._send_batch(batch)
-                batch, size = [], 0
-            batch.append((spec, payload))
-            size += len(payload)
-        if batch:
-            self._send_batch(batch)
+    def _send_ids(self, type_: M, ids: list[str], req: int = 0) -> None:
+        """Send a message per batch of ``ids`` (a QUERY or KILL with ``req``)."""
+        for r in batches([_ID_BYTES] * len(ids), MAX_BATCH, _SPEC_BUDGET):
+            self._send(make(type_, req=req, ids=ids[r.start:r.stop]))
 
-    def _send_batch(self, batch: list[tuple[dict[str, Any], bytes]]) -> None:
-        self._send(make(M.SUBMIT, [p for _, p in batch], req=0, jobs=[s for s, _ in batch]))
+    def _submit(self, jobs: list[_Outgoing]) -> None:
+        """Send jobs in submit messages within the protocol's limits, refusing those
+        larger than a message may be."""
+        limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
+        ok: list[_Outgoing] = []
+        for job in jobs:
+            if len(job.payload) > limit:
+                # the broker would drop the connection: refuse here, never send it
+                self.unacked.pop(job.spec["id"], None)
+                self._refuse(job.spec["id"], "size", f"the job is {len(job.payload)} bytes, "
+                             f"more than the largest message allowed ({limit} bytes, "
+                             f"--max-message-size)")
+            else:
+                ok.append(job)
+        for r in _submit_ranges(ok):
+            batch = ok[r.start:r.stop]
+            self._send(make(M.SUBMIT, [j.payload for j in batch], req=0,
+                            jobs=[j.spec for j in batch]))
 
     def _socket_events(self, sock: zmq.Socket[bytes], is_dealer: bool) -> None:
         while True:
@@ -403,11 +473,11 @@ class _IO(threading.Thread):
         self.resync_reqs.clear()
         self.resync_wanted = False
         open_ids = [jid for jid in self.open if jid not in self.unacked]
-        for i in range(0, len(open_ids), MAX_BATCH):
+        for r in batches([_ID_BYTES] * len(open_ids), MAX_BATCH, _SPEC_BUDGET):
             req = self.next_req
             self.next_req += 1
             self.resync_reqs.add(req)
-            self._send(make(M.QUERY, req=req, ids=open_ids[i:i + MAX_BATCH]))
+            self._send(make(M.QUERY, req=req, ids=open_ids[r.start:r.stop]))
 
     def _check_missed_events(self, broker_seq: int, epoch: str) -> None:
         """The broker's PONG says the last event sequence number it sent us. One not
@@ -491,6 +561,17 @@ class _IO(threading.Thread):
                 self.to_notify = True
             if w is None or w.done():
                 self.open.discard(rec["id"])
+
+
+def _submit_ranges(jobs: Sequence[_Outgoing]) -> list[range]:
+    """Split jobs into submit messages within the protocol's limits on items, blob
+    bytes and header bytes."""
+    out: list[range] = []
+    for r in batches([len(j.payload) for j in jobs], MAX_BATCH, BATCH_BYTES):
+        sizes = [jobs[i].header_bytes + 1 for i in r]
+        out.extend(range(r.start + h.start, r.start + h.stop)
+                   for h in batches(sizes, MAX_BATCH, _SPEC_BUDGET))
+    return out
 
 
 class DSage:
@@ -616,17 +697,15 @@ class DSage:
                 requires: Iterable[str], **unknown: Any) -> JobWrapper:
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
-        if self._closed:
-            raise DSageError("this DSage connection is closed")
-        _check_options(timeout, priority, name)
-        tags = _check_tags(requires)
+        self._check_usable()
         job_id = os.urandom(16).hex()
-        spec = {"id": job_id, "name": name, "kind": kind,
-                "timeout": None if timeout is None else float(timeout), "priority": priority,
+        spec = {"id": job_id, "name": _check_name(name), "kind": kind,
+                "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
-                "requires": tags}
+                "requires": _check_tags(requires)}
+        job = _Outgoing(spec, payload, _spec_bytes(spec))
         wrapper = JobWrapper(self._host, job_id, name, kind, priority)
-        self._io.command("submit", spec, payload, wrapper)
+        self._io.command("submit", job, wrapper)
         return wrapper
 
     # --- looking at jobs

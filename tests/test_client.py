@@ -1,17 +1,120 @@
-"""The client (issue "Core v2", client part): errors live in their own module,
-wrappers share one condition, and show why a queued job waits."""
+"""The client (issue "Core v2", client part): messages keep within the
+protocol's limits and bad options fail in the user's call, errors live in their
+own module, wrappers share one condition and show why a queued job waits.
+
+Some tests talk to a scripted stand-in for the broker (:class:`FakeBroker`) to
+see exactly what the client sends; the others use real processes.
+"""
 
 from __future__ import annotations
 
 import ast
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import dsage
+import pytest
+import zmq
 
-from .conftest import wait_for
+import dsage
+from dsage import keys
+from dsage.protocol import (
+    CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, M, Message, ProtocolError,
+    decode, encode, make,
+)
+
+from .conftest import HEARTBEAT, Procs, wait_for
+
+EPOCH = "fake-epoch"
+
+
+# --- a scripted broker
+
+Handler = Callable[["FakeBroker", bytes, Message], None]
+
+
+class FakeBroker(threading.Thread):
+    """A stand-in for the broker on the client port and the events port: CURVE with
+    the home's keypair, answering HELLO and PING itself and handing every other
+    request to ``handle`` (on this thread), pings too, after their answer. ``received`` holds every request, and
+    ``errors`` what did not decode (a message past the protocol's limits)."""
+
+    def __init__(self, home: Path, port: int, handle: Handler) -> None:
+        super().__init__(name="fake-broker", daemon=True)
+        self.keys = keys.load_keypair(home)
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.router = self._server(zmq.ROUTER, port)
+        self.events = self._server(zmq.XPUB, port + 2)
+        self.handle = handle
+        self.received: list[Message] = []
+        self.errors: list[ProtocolError] = []
+        self.subscribed = threading.Event()
+        self.seq = 0
+        self.running = True
+
+    def _server(self, kind: int, port: int) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.curve_server = True
+        sock.curve_publickey = self.keys.public
+        sock.curve_secretkey = self.keys.secret
+        sock.bind(f"tcp://127.0.0.1:{port}")
+        return sock
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
+        while self.running:
+            for sock, _ in poller.poll(20):
+                if sock is self.events:
+                    self.events.recv()
+                    self.subscribed.set()
+                else:
+                    self._request(*self.router.recv_multipart())
+
+    def _request(self, rid: bytes, *frames: bytes) -> None:
+        try:
+            msg = decode(list(frames), CLIENT_REQUESTS)
+        except ProtocolError as e:
+            self.errors.append(e)
+            return
+        self.received.append(msg)
+        if msg.type is M.HELLO:
+            self.reply(rid, make(M.WELCOME, req=msg.header["req"], version="fake",
+                                 key=self.keys.public.decode(), epoch=EPOCH, heartbeat=HEARTBEAT,
+                                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE))
+            return
+        if msg.type is M.PING:
+            self.reply(rid, make(M.PONG, seq=self.seq, epoch=EPOCH))
+        self.handle(self, rid, msg)
+
+    def reply(self, rid: bytes, msg: Message) -> None:
+        self.router.send_multipart([rid, *encode(msg)])
+
+    def ack(self, rid: bytes, msg: Message, ids: list[str] | None = None) -> None:
+        """Acknowledge the jobs of a SUBMIT (or ``ids``)."""
+        if ids is None:
+            ids = [s["id"] for s in msg.header["jobs"]]
+        self.reply(rid, make(M.ACK, req=msg.header["req"], ids=ids, errors=[]))
+
+    def publish(self, records: list[dict[str, Any]]) -> None:
+        """An event with ``records`` to the client (this home's key)."""
+        self.seq += 1
+        self.events.send_multipart([self.keys.public, *encode(make(
+            M.EVENT, [b""] * (2 * len(records)), seq=self.seq, epoch=EPOCH, jobs=records))])
+
+    def submitted(self) -> list[str]:
+        """The ids of every job received, in order, copies included."""
+        return [s["id"] for m in list(self.received) if m.type is M.SUBMIT
+                for s in m.header["jobs"]]
+
+    def stop(self) -> None:
+        self.running = False
+        self.join(5)
+        self.ctx.destroy(linger=0)
 
 
 def record(job_id: str, status: str, result_from: str = "none") -> dict[str, Any]:
@@ -21,6 +124,66 @@ def record(job_id: str, status: str, result_from: str = "none") -> dict[str, Any
             "created": 1.0, "started": 1.0, "finished": 2.0 if final else None,
             "failures": 0, "error": None, "worker": None, "encoding": "none",
             "result_from": result_from, "sealed": False, "reason": None}
+
+
+@pytest.fixture
+def fake(home: Path, port: int) -> Iterator[Callable[[Handler], FakeBroker]]:
+    """Start a FakeBroker with a handler; it is stopped at teardown."""
+    started: list[FakeBroker] = []
+
+    def start(handle: Handler) -> FakeBroker:
+        fb = FakeBroker(home, port, handle)
+        fb.start()
+        started.append(fb)
+        return fb
+
+    yield start
+    for fb in started:
+        fb.stop()
+
+
+# --- 2. the protocol's limits, checked in the user's call or kept by splitting
+
+
+def test_submit_messages_keep_within_the_protocol_limits(
+        procs: Procs, fake: Callable[[Handler], FakeBroker]) -> None:
+    """2,500 tiny jobs and 100 whose names take 24 KB of JSON each: every submit
+    message has at most MAX_BATCH jobs and MAX_HEADER bytes of header."""
+    def handle(fb: FakeBroker, rid: bytes, msg: Message) -> None:
+        if msg.type is M.SUBMIT:
+            fb.ack(rid, msg)
+
+    fb = fake(handle)
+    D = procs.client()
+    long_name = "\u00e9" * 4096  # 6 bytes of JSON a character
+    jobs = [D("1", name=long_name) for _ in range(100)] + [D(str(i)) for i in range(2500)]
+    wanted = {j.job_id for j in jobs}
+    wait_for(lambda: wanted <= set(fb.submitted()) or fb.errors, 30, "every job received")
+    assert fb.errors == []
+    submits = [m for m in fb.received if m.type is M.SUBMIT]
+    assert all(len(m.header["jobs"]) <= MAX_BATCH for m in submits)
+    assert len(submits) >= 3 + 3  # the named ones alone need three, the rest three more
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"name": "x\udcff"}, "lone surrogate"),
+    ({"requires": ["gpu", "x\udcff"]}, "lone surrogate"),
+    ({"memory": "10000000TB"}, "memory"),
+    ({"memory": 2**63}, "memory"),
+    ({"memory": "9" * 400 + "GB"}, "memory"),
+    ({"memory": "0.0001"}, "memory"),
+    ({"timeout": 10**400}, "timeout"),
+    ({"requires": ["\U0001f600" * 4096] * 64}, "header"),
+])
+def test_out_of_range_options_fail_in_the_call_and_nothing_is_sent(
+        procs: Procs, options: dict[str, Any], message: str) -> None:
+    procs.broker()
+    D = procs.client()
+    with pytest.raises(ValueError, match=message):
+        D("1", **options)
+    with pytest.raises(ValueError, match=message):
+        D.eval_function(abs, (-1,), **options)
+    assert D.get_my_jobs() == []
 
 
 def test_wrappers_share_one_condition_and_waiters_wake_at_once(cluster: dsage.DSage,
