@@ -3,9 +3,16 @@
 One background I/O thread owns the ZeroMQ sockets (they are not thread-safe):
 a DEALER to the broker's client port, which is the source of truth, and a SUB
 to its events port, the fast path that keeps JobWrappers live. User threads
-hand it commands through a queue and a wake-up socket pair. After every
-(re)connection, and when events show a gap, the thread asks the broker for
-the state of every unfinished job, so no result is ever missed.
+hand it commands through a queue and a wake-up socket pair.
+
+Nothing is dropped on the way out: the thread keeps an ordered send queue and
+writes it while the socket takes messages, then waits for it to be writable
+again. A submitted job stays in memory until the broker acknowledges it; it is
+sent again after a reconnection, and when the broker has answered a later ping
+without acknowledging it (so it was lost, not merely slow). The number and
+bytes of unacknowledged jobs are bounded: past the bound, submitting blocks.
+After every (re)connection, and when events show a gap, the thread asks the
+broker for the state of every unfinished job, so no result is ever missed.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import socket
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -33,19 +41,27 @@ from . import keys as keys_mod
 from .auth import make_client
 from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
 from .job import JobWrapper
-from .seal import Opener
-from .sockets import send_frames
 from .protocol import (
     BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, MAX_BATCH,
     MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
     Status, batches, decode, encode, make, text_problem,
 )
+from .seal import Opener
+from .sockets import send_frames
 
 __all__ = [
     "BrokerUnreachable", "DSage", "DSageError", "KeyRejected", "MonitorInfo", "SubmitRejected",
     "UnknownJob", "check_job_id", "parse_memory",
 ]
 
+#: Default bounds on the jobs submitted and not yet acknowledged by the broker
+#: (how many, and their payload bytes): past either, submitting blocks until
+#: acknowledgements make room.
+MAX_UNACKED_JOBS = 100_000
+MAX_UNACKED_BYTES = 256 * 1024 * 1024
+#: Heartbeats a job must have been unacknowledged, besides the broker having
+#: answered a ping sent after it, before it is sent again.
+RESEND_HEARTBEATS = 3
 #: Upper bound on a job spec's JSON bytes apart from its name and tags (the
 #: longest id, kind, float, and 64-bit integer), and the bytes a submit header
 #: needs besides its specs.
@@ -77,6 +93,8 @@ class MonitorInfo:
     tags: list[str]
     key: str
 
+
+# --- checking a job's options in the user's call, before anything is sent
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
@@ -176,6 +194,9 @@ def _spec_bytes(spec: dict[str, Any]) -> int:
     return size
 
 
+# --- state shared between user threads and the I/O thread
+
+
 @dataclass(slots=True)
 class _Outgoing:
     """A submitted job, kept until the broker acknowledges it (or refuses it)."""
@@ -184,6 +205,49 @@ class _Outgoing:
     payload: bytes
     #: its spec's JSON bytes in a submit header (see :func:`_spec_bytes`)
     header_bytes: int
+    #: when (monotonic) it was last handed to the socket; None while in the send queue
+    sent: float | None = None
+
+
+class _Window:
+    """Room for unacknowledged jobs: user threads take it when they submit (waiting
+    while there is none), the I/O thread gives it back as the broker acknowledges."""
+
+    def __init__(self, max_jobs: int, max_bytes: int) -> None:
+        self.max_jobs, self.max_bytes = max_jobs, max_bytes
+        self.jobs = 0
+        self.bytes = 0
+        self.waiting = 0
+        self.cond = threading.Condition(threading.Lock())
+
+    def take(self, size: int, check: Callable[[], None]) -> None:
+        """Count one job of ``size`` payload bytes, first waiting for room; ``check``
+        raises when waiting is pointless (the client was closed). A job larger than
+        the byte bound goes alone."""
+        with self.cond:
+            while self.jobs >= self.max_jobs or (
+                    self.jobs and self.bytes + size > self.max_bytes):
+                check()
+                self.waiting += 1
+                try:
+                    self.cond.wait(1.0)
+                finally:
+                    self.waiting -= 1
+            self.jobs += 1
+            self.bytes += size
+
+    def give(self, jobs: int, size: int) -> None:
+        """Give back the room of ``jobs`` jobs of ``size`` payload bytes in all."""
+        with self.cond:
+            self.jobs -= jobs
+            self.bytes -= size
+            if self.waiting:
+                self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting submitter (to notice the client was closed)."""
+        with self.cond:
+            self.cond.notify_all()
 
 
 class _Conn:
@@ -223,23 +287,26 @@ class _Host:
         return opener.open(result), opener.open(output)
 
 
-class _IO(threading.Thread):
-    """The thread that owns the sockets and updates the wrappers."""
+#: one item of the send queue: a job (by id, its spec in ``_IO.unacked``) or a message
+_Queued = str | Message
 
-    def __init__(self, client: DSage, endpoint_host: str, port: int,
-                 keys: keys_mod.Keypair, server_key: bytes, heartbeat: float,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+
+class _IO(threading.Thread):
+    """The thread that owns the sockets, the send queue and the table of wrappers."""
+
+    def __init__(self, endpoint_host: str, port: int, keys: keys_mod.Keypair,
+                 server_key: bytes, heartbeat: float, max_message_size: int,
+                 window: _Window, unreachable: Callable[[float], DSageError]) -> None:
         super().__init__(name="dsage-client-io", daemon=True)
-        self.client = client
         self.host, self.port = endpoint_host, port
         self.keys, self.server_key = keys, server_key
         self.heartbeat = heartbeat
         self.max_message_size = max_message_size
+        self.window = window
+        self.unreachable = unreachable
         self.conn = _Conn()
         #: notified when jobs reach a final state; JobWrappers wait on it
         self.changed = threading.Condition()
-        #: some wrapper became final since waiters were last notified
-        self.to_notify = False
         self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         #: a wake-up byte was sent and not yet consumed (set by user threads)
         self.woken = False
@@ -247,18 +314,30 @@ class _IO(threading.Thread):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.jobs: weakref.WeakValueDictionary[str, JobWrapper] = weakref.WeakValueDictionary()
+        #: jobs not yet acknowledged, in the order they were (re)queued to be sent,
+        #: which is also the order of their ``sent`` times (unsent ones last)
         self.unacked: dict[str, _Outgoing] = {}
+        #: what to send, in order; a job is queued by id (it may be acknowledged
+        #: before its turn comes, and is then skipped)
+        self.outq: deque[_Queued] = deque()
+        self.polling_out = False
         #: ids of jobs not known to be final, whose wrappers may still be alive
         self.open: set[str] = set()
         self.requests: dict[int, Future[Message]] = {}
         self.next_req = 1
         self.last_seq = 0
         self.last_ping = 0.0
+        #: when the pings not yet answered were queued, oldest first
+        self.pinged: deque[float] = deque(maxlen=10_000)
+        #: when the request connection was last seen to drop
+        self.disconnected_at = float("-inf")
         #: request ids of the resync queries in flight
         self.resync_reqs: set[int] = set()
         self.resync_wanted = False
         #: an event sequence number the broker sent that had not arrived yet
         self.expected_seq: int | None = None
+        #: some wrapper became final since waiters were last notified
+        self.to_notify = False
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ready = threading.Event()
@@ -277,13 +356,16 @@ class _IO(threading.Thread):
             pass  # the pipe is full: the thread is awake already
 
     def request(self, type_: M, timeout: float, **header: Any) -> Message:
+        """Send a request and wait for its reply."""
         fut: Future[Message] = Future()
         self.command("request", type_, header, fut)
         try:
             return fut.result(timeout)
         except TimeoutError:
             fut.cancel()
-            raise self.client._unreachable(timeout) from None
+            raise self.unreachable(timeout) from None
+        except CancelledError:
+            raise DSageError("this DSage connection was closed") from None
 
     # --- the thread
 
@@ -306,6 +388,7 @@ class _IO(threading.Thread):
             self._wake_w.close()
             for fut in self.requests.values():
                 fut.cancel()
+            self.window.wake()
 
     def _setup(self) -> None:
         self.dealer = self.ctx.socket(zmq.DEALER)
@@ -346,6 +429,8 @@ class _IO(threading.Thread):
             self._drain(self.sub, self._on_event)
         self._notify()
         self._timers()
+        if self.outq or self.polling_out:
+            self._flush()
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
         for _ in range(10_000):
@@ -362,67 +447,140 @@ class _IO(threading.Thread):
             with self.changed:
                 self.changed.notify_all()
 
-    def _send(self, msg: Message) -> None:
-        try:
-            send_frames(self.dealer, encode(msg))
-        except zmq.Again:
-            pass  # not connected yet: unacked submits and open requests are sent on connect
-
     def _run_commands(self) -> None:
-        submits: list[_Outgoing] = []
         while True:
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
-                break
+                return
             if cmd[0] == "submit":
                 job, wrapper = cmd[1:]
                 jid = job.spec["id"]
+                # registered before it is sent, so no event about it can come first
                 self.jobs[jid] = wrapper
                 self.open.add(jid)
-                self.unacked[jid] = job
-                submits.append(job)
+                self._queue_job(jid, job)
             elif cmd[0] == "track":
                 self.jobs[cmd[1].job_id] = cmd[1]
                 self.open.add(cmd[1].job_id)
             elif cmd[0] == "request":
                 type_, header, fut = cmd[1:]
-                self._submit(submits)  # jobs submitted before a request go first
-                submits = []
                 if fut.set_running_or_notify_cancel():
-                    req = self.next_req
-                    self.next_req += 1
+                    req = self._next_req()
                     self.requests[req] = fut
                     self._send(make(type_, req=req, **header))
             elif cmd[0] == "query":
                 self._send_ids(M.QUERY, [i for i in cmd[1] if i not in self.unacked])
             elif cmd[0] == "close":
                 self.running = False
-        self._submit(submits)
+
+    def _next_req(self) -> int:
+        req = self.next_req
+        self.next_req += 1
+        return req
+
+    # --- sending: one ordered queue, written while the socket takes it
+
+    def _send(self, msg: Message) -> None:
+        """Queue a message; it is sent in order after everything queued before it."""
+        self.outq.append(msg)
 
     def _send_ids(self, type_: M, ids: list[str], req: int = 0) -> None:
-        """Send a message per batch of ``ids`` (a QUERY or KILL with ``req``)."""
+        """Queue a message per batch of ``ids`` (a QUERY or KILL with ``req``)."""
         for r in batches([_ID_BYTES] * len(ids), MAX_BATCH, _SPEC_BUDGET):
             self._send(make(type_, req=req, ids=ids[r.start:r.stop]))
 
-    def _submit(self, jobs: list[_Outgoing]) -> None:
-        """Send jobs in submit messages within the protocol's limits, refusing those
-        larger than a message may be."""
+    def _queue_job(self, jid: str, job: _Outgoing) -> None:
+        """(Re)queue a job to be sent, last in both the send queue and ``unacked``."""
+        job.sent = None
+        self.unacked.pop(jid, None)
+        self.unacked[jid] = job
+        self.outq.append(jid)
+
+    def _flush(self) -> None:
+        """Send queued messages in order until the socket would block; then ask the
+        poller to say when it is writable again, and go on from there."""
+        q = self.outq
+        while q:
+            head = q[0]
+            if isinstance(head, Message):
+                if not self._try_send(encode(head)):
+                    break
+                q.popleft()
+            elif not self._send_jobs():
+                break
+        want_out = bool(q)
+        if want_out != self.polling_out:
+            self.polling_out = want_out
+            self.poller.modify(self.dealer, zmq.POLLIN | (zmq.POLLOUT if want_out else 0))
+
+    def _try_send(self, frames: list[bytes]) -> bool:
+        """Send a whole message, or nothing and return False if the socket is full."""
+        try:
+            send_frames(self.dealer, frames)
+        except zmq.Again:
+            return False
+        return True
+
+    def _send_jobs(self) -> bool:
+        """Send the jobs at the head of the send queue, in submit messages within the
+        protocol's limits; False (those not sent back at the head) if the socket is full."""
+        jobs = self._take_jobs()
+        now = time.monotonic()
+        for r in _submit_ranges(jobs):
+            batch = jobs[r.start:r.stop]
+            msg = make(M.SUBMIT, [j.payload for j in batch], req=0, jobs=[j.spec for j in batch])
+            if not self._try_send(encode(msg)):
+                self.outq.extendleft(j.spec["id"] for j in reversed(jobs[r.start:]))
+                return False
+            for j in batch:
+                j.sent = now
+        return True
+
+    def _take_jobs(self) -> list[_Outgoing]:
+        """Up to MAX_BATCH consecutive jobs from the head of the send queue, skipping
+        acknowledged ones and refusing those larger than a message may be."""
+        q = self.outq
+        out: list[_Outgoing] = []
         limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
-        ok: list[_Outgoing] = []
-        for job in jobs:
+        while q and len(out) < MAX_BATCH and isinstance(q[0], str):
+            job = self.unacked.get(q.popleft())  # type: ignore[arg-type]  # a str, as checked
+            if job is None:
+                continue  # acknowledged since it was queued
             if len(job.payload) > limit:
                 # the broker would drop the connection: refuse here, never send it
-                self.unacked.pop(job.spec["id"], None)
-                self._refuse(job.spec["id"], "size", f"the job is {len(job.payload)} bytes, "
-                             f"more than the largest message allowed ({limit} bytes, "
-                             f"--max-message-size)")
-            else:
-                ok.append(job)
-        for r in _submit_ranges(ok):
-            batch = ok[r.start:r.stop]
-            self._send(make(M.SUBMIT, [j.payload for j in batch], req=0,
-                            jobs=[j.spec for j in batch]))
+                jid = job.spec["id"]
+                self._forget([jid])
+                self._end_job(jid, f"the job is {len(job.payload)} bytes, more than the "
+                              f"largest message allowed ({limit} bytes, --max-message-size)",
+                              refused="size")
+                continue
+            out.append(job)
+        return out
+
+    def _forget(self, ids: Iterable[str]) -> None:
+        """Jobs acknowledged (or refused): drop them and give their room back."""
+        count = size = 0
+        for jid in ids:
+            job = self.unacked.pop(jid, None)
+            if job is not None:
+                count += 1
+                size += len(job.payload)
+        if count:
+            self.window.give(count, size)
+
+    def _resend_sent(self, before: float) -> None:
+        """Queue again the unacknowledged jobs handed to the socket at or before
+        ``before`` (they may be lost; the broker ignores a copy of a stored job)."""
+        stale = []
+        for jid, job in self.unacked.items():
+            if job.sent is None or job.sent > before:
+                break  # the rest were sent later, or wait in the send queue
+            stale.append(jid)
+        for jid in stale:
+            self._queue_job(jid, self.unacked[jid])
+
+    # --- the connection
 
     def _socket_events(self, sock: zmq.Socket[bytes], is_dealer: bool) -> None:
         while True:
@@ -433,6 +591,8 @@ class _IO(threading.Thread):
             kind = ev["event"]
             if kind == zmq.EVENT_CONNECTED:
                 self.conn.tcp_connected = True
+            elif kind == zmq.EVENT_DISCONNECTED and is_dealer:
+                self.disconnected_at = time.monotonic()
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.conn.rejected = (
                     f"the broker at {self.host}:{self.port} rejected this client's key "
@@ -444,7 +604,10 @@ class _IO(threading.Thread):
                 self.conn.handshake_failures += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and is_dealer:
                 self.conn.rejected = None
-                self._on_connected()
+                # Unacknowledged jobs are resent after the welcome (which gives the
+                # broker's size limit), see _on_welcome.
+                self._send(make(M.HELLO, req=self._next_req(), client=f"dsage {os.getpid()}",
+                                version=__version__))
 
     def _fail_requests(self) -> None:
         for fut in self.requests.values():
@@ -452,12 +615,13 @@ class _IO(threading.Thread):
                 fut.set_exception(KeyRejected(self.conn.rejected))
         self.requests.clear()
 
-    def _on_connected(self) -> None:
-        """(Re)connected: say hello, resend what is unacknowledged, and resync."""
-        req = self.next_req
-        self.next_req += 1
-        self._send(make(M.HELLO, req=req, client=f"dsage {os.getpid()}", version=__version__))
-        # Unacknowledged jobs go after the welcome, which says the broker's size limit.
+    def _on_welcome(self, h: dict[str, Any]) -> None:
+        """(Re)connected: resend what the lost connection may have dropped, and resync."""
+        self.conn.epoch = h["epoch"]
+        self.conn.max_message_size = h["max_message_size"]
+        self._resend_sent(self.disconnected_at)
+        self._resync(force=True)
+        self.conn.welcomed.set()
 
     def _resync(self, force: bool = False) -> None:
         """Ask the broker for the state of every unfinished, acknowledged job.
@@ -474,8 +638,7 @@ class _IO(threading.Thread):
         self.resync_wanted = False
         open_ids = [jid for jid in self.open if jid not in self.unacked]
         for r in batches([_ID_BYTES] * len(open_ids), MAX_BATCH, _SPEC_BUDGET):
-            req = self.next_req
-            self.next_req += 1
+            req = self._next_req()
             self.resync_reqs.add(req)
             self._send(make(M.QUERY, req=req, ids=open_ids[r.start:r.stop]))
 
@@ -488,10 +651,22 @@ class _IO(threading.Thread):
             self._resync()
         self.expected_seq = broker_seq if broker_seq > self.last_seq else None
 
+    def _on_pong(self, now: float) -> None:
+        """The broker answered a ping, after acknowledging every job it got before it
+        (replies keep the order of requests). So jobs sent before that ping and still
+        unacknowledged were lost (or their acknowledgement was): resend those sent
+        more than a few heartbeats ago. A broker that is merely slow sends no pong,
+        so it is never sent copies. Pongs pair with pings oldest first; when one is
+        lost the next pairs with an older ping, which only resends less."""
+        if self.pinged:
+            asked = self.pinged.popleft()
+            self._resend_sent(min(asked, now - RESEND_HEARTBEATS * self.heartbeat))
+
     def _timers(self) -> None:
         now = time.monotonic()
         if now - self.last_ping >= self.heartbeat:
             self.last_ping = now
+            self.pinged.append(now)
             self._send(make(M.PING))
 
     # --- incoming
@@ -502,29 +677,22 @@ class _IO(threading.Thread):
         except ProtocolError:
             return
         h = msg.header
+        if msg.type is M.PONG:
+            self._check_missed_events(h["seq"], h["epoch"])
+            self._on_pong(time.monotonic())
+            return
+        fut = self.requests.pop(h["req"], None) if h.get("req") else None
         if msg.type is M.WELCOME:
-            self.conn.epoch = h["epoch"]
-            self.conn.max_message_size = h["max_message_size"]
-            self._submit(list(self.unacked.values()))
-            self._resync(force=True)
-            self.conn.welcomed.set()
+            self._on_welcome(h)
         elif msg.type is M.ACK:
-            for jid in h["ids"]:
-                self.unacked.pop(jid, None)
-            for err in h["errors"]:
-                self.unacked.pop(err["id"], None)
-                self._refuse(err["id"], err["code"], f"refused by the broker: {err['message']}")
+            self._forget(h["ids"])
+            self._refuse(h["errors"])
         elif msg.type is M.JOBS:
             self._apply(h["jobs"], msg.blobs)
             if h["req"] in self.resync_reqs:
                 self.resync_reqs.discard(h["req"])
                 if not self.resync_reqs and self.resync_wanted:
                     self._resync()
-        if msg.type is M.PONG:
-            self._check_missed_events(h["seq"], h["epoch"])
-            return
-        req = h.get("req")
-        fut = self.requests.pop(req, None) if req else None
         if fut is not None and not fut.done():
             if msg.type is M.ERROR:
                 kind = KeyRejected if h["code"] == "unauthorized" else DSageError
@@ -532,12 +700,18 @@ class _IO(threading.Thread):
             else:
                 fut.set_result(msg)
 
-    def _refuse(self, job_id: str, code: str, message: str) -> None:
-        """End a job that was not accepted: it fails, and its ``result`` raises
-        :class:`SubmitRejected` with ``message``."""
-        self.open.discard(job_id)
-        w = self.jobs.get(job_id)
-        if w is not None and w._end(message, refused=code):
+    def _refuse(self, errors: list[dict[str, str]]) -> None:
+        """Jobs the broker did not accept: each fails, and its ``result`` raises
+        :class:`SubmitRejected` with the broker's message."""
+        self._forget(err["id"] for err in errors)
+        for err in errors:
+            self._end_job(err["id"], f"refused by the broker: {err['message']}",
+                          refused=err["code"])
+
+    def _end_job(self, jid: str, error: str, refused: str) -> None:
+        self.open.discard(jid)
+        w = self.jobs.get(jid)
+        if w is not None and w._end(error, refused):
             self.to_notify = True
 
     def _on_event(self, frames: list[bytes]) -> None:
@@ -555,6 +729,10 @@ class _IO(threading.Thread):
             self._resync()
 
     def _apply(self, records: list[dict[str, Any]], blobs: list[bytes]) -> None:
+        """Update the wrappers of ``records``; a record the broker knows is also an
+        acknowledgement."""
+        if self.unacked:
+            self._forget([r["id"] for r in records if r["id"] in self.unacked])
         for i, rec in enumerate(records):
             w = self.jobs.get(rec["id"])
             if w is not None and w._update(rec, blobs[2 * i:2 * i + 2]):
@@ -583,13 +761,22 @@ class DSage:
     file); by default the user's own, as when the keypair was copied.
     ``max_message_size`` caps every frame received, and jobs larger than it (or
     than the broker's own limit) are refused without being sent.
+
+    Submitting never waits for the broker, up to ``max_unacked_jobs`` jobs (or
+    ``max_unacked_bytes`` of payload) that it has not acknowledged yet; past
+    that, a submit blocks until acknowledgements make room (for as long as the
+    broker is unreachable).
     """
 
     def __init__(self, server: str = "localhost", port: int = 8081,
                  server_key: str | bytes | os.PathLike[str] | None = None, *,
                  home: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0,
                  heartbeat: float = 1.0,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 max_unacked_jobs: int = MAX_UNACKED_JOBS,
+                 max_unacked_bytes: int = MAX_UNACKED_BYTES) -> None:
+        if max_unacked_jobs < 1 or max_unacked_bytes < 1:
+            raise ValueError("max_unacked_jobs and max_unacked_bytes must be at least 1")
         self.server, self.port = server, port
         self.home = keys_mod.home(home)
         self.keys = keys_mod.load_keypair(self.home)
@@ -598,8 +785,9 @@ class DSage:
         self._cluster: Any = None
         self._closed = False
         self._opener = Opener(self.keys)
-        self._io = _IO(self, server, port, self.keys, self.server_key, heartbeat,
-                       max_message_size)
+        self._window = _Window(max_unacked_jobs, max_unacked_bytes)
+        self._io = _IO(server, port, self.keys, self.server_key, heartbeat, max_message_size,
+                       self._window, self._unreachable)
         self._host = _Host(self, self._io.changed)
         self._io.start()
         self._io.ready.wait()
@@ -621,6 +809,7 @@ class DSage:
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until the broker has answered, raising a clear error if it does not."""
+        self._check_usable()
         start = time.monotonic()
         while not self._io.conn.welcomed.wait(0.05):
             if self._io.conn.rejected:
@@ -659,7 +848,9 @@ class DSage:
 
         ``kind`` is ``'python'`` or ``'sage'``; ``timeout`` (seconds, None for no limit)
         and ``memory`` (bytes or ``'2GB'``) are hard limits; ``priority`` runs from 0
-        (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job.
+        (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job;
+        ``requires`` lists tags a worker must offer. Blocks while the broker has
+        not acknowledged ``max_unacked_jobs`` jobs (see :class:`DSage`).
         """
         if not isinstance(code, str):
             raise TypeError(f"code must be a string, not {type(code).__name__}")
@@ -695,6 +886,8 @@ class DSage:
     def _submit(self, payload: bytes, kind: str, timeout: float | None, priority: int,
                 name: str | None, memory: int | str | None, anonymous_ok: bool,
                 requires: Iterable[str], **unknown: Any) -> JobWrapper:
+        """Check the options, wait for room (see :class:`_Window`) and hand the job to
+        the I/O thread, which registers its wrapper before sending it."""
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
         self._check_usable()
@@ -704,6 +897,7 @@ class DSage:
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": _check_tags(requires)}
         job = _Outgoing(spec, payload, _spec_bytes(spec))
+        self._window.take(len(payload), self._check_usable)
         wrapper = JobWrapper(self._host, job_id, name, kind, priority)
         self._io.command("submit", job, wrapper)
         return wrapper
@@ -744,12 +938,14 @@ class DSage:
 
     def workers(self, timeout: float = 10.0) -> list[MonitorInfo]:
         """The monitors connected to the broker."""
+        self._check_usable()
         reply = self._io.request(M.WORKERS, timeout)
         return [MonitorInfo(**w) for w in reply.header["workers"]]
 
     def kill(self, job_id: str, timeout: float = 10.0) -> None:
         """Kill a job of this key: queued ones are removed, running ones killed."""
         check_job_id(job_id)
+        self._check_usable()
         reply = self._io.request(M.KILL, timeout, ids=[job_id])
         if reply.header["missing"]:
             raise UnknownJob(f"no job {job_id} belongs to this key", job_id)
@@ -763,6 +959,7 @@ class DSage:
         self._closed = True
         self._io.command("close")
         self._io.join(10)
+        self._window.wake()
         if self._cluster is not None:
             self._cluster.stop()
 
@@ -794,4 +991,3 @@ def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
             except Exception as inner:  # noqa: BLE001
                 raise TypeError(f"cannot send {label} ({type(part).__name__}): {inner}") from None
         raise TypeError(f"cannot pickle the call: {e}") from None
-
