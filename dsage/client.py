@@ -42,7 +42,7 @@ from .auth import make_client
 from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
 from .job import JobWrapper
 from .protocol import (
-    BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, MAX_BATCH,
+    BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
     MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
     Status, batches, decode, encode, make, text_problem,
 )
@@ -307,6 +307,8 @@ class _IO(threading.Thread):
         self.conn = _Conn()
         #: notified when jobs reach a final state; JobWrappers wait on it
         self.changed = threading.Condition()
+        #: the face of the client that wrappers see; set by DSage before start()
+        self.wrapper_host: _Host | None = None
         self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         #: a wake-up byte was sent and not yet consumed (set by user threads)
         self.woken = False
@@ -323,7 +325,8 @@ class _IO(threading.Thread):
         self.polling_out = False
         #: ids of jobs not known to be final, whose wrappers may still be alive
         self.open: set[str] = set()
-        self.requests: dict[int, Future[Message]] = {}
+        #: request id -> (future, whether its JOBS reply becomes a list of wrappers)
+        self.requests: dict[int, tuple[Future[Any], bool]] = {}
         self.next_req = 1
         self.last_seq = 0
         self.last_ping = 0.0
@@ -355,10 +358,11 @@ class _IO(threading.Thread):
         except BlockingIOError:
             pass  # the pipe is full: the thread is awake already
 
-    def request(self, type_: M, timeout: float, **header: Any) -> Message:
-        """Send a request and wait for its reply."""
-        fut: Future[Message] = Future()
-        self.command("request", type_, header, fut)
+    def request(self, type_: M, timeout: float, wrap: bool = False, **header: Any) -> Any:
+        """Send a request and wait for its reply: the Message, or with ``wrap`` the
+        JobWrappers of the records in its JOBS reply (made by this thread)."""
+        fut: Future[Any] = Future()
+        self.command("request", type_, header, fut, wrap)
         try:
             return fut.result(timeout)
         except TimeoutError:
@@ -386,7 +390,7 @@ class _IO(threading.Thread):
             self.ctx.term()
             self._wake_r.close()
             self._wake_w.close()
-            for fut in self.requests.values():
+            for fut, _ in self.requests.values():
                 fut.cancel()
             self.window.wake()
 
@@ -460,14 +464,11 @@ class _IO(threading.Thread):
                 self.jobs[jid] = wrapper
                 self.open.add(jid)
                 self._queue_job(jid, job)
-            elif cmd[0] == "track":
-                self.jobs[cmd[1].job_id] = cmd[1]
-                self.open.add(cmd[1].job_id)
             elif cmd[0] == "request":
-                type_, header, fut = cmd[1:]
+                type_, header, fut, wrap = cmd[1:]
                 if fut.set_running_or_notify_cancel():
                     req = self._next_req()
-                    self.requests[req] = fut
+                    self.requests[req] = (fut, wrap)
                     self._send(make(type_, req=req, **header))
             elif cmd[0] == "query":
                 self._send_ids(M.QUERY, [i for i in cmd[1] if i not in self.unacked])
@@ -610,7 +611,7 @@ class _IO(threading.Thread):
                                 version=__version__))
 
     def _fail_requests(self) -> None:
-        for fut in self.requests.values():
+        for fut, _ in self.requests.values():
             if not fut.done():
                 fut.set_exception(KeyRejected(self.conn.rejected))
         self.requests.clear()
@@ -681,24 +682,29 @@ class _IO(threading.Thread):
             self._check_missed_events(h["seq"], h["epoch"])
             self._on_pong(time.monotonic())
             return
-        fut = self.requests.pop(h["req"], None) if h.get("req") else None
+        entry = self.requests.pop(h["req"], None) if h.get("req") else None
+        wrap = entry is not None and entry[1]
+        result: Any = msg
         if msg.type is M.WELCOME:
             self._on_welcome(h)
         elif msg.type is M.ACK:
             self._forget(h["ids"])
             self._refuse(h["errors"])
         elif msg.type is M.JOBS:
-            self._apply(h["jobs"], msg.blobs)
+            wrappers = self._apply(h["jobs"], msg.blobs, adopt=wrap)
+            self._unknown(h["missing"])
+            if wrap:
+                result = wrappers
             if h["req"] in self.resync_reqs:
                 self.resync_reqs.discard(h["req"])
                 if not self.resync_reqs and self.resync_wanted:
                     self._resync()
-        if fut is not None and not fut.done():
+        if entry is not None and not entry[0].done():
             if msg.type is M.ERROR:
                 kind = KeyRejected if h["code"] == "unauthorized" else DSageError
-                fut.set_exception(kind(f"broker error ({h['code']}): {h['message']}"))
+                entry[0].set_exception(kind(f"broker error ({h['code']}): {h['message']}"))
             else:
-                fut.set_result(msg)
+                entry[0].set_result(result)
 
     def _refuse(self, errors: list[dict[str, str]]) -> None:
         """Jobs the broker did not accept: each fails, and its ``result`` raises
@@ -708,10 +714,20 @@ class _IO(threading.Thread):
             self._end_job(err["id"], f"refused by the broker: {err['message']}",
                           refused=err["code"])
 
-    def _end_job(self, jid: str, error: str, refused: str) -> None:
+    def _unknown(self, ids: list[str]) -> None:
+        """Jobs the broker no longer knows (pruned, or its store was replaced): their
+        wrappers end, and ``wait()``/``result`` raise :class:`UnknownJob`."""
+        for jid in ids:
+            if jid not in self.unacked:  # not stored yet: the broker cannot know it
+                self._end_job(jid, "the broker no longer knows this job (it was pruned "
+                              "after --retention-days, or the broker's store was replaced)",
+                              unknown=True)
+
+    def _end_job(self, jid: str, error: str, refused: str | None = None,
+                 unknown: bool = False) -> None:
         self.open.discard(jid)
         w = self.jobs.get(jid)
-        if w is not None and w._end(error, refused):
+        if w is not None and w._end(error, refused, unknown):
             self.to_notify = True
 
     def _on_event(self, frames: list[bytes]) -> None:
@@ -728,17 +744,39 @@ class _IO(threading.Thread):
         if gap:
             self._resync()
 
-    def _apply(self, records: list[dict[str, Any]], blobs: list[bytes]) -> None:
-        """Update the wrappers of ``records``; a record the broker knows is also an
+    def _apply(self, records: list[dict[str, Any]], blobs: list[bytes],
+               adopt: bool = False) -> list[JobWrapper]:
+        """Update the wrappers of ``records``. With ``adopt`` (a reply to D.job or
+        D.get_my_jobs) make and track wrappers for jobs that have none, and return
+        the wrappers of all records; a record the broker knows is also an
         acknowledgement."""
         if self.unacked:
             self._forget([r["id"] for r in records if r["id"] in self.unacked])
+        out: list[JobWrapper] = []
+        fresh: list[str] = []
         for i, rec in enumerate(records):
-            w = self.jobs.get(rec["id"])
-            if w is not None and w._update(rec, blobs[2 * i:2 * i + 2]):
+            jid = rec["id"]
+            w = self.jobs.get(jid)
+            if w is None and adopt:
+                w = JobWrapper(self.wrapper_host, jid, rec["name"], rec["kind"], rec["priority"])
+                self.jobs[jid] = w
+                if rec["status"] not in FINAL:
+                    fresh.append(jid)
+            if w is None:
+                self.open.discard(jid)
+                continue
+            if w._update(rec, blobs[2 * i:2 * i + 2]):
                 self.to_notify = True
-            if w is None or w.done():
-                self.open.discard(rec["id"])
+            if w.done():
+                self.open.discard(jid)
+            elif adopt:
+                self.open.add(jid)
+            if adopt:
+                out.append(w)
+        # An event sent before this reply may have come first, and found no wrapper:
+        # ask once more, now that these are tracked.
+        self._send_ids(M.QUERY, fresh)
+        return out
 
 
 def _submit_ranges(jobs: Sequence[_Outgoing]) -> list[range]:
@@ -765,7 +803,8 @@ class DSage:
     Submitting never waits for the broker, up to ``max_unacked_jobs`` jobs (or
     ``max_unacked_bytes`` of payload) that it has not acknowledged yet; past
     that, a submit blocks until acknowledgements make room (for as long as the
-    broker is unreachable).
+    broker is unreachable). A DSage belongs to the process that made it: in a
+    forked child every call raises :class:`DSageError`.
     """
 
     def __init__(self, server: str = "localhost", port: int = 8081,
@@ -784,11 +823,13 @@ class DSage:
                            else self.keys.public)
         self._cluster: Any = None
         self._closed = False
+        self._pid = os.getpid()
         self._opener = Opener(self.keys)
         self._window = _Window(max_unacked_jobs, max_unacked_bytes)
         self._io = _IO(server, port, self.keys, self.server_key, heartbeat, max_message_size,
                        self._window, self._unreachable)
         self._host = _Host(self, self._io.changed)
+        self._io.wrapper_host = self._host
         self._io.start()
         self._io.ready.wait()
         if self._io.failure is not None:
@@ -803,7 +844,11 @@ class DSage:
     # --- connection
 
     def _check_usable(self) -> None:
-        """Raise DSageError if this client is closed."""
+        """Raise DSageError if this client is closed, or this process is a fork of
+        the one that made it (whose I/O thread it does not have)."""
+        if os.getpid() != self._pid:
+            raise DSageError(f"this DSage was created in process {self._pid}; create a new "
+                             f"one in the child (process {os.getpid()})")
         if self._closed:
             raise DSageError("this DSage connection is closed")
 
@@ -904,37 +949,28 @@ class DSage:
 
     # --- looking at jobs
 
-    def _records_to_wrappers(self, msg: Message) -> list[JobWrapper]:
-        out = []
-        for i, rec in enumerate(msg.header["jobs"]):
-            w = self._io.jobs.get(rec["id"])
-            if w is None:
-                w = JobWrapper(self._host, rec["id"], rec["name"], rec["kind"], rec["priority"])
-                w._update(rec, msg.blobs[2 * i:2 * i + 2])
-                if not w.done():
-                    self._io.command("track", w)
-            out.append(w)
-        return out
-
     def job(self, job_id: str, timeout: float = 10.0) -> JobWrapper:
         """The JobWrapper of an existing job of this key (also one another process submitted)."""
         check_job_id(job_id)
+        self._check_usable()
         known = self._io.jobs.get(job_id)
         if known is not None:
             return known
-        reply = self._io.request(M.QUERY, timeout, ids=[job_id])
-        wrappers = self._records_to_wrappers(reply)
+        wrappers = self._io.request(M.QUERY, timeout, wrap=True, ids=[job_id])
         if not wrappers:
             raise UnknownJob(f"no job {job_id} belongs to this key on {self.server}:{self.port}",
                              job_id)
         return wrappers[0]
 
     def get_my_jobs(self, status: str | None = None, timeout: float = 30.0) -> list[JobWrapper]:
-        """This key's jobs, oldest first (at most 10,000), optionally of one status."""
+        """This key's jobs, oldest first, optionally of one status: at most as many as
+        the broker lists in one reply (``protocol.MAX_BATCH``)."""
         if status is not None and status not in {s.value for s in Status}:
             raise ValueError(f"status={status!r}: choose one of "
                              f"{', '.join(s.value for s in Status)}")
-        return self._records_to_wrappers(self._io.request(M.LIST, timeout, status=status))
+        self._check_usable()
+        wrappers: list[JobWrapper] = self._io.request(M.LIST, timeout, wrap=True, status=status)
+        return wrappers
 
     def workers(self, timeout: float = 10.0) -> list[MonitorInfo]:
         """The monitors connected to the broker."""
@@ -953,10 +989,14 @@ class DSage:
     # --- lifetime
 
     def close(self) -> None:
-        """Disconnect, and stop the broker and monitors that ``start_all`` started."""
+        """Disconnect, and stop the broker and monitors that ``start_all`` started.
+        In a forked child it only marks this copy closed (the parent's connection and
+        cluster are the parent's)."""
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:
+            return
         self._io.command("close")
         self._io.join(10)
         self._window.wake()

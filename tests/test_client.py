@@ -1,7 +1,7 @@
 """The client (issue "Core v2", client part): nothing submitted is dropped, sends
-have back-pressure and bounds, messages keep within the protocol's limits and
-bad options fail in the user's call, errors live in their own module, wrappers
-share one condition and show why a queued job waits.
+have back-pressure and bounds, messages keep within the protocol's limits, jobs
+the broker forgot end instead of hanging, wrappers come from the I/O thread,
+forked children get a clear error, and errors live in their own module.
 
 Some tests talk to a scripted stand-in for the broker (:class:`FakeBroker`) to
 make a lost message or a race happen every time; the others use real processes.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import select
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ from dsage.protocol import (
     decode, encode, make,
 )
 
-from .conftest import HEARTBEAT, Procs, wait_for
+from .conftest import HEARTBEAT, Procs, alive, wait_for
 
 #: a broker that lets a monitor be silent this long, so that stopping the broker
 #: for a few seconds loses no monitor
@@ -43,9 +44,10 @@ Handler = Callable[["FakeBroker", bytes, Message], None]
 
 class FakeBroker(threading.Thread):
     """A stand-in for the broker on the client port and the events port: CURVE with
-    the home's keypair, answering HELLO and PING itself and handing every other
-    request to ``handle`` (on this thread), pings too, after their answer. ``received`` holds every request, and
-    ``errors`` what did not decode (a message past the protocol's limits)."""
+    the home's keypair. It answers HELLO and PING itself, and hands every request
+    but HELLO to ``handle`` (on this thread; a PING after its answer).
+    ``received`` holds every request, and ``errors`` what did not decode (a
+    message past the protocol's limits)."""
 
     def __init__(self, home: Path, port: int, handle: Handler) -> None:
         super().__init__(name="fake-broker", daemon=True)
@@ -298,7 +300,7 @@ def test_submit_messages_keep_within_the_protocol_limits(
     jobs = [D("1", name=long_name) for _ in range(100)] + [D(str(i)) for i in range(2500)]
     wanted = {j.job_id for j in jobs}
     wait_for(lambda: wanted <= set(fb.submitted()) or fb.errors, 30, "every job received")
-    assert fb.errors == []
+    assert fb.errors == []  # the fake decodes with the protocol's checks, MAX_HEADER included
     submits = [m for m in fb.received if m.type is M.SUBMIT]
     assert all(len(m.header["jobs"]) <= MAX_BATCH for m in submits)
     assert len(submits) >= 3 + 3  # the named ones alone need three, the rest three more
@@ -325,6 +327,57 @@ def test_out_of_range_options_fail_in_the_call_and_nothing_is_sent(
     assert D.get_my_jobs() == []
 
 
+# --- 3. jobs the broker forgot, wrappers made by the I/O thread, forks
+
+
+def test_a_job_the_broker_no_longer_knows_ends_with_unknown_job(procs: Procs,
+                                                                  home: Path) -> None:
+    """The broker's store is replaced under a queued job: after the restart the
+    client learns the job is missing, and the wrapper ends instead of hanging."""
+    broker = procs.broker(**STEADY)
+    D = procs.client()
+    j = D("1")
+    wait_for(lambda: [w.job_id for w in D.get_my_jobs()] == [j.job_id], 30, "the job stored")
+    procs.kill9(broker)
+    for f in (home / "db").glob("dsage.db*"):
+        f.unlink()
+    procs.broker(**STEADY)
+    with pytest.raises(dsage.UnknownJob) as e:
+        j.wait(30)
+    assert e.value.job_id == j.job_id and j.job_id in str(e.value)
+    assert j.done() and j.status == "failed" and "no longer knows" in (j.error or "")
+    with pytest.raises(dsage.UnknownJob):
+        j.result
+    assert D("2").job_id  # the client goes on
+
+
+@pytest.mark.parametrize("how", ["job", "get_my_jobs"])
+def test_an_event_racing_the_reply_that_made_a_wrapper_is_not_lost(
+        procs: Procs, fake: Callable[[Handler], FakeBroker], how: str) -> None:
+    """The job finishes just after the broker answered with its record: the event
+    saying so may reach the client before the reply. The wrapper must still end."""
+    job_id = "ab" * 16
+    answered: list[int] = []
+
+    def handle(fb: FakeBroker, rid: bytes, msg: Message) -> None:
+        if msg.type not in (M.QUERY, M.LIST):
+            return
+        status = "completed" if answered else "processing"
+        if not answered:
+            fb.publish([record(job_id, "completed", "expression")])
+        answered.append(1)
+        fb.reply(rid, make(M.JOBS, [b"", b""], req=msg.header["req"], missing=[],
+                           jobs=[record(job_id, status, "expression")]))
+
+    fb = fake(handle)
+    D = procs.client()
+    assert fb.subscribed.wait(15)
+    j = D.job(job_id) if how == "job" else D.get_my_jobs()[0]
+    assert j.job_id == job_id
+    wait_for(j.done, 10, "the wrapper to see the job completed")
+    assert j.status == "completed" and j.result is None
+
+
 def test_wrappers_share_one_condition_and_waiters_wake_at_once(cluster: dsage.DSage,
                                                                tmp_path: Path) -> None:
     D = cluster
@@ -349,6 +402,42 @@ def test_wrappers_share_one_condition_and_waiters_wake_at_once(cluster: dsage.DS
     gates[1].touch()
     wait_for(lambda: 1 in woke, 30, "the second waiter")
     assert [j.result for j in jobs] == [0, 1]
+
+
+def test_a_forked_child_gets_a_clear_error_and_leaves_the_parent_alone(
+        cluster: dsage.DSage, tmp_path: Path) -> None:
+    D = cluster
+    running = D(f"import os, time\nwhile not os.path.exists({str(tmp_path / 'go')!r}): "
+                f"time.sleep(0.01)\n'parent'")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report each call's outcome, never hang
+        outcomes = []
+        calls: list[Callable[[], Any]] = [lambda: D("1"), lambda: D.job(running.job_id),
+                                          lambda: running.wait(3), D.workers,
+                                          lambda: D.kill(running.job_id), D.close]
+        for call in calls:
+            try:
+                call()
+                outcomes.append("returned")
+            except dsage.DSageError as e:
+                outcomes.append("clear" if "create a new one in the child" in str(e) else str(e))
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                outcomes.append(repr(e))
+        os.write(w, "\n".join(outcomes).encode())
+        os._exit(0)
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 30)[0], "the child hung"
+        outcomes = os.read(r, 65536).decode().split("\n")
+    finally:
+        os.close(r)
+        wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid or not alive(pid), 30,
+                 "the child to exit")
+    assert outcomes == ["clear"] * 5 + ["returned"], outcomes
+    (tmp_path / "go").touch()
+    assert running.wait(60).result == "parent"
+    assert D("2").wait(60).result == 2
 
 
 # --- 4. errors in their own module; 5. the reason a job waits
