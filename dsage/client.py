@@ -852,6 +852,13 @@ class DSage:
         if self._closed:
             raise DSageError("this DSage connection is closed")
 
+    def _check_can_wait(self) -> None:
+        """Raise DSageError if waiting for room to submit is pointless: the client is
+        unusable, or its I/O thread (which makes the room) has stopped."""
+        self._check_usable()
+        if not self._io.is_alive():
+            raise DSageError("this DSage's I/O thread has stopped; create a new DSage")
+
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until the broker has answered, raising a clear error if it does not."""
         self._check_usable()
@@ -942,7 +949,7 @@ class DSage:
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": _check_tags(requires)}
         job = _Outgoing(spec, payload, _spec_bytes(spec))
-        self._window.take(len(payload), self._check_usable)
+        self._window.take(len(payload), self._check_can_wait)
         wrapper = JobWrapper(self._host, job_id, name, kind, priority)
         self._io.command("submit", job, wrapper)
         return wrapper

@@ -140,7 +140,8 @@ class JobWrapper:
         """Block until the job is final, at most ``timeout`` seconds (TimeoutError after).
 
         Raises :class:`UnknownJob` if the broker no longer knows the job, and
-        ``DSageError`` when called in a forked child on a job that is not final."""
+        ``DSageError`` for a job that is not final if its client was closed or this
+        is a forked child of the process that made the client."""
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
         if not self._final:
