@@ -10,11 +10,13 @@
 
 __version__ = "0.1.0"
 
-from .client import (  # noqa: E402
-    BrokerUnreachable, DSage, DSageError, KeyRejected, MonitorInfo, SubmitRejected, UnknownJob,
-)
+from .client import DSage, MonitorInfo  # noqa: E402
 from .cluster import ManagedProcess, StartError, server, start_all, worker  # noqa: E402
-from .job import JobError, JobWrapper, UntrustedResultError, WorkerInfo  # noqa: E402
+from .errors import (  # noqa: E402
+    BrokerUnreachable, DSageError, JobError, KeyRejected, SubmitRejected, UnknownJob,
+    UntrustedResultError,
+)
+from .job import JobWrapper, WorkerInfo  # noqa: E402
 from .keys import setup  # noqa: E402
 
 __all__ = [

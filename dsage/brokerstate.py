@@ -196,9 +196,8 @@ class BrokerState:
     def _fetch(self, rid: bytes, key: str, h: dict[str, Any]) -> None:
         """One chunk of a large result or output, to its owner only."""
         got = self.store.read_part(h["id"], key, h["part"], h["offset"], CHUNK_BYTES)
-        if got is None:
-            self._send("client", rid, error("unknown_job", f"no finished job {h['id']} of "
-                                            "this key", h["req"]))
+        if got is None:  # not this key's, or not final (any more): say it is missing
+            self._send_records(rid, h["req"], [], [h["id"]])
             return
         data, total = got
         self._send("client", rid, make(M.CHUNK, [data], req=h["req"], id=h["id"],

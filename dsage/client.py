@@ -3,13 +3,21 @@
 One background I/O thread owns the ZeroMQ sockets (they are not thread-safe):
 a DEALER to the broker's client port, which is the source of truth, and a SUB
 to its events port, the fast path that keeps JobWrappers live. User threads
-hand it commands through a queue and a wake-up socket pair. After every
-(re)connection, and when events show a gap, the thread asks the broker for
-the state of every unfinished job, so no result is ever missed.
+hand it commands through a queue and a wake-up socket pair.
+
+Nothing is dropped on the way out: the thread keeps an ordered send queue and
+writes it while the socket takes messages, then waits for it to be writable
+again. A submitted job stays in memory until the broker acknowledges it; it is
+sent again after a reconnection, and when the broker has answered a later ping
+without acknowledging it (so it was lost, not merely slow). The number and
+bytes of unacknowledged jobs are bounded: past the bound, submitting blocks.
+After every (re)connection, and when events show a gap, the thread asks the
+broker for the state of every unfinished job, so no result is ever missed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -17,9 +25,11 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +39,45 @@ from zmq.utils.monitor import recv_monitor_message
 from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
-from .job import JobWrapper, WorkerInfo
+from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
+from .job import JobWrapper
+from .protocol import (
+    BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
+    MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
+    Status, batches, decode, encode, make, text_problem,
+)
 from .seal import Opener
 from .sockets import send_frames
-from .protocol import (
-    CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, MAX_BATCH, MAX_PRIORITY, Kind, M, Message,
-    ProtocolError, Status, decode, encode, make,
-)
 
-#: longest job name or tag, and most tags, that the protocol accepts
-MAX_TEXT = 4096
-MAX_TAGS = 64
-#: most payload bytes batched into one submit message
-BATCH_BYTES = 8 * 1024 * 1024
+__all__ = [
+    "BrokerUnreachable", "DSage", "DSageError", "KeyRejected", "MonitorInfo", "SubmitRejected",
+    "UnknownJob", "check_job_id", "parse_memory",
+]
 
-
-class DSageError(Exception):
-    """Base of the client's errors."""
-
-
-class BrokerUnreachable(DSageError, ConnectionError):
-    """No broker answered in time."""
-
-
-class KeyRejected(DSageError, PermissionError):
-    """The broker refused this client's key."""
-
-
-class UnknownJob(DSageError, KeyError):
-    """No job with that id belongs to this client's key."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+#: Default bounds on the jobs submitted and not yet acknowledged by the broker
+#: (how many, and their payload bytes): past either, submitting blocks until
+#: acknowledgements make room.
+MAX_UNACKED_JOBS = 100_000
+MAX_UNACKED_BYTES = 256 * 1024 * 1024
+#: Heartbeats a job must have been unacknowledged, besides the broker having
+#: answered a ping sent after it, before it is sent again.
+RESEND_HEARTBEATS = 3
+#: Upper bound on a job spec's JSON bytes apart from its name and tags (the
+#: longest id, kind, float, and 64-bit integer), and the bytes a submit header
+#: needs besides its specs.
+_SPEC_FIXED_BYTES = 200
+_HEADER_SLACK = 64
+_SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
+#: JSON bytes of one job id in a list of ids (quotes and comma)
+_ID_BYTES = 35
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
-class SubmitRejected(DSageError):
-    """The broker refused a job (for instance the per-client queue limit)."""
+def check_job_id(job_id: Any) -> str:
+    """``job_id`` if it is a job id (32 lowercase hex digits), else ValueError."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
+    return job_id
 
 
 @dataclass(frozen=True)
@@ -81,38 +94,69 @@ class MonitorInfo:
     key: str
 
 
+# --- checking a job's options in the user's call, before anything is sent
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
           "tb": 1000**4, "tib": 1024**4}
 
 
 def parse_memory(value: int | str | None) -> int | None:
-    """Bytes from ``2GB``, ``512MiB``, ``1.5G`` or a number of bytes."""
+    """Bytes from ``2GB``, ``512MiB``, ``1.5G`` or a number of bytes; at least one
+    byte and at most 2**63-1 (what the broker stores)."""
     if value is None:
         return None
+    n: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError("memory must be a positive number of bytes")
-        return value
-    if isinstance(value, str):
+        n = value
+    elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ValueError(f"memory={value!r}: give bytes as an int, or a size like '2GB' or '512MiB'")
+        if m and m.group(2).lower() in _UNITS:
+            n = int(Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n is None:
+        raise ValueError(f"memory={value!r}: give bytes as an int, or a size like '2GB' "
+                         f"or '512MiB'")
+    if not 1 <= n <= MAX_INT:
+        raise ValueError(f"memory={value!r}: give from 1 byte to {MAX_INT} bytes "
+                         f"(about 9.2 EB)")
+    return n
 
 
-def _check_options(timeout: float | None, priority: int, name: str | None) -> None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0 or timeout == float("inf")):
-        raise ValueError(f"timeout={timeout!r}: give a positive number of seconds, or None")
+def _check_timeout(timeout: float | None) -> float | None:
+    """The job's timeout as a float (seconds), or None for no limit."""
+    if timeout is None:
+        return None
+    problem = f"timeout={timeout!r}: give a positive, finite number of seconds, or None"
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(problem)
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        raise ValueError(problem) from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(problem)
+    return seconds
+
+
+def _check_priority(priority: int) -> int:
     if isinstance(priority, bool) or not isinstance(priority, int) \
             or not 0 <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority={priority!r}: give an int from 0 (most urgent) "
                          f"to {MAX_PRIORITY}")
-    if name is not None and not isinstance(name, str):
+    return priority
+
+
+def _check_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str):
         raise TypeError(f"name must be a string, not {type(name).__name__}")
-    if name is not None and len(name) > MAX_TEXT:
+    if len(name) > MAX_TEXT:
         raise ValueError(f"name is {len(name)} characters long; at most {MAX_TEXT} are allowed")
+    problem = text_problem(name, MAX_TEXT)
+    if problem:
+        raise ValueError(f"name={name!r}: {problem}")
+    return name
 
 
 def _check_tags(requires: Iterable[str]) -> list[str]:
@@ -123,7 +167,87 @@ def _check_tags(requires: Iterable[str]) -> list[str]:
     if len(tags) > MAX_TAGS or any(len(t) > MAX_TEXT for t in tags):
         raise ValueError(f"requires: at most {MAX_TAGS} tags of at most {MAX_TEXT} "
                          f"characters each")
+    for t in tags:
+        problem = text_problem(t, MAX_TEXT)
+        if problem:
+            raise ValueError(f"requires: the tag {t!r} is {problem}")
     return tags
+
+
+def _json_text_bytes(s: str) -> int:
+    """At most how many bytes ``s`` takes as a JSON string, quotes included (an
+    escaped printable ASCII character takes 2, anything else at most 12)."""
+    return (2 if s.isascii() and s.isprintable() else 12) * len(s) + 2
+
+
+def _spec_bytes(spec: dict[str, Any]) -> int:
+    """The JSON bytes of a job spec in a submit header (an upper bound, exact for
+    the rare spec near the limit); ValueError if it cannot fit in one header."""
+    name, tags = spec["name"], spec["requires"]
+    size = _SPEC_FIXED_BYTES + (0 if name is None else _json_text_bytes(name)) \
+        + sum(_json_text_bytes(t) + 1 for t in tags)
+    if size > _SPEC_BUDGET:
+        size = len(json.dumps(spec, separators=(",", ":")))
+        if size > _SPEC_BUDGET:
+            raise ValueError(f"the job's name and tags take {size} bytes of message header; "
+                             f"at most {_SPEC_BUDGET} fit (shorten the name or the tags)")
+    return size
+
+
+# --- state shared between user threads and the I/O thread
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A submitted job, kept until the broker acknowledges it (or refuses it)."""
+
+    spec: dict[str, Any]
+    payload: bytes
+    #: its spec's JSON bytes in a submit header (see :func:`_spec_bytes`)
+    header_bytes: int
+    #: when (monotonic) it was last handed to the socket; None while in the send queue
+    sent: float | None = None
+
+
+class _Window:
+    """Room for unacknowledged jobs: user threads take it when they submit (waiting
+    while there is none), the I/O thread gives it back as the broker acknowledges."""
+
+    def __init__(self, max_jobs: int, max_bytes: int) -> None:
+        self.max_jobs, self.max_bytes = max_jobs, max_bytes
+        self.jobs = 0
+        self.bytes = 0
+        self.waiting = 0
+        self.cond = threading.Condition(threading.Lock())
+
+    def take(self, size: int, check: Callable[[], None]) -> None:
+        """Count one job of ``size`` payload bytes, first waiting for room; ``check``
+        raises when waiting is pointless (the client was closed). A job larger than
+        the byte bound goes alone."""
+        with self.cond:
+            while self.jobs >= self.max_jobs or (
+                    self.jobs and self.bytes + size > self.max_bytes):
+                check()
+                self.waiting += 1
+                try:
+                    self.cond.wait(1.0)
+                finally:
+                    self.waiting -= 1
+            self.jobs += 1
+            self.bytes += size
+
+    def give(self, jobs: int, size: int) -> None:
+        """Give back the room of ``jobs`` jobs of ``size`` payload bytes in all."""
+        with self.cond:
+            self.jobs -= jobs
+            self.bytes -= size
+            if self.waiting:
+                self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting submitter (to notice the client was closed)."""
+        with self.cond:
+            self.cond.notify_all()
 
 
 class _Conn:
@@ -140,19 +264,51 @@ class _Conn:
         self.max_message_size: int | None = None
 
 
-class _IO(threading.Thread):
-    """The thread that owns the sockets."""
+class _Host:
+    """What a client's JobWrappers see of it (:class:`dsage.job.JobHost`)."""
 
-    def __init__(self, client: DSage, endpoint_host: str, port: int,
-                 keys: keys_mod.Keypair, server_key: bytes, heartbeat: float,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    __slots__ = ("_client", "changed")
+
+    def __init__(self, client: DSage, changed: threading.Condition) -> None:
+        self._client = client
+        self.changed = changed
+
+    def check_usable(self) -> None:
+        self._client._check_usable()
+
+    def kill(self, job_id: str) -> None:
+        self._client.kill(job_id)
+
+    def query(self, job_id: str) -> None:
+        self._client._io.command("query", [job_id])
+
+    def open_sealed(self, result: bytes, output: bytes) -> tuple[bytes, bytes]:
+        opener = self._client._opener
+        return opener.open(result), opener.open(output)
+
+
+#: one item of the send queue: a job (by id, its spec in ``_IO.unacked``) or a message
+_Queued = str | Message
+
+
+class _IO(threading.Thread):
+    """The thread that owns the sockets, the send queue and the table of wrappers."""
+
+    def __init__(self, endpoint_host: str, port: int, keys: keys_mod.Keypair,
+                 server_key: bytes, heartbeat: float, max_message_size: int,
+                 window: _Window, unreachable: Callable[[float], DSageError]) -> None:
         super().__init__(name="dsage-client-io", daemon=True)
-        self.client = client
         self.host, self.port = endpoint_host, port
         self.keys, self.server_key = keys, server_key
         self.heartbeat = heartbeat
         self.max_message_size = max_message_size
+        self.window = window
+        self.unreachable = unreachable
         self.conn = _Conn()
+        #: notified when jobs reach a final state; JobWrappers wait on it
+        self.changed = threading.Condition()
+        #: the face of the client that wrappers see; set by DSage before start()
+        self.wrapper_host: _Host | None = None
         self.commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         #: a wake-up byte was sent and not yet consumed (set by user threads)
         self.woken = False
@@ -160,20 +316,35 @@ class _IO(threading.Thread):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.jobs: weakref.WeakValueDictionary[str, JobWrapper] = weakref.WeakValueDictionary()
-        self.unacked: dict[str, tuple[dict[str, Any], bytes]] = {}
+        #: jobs not yet acknowledged, in the order they were (re)queued to be sent,
+        #: which is also the order of their ``sent`` times (unsent ones last)
+        self.unacked: dict[str, _Outgoing] = {}
+        #: what to send, in order; a job is queued by id (it may be acknowledged
+        #: before its turn comes, and is then skipped)
+        self.outq: deque[_Queued] = deque()
+        self.polling_out = False
         #: ids of jobs not known to be final, whose wrappers may still be alive
         self.open: set[str] = set()
-        self.requests: dict[int, Future[Message]] = {}
-        #: the parts so far of answers that come in several JOBS messages, by request id
-        self.partial: dict[int, Message] = {}
+        #: request id -> (future, whether its JOBS reply becomes a list of wrappers)
+        self.requests: dict[int, tuple[Future[Any], bool]] = {}
+        #: the wrappers so far of answers that come in several JOBS messages
+        self.partial: dict[int, list[JobWrapper]] = {}
+        #: large results being fetched, by job id
+        self.fetches: dict[str, _Fetch] = {}
         self.next_req = 1
         self.last_seq = 0
         self.last_ping = 0.0
+        #: when the pings not yet answered were queued, oldest first
+        self.pinged: deque[float] = deque(maxlen=10_000)
+        #: when the request connection was last seen to drop
+        self.disconnected_at = float("-inf")
         #: request ids of the resync queries in flight
         self.resync_reqs: set[int] = set()
         self.resync_wanted = False
         #: an event sequence number the broker sent that had not arrived yet
         self.expected_seq: int | None = None
+        #: some wrapper became final since waiters were last notified
+        self.to_notify = False
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ready = threading.Event()
@@ -191,14 +362,18 @@ class _IO(threading.Thread):
         except BlockingIOError:
             pass  # the pipe is full: the thread is awake already
 
-    def request(self, type_: M, timeout: float, **header: Any) -> Message:
-        fut: Future[Message] = Future()
-        self.command("request", type_, header, fut)
+    def request(self, type_: M, timeout: float, wrap: bool = False, **header: Any) -> Any:
+        """Send a request and wait for its reply: the Message, or with ``wrap`` the
+        JobWrappers of the records in its JOBS reply (made by this thread)."""
+        fut: Future[Any] = Future()
+        self.command("request", type_, header, fut, wrap)
         try:
             return fut.result(timeout)
         except TimeoutError:
             fut.cancel()
-            raise self.client._unreachable(timeout) from None
+            raise self.unreachable(timeout) from None
+        except CancelledError:
+            raise DSageError("this DSage connection was closed") from None
 
     # --- the thread
 
@@ -219,8 +394,9 @@ class _IO(threading.Thread):
             self.ctx.term()
             self._wake_r.close()
             self._wake_w.close()
-            for fut in self.requests.values():
+            for fut, _ in self.requests.values():
                 fut.cancel()
+            self.window.wake()
 
     def _setup(self) -> None:
         self.dealer = self.ctx.socket(zmq.DEALER)
@@ -259,7 +435,10 @@ class _IO(threading.Thread):
             self._drain(self.dealer, self._on_reply)
         if self.sub in ready:
             self._drain(self.sub, self._on_event)
+        self._notify()
         self._timers()
+        if self.outq or self.polling_out:
+            self._flush()
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
         for _ in range(10_000):
@@ -269,66 +448,144 @@ class _IO(threading.Thread):
                 return
             handle(frames)
 
-    def _send(self, msg: Message) -> None:
-        try:
-            send_frames(self.dealer, encode(msg))
-        except zmq.Again:
-            pass  # not connected yet: unacked submits and open requests are sent on connect
+    def _notify(self) -> None:
+        """Wake the threads waiting on wrappers, once for all jobs that became final."""
+        if self.to_notify:
+            self.to_notify = False
+            with self.changed:
+                self.changed.notify_all()
 
     def _run_commands(self) -> None:
-        submits: list[tuple[dict[str, Any], bytes]] = []
         while True:
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
-                break
+                return
             if cmd[0] == "submit":
-                spec, payload, wrapper = cmd[1:]
-                self.jobs[spec["id"]] = wrapper
-                self.open.add(spec["id"])
-                self.unacked[spec["id"]] = (spec, payload)
-                submits.append((spec, payload))
-            elif cmd[0] == "track":
-                self.jobs[cmd[1].job_id] = cmd[1]
-                self.open.add(cmd[1].job_id)
+                job, wrapper = cmd[1:]
+                jid = job.spec["id"]
+                # registered before it is sent, so no event about it can come first
+                self.jobs[jid] = wrapper
+                self.open.add(jid)
+                self._queue_job(jid, job)
             elif cmd[0] == "request":
-                type_, header, fut = cmd[1:]
-                self._submit(submits)  # jobs submitted before a request go first
-                submits = []
+                type_, header, fut, wrap = cmd[1:]
                 if fut.set_running_or_notify_cancel():
-                    req = self.next_req
-                    self.next_req += 1
-                    self.requests[req] = fut
+                    req = self._next_req()
+                    self.requests[req] = (fut, wrap)
                     self._send(make(type_, req=req, **header))
             elif cmd[0] == "query":
-                ids = [i for i in cmd[1] if i not in self.unacked]
-                if ids:
-                    self._send(make(M.QUERY, req=0, ids=ids))
+                self._send_ids(M.QUERY, [i for i in cmd[1] if i not in self.unacked])
             elif cmd[0] == "close":
                 self.running = False
-        self._submit(submits)
 
-    def _submit(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
-        batch: list[tuple[dict[str, Any], bytes]] = []
-        size = 0
+    def _next_req(self) -> int:
+        req = self.next_req
+        self.next_req += 1
+        return req
+
+    # --- sending: one ordered queue, written while the socket takes it
+
+    def _send(self, msg: Message) -> None:
+        """Queue a message; it is sent in order after everything queued before it."""
+        self.outq.append(msg)
+
+    def _send_ids(self, type_: M, ids: list[str], req: int = 0) -> None:
+        """Queue a message per batch of ``ids`` (a QUERY or KILL with ``req``)."""
+        for r in batches([_ID_BYTES] * len(ids), MAX_BATCH, _SPEC_BUDGET):
+            self._send(make(type_, req=req, ids=ids[r.start:r.stop]))
+
+    def _queue_job(self, jid: str, job: _Outgoing) -> None:
+        """(Re)queue a job to be sent, last in both the send queue and ``unacked``."""
+        job.sent = None
+        self.unacked.pop(jid, None)
+        self.unacked[jid] = job
+        self.outq.append(jid)
+
+    def _flush(self) -> None:
+        """Send queued messages in order until the socket would block; then ask the
+        poller to say when it is writable again, and go on from there."""
+        q = self.outq
+        while q:
+            head = q[0]
+            if isinstance(head, Message):
+                if not self._try_send(encode(head)):
+                    break
+                q.popleft()
+            elif not self._send_jobs():
+                break
+        want_out = bool(q)
+        if want_out != self.polling_out:
+            self.polling_out = want_out
+            self.poller.modify(self.dealer, zmq.POLLIN | (zmq.POLLOUT if want_out else 0))
+
+    def _try_send(self, frames: list[bytes]) -> bool:
+        """Send a whole message, or nothing and return False if the socket is full."""
+        try:
+            send_frames(self.dealer, frames)
+        except zmq.Again:
+            return False
+        return True
+
+    def _send_jobs(self) -> bool:
+        """Send the jobs at the head of the send queue, in submit messages within the
+        protocol's limits; False (those not sent back at the head) if the socket is full."""
+        jobs = self._take_jobs()
+        now = time.monotonic()
+        for r in _submit_ranges(jobs):
+            batch = jobs[r.start:r.stop]
+            msg = make(M.SUBMIT, [j.payload for j in batch], req=0, jobs=[j.spec for j in batch])
+            if not self._try_send(encode(msg)):
+                self.outq.extendleft(j.spec["id"] for j in reversed(jobs[r.start:]))
+                return False
+            for j in batch:
+                j.sent = now
+        return True
+
+    def _take_jobs(self) -> list[_Outgoing]:
+        """Up to MAX_BATCH consecutive jobs from the head of the send queue, skipping
+        acknowledged ones and refusing those larger than a message may be."""
+        q = self.outq
+        out: list[_Outgoing] = []
         limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
-        for spec, payload in items:
-            if len(payload) > limit:
+        while q and len(out) < MAX_BATCH and isinstance(q[0], str):
+            job = self.unacked.get(q.popleft())  # type: ignore[arg-type]  # a str, as checked
+            if job is None:
+                continue  # acknowledged since it was queued
+            if len(job.payload) > limit:
                 # the broker would drop the connection: refuse here, never send it
-                self.unacked.pop(spec["id"], None)
-                self._refuse(spec["id"], "size", f"the job is {len(payload)} bytes, more than "
-                             f"the largest message allowed ({limit} bytes, --max-message-size)")
+                jid = job.spec["id"]
+                self._forget([jid])
+                self._end_job(jid, f"the job is {len(job.payload)} bytes, more than the "
+                              f"largest message allowed ({limit} bytes, --max-message-size)",
+                              refused="size")
                 continue
-            if batch and (len(batch) >= MAX_BATCH or size + len(payload) > BATCH_BYTES):
-                self._send_batch(batch)
-                batch, size = [], 0
-            batch.append((spec, payload))
-            size += len(payload)
-        if batch:
-            self._send_batch(batch)
+            out.append(job)
+        return out
 
-    def _send_batch(self, batch: list[tuple[dict[str, Any], bytes]]) -> None:
-        self._send(make(M.SUBMIT, [p for _, p in batch], req=0, jobs=[s for s, _ in batch]))
+    def _forget(self, ids: Iterable[str]) -> None:
+        """Jobs acknowledged (or refused): drop them and give their room back."""
+        count = size = 0
+        for jid in ids:
+            job = self.unacked.pop(jid, None)
+            if job is not None:
+                count += 1
+                size += len(job.payload)
+        if count:
+            self.window.give(count, size)
+
+    def _resend_sent(self, before: float) -> None:
+        """Queue again the unacknowledged jobs handed to the socket at or before
+        ``before`` (they may be lost; the broker ignores a copy of a stored job)."""
+        stale = []
+        for jid, job in self.unacked.items():
+            if job.sent is None or job.sent > before:
+                break  # the rest were sent later, or wait in the send queue
+            stale.append(jid)
+        for jid in stale:
+            self._queue_job(jid, self.unacked[jid])
+
+    # --- the connection
 
     def _socket_events(self, sock: zmq.Socket[bytes], is_dealer: bool) -> None:
         while True:
@@ -339,6 +596,8 @@ class _IO(threading.Thread):
             kind = ev["event"]
             if kind == zmq.EVENT_CONNECTED:
                 self.conn.tcp_connected = True
+            elif kind == zmq.EVENT_DISCONNECTED and is_dealer:
+                self.disconnected_at = time.monotonic()
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.conn.rejected = (
                     f"the broker at {self.host}:{self.port} rejected this client's key "
@@ -350,20 +609,25 @@ class _IO(threading.Thread):
                 self.conn.handshake_failures += 1
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and is_dealer:
                 self.conn.rejected = None
-                self._on_connected()
+                # Unacknowledged jobs are resent after the welcome (which gives the
+                # broker's size limit), see _on_welcome.
+                self._send(make(M.HELLO, req=self._next_req(), client=f"dsage {os.getpid()}",
+                                version=__version__))
 
     def _fail_requests(self) -> None:
-        for fut in self.requests.values():
+        for fut, _ in self.requests.values():
             if not fut.done():
                 fut.set_exception(KeyRejected(self.conn.rejected))
         self.requests.clear()
 
-    def _on_connected(self) -> None:
-        """(Re)connected: say hello, resend what is unacknowledged, and resync."""
-        req = self.next_req
-        self.next_req += 1
-        self._send(make(M.HELLO, req=req, client=f"dsage {os.getpid()}", version=__version__))
-        # Unacknowledged jobs go after the welcome, which says the broker's size limit.
+    def _on_welcome(self, h: dict[str, Any]) -> None:
+        """(Re)connected: resend what the lost connection may have dropped, and resync."""
+        self.conn.epoch = h["epoch"]
+        self.conn.max_message_size = h["max_message_size"]
+        self._resend_sent(self.disconnected_at)
+        self._resync(force=True)
+        self._refetch()
+        self.conn.welcomed.set()
 
     def _resync(self, force: bool = False) -> None:
         """Ask the broker for the state of every unfinished, acknowledged job.
@@ -379,11 +643,10 @@ class _IO(threading.Thread):
         self.resync_reqs.clear()
         self.resync_wanted = False
         open_ids = [jid for jid in self.open if jid not in self.unacked]
-        for i in range(0, len(open_ids), MAX_BATCH):
-            req = self.next_req
-            self.next_req += 1
+        for r in batches([_ID_BYTES] * len(open_ids), MAX_BATCH, _SPEC_BUDGET):
+            req = self._next_req()
             self.resync_reqs.add(req)
-            self._send(make(M.QUERY, req=req, ids=open_ids[i:i + MAX_BATCH]))
+            self._send(make(M.QUERY, req=req, ids=open_ids[r.start:r.stop]))
 
     def _check_missed_events(self, broker_seq: int, epoch: str) -> None:
         """The broker's PONG says the last event sequence number it sent us. One not
@@ -394,10 +657,22 @@ class _IO(threading.Thread):
             self._resync()
         self.expected_seq = broker_seq if broker_seq > self.last_seq else None
 
+    def _on_pong(self, now: float) -> None:
+        """The broker answered a ping, after acknowledging every job it got before it
+        (replies keep the order of requests). So jobs sent before that ping and still
+        unacknowledged were lost (or their acknowledgement was): resend those sent
+        more than a few heartbeats ago. A broker that is merely slow sends no pong,
+        so it is never sent copies. Pongs pair with pings oldest first; when one is
+        lost the next pairs with an older ping, which only resends less."""
+        if self.pinged:
+            asked = self.pinged.popleft()
+            self._resend_sent(min(asked, now - RESEND_HEARTBEATS * self.heartbeat))
+
     def _timers(self) -> None:
         now = time.monotonic()
         if now - self.last_ping >= self.heartbeat:
             self.last_ping = now
+            self.pinged.append(now)
             self._send(make(M.PING))
 
     # --- incoming
@@ -408,60 +683,98 @@ class _IO(threading.Thread):
         except ProtocolError:
             return
         h = msg.header
+        if msg.type is M.PONG:
+            self._check_missed_events(h["seq"], h["epoch"])
+            self._on_pong(time.monotonic())
+            return
+        entry = self.requests.pop(h["req"], None) if h.get("req") else None
+        wrap = entry is not None and entry[1]
+        result: Any = msg
         if msg.type is M.WELCOME:
-            self.conn.epoch = h["epoch"]
-            self.conn.max_message_size = h["max_message_size"]
-            self._submit(list(self.unacked.values()))
-            self._resync(force=True)
-            self.conn.welcomed.set()
+            self._on_welcome(h)
         elif msg.type is M.ACK:
-            for jid in h["ids"]:
-                self.unacked.pop(jid, None)
-            for err in h["errors"]:
-                self.unacked.pop(err["id"], None)
-                self._refuse(err["id"], err["code"], f"refused by the broker: {err['message']}")
+            self._forget(h["ids"])
+            self._refuse(h["errors"])
+        elif msg.type is M.CHUNK:
+            self._on_chunk(h, msg.blobs[0])
         elif msg.type is M.JOBS:
-            self._apply(h["jobs"], msg.blobs)
-            if h["more"]:
-                part = self.partial.setdefault(h["req"], Message(M.JOBS, {**h, "jobs": []}))
-                part.header["jobs"].extend(h["jobs"])
-                part.blobs.extend(msg.blobs)
-                return  # the rest of the answer follows
-            if h["req"] in self.partial:
-                part = self.partial.pop(h["req"])
-                part.header["jobs"].extend(h["jobs"])
-                part.blobs.extend(msg.blobs)
-                part.header["missing"] = h["missing"]
-                msg, h = part, part.header
+            wrappers = self._apply(h["jobs"], msg.blobs, adopt=wrap)
+            self._unknown(h["missing"])
+            if h["more"]:  # the rest of the answer follows
+                if entry is not None:
+                    self.requests[h["req"]] = entry
+                    if wrap:
+                        self.partial.setdefault(h["req"], []).extend(wrappers)
+                return
+            if wrap:
+                result = self.partial.pop(h["req"], []) + wrappers
             if h["req"] in self.resync_reqs:
                 self.resync_reqs.discard(h["req"])
                 if not self.resync_reqs and self.resync_wanted:
                     self._resync()
-        if msg.type is M.PONG:
-            self._check_missed_events(h["seq"], h["epoch"])
-            return
-        req = h.get("req")
-        fut = self.requests.pop(req, None) if req else None
-        if fut is not None and not fut.done():
+        if entry is not None and not entry[0].done():
             if msg.type is M.ERROR:
                 kind = KeyRejected if h["code"] == "unauthorized" else DSageError
-                fut.set_exception(kind(f"broker error ({h['code']}): {h['message']}"))
+                entry[0].set_exception(kind(f"broker error ({h['code']}): {h['message']}"))
             else:
-                fut.set_result(msg)
+                entry[0].set_result(result)
 
-    def _refuse(self, job_id: str, code: str, message: str) -> None:
-        """End a job that was not accepted: it fails, and its ``result`` raises
-        :class:`SubmitRejected` with ``message``."""
-        self.open.discard(job_id)
-        w = self.jobs.get(job_id)
-        if w is None:
-            return
-        w.refused = code
-        now = time.time()
-        w._update({"status": "failed", "name": w.name, "priority": w.priority, "created": now,
-                   "started": None, "finished": now, "failures": 0, "error": message,
-                   "worker": None, "encoding": "none", "result_from": "none",
-                   "sealed": False}, [b"", b""])
+    def _refuse(self, errors: list[dict[str, str]]) -> None:
+        """Jobs the broker did not accept: each fails, and its ``result`` raises
+        :class:`SubmitRejected` with the broker's message."""
+        self._forget(err["id"] for err in errors)
+        for err in errors:
+            self._end_job(err["id"], f"refused by the broker: {err['message']}",
+                          refused=err["code"])
+
+    def _unknown(self, ids: list[str]) -> None:
+        """Jobs the broker no longer knows (pruned, or its store was replaced): their
+        wrappers end, and ``wait()``/``result`` raise :class:`UnknownJob`."""
+        for jid in ids:
+            self.fetches.pop(jid, None)
+            if jid not in self.unacked:  # not stored yet: the broker cannot know it
+                self._end_job(jid, "the broker no longer knows this job (it was pruned "
+                              "after --retention-days, or the broker's store was replaced)",
+                              unknown=True)
+
+    def _end_job(self, jid: str, error: str, refused: str | None = None,
+                 unknown: bool = False) -> None:
+        self.open.discard(jid)
+        w = self.jobs.get(jid)
+        if w is not None and w._end(error, refused, unknown):
+            self.to_notify = True
+
+    def _fetch(self, rec: dict[str, Any]) -> None:
+        """Start fetching a final job's large result and output (one chunk in flight
+        at a time, so a slow reader costs the broker nothing)."""
+        if rec["id"] not in self.fetches:
+            self.fetches[rec["id"]] = _Fetch(rec)
+            self._send(make(M.FETCH, req=0, id=rec["id"], part="result", offset=0))
+
+    def _on_chunk(self, h: dict[str, Any], data: bytes) -> None:
+        f = self.fetches.get(h["id"])
+        if f is None or h["part"] != f.part or h["offset"] != len(f.parts[f.part]):
+            return  # a duplicate, or an answer to a fetch restarted since
+        buf = f.parts[f.part]
+        buf += data
+        if len(buf) < h["total"] and data:
+            self._send(make(M.FETCH, req=0, id=h["id"], part=f.part, offset=len(buf)))
+        elif f.part == "result":
+            f.part = "output"
+            self._send(make(M.FETCH, req=0, id=h["id"], part="output", offset=0))
+        else:
+            del self.fetches[h["id"]]
+            w = self.jobs.get(h["id"])
+            if w is not None and w._update({**f.record, "by_ref": False},
+                                           [bytes(f.parts["result"]), bytes(f.parts["output"])]):
+                self.to_notify = True
+            self.open.discard(h["id"])
+
+    def _refetch(self) -> None:
+        """After a reconnection: fetch what was being fetched from its start."""
+        for jid, f in list(self.fetches.items()):
+            del self.fetches[jid]
+            self._fetch(f.record)
 
     def _on_event(self, frames: list[bytes]) -> None:
         if len(frames) < 2 or frames[0] != self.keys.public:
@@ -477,11 +790,61 @@ class _IO(threading.Thread):
         if gap:
             self._resync()
 
-    def _apply(self, records: list[dict[str, Any]], blobs: list[bytes]) -> None:
+    def _apply(self, records: list[dict[str, Any]], blobs: list[bytes],
+               adopt: bool = False) -> list[JobWrapper]:
+        """Update the wrappers of ``records``. With ``adopt`` (a reply to D.job or
+        D.get_my_jobs) make and track wrappers for jobs that have none, and return
+        the wrappers of all records; a record the broker knows is also an
+        acknowledgement."""
+        if self.unacked:
+            self._forget([r["id"] for r in records if r["id"] in self.unacked])
+        out: list[JobWrapper] = []
+        fresh: list[str] = []
         for i, rec in enumerate(records):
-            w = self.jobs.get(rec["id"])
-            if w is None or w._update(rec, blobs[2 * i:2 * i + 2]) or w.done():
-                self.open.discard(rec["id"])
+            jid = rec["id"]
+            w = self.jobs.get(jid)
+            if w is None and adopt:
+                w = JobWrapper(self.wrapper_host, jid, rec["name"], rec["kind"], rec["priority"])
+                self.jobs[jid] = w
+                if rec["status"] not in FINAL:
+                    fresh.append(jid)
+            if w is None:
+                self.open.discard(jid)
+                continue
+            if rec.get("by_ref") and rec["status"] in FINAL:
+                self._fetch(rec)  # the wrapper is final once its result is here
+            elif w._update(rec, blobs[2 * i:2 * i + 2]):
+                self.to_notify = True
+            if w.done():
+                self.open.discard(jid)
+            elif adopt:
+                self.open.add(jid)
+            if adopt:
+                out.append(w)
+        # An event sent before this reply may have come first, and found no wrapper:
+        # ask once more, now that these are tracked.
+        self._send_ids(M.QUERY, fresh)
+        return out
+
+
+class _Fetch:
+    """A large result and output being fetched from the broker, chunk by chunk."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.parts = {"result": bytearray(), "output": bytearray()}
+        self.part = "result"
+
+
+def _submit_ranges(jobs: Sequence[_Outgoing]) -> list[range]:
+    """Split jobs into submit messages within the protocol's limits on items, blob
+    bytes and header bytes."""
+    out: list[range] = []
+    for r in batches([len(j.payload) for j in jobs], MAX_BATCH, BATCH_BYTES):
+        sizes = [jobs[i].header_bytes + 1 for i in r]
+        out.extend(range(r.start + h.start, r.start + h.stop)
+                   for h in batches(sizes, MAX_BATCH, _SPEC_BUDGET))
+    return out
 
 
 class DSage:
@@ -493,13 +856,23 @@ class DSage:
     file); by default the user's own, as when the keypair was copied.
     ``max_message_size`` caps every frame received, and jobs larger than it (or
     than the broker's own limit) are refused without being sent.
+
+    Submitting never waits for the broker, up to ``max_unacked_jobs`` jobs (or
+    ``max_unacked_bytes`` of payload) that it has not acknowledged yet; past
+    that, a submit blocks until acknowledgements make room (for as long as the
+    broker is unreachable). A DSage belongs to the process that made it: in a
+    forked child every call raises :class:`DSageError`.
     """
 
     def __init__(self, server: str = "localhost", port: int = 8081,
                  server_key: str | bytes | os.PathLike[str] | None = None, *,
                  home: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0,
                  heartbeat: float = 1.0,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 max_unacked_jobs: int = MAX_UNACKED_JOBS,
+                 max_unacked_bytes: int = MAX_UNACKED_BYTES) -> None:
+        if max_unacked_jobs < 1 or max_unacked_bytes < 1:
+            raise ValueError("max_unacked_jobs and max_unacked_bytes must be at least 1")
         self.server, self.port = server, port
         self.home = keys_mod.home(home)
         self.keys = keys_mod.load_keypair(self.home)
@@ -507,9 +880,13 @@ class DSage:
                            else self.keys.public)
         self._cluster: Any = None
         self._closed = False
+        self._pid = os.getpid()
         self._opener = Opener(self.keys)
-        self._io = _IO(self, server, port, self.keys, self.server_key, heartbeat,
-                       max_message_size)
+        self._window = _Window(max_unacked_jobs, max_unacked_bytes)
+        self._io = _IO(server, port, self.keys, self.server_key, heartbeat, max_message_size,
+                       self._window, self._unreachable)
+        self._host = _Host(self, self._io.changed)
+        self._io.wrapper_host = self._host
         self._io.start()
         self._io.ready.wait()
         if self._io.failure is not None:
@@ -523,8 +900,25 @@ class DSage:
 
     # --- connection
 
+    def _check_usable(self) -> None:
+        """Raise DSageError if this client is closed, or this process is a fork of
+        the one that made it (whose I/O thread it does not have)."""
+        if os.getpid() != self._pid:
+            raise DSageError(f"this DSage was created in process {self._pid}; create a new "
+                             f"one in the child (process {os.getpid()})")
+        if self._closed:
+            raise DSageError("this DSage connection is closed")
+
+    def _check_can_wait(self) -> None:
+        """Raise DSageError if waiting for room to submit is pointless: the client is
+        unusable, or its I/O thread (which makes the room) has stopped."""
+        self._check_usable()
+        if not self._io.is_alive():
+            raise DSageError("this DSage's I/O thread has stopped; create a new DSage")
+
     def wait_connected(self, timeout: float = 10.0) -> None:
         """Block until the broker has answered, raising a clear error if it does not."""
+        self._check_usable()
         start = time.monotonic()
         while not self._io.conn.welcomed.wait(0.05):
             if self._io.conn.rejected:
@@ -563,7 +957,9 @@ class DSage:
 
         ``kind`` is ``'python'`` or ``'sage'``; ``timeout`` (seconds, None for no limit)
         and ``memory`` (bytes or ``'2GB'``) are hard limits; ``priority`` runs from 0
-        (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job.
+        (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job;
+        ``requires`` lists tags a worker must offer. Blocks while the broker has
+        not acknowledged ``max_unacked_jobs`` jobs (see :class:`DSage`).
         """
         if not isinstance(code, str):
             raise TypeError(f"code must be a string, not {type(code).__name__}")
@@ -599,86 +995,75 @@ class DSage:
     def _submit(self, payload: bytes, kind: str, timeout: float | None, priority: int,
                 name: str | None, memory: int | str | None, anonymous_ok: bool,
                 requires: Iterable[str], **unknown: Any) -> JobWrapper:
+        """Check the options, wait for room (see :class:`_Window`) and hand the job to
+        the I/O thread, which registers its wrapper before sending it."""
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
-        if self._closed:
-            raise DSageError("this DSage connection is closed")
-        _check_options(timeout, priority, name)
-        tags = _check_tags(requires)
+        self._check_usable()
         job_id = os.urandom(16).hex()
-        spec = {"id": job_id, "name": name, "kind": kind,
-                "timeout": None if timeout is None else float(timeout), "priority": priority,
+        spec = {"id": job_id, "name": _check_name(name), "kind": kind,
+                "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
-                "requires": tags}
-        wrapper = JobWrapper(self, job_id, name, kind, priority)
-        self._io.command("submit", spec, payload, wrapper)
+                "requires": _check_tags(requires)}
+        job = _Outgoing(spec, payload, _spec_bytes(spec))
+        self._window.take(len(payload), self._check_can_wait)
+        wrapper = JobWrapper(self._host, job_id, name, kind, priority)
+        self._io.command("submit", job, wrapper)
         return wrapper
 
     # --- looking at jobs
 
-    def _records_to_wrappers(self, msg: Message) -> list[JobWrapper]:
-        out = []
-        for i, rec in enumerate(msg.header["jobs"]):
-            w = self._io.jobs.get(rec["id"])
-            if w is None:
-                w = JobWrapper(self, rec["id"], rec["name"], rec["kind"], rec["priority"])
-                w._update(rec, msg.blobs[2 * i:2 * i + 2])
-                if not w.done():
-                    self._io.command("track", w)
-            out.append(w)
-        return out
-
     def job(self, job_id: str, timeout: float = 10.0) -> JobWrapper:
         """The JobWrapper of an existing job of this key (also one another process submitted)."""
-        if not isinstance(job_id, str) or not re.fullmatch(r"[0-9a-f]{32}", job_id):
-            raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
+        check_job_id(job_id)
+        self._check_usable()
         known = self._io.jobs.get(job_id)
         if known is not None:
             return known
-        reply = self._io.request(M.QUERY, timeout, ids=[job_id])
-        wrappers = self._records_to_wrappers(reply)
+        wrappers = self._io.request(M.QUERY, timeout, wrap=True, ids=[job_id])
         if not wrappers:
-            raise UnknownJob(f"no job {job_id} belongs to this key on {self.server}:{self.port}")
+            raise UnknownJob(f"no job {job_id} belongs to this key on {self.server}:{self.port}",
+                             job_id)
         return wrappers[0]
 
     def get_my_jobs(self, status: str | None = None, timeout: float = 30.0) -> list[JobWrapper]:
-        """This key's jobs, oldest first (at most 10,000), optionally of one status."""
+        """This key's jobs, oldest first, optionally of one status: at most as many as
+        the broker lists in one reply (``protocol.MAX_BATCH``)."""
         if status is not None and status not in {s.value for s in Status}:
             raise ValueError(f"status={status!r}: choose one of "
                              f"{', '.join(s.value for s in Status)}")
-        return self._records_to_wrappers(self._io.request(M.LIST, timeout, status=status))
+        self._check_usable()
+        wrappers: list[JobWrapper] = self._io.request(M.LIST, timeout, wrap=True, status=status)
+        return wrappers
 
     def workers(self, timeout: float = 10.0) -> list[MonitorInfo]:
         """The monitors connected to the broker."""
+        self._check_usable()
         reply = self._io.request(M.WORKERS, timeout)
         return [MonitorInfo(**w) for w in reply.header["workers"]]
 
     def kill(self, job_id: str, timeout: float = 10.0) -> None:
         """Kill a job of this key: queued ones are removed, running ones killed."""
-        if not isinstance(job_id, str) or not re.fullmatch(r"[0-9a-f]{32}", job_id):
-            raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
+        check_job_id(job_id)
+        self._check_usable()
         reply = self._io.request(M.KILL, timeout, ids=[job_id])
         if reply.header["missing"]:
-            raise UnknownJob(f"no job {job_id} belongs to this key")
-
-    def _query(self, job_id: str) -> None:
-        """Ask the broker for one job's state, in the background."""
-        self._io.command("query", [job_id])
-
-    def _unseal(self, result: bytes, output: bytes,
-                worker: WorkerInfo | None) -> tuple[bytes, bytes]:
-        """Open a result and output sealed to this client's key (raises SealError)."""
-        return self._opener.open(result), self._opener.open(output)
+            raise UnknownJob(f"no job {job_id} belongs to this key", job_id)
 
     # --- lifetime
 
     def close(self) -> None:
-        """Disconnect, and stop the broker and monitors that ``start_all`` started."""
+        """Disconnect, and stop the broker and monitors that ``start_all`` started.
+        In a forked child it only marks this copy closed (the parent's connection and
+        cluster are the parent's)."""
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:
+            return
         self._io.command("close")
         self._io.join(10)
+        self._window.wake()
         if self._cluster is not None:
             self._cluster.stop()
 
@@ -710,4 +1095,3 @@ def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
             except Exception as inner:  # noqa: BLE001
                 raise TypeError(f"cannot send {label} ({type(part).__name__}): {inner}") from None
         raise TypeError(f"cannot pickle the call: {e}") from None
-

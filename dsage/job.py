@@ -1,41 +1,47 @@
-"""JobWrapper: the user's handle on one job, kept up to date by the client's I/O thread."""
+"""JobWrapper: the user's handle on one job, kept up to date by the client's I/O thread.
+
+A wrapper knows its client only through :class:`JobHost`, the few things it
+asks of it; all wrappers of a client share one condition variable, which the
+I/O thread notifies when jobs reach a final state.
+"""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import codec
+from .errors import JobError, SubmitRejected, UnknownJob, UntrustedResultError
 from .protocol import FINAL, Encoding, ResultFrom, Status
 
-if TYPE_CHECKING:
-    from .client import DSage
+__all__ = ["JobError", "JobHost", "JobWrapper", "UntrustedResultError", "WorkerInfo"]
 
 _UNSET: Any = object()
 
-
-#: how much of a failed job's output its JobError message shows (the end)
-MESSAGE_TAIL = 4000
-
-
-class JobError(Exception):
-    """A job failed or was killed; ``output`` holds what it printed, with the traceback."""
-
-    def __init__(self, job: JobWrapper) -> None:
-        self.job = job
-        self.status = job.status
-        self.error = job.error
-        self.output = job.output
-        detail = f"job {job.job_id[:8]}{f' ({job.name})' if job.name else ''} {job.status}"
-        tail = self.output[-MESSAGE_TAIL:]
-        if len(self.output) > MESSAGE_TAIL:
-            tail = "[... the start is in .output ...]\n" + tail
-        super().__init__(f"{detail}: {job.error}" + (f"\n{tail}" if tail else ""))
+#: the condition of wrappers without a client (made by hand, as tests do)
+_HOSTLESS = threading.Condition()
 
 
-class UntrustedResultError(Exception):
-    """A result from an anonymous worker was not in the data-only encoding."""
+class JobHost(Protocol):
+    """What a JobWrapper needs from its client."""
+
+    @property
+    def changed(self) -> threading.Condition:
+        """Notified (by the I/O thread) whenever jobs of this client reach a final state."""
+
+    def check_usable(self) -> None:
+        """Raise ``DSageError`` if the client cannot be used here (closed, or this is a
+        forked child of the process that made it)."""
+
+    def kill(self, job_id: str) -> None:
+        """Kill the job (raises ``UnknownJob`` if the broker does not know it)."""
+
+    def query(self, job_id: str) -> None:
+        """Ask the broker for the job's state, in the background."""
+
+    def open_sealed(self, result: bytes, output: bytes) -> tuple[bytes, bytes]:
+        """Open a result and output sealed to this client's key (ValueError if that fails)."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,15 @@ class WorkerInfo:
 
 
 class JobWrapper:
-    """A submitted job. ``status``, ``output`` and ``result`` follow the job live."""
+    """A submitted job. ``status``, ``output`` and ``result`` follow the job live.
 
-    def __init__(self, client: DSage | None, job_id: str, name: str | None, kind: str,
+    Only the client's I/O thread changes a wrapper (and the client makes every
+    wrapper it hands out there, so no update is missed between a reply and the
+    wrapper's registration)."""
+
+    def __init__(self, host: JobHost | None, job_id: str, name: str | None, kind: str,
                  priority: int = 5) -> None:
-        self._client = client
+        self._host = host
         self.job_id = job_id
         self.name = name
         self.kind = kind
@@ -64,21 +74,26 @@ class JobWrapper:
         self.finished: float | None = None
         self.failures = 0
         self.error: str | None = None
+        #: why a queued job is waiting (no connected worker offers its tags, say), else None
+        self.reason: str | None = None
         self.worker: WorkerInfo | None = None
         self._encoding = Encoding.NONE.value
         self._result_from = ResultFrom.NONE.value
         self._result_blob = b""
         self._output_blob = b""
         self._result: Any = _UNSET
-        self._done = threading.Event()
+        #: final: set once by the I/O thread, before it notifies ``host.changed``
+        self._final = False
         #: why the job was refused before it was queued ('quota', 'size', ...), else None
         self.refused: str | None = None
+        #: set when the broker no longer knows the job: wait() and result raise UnknownJob
+        self._unknown: str | None = None
 
-    # --- updates from the I/O thread
+    # --- updates from the I/O thread (which notifies ``host.changed`` after a batch)
 
     def _update(self, rec: dict[str, Any], blobs: list[bytes]) -> bool:
         """Apply a record from the broker; True if the job just reached a final state."""
-        if self._done.is_set():
+        if self._final:
             return False  # a final state never changes
         self.status = rec["status"]
         self.name = rec["name"]
@@ -86,38 +101,66 @@ class JobWrapper:
         self.created, self.started, self.finished = rec["created"], rec["started"], rec["finished"]
         self.failures = rec["failures"]
         self.error = rec["error"]
+        self.reason = rec.get("reason")  # records of older brokers have none
         w = rec["worker"]
         self.worker = None if w is None else WorkerInfo(w["id"], w["host"], w["anonymous"], w["key"])
-        if rec["status"] in FINAL:
-            self._encoding, self._result_from = rec["encoding"], rec["result_from"]
-            self._result_blob, self._output_blob = blobs
-            if rec["sealed"] and self._client is not None:
-                try:
-                    self._result_blob, self._output_blob = self._client._unseal(
-                        self._result_blob, self._output_blob, self.worker)
-                except ValueError as e:  # seal.SealError: never let it stop the I/O thread
-                    self.status, self.error = Status.FAILED.value, f"unreadable result: {e}"
-                    self._encoding = Encoding.NONE.value
-                    self._result_blob = self._output_blob = b""
-            self._done.set()
-            return True
-        return False
+        if rec["status"] not in FINAL:
+            return False
+        self._encoding, self._result_from = rec["encoding"], rec["result_from"]
+        self._result_blob, self._output_blob = blobs
+        if rec["sealed"] and self._host is not None:
+            try:
+                self._result_blob, self._output_blob = self._host.open_sealed(
+                    self._result_blob, self._output_blob)
+            except ValueError as e:  # seal.SealError: never let it stop the I/O thread
+                self.status, self.error = Status.FAILED.value, f"unreadable result: {e}"
+                self._encoding = Encoding.NONE.value
+                self._result_blob = self._output_blob = b""
+        self._final = True
+        return True
+
+    def _end(self, error: str, refused: str | None = None, unknown: bool = False) -> bool:
+        """End a job the broker never accepted (``refused`` says why) or no longer knows
+        (``unknown``): it is 'failed' with ``error``. True if it was not final before."""
+        if self._final:
+            return False
+        self.status, self.error, self.reason = Status.FAILED.value, error, None
+        self.refused = refused
+        self._unknown = error if unknown else None
+        self._final = True
+        return True
 
     # --- the user's view
 
     def done(self) -> bool:
         """Whether the job reached a final state (completed, failed or killed)."""
-        return self._done.is_set()
+        return self._final
 
     def wait(self, timeout: float | None = None) -> JobWrapper:
-        """Block until the job is final, at most ``timeout`` seconds (TimeoutError after)."""
+        """Block until the job is final, at most ``timeout`` seconds (TimeoutError after).
+
+        Raises :class:`UnknownJob` if the broker no longer knows the job, and
+        ``DSageError`` for a job that is not final if its client was closed or this
+        is a forked child of the process that made the client."""
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
-        if not self._done.wait(timeout):
-            if self._client is not None:
-                self._client._query(self.job_id)  # the truth, should an event be lost
-            raise TimeoutError(f"job {self.job_id} is still {self.status} after {timeout} s")
+        if not self._final:
+            self._wait(timeout)
+        if self._unknown is not None:
+            raise UnknownJob(f"job {self.job_id}: {self._unknown}", self.job_id)
         return self
+
+    def _wait(self, timeout: float | None) -> None:
+        host = self._host
+        if host is not None:
+            host.check_usable()
+        changed = _HOSTLESS if host is None else host.changed
+        with changed:
+            finished = changed.wait_for(self.done, timeout)
+        if not finished:
+            if host is not None:
+                host.query(self.job_id)  # the truth, should an event be lost
+            raise TimeoutError(f"job {self.job_id} is still {self.status} after {timeout} s")
 
     @property
     def output(self) -> str:
@@ -132,11 +175,10 @@ class JobWrapper:
     @property
     def result(self) -> Any:
         """The job's result, waiting for it if needed; raises :class:`JobError` if the
-        job failed or was killed, and ``SubmitRejected`` if it was never accepted."""
+        job failed or was killed, :class:`SubmitRejected` if it was never accepted
+        and :class:`UnknownJob` if the broker no longer knows it."""
         self.wait()
         if self.refused is not None:
-            from .client import SubmitRejected
-
             raise SubmitRejected(f"job {self.job_id}: {self.error}")
         if self.status != Status.COMPLETED:
             raise JobError(self)
@@ -157,9 +199,9 @@ class JobWrapper:
 
     def kill(self) -> JobWrapper:
         """Kill the job: a queued one is removed, a running one's process is killed."""
-        if self._client is None:
+        if self._host is None:
             raise RuntimeError("this job has no client")
-        self._client.kill(self.job_id)
+        self._host.kill(self.job_id)
         return self
 
     def __repr__(self) -> str:

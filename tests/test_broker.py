@@ -469,6 +469,18 @@ def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path
     assert got == big
     # only the owner may fetch
     state.on_client(0.0, b"c", "x" * 40, make(M.FETCH, req=3, id=jid, part="result", offset=0))
-    [err] = [o.msg for o in state.flush(0.0) if o.msg.type is M.ERROR]
-    assert err.header["code"] == "unknown_job"
+    [reply] = [o.msg for o in state.flush(0.0) if o.msg.type is M.JOBS]
+    assert reply.header["missing"] == [jid] and reply.header["jobs"] == []
     store.close()
+
+
+def test_a_large_result_reaches_its_client_by_reference(cluster: Any) -> None:
+    """25 MB results are fetched in chunks, not pushed through the events socket."""
+    jobs = [cluster(f"DSAGE_RESULT = bytes([{i}]) * 25_000_000") for i in range(3)]
+    for i, j in enumerate(jobs):
+        value = j.wait(120).result
+        assert len(value) == 25_000_000 and value[:1] == bytes([i]) and value[-1] == i
+    small = cluster("'x' * 10").wait(60)
+    assert small.result == "x" * 10
+    again = cluster.job(jobs[0].job_id)
+    assert again.wait(60).result[:1] == b"\x00"

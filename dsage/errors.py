@@ -1,0 +1,64 @@
+"""The errors a user of dsage sees, in one module that imports no other part of
+dsage at run time (so the client and JobWrapper both use them without importing
+each other)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .job import JobWrapper
+
+#: how much of a failed job's output its JobError message shows (the end)
+MESSAGE_TAIL = 4000
+
+
+class DSageError(Exception):
+    """Base of the client's errors."""
+
+
+class BrokerUnreachable(DSageError, ConnectionError):
+    """No broker answered in time."""
+
+
+class KeyRejected(DSageError, PermissionError):
+    """The broker refused this client's key."""
+
+
+class UnknownJob(DSageError, KeyError):
+    """The broker knows no job with this id for this client's key: it never did,
+    it pruned the job (past ``--retention-days``), or its store was replaced.
+
+    ``job_id`` names the job when there is one (``D.job``, ``D.kill``, and a
+    wrapper's ``wait()`` and ``result``)."""
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0])
+
+
+class SubmitRejected(DSageError):
+    """The broker (or the client, for a job larger than a message may be) refused a
+    job before queueing it, for instance past the per-client queue limit."""
+
+
+class JobError(Exception):
+    """A job failed or was killed; ``output`` holds what it printed, with the traceback."""
+
+    def __init__(self, job: JobWrapper) -> None:
+        self.job = job
+        self.status = job.status
+        self.error = job.error
+        self.output = job.output
+        detail = f"job {job.job_id[:8]}{f' ({job.name})' if job.name else ''} {job.status}"
+        tail = self.output[-MESSAGE_TAIL:]
+        if len(self.output) > MESSAGE_TAIL:
+            tail = "[... the start is in .output ...]\n" + tail
+        super().__init__(f"{detail}: {job.error}" + (f"\n{tail}" if tail else ""))
+
+
+class UntrustedResultError(Exception):
+    """A result from an anonymous worker was not in the data-only encoding."""
