@@ -569,6 +569,10 @@ class BrokerState:
         out, self.outbox = self.outbox, []
         for owner, records in self.events.items():
             topic = owner.encode()
+            if len(records) > 1:
+                # a job announced twice in one turn (queued, then dispatched): the
+                # last state is all its client needs
+                records = list({r[0]["id"]: r for r in records}.values())
             parts = batches([len(b[0]) + len(b[1]) for _, b in records]) or [range(0)]
             for part in parts:
                 seq = self.event_seq.get(owner, 0) + 1
