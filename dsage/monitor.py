@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
 from .seal import Sealer
-from .slot import remove_folder
+from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
     DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REPLIES, M, Message, ProtocolError, Status, decode, encode,
@@ -37,6 +36,15 @@ from .protocol import (
 )
 
 log = logging.getLogger("dsage.monitor")
+
+#: why the monitor killed a slot that broke its pipe (closed it, or sent a malformed frame)
+PIPE_BROKEN = "its pipe to the monitor broke"
+#: how long a slot whose pipe ended may take to exit before it is killed
+REAP_WAIT = 1.0
+#: the header of a slot's first frame, and of its frame after each job
+_READY_KEYS = frozenset({"ready", "rss"})
+_REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
+                         "finished", "rss"})
 
 
 @dataclass
@@ -67,7 +75,7 @@ class Slot:
 
     index: int
     proc: subprocess.Popen[bytes]
-    conn: Connection
+    sock: socket.socket
     capture: Path
     ready: bool = False
     job: dict[str, Any] | None = None
@@ -250,18 +258,21 @@ class Monitor:
              str(self.tmpdir), str(self.options.priority)],
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
-        conn = Connection(parent.detach())
-        slot = Slot(index, proc, conn, capture)
-        self.poller.register(conn.fileno(), zmq.POLLIN)
+        slot = Slot(index, proc, parent, capture)
+        self.poller.register(parent.fileno(), zmq.POLLIN)
         return slot
 
     def _respawn(self, slot: Slot) -> None:
-        self.poller.unregister(slot.conn.fileno())
-        slot.conn.close()
+        self._close_pipe(slot)
         slot.kill()
         slot.proc.wait()
         slot.capture.unlink(missing_ok=True)
         self.slots[slot.index] = self._spawn(slot.index)
+
+    def _close_pipe(self, slot: Slot) -> None:
+        if slot.sock.fileno() >= 0:
+            self.poller.unregister(slot.sock.fileno())
+            slot.sock.close()
 
     def _start_jobs(self) -> None:
         for slot in self.slots:
@@ -273,22 +284,26 @@ class Monitor:
                 slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
                 slot.kill_reason = None
                 try:
-                    slot.conn.send((spec, payload))
+                    send_frame(slot.sock, spec, payload)
                 except OSError:
                     pass  # the slot died; its EOF is handled as a crash
 
     def _on_slot(self, slot: Slot) -> None:
         try:
-            reply = slot.conn.recv()
-        except (EOFError, OSError):
+            reply, result, output = recv_frame(slot.sock)
+            if reply.keys() not in (_READY_KEYS, _REPLY_KEYS):
+                raise FrameError(f"a frame with the header keys {sorted(reply)[:10]}")
+        except (EOFError, OSError) as e:
+            if isinstance(e, FrameError):
+                log.warning("slot %d: %s", slot.index, e)
             self._slot_died(slot)
             return
         if reply.get("ready"):
             slot.ready, slot.base_rss = True, reply["rss"]
             return
-        if slot.job is None or reply["id"] != slot.job["id"]:
+        if slot.job is None or reply.get("id") != slot.job["id"]:
             return
-        self._finish(slot.job, reply, reply.pop("result"), reply.pop("output"))
+        self._finish(slot.job, reply, result, output)
         slot.job, slot.deadline = None, None
         slot.jobs_done += 1
         limit = self.options.max_jobs_per_slot
@@ -303,9 +318,22 @@ class Monitor:
         worker had been lost)."""
         self._send(make(M.RELEASE, ids=ids, reason=reason, count_failure=count_failure))
 
+    def _reap(self, slot: Slot) -> int:
+        """The exit status of a slot whose pipe ended. One that goes on running
+        without it (its job closed the pipe, or wrote into it) is killed."""
+        try:
+            return slot.proc.wait(REAP_WAIT)
+        except subprocess.TimeoutExpired:
+            pass
+        if slot.kill_reason is None:
+            slot.kill_reason = PIPE_BROKEN
+        slot.kill()
+        return slot.proc.wait()
+
     def _slot_died(self, slot: Slot) -> None:
         job = slot.job
-        rc = slot.proc.wait()
+        self._close_pipe(slot)
+        rc = self._reap(slot)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
             # Killed from outside (the OOM killer, an admin): the worker was lost,
             # not the job's fault. It goes back to the queue; the failure limit
@@ -333,15 +361,15 @@ class Monitor:
         slot.job = None
         if not self.stopping:
             self._respawn(slot)
-        else:
-            self.poller.unregister(slot.conn.fileno())
-            slot.conn.close()
 
     @staticmethod
     def _death_outcome(slot: Slot, rc: int) -> tuple[Status, str]:
         assert slot.job is not None
         if slot.kill_reason == "timeout":
             return Status.FAILED, f"timed out after {slot.job['timeout']:g} s (the job was killed)"
+        if slot.kill_reason == PIPE_BROKEN:
+            return Status.FAILED, ("the job broke its process's pipe to the monitor (closed it "
+                                   "or wrote into it), so the process was killed")
         if slot.kill_reason is not None:
             return Status.KILLED, f"killed ({slot.kill_reason})"
         if rc < 0:
@@ -406,7 +434,7 @@ class Monitor:
         if self.sock is not None and self.sock in ready:
             self._on_broker()
         for slot in list(self.slots):
-            if slot.conn.fileno() in ready:
+            if slot.sock.fileno() in ready:
                 self._on_slot(slot)
         now = time.monotonic()
         for slot in self.slots:
@@ -496,10 +524,7 @@ class Monitor:
     def close(self) -> None:
         for slot in self.slots:
             slot.kill()
-            try:
-                slot.conn.close()
-            except OSError:
-                pass
+            slot.sock.close()
         for slot in self.slots:
             slot.proc.wait()
             slot.capture.unlink(missing_ok=True)
