@@ -41,6 +41,9 @@ log = logging.getLogger("dsage.monitor")
 PIPE_BROKEN = "its pipe to the monitor broke"
 #: how long a slot whose pipe ended may take to exit before it is killed
 REAP_WAIT = 1.0
+#: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
+#: ``__main__``, after the package's imports had loaded it (and warn about it)
+_SLOT_MAIN = "import sys; from dsage.slot import main; sys.exit(main(sys.argv[1:]))"
 #: the header of a slot's first frame, and of its frame after each job
 _READY_KEYS = frozenset({"ready", "rss"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
@@ -254,7 +257,7 @@ class Monitor:
         parent, child = socket.socketpair()
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsage.slot", str(child.fileno()), str(capture),
+            [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
              str(self.tmpdir), str(self.options.priority)],
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()

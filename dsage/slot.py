@@ -1,7 +1,7 @@
 """The child side of a worker slot: a long-lived process that runs one job at a time.
 
-The monitor starts ``python -m dsage.slot FD CAPTURE TMPDIR NICE`` with one end
-of a socket pair as FD. The slot's stdout and stderr (file descriptors 1 and 2,
+The monitor runs :func:`main` with the arguments ``FD CAPTURE TMPDIR NICE`` (as
+``python -m dsage.slot`` would), with one end of a socket pair as FD. The slot's stdout and stderr (file descriptors 1 and 2,
 so child processes are captured too) go to the CAPTURE file, which is emptied
 before each job; the monitor can read it even after killing the slot. Each job
 runs in its own folder ``TMPDIR/<job id>``, which the monitor removes.
