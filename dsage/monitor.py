@@ -3,7 +3,9 @@
 Each slot is a long-lived child process (:mod:`dsage.slot`); a kill, a timeout
 or a crash costs that slot a respawn, never the monitor. Results are kept
 until the broker acknowledges them and are sent again after a reconnect, so a
-broker restart loses none.
+broker restart loses none. Every job the monitor holds (queued here, running,
+or finished with its result unacknowledged) is listed when it registers, so
+the broker never runs one of them a second time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,8 @@ from .seal import Sealer
 from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
-    DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REPLIES, M, Message, ProtocolError, Status, decode, encode,
-    make,
+    DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, MONITOR_REPLIES, M, Message, ProtocolError, Status,
+    decode, encode, make,
 )
 
 log = logging.getLogger("dsage.monitor")
@@ -126,9 +129,13 @@ class Monitor:
         self.last_sent = 0.0
         self.stopping = False
         self.stop_deadline: float | None = None
-        self.pending: list[tuple[dict[str, Any], bytes]] = []
+        #: jobs received and not started yet, in order (the broker may send more
+        #: jobs than there are free slots)
+        self.pending: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+        #: finished jobs whose result the broker has not acknowledged: (item, result, output)
         self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
-        self.outgoing: list[str] = []
+        #: results to send at the end of this loop turn (an ordered set)
+        self.outgoing: dict[str, None] = {}
         self.slots: list[Slot] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -174,11 +181,26 @@ class Monitor:
         return True
 
     def _register(self) -> None:
-        running = [s.job["id"] for s in self.slots if s.job is not None]
-        running += [spec["id"] for spec, _ in self.pending]
         self.registering = self._send(make(
             M.REGISTER, monitor=self.monitor_id, host=self.host, pid=os.getpid(),
-            slots=len(self.slots), tags=self.options.tags, running=running, version=__version__))
+            slots=len(self.slots), tags=self.options.tags, running=self._held(),
+            version=__version__))
+
+    def _running(self) -> list[str]:
+        return [s.job["id"] for s in self.slots if s.job is not None]
+
+    def _held(self) -> list[str]:
+        """Every job this monitor holds, for REGISTER's ``running``: running, queued
+        here, and finished with the result unacknowledged. The broker keeps the open
+        ones here (the result sent after REGISTERED closes those that finished) and
+        answers the others in ``cancel``; a job left off would be run again. Past
+        the protocol's limit of ids, the finished ones are left off first: their
+        results are still accepted late, and a job sent again whose result is held
+        here is answered with that result, not run."""
+        held = list(dict.fromkeys([*self._running(), *self.pending, *self.unacked]))
+        if len(held) > MAX_BATCH:
+            log.warning("holding %d jobs; registering with the first %d", len(held), MAX_BATCH)
+        return held[:MAX_BATCH]
 
     def _on_socket_event(self) -> None:
         assert self.events is not None
@@ -221,8 +243,7 @@ class Monitor:
                 self._cancel(jid, "taken back by the broker")
             self._resend_unacked()
         elif msg.type is M.RUN:
-            for spec, payload in zip(h["jobs"], msg.blobs):
-                self.pending.append((spec, payload))
+            self._take_jobs(h["jobs"], msg.blobs)
         elif msg.type is M.CANCEL:
             for jid in h["ids"]:
                 self._cancel(jid, h["reason"])
@@ -237,19 +258,41 @@ class Monitor:
             else:
                 log.warning("broker error: %s", h["message"])
 
+    def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes]) -> None:
+        """Queue the jobs of a RUN. A job whose result is held here already gets that
+        result again instead of a second run, and one queued or running here is not
+        queued twice."""
+        running = set(self._running())
+        for spec, payload in zip(specs, payloads):
+            jid = spec["id"]
+            if jid in self.unacked:
+                self.outgoing[jid] = None
+            elif jid not in self.pending and jid not in running:
+                self.pending[jid] = (spec, payload)
+
     def _resend_unacked(self) -> None:
         ids = list(self.unacked)
         for i in range(0, len(ids), 1000):
             self._send_results(ids[i:i + 1000])
 
     def _send_results(self, ids: list[str]) -> None:
+        """Send the held results of ``ids`` (those still unacknowledged)."""
         items, blobs = [], []
         for jid in ids:
+            if jid not in self.unacked:
+                continue
             item, result, output = self.unacked[jid]
             items.append(item)
             blobs += [result, output]
         if items:
             self._send(make(M.RESULT, blobs, results=items))
+
+    def _flush_results(self) -> None:
+        """Send this loop turn's results (when not registered, they go after REGISTERED)."""
+        if self.outgoing:
+            ids, self.outgoing = list(self.outgoing), {}
+            if self.registered:
+                self._send_results(ids)
 
     # --- slots
 
@@ -282,7 +325,7 @@ class Monitor:
             if not self.pending:
                 return
             if slot.ready and slot.job is None:
-                spec, payload = self.pending.pop(0)
+                _, (spec, payload) = self.pending.popitem(last=False)
                 slot.job, slot.started = spec, time.time()
                 slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
                 slot.kill_reason = None
@@ -395,7 +438,7 @@ class Monitor:
         result = self.sealer.seal(job["owner"], result)
         output = self.sealer.seal(job["owner"], output)
         self.unacked[job["id"]] = (item, result, output)
-        self.outgoing.append(job["id"])
+        self.outgoing[job["id"]] = None
 
     def _fit(self, item: dict[str, Any], result: bytes, output: bytes) -> tuple[bytes, bytes]:
         """Keep each blob within the message size limit (less the sealing overhead):
@@ -411,13 +454,16 @@ class Monitor:
         return result, output
 
     def _cancel(self, job_id: str, reason: str) -> None:
-        for i, (spec, _) in enumerate(self.pending):
-            if spec["id"] == job_id:
-                del self.pending[i]
-                self._finish(spec, {"status": "killed", "error": f"killed ({reason})",
-                                    "encoding": "none", "result_from": "none", "sealed": False,
-                                    "started": None, "finished": time.time()}, b"", b"")
-                return
+        """Stop a job the broker takes back: a queued one is answered as killed (which
+        frees its credit), a running one's slot is killed. A job whose result is held
+        already keeps it: that result is sent until acknowledged, and the broker,
+        which keeps the first final outcome, drops it if the job is over."""
+        if job_id in self.pending:
+            spec, _ = self.pending.pop(job_id)
+            self._finish(spec, {"status": "killed", "error": f"killed ({reason})",
+                                "encoding": "none", "result_from": "none",
+                                "started": None, "finished": time.time()}, b"", b"")
+            return
         for slot in self.slots:
             if slot.job is not None and slot.job["id"] == job_id:
                 slot.kill_reason = reason
@@ -447,10 +493,7 @@ class Monitor:
                 slot.kill()
         if not self.stopping:
             self._start_jobs()
-        if self.outgoing:
-            ids, self.outgoing = self.outgoing, []
-            if self.registered:
-                self._send_results(ids)
+        self._flush_results()
         self._keepalive(now)
 
     def _keepalive(self, now: float) -> None:
@@ -473,7 +516,7 @@ class Monitor:
         self.stop_deadline = time.monotonic() + self.options.grace
         self._send(make(M.STOPPING))
         if self.pending:
-            self._release([spec["id"] for spec, _ in self.pending], "released by a stopping monitor")
+            self._release(list(self.pending), "released by a stopping monitor")
             self.pending.clear()
         try:
             self._wake_w.send(b"x")
@@ -510,7 +553,7 @@ class Monitor:
         end = time.monotonic() + min(2.0, self.options.grace)
         while self.unacked and time.monotonic() < end:
             if self.outgoing:
-                ids, self.outgoing = self.outgoing, []
+                ids, self.outgoing = list(self.outgoing), {}
                 self._send_results(ids)
             self.step(0.1)
 
