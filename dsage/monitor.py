@@ -127,7 +127,11 @@ class Monitor:
         self.registering = False
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
+        #: set by SIGTERM/SIGINT; the loop then calls :meth:`begin_stop`
+        self.stop_requested = False
         self.stopping = False
+        #: the broker answered a message sent after STOPPING: no RUN is on its way
+        self.stop_confirmed = False
         self.stop_deadline: float | None = None
         #: jobs received and not started yet, in order (the broker may send more
         #: jobs than there are free slots)
@@ -241,6 +245,8 @@ class Monitor:
             self.registered, self.registering = True, False
             for jid in h["cancel"]:
                 self._cancel(jid, "taken back by the broker")
+            if self.stopping:
+                self._announce_stop()  # a new registration starts with credit
             self._resend_unacked()
         elif msg.type is M.RUN:
             self._take_jobs(h["jobs"], msg.blobs)
@@ -250,6 +256,8 @@ class Monitor:
         elif msg.type is M.RESULT_ACK:
             for jid in h["ids"]:
                 self.unacked.pop(jid, None)
+            if not h["ids"] and self.stopping:
+                self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
             if h["code"] == "unregistered":
                 self.registered = False
@@ -260,15 +268,23 @@ class Monitor:
 
     def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes]) -> None:
         """Queue the jobs of a RUN. A job whose result is held here already gets that
-        result again instead of a second run, and one queued or running here is not
-        queued twice."""
+        result again instead of a second run, one queued or running here is not
+        queued twice, and jobs that reach a stopping monitor (sent before the broker
+        had its STOPPING) go back at once, counting no failure."""
         running = set(self._running())
+        give_back = []
         for spec, payload in zip(specs, payloads):
             jid = spec["id"]
             if jid in self.unacked:
                 self.outgoing[jid] = None
-            elif jid not in self.pending and jid not in running:
+            elif jid in self.pending or jid in running:
+                continue
+            elif self.stopping:
+                give_back.append(jid)
+            else:
                 self.pending[jid] = (spec, payload)
+        if give_back:
+            self._release(give_back, "sent to a monitor that is stopping")
 
     def _resend_unacked(self) -> None:
         ids = list(self.unacked)
@@ -478,6 +494,8 @@ class Monitor:
                 self._wake_r.recv(4096)
             except BlockingIOError:
                 pass
+        if self.stop_requested:
+            self.begin_stop()
         if self.events is not None and self.events in ready:
             self._on_socket_event()
         if self.sock is not None and self.sock in ready:
@@ -508,20 +526,33 @@ class Monitor:
             log.warning("parent process is gone: stopping")
             self.begin_stop()
 
+    def request_stop(self) -> None:
+        """Ask the loop to :meth:`begin_stop` (safe from a signal handler: it sends
+        nothing itself, so it cannot cut into a message being sent)."""
+        self.stop_requested = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
     def begin_stop(self) -> None:
         """Stop taking jobs; running ones get ``grace`` seconds, the rest go back."""
         if self.stopping:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.options.grace
-        self._send(make(M.STOPPING))
+        self._announce_stop()
         if self.pending:
             self._release(list(self.pending), "released by a stopping monitor")
             self.pending.clear()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+
+    def _announce_stop(self) -> None:
+        """Send STOPPING, then an empty RESULT: its acknowledgement comes after every
+        RUN the broker sent before it knew, so the monitor waits for it, and gives
+        those jobs back, before it exits."""
+        self.stop_confirmed = False
+        self._send(make(M.STOPPING))
+        self._send(make(M.RESULT, results=[]))
 
     def _busy(self) -> bool:
         return any(s.job is not None for s in self.slots)
@@ -551,18 +582,23 @@ class Monitor:
                     s.kill()
             self._release(left, "released by a stopping monitor")
         end = time.monotonic() + min(2.0, self.options.grace)
-        while self.unacked and time.monotonic() < end:
+        while (self.unacked or (self._connected() and not self.stop_confirmed)) \
+                and time.monotonic() < end:
             if self.outgoing:
                 ids, self.outgoing = list(self.outgoing), {}
                 self._send_results(ids)
             self.step(0.1)
+
+    def _connected(self) -> bool:
+        """Registered, or registering: the broker may send jobs on this connection."""
+        return self.registered or self.registering
 
     def _install_signals(self) -> Any:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
         def on_stop(signum: int, frame: Any) -> None:
-            self.begin_stop()
+            self.request_stop()
 
         old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         return lambda: [signal.signal(s, h) for s, h in old.items()]

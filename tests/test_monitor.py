@@ -268,3 +268,52 @@ def test_the_monitor_keeps_and_lists_every_job_it_holds(
     done = fake.results([b, c], ack=True)
     assert done[b]["status"] == done[c]["status"] == "completed"
     assert _runs(runs) == Counter("abc")
+
+
+# --- jobs that cross the monitor's STOPPING
+
+
+#: a longer liveness window where a spurious "lost" on a busy machine would change
+#: the failure count a test asserts
+STEADY = {"heartbeat": 0.2, "liveness": 15}
+
+
+def test_jobs_sent_as_the_monitor_stops_go_back_without_a_failure(
+        procs: Procs, tmp_path: Path) -> None:
+    """A burst of jobs is dispatched to a monitor that is stopped (SIGSTOP), so it
+    reads them only after it has begun stopping (SIGTERM, then SIGCONT). They are
+    given back at once, count no failure, and complete on the next monitor."""
+    procs.broker(**STEADY)
+    first = procs.worker(4, grace=5, **STEADY)
+    D = procs.client()
+    procs.wait_workers(D, 4)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        jobs = [D(f"{i} * 3") for i in range(4)]
+        wait_for(lambda: all(j.status == "processing" for j in jobs), 30,
+                 "the jobs dispatched to the stopped monitor")
+        os.kill(first.pid, signal.SIGTERM)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.proc.wait(20) == 0
+    wait_for(lambda: all(j.status == "new" for j in jobs), 10, "the jobs back in the queue")
+    procs.worker(1, **STEADY)
+    assert [j.wait(60).result for j in jobs] == [0, 3, 6, 9]
+    assert [j.failures for j in jobs] == [0] * 4
+
+
+def test_an_idle_stopping_monitor_gives_back_jobs_already_on_their_way(
+        procs: Procs, fake: FakeBroker) -> None:
+    """The broker dispatched jobs before it read the monitor's STOPPING. The
+    monitor, idle as it is, does not exit before they arrive: it waits for the
+    broker's answer to a message sent after STOPPING, and gives them back."""
+    monitor = procs.worker(2, **PATIENT)
+    fake.register()
+    os.kill(monitor.pid, signal.SIGTERM)
+    fake.expect(M.STOPPING)
+    ids = fake.run(["1", "2"])  # sent as the broker would before reading STOPPING
+    while (msg := fake.recv()).type is not M.RELEASE:
+        if msg.type is M.RESULT and not msg.header["results"]:
+            fake.send(make(M.RESULT_ACK, ids=[]))  # the broker's answer, after the RUN
+    assert msg.header["ids"] == ids and msg.header["count_failure"] is False
+    assert monitor.proc.wait(20) == 0
