@@ -34,8 +34,8 @@ from .seal import Sealer
 from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
-    DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, MONITOR_REPLIES, M, Message, ProtocolError, Status,
-    decode, encode, make,
+    BATCH_BYTES, DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, M,
+    Message, ProtocolError, Status, batches, clip, decode, encode, make,
 )
 
 log = logging.getLogger("dsage.monitor")
@@ -287,21 +287,19 @@ class Monitor:
             self._release(give_back, "sent to a monitor that is stopping")
 
     def _resend_unacked(self) -> None:
-        ids = list(self.unacked)
-        for i in range(0, len(ids), 1000):
-            self._send_results(ids[i:i + 1000])
+        self._send_results(list(self.unacked))
 
     def _send_results(self, ids: list[str]) -> None:
-        """Send the held results of ``ids`` (those still unacknowledged)."""
-        items, blobs = [], []
-        for jid in ids:
-            if jid not in self.unacked:
-                continue
-            item, result, output = self.unacked[jid]
-            items.append(item)
-            blobs += [result, output]
-        if items:
-            self._send(make(M.RESULT, blobs, results=items))
+        """Send the held results of ``ids`` (those still unacknowledged), split into
+        messages within the protocol's item and byte limits."""
+        held = [self.unacked[jid] for jid in ids if jid in self.unacked]
+        for part in batches([len(result) + len(output) for _, result, output in held],
+                            MAX_BATCH, BATCH_BYTES):
+            blobs: list[bytes] = []
+            for _, result, output in held[part.start:part.stop]:
+                blobs += [result, output]
+            self._send(make(M.RESULT, blobs,
+                            results=[item for item, _, _ in held[part.start:part.stop]]))
 
     def _flush_results(self) -> None:
         """Send this loop turn's results (when not registered, they go after REGISTERED)."""
@@ -377,8 +375,11 @@ class Monitor:
 
     def _release(self, ids: list[str], reason: str, count_failure: bool = False) -> None:
         """Give jobs back to the broker's queue (counting a failure: as if their
-        worker had been lost)."""
-        self._send(make(M.RELEASE, ids=ids, reason=reason, count_failure=count_failure))
+        worker had been lost), in messages within the protocol's limit of ids."""
+        reason = clip(reason, MAX_TEXT)
+        for part in batches([0] * len(ids), MAX_BATCH):
+            self._send(make(M.RELEASE, ids=ids[part.start:part.stop], reason=reason,
+                            count_failure=count_failure))
 
     def _reap(self, slot: Slot) -> int:
         """The exit status of a slot whose pipe ended. One that goes on running
@@ -446,7 +447,9 @@ class Monitor:
                 output: bytes) -> None:
         """Queue a job's outcome for the broker, its result and output sealed to the
         job's owner (every path ends here: results, crashes, timeouts, kills)."""
-        item = {"id": job["id"], "status": reply["status"], "error": reply["error"],
+        error = reply["error"]
+        item = {"id": job["id"], "status": reply["status"],
+                "error": None if error is None else clip(error, MAX_LONG_TEXT),
                 "encoding": reply["encoding"], "result_from": reply["result_from"],
                 "sealed": True, "started": reply["started"],
                 "finished": reply["finished"]}

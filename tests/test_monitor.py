@@ -24,6 +24,7 @@ from dsage.cluster import ManagedProcess
 from dsage.protocol import (
     BATCH_BYTES, DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REQUESTS, M, Message, decode, encode, make,
 )
+from dsage.seal import Opener
 from dsage.slot import FrameError, recv_frame, send_frame
 
 from .conftest import Procs, wait_for
@@ -316,4 +317,54 @@ def test_an_idle_stopping_monitor_gives_back_jobs_already_on_their_way(
         if msg.type is M.RESULT and not msg.header["results"]:
             fake.send(make(M.RESULT_ACK, ids=[]))  # the broker's answer, after the RUN
     assert msg.header["ids"] == ids and msg.header["count_failure"] is False
+    assert monitor.proc.wait(20) == 0
+
+
+# --- what the monitor sends: within the protocol's limits, text made acceptable
+
+
+def test_a_lone_surrogate_in_a_jobs_error_fails_it_cleanly(cluster: dsage.DSage) -> None:
+    """The text is made valid for the protocol; the results sent with it are not lost."""
+    bad = cluster("raise ValueError('\\udcff')")
+    good = [cluster(f"{i}") for i in range(5)]
+    assert bad.wait(30).status == "failed", bad.status
+    assert "ValueError" in (bad.error or "") and "ValueError" in bad.output
+    assert [j.wait(30).result for j in good] == list(range(5))
+
+
+def test_results_sent_again_are_split_within_the_byte_limit(
+        procs: Procs, fake: FakeBroker) -> None:
+    procs.worker(2, **PATIENT)
+    fake.register()
+    ids = fake.run(["import sys\nsys.stdout.write('x' * 3_000_000)"] * 6)
+    fake.results(ids)  # not acknowledged: they stay with the monitor
+    fake.send(make(M.ERROR, code="unregistered", message="register again", req=None))
+    reg = fake.register()
+    again = fake.results(ids, ack=True)
+    assert all(again[jid]["status"] == "completed" for jid in ids)
+    output = [m for m in fake.received if m.type is M.RESULT][-1].blobs[1]
+    assert Opener(fake.keys).open(output) == b"x" * 3_000_000
+    assert set(ids) <= set(reg.header["running"])  # held, so listed
+
+
+def test_releases_are_split_within_the_id_limit(procs: Procs, fake: FakeBroker,
+                                                tmp_path: Path) -> None:
+    """A stopping monitor gives back more queued jobs than one message may name."""
+    monitor = procs.worker(1, grace=0.5, **PATIENT)
+    fake.register()
+    started = tmp_path / "started"
+    first = fake.run([f"open({str(started)!r}, 'w').close()\nimport time\ntime.sleep(300)"]
+                     + ["1"] * 999)
+    rest = fake.run(["2"] * 300)
+    wait_for(started.exists, 30, "the first job running")
+    os.kill(monitor.pid, signal.SIGTERM)
+    released: list[str] = []
+    while len(released) < 1300:
+        msg = fake.recv()  # a RELEASE of more than 1000 ids fails to decode here
+        if msg.type is M.RELEASE:
+            assert msg.header["count_failure"] is False
+            released += msg.header["ids"]
+        elif msg.type is M.RESULT and not msg.header["results"]:
+            fake.send(make(M.RESULT_ACK, ids=[]))
+    assert sorted(released) == sorted(first + rest)
     assert monitor.proc.wait(20) == 0
