@@ -338,15 +338,20 @@ class Monitor:
         for slot in self.slots:
             if not self.pending:
                 return
-            if slot.ready and slot.job is None:
-                _, (spec, payload) = self.pending.popitem(last=False)
-                slot.job, slot.started = spec, time.time()
-                slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
-                slot.kill_reason = None
-                try:
-                    send_frame(slot.sock, spec, payload)
-                except OSError:
-                    pass  # the slot died; its EOF is handled as a crash
+            self._start_next(slot)
+
+    def _start_next(self, slot: Slot) -> None:
+        """Hand the next queued job to ``slot`` if it is free (and the monitor not stopping)."""
+        if not self.pending or self.stopping or not slot.ready or slot.job is not None:
+            return
+        _, (spec, payload) = self.pending.popitem(last=False)
+        slot.job, slot.started = spec, time.time()
+        slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
+        slot.kill_reason = None
+        try:
+            send_frame(slot.sock, spec, payload)
+        except OSError:
+            pass  # the slot died; its EOF is handled as a crash
 
     def _on_slot(self, slot: Slot) -> None:
         try:
@@ -360,18 +365,28 @@ class Monitor:
             return
         if reply.get("ready"):
             slot.ready, slot.base_rss = True, reply["rss"]
+            self._start_next(slot)
             return
-        if slot.job is None or reply.get("id") != slot.job["id"]:
+        job = slot.job
+        if job is None or reply.get("id") != job["id"]:
             return
-        self._finish(slot.job, reply, result, output)
         slot.job, slot.deadline = None, None
         slot.jobs_done += 1
-        limit = self.options.max_jobs_per_slot
-        if (limit and slot.jobs_done >= limit) or (
-                slot.base_rss and reply["rss"] > self.options.memory_growth * slot.base_rss):
+        recycle = self._worn(slot, reply["rss"])
+        if not recycle:
+            self._start_next(slot)  # before anything else: the slot idles for no result
+        self._finish(job, reply, result, output)
+        if recycle:
             log.info("recycling slot %d after %d jobs (%d MB)", slot.index, slot.jobs_done,
                      reply["rss"] >> 20)
             self._respawn(slot)
+
+    def _worn(self, slot: Slot, rss: int) -> bool:
+        """Whether a slot is due for a fresh process: it ran its quota of jobs, or its
+        memory grew past the allowed factor of its size at start."""
+        limit = self.options.max_jobs_per_slot
+        return bool((limit and slot.jobs_done >= limit)
+                    or (slot.base_rss and rss > self.options.memory_growth * slot.base_rss))
 
     def _release(self, ids: list[str], reason: str, count_failure: bool = False) -> None:
         """Give jobs back to the broker's queue (counting a failure: as if their
@@ -491,6 +506,8 @@ class Monitor:
     # --- the loop
 
     def step(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds; handle the broker, the slots, timeouts; send
+        this turn's results."""
         ready = dict(self.poller.poll(int(timeout * 1000)))
         if self._wake_r.fileno() in ready:
             try:
@@ -512,8 +529,7 @@ class Monitor:
                     and slot.kill_reason is None:
                 slot.kill_reason = "timeout"
                 slot.kill()
-        if not self.stopping:
-            self._start_jobs()
+        self._start_jobs()
         self._flush_results()
         self._keepalive(now)
 
