@@ -3,7 +3,9 @@
 Each slot is a long-lived child process (:mod:`dsage.slot`); a kill, a timeout
 or a crash costs that slot a respawn, never the monitor. Results are kept
 until the broker acknowledges them and are sent again after a reconnect, so a
-broker restart loses none.
+broker restart loses none. Every job the monitor holds (queued here, running,
+or finished with its result unacknowledged) is listed when it registers, so
+the broker never runs one of them a second time.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,26 @@ from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
 from .seal import Sealer
-from .slot import remove_folder
+from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
-    DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REPLIES, M, Message, ProtocolError, Status, decode, encode,
-    make,
+    BATCH_BYTES, DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, M,
+    Message, ProtocolError, Status, batches, clip, decode, encode, make,
 )
 
 log = logging.getLogger("dsage.monitor")
+
+#: why the monitor killed a slot that broke its pipe (closed it, or sent a malformed frame)
+PIPE_BROKEN = "its pipe to the monitor broke"
+#: how long a slot whose pipe ended may take to exit before it is killed
+REAP_WAIT = 1.0
+#: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
+#: ``__main__``, after the package's imports had loaded it (and warn about it)
+_SLOT_MAIN = "import sys; from dsage.slot import main; sys.exit(main(sys.argv[1:]))"
+#: the header of a slot's first frame, and of its frame after each job
+_READY_KEYS = frozenset({"ready", "rss"})
+_REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
+                         "finished", "rss"})
 
 
 @dataclass
@@ -46,7 +60,7 @@ class Slot:
 
     index: int
     proc: subprocess.Popen[bytes]
-    conn: Connection
+    sock: socket.socket
     capture: Path
     ready: bool = False
     job: dict[str, Any] | None = None
@@ -92,11 +106,19 @@ class Monitor:
         self.registering = False
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
+        #: set by SIGTERM/SIGINT; the loop then calls :meth:`begin_stop`
+        self.stop_requested = False
         self.stopping = False
+        #: the broker answered a message sent after STOPPING: no RUN is on its way
+        self.stop_confirmed = False
         self.stop_deadline: float | None = None
-        self.pending: list[tuple[dict[str, Any], bytes]] = []
+        #: jobs received and not started yet, in order (the broker may send more
+        #: jobs than there are free slots)
+        self.pending: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+        #: finished jobs whose result the broker has not acknowledged: (item, result, output)
         self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
-        self.outgoing: list[str] = []
+        #: results to send at the end of this loop turn (an ordered set)
+        self.outgoing: dict[str, None] = {}
         self.slots: list[Slot] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -142,11 +164,26 @@ class Monitor:
         return True
 
     def _register(self) -> None:
-        running = [s.job["id"] for s in self.slots if s.job is not None]
-        running += [spec["id"] for spec, _ in self.pending]
         self.registering = self._send(make(
             M.REGISTER, monitor=self.monitor_id, host=self.host, pid=os.getpid(),
-            slots=len(self.slots), tags=self.options.tags, running=running, version=__version__))
+            slots=len(self.slots), tags=self.options.tags, running=self._held(),
+            version=__version__))
+
+    def _running(self) -> list[str]:
+        return [s.job["id"] for s in self.slots if s.job is not None]
+
+    def _held(self) -> list[str]:
+        """Every job this monitor holds, for REGISTER's ``running``: running, queued
+        here, and finished with the result unacknowledged. The broker keeps the open
+        ones here (the result sent after REGISTERED closes those that finished) and
+        answers the others in ``cancel``; a job left off would be run again. Past
+        the protocol's limit of ids, the finished ones are left off first: their
+        results are still accepted late, and a job sent again whose result is held
+        here is answered with that result, not run."""
+        held = list(dict.fromkeys([*self._running(), *self.pending, *self.unacked]))
+        if len(held) > MAX_BATCH:
+            log.warning("holding %d jobs; registering with the first %d", len(held), MAX_BATCH)
+        return held[:MAX_BATCH]
 
     def _on_socket_event(self) -> None:
         assert self.events is not None
@@ -187,16 +224,19 @@ class Monitor:
             self.registered, self.registering = True, False
             for jid in h["cancel"]:
                 self._cancel(jid, "taken back by the broker")
+            if self.stopping:
+                self._announce_stop()  # a new registration starts with credit
             self._resend_unacked()
         elif msg.type is M.RUN:
-            for spec, payload in zip(h["jobs"], msg.blobs):
-                self.pending.append((spec, payload))
+            self._take_jobs(h["jobs"], msg.blobs)
         elif msg.type is M.CANCEL:
             for jid in h["ids"]:
                 self._cancel(jid, h["reason"])
         elif msg.type is M.RESULT_ACK:
             for jid in h["ids"]:
                 self.unacked.pop(jid, None)
+            if not h["ids"] and self.stopping:
+                self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
             if h["code"] == "unregistered":
                 self.registered = False
@@ -205,19 +245,47 @@ class Monitor:
             else:
                 log.warning("broker error: %s", h["message"])
 
+    def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes]) -> None:
+        """Queue the jobs of a RUN. A job whose result is held here already gets that
+        result again instead of a second run, one queued or running here is not
+        queued twice, and jobs that reach a stopping monitor (sent before the broker
+        had its STOPPING) go back at once, counting no failure."""
+        running = set(self._running())
+        give_back = []
+        for spec, payload in zip(specs, payloads):
+            jid = spec["id"]
+            if jid in self.unacked:
+                self.outgoing[jid] = None
+            elif jid in self.pending or jid in running:
+                continue
+            elif self.stopping:
+                give_back.append(jid)
+            else:
+                self.pending[jid] = (spec, payload)
+        if give_back:
+            self._release(give_back, "sent to a monitor that is stopping")
+
     def _resend_unacked(self) -> None:
-        ids = list(self.unacked)
-        for i in range(0, len(ids), 1000):
-            self._send_results(ids[i:i + 1000])
+        self._send_results(list(self.unacked))
 
     def _send_results(self, ids: list[str]) -> None:
-        items, blobs = [], []
-        for jid in ids:
-            item, result, output = self.unacked[jid]
-            items.append(item)
-            blobs += [result, output]
-        if items:
-            self._send(make(M.RESULT, blobs, results=items))
+        """Send the held results of ``ids`` (those still unacknowledged), split into
+        messages within the protocol's item and byte limits."""
+        held = [self.unacked[jid] for jid in ids if jid in self.unacked]
+        for part in batches([len(result) + len(output) for _, result, output in held],
+                            MAX_BATCH, BATCH_BYTES):
+            blobs: list[bytes] = []
+            for _, result, output in held[part.start:part.stop]:
+                blobs += [result, output]
+            self._send(make(M.RESULT, blobs,
+                            results=[item for item, _, _ in held[part.start:part.stop]]))
+
+    def _flush_results(self) -> None:
+        """Send this loop turn's results (when not registered, they go after REGISTERED)."""
+        if self.outgoing:
+            ids, self.outgoing = list(self.outgoing), {}
+            if self.registered:
+                self._send_results(ids)
 
     # --- slots
 
@@ -225,66 +293,104 @@ class Monitor:
         parent, child = socket.socketpair()
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsage.slot", str(child.fileno()), str(capture),
+            [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
              str(self.tmpdir), str(self.options.priority)],
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
-        conn = Connection(parent.detach())
-        slot = Slot(index, proc, conn, capture)
-        self.poller.register(conn.fileno(), zmq.POLLIN)
+        slot = Slot(index, proc, parent, capture)
+        self.poller.register(parent.fileno(), zmq.POLLIN)
         return slot
 
     def _respawn(self, slot: Slot) -> None:
-        self.poller.unregister(slot.conn.fileno())
-        slot.conn.close()
+        self._close_pipe(slot)
         slot.kill()
         slot.proc.wait()
         slot.capture.unlink(missing_ok=True)
         self.slots[slot.index] = self._spawn(slot.index)
 
+    def _close_pipe(self, slot: Slot) -> None:
+        if slot.sock.fileno() >= 0:
+            self.poller.unregister(slot.sock.fileno())
+            slot.sock.close()
+
     def _start_jobs(self) -> None:
         for slot in self.slots:
             if not self.pending:
                 return
-            if slot.ready and slot.job is None:
-                spec, payload = self.pending.pop(0)
-                slot.job, slot.started = spec, time.time()
-                slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
-                slot.kill_reason = None
-                try:
-                    slot.conn.send((spec, payload))
-                except OSError:
-                    pass  # the slot died; its EOF is handled as a crash
+            self._start_next(slot)
+
+    def _start_next(self, slot: Slot) -> None:
+        """Hand the next queued job to ``slot`` if it is free (and the monitor not stopping)."""
+        if not self.pending or self.stopping or not slot.ready or slot.job is not None:
+            return
+        _, (spec, payload) = self.pending.popitem(last=False)
+        slot.job, slot.started = spec, time.time()
+        slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
+        slot.kill_reason = None
+        try:
+            send_frame(slot.sock, spec, payload)
+        except OSError:
+            pass  # the slot died; its EOF is handled as a crash
 
     def _on_slot(self, slot: Slot) -> None:
         try:
-            reply = slot.conn.recv()
-        except (EOFError, OSError):
+            reply, result, output = recv_frame(slot.sock)
+            if reply.keys() not in (_READY_KEYS, _REPLY_KEYS):
+                raise FrameError(f"a frame with the header keys {sorted(reply)[:10]}")
+        except (EOFError, OSError) as e:
+            if isinstance(e, FrameError):
+                log.warning("slot %d: %s", slot.index, e)
             self._slot_died(slot)
             return
         if reply.get("ready"):
             slot.ready, slot.base_rss = True, reply["rss"]
+            self._start_next(slot)
             return
-        if slot.job is None or reply["id"] != slot.job["id"]:
+        job = slot.job
+        if job is None or reply.get("id") != job["id"]:
             return
-        self._finish(slot.job, reply, reply.pop("result"), reply.pop("output"))
         slot.job, slot.deadline = None, None
         slot.jobs_done += 1
-        limit = self.options.max_jobs_per_slot
-        if (limit and slot.jobs_done >= limit) or (
-                slot.base_rss and reply["rss"] > self.options.memory_growth * slot.base_rss):
+        recycle = self._worn(slot, reply["rss"])
+        if not recycle:
+            self._start_next(slot)  # before anything else: the slot idles for no result
+        self._finish(job, reply, result, output)
+        if recycle:
             log.info("recycling slot %d after %d jobs (%d MB)", slot.index, slot.jobs_done,
                      reply["rss"] >> 20)
             self._respawn(slot)
 
+    def _worn(self, slot: Slot, rss: int) -> bool:
+        """Whether a slot is due for a fresh process: it ran its quota of jobs, or its
+        memory grew past the allowed factor of its size at start."""
+        limit = self.options.max_jobs_per_slot
+        return bool((limit and slot.jobs_done >= limit)
+                    or (slot.base_rss and rss > self.options.memory_growth * slot.base_rss))
+
     def _release(self, ids: list[str], reason: str, count_failure: bool = False) -> None:
         """Give jobs back to the broker's queue (counting a failure: as if their
-        worker had been lost)."""
-        self._send(make(M.RELEASE, ids=ids, reason=reason, count_failure=count_failure))
+        worker had been lost), in messages within the protocol's limit of ids."""
+        reason = clip(reason, MAX_TEXT)
+        for part in batches([0] * len(ids), MAX_BATCH):
+            self._send(make(M.RELEASE, ids=ids[part.start:part.stop], reason=reason,
+                            count_failure=count_failure))
+
+    def _reap(self, slot: Slot) -> int:
+        """The exit status of a slot whose pipe ended. One that goes on running
+        without it (its job closed the pipe, or wrote into it) is killed."""
+        try:
+            return slot.proc.wait(REAP_WAIT)
+        except subprocess.TimeoutExpired:
+            pass
+        if slot.kill_reason is None:
+            slot.kill_reason = PIPE_BROKEN
+        slot.kill()
+        return slot.proc.wait()
 
     def _slot_died(self, slot: Slot) -> None:
         job = slot.job
-        rc = slot.proc.wait()
+        self._close_pipe(slot)
+        rc = self._reap(slot)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
             # Killed from outside (the OOM killer, an admin): the worker was lost,
             # not the job's fault. It goes back to the queue; the failure limit
@@ -312,15 +418,15 @@ class Monitor:
         slot.job = None
         if not self.stopping:
             self._respawn(slot)
-        else:
-            self.poller.unregister(slot.conn.fileno())
-            slot.conn.close()
 
     @staticmethod
     def _death_outcome(slot: Slot, rc: int) -> tuple[Status, str]:
         assert slot.job is not None
         if slot.kill_reason == "timeout":
             return Status.FAILED, f"timed out after {slot.job['timeout']:g} s (the job was killed)"
+        if slot.kill_reason == PIPE_BROKEN:
+            return Status.FAILED, ("the job broke its process's pipe to the monitor (closed it "
+                                   "or wrote into it), so the process was killed")
         if slot.kill_reason is not None:
             return Status.KILLED, f"killed ({slot.kill_reason})"
         if rc < 0:
@@ -335,7 +441,9 @@ class Monitor:
                 output: bytes) -> None:
         """Queue a job's outcome for the broker, its result and output sealed to the
         job's owner (every path ends here: results, crashes, timeouts, kills)."""
-        item = {"id": job["id"], "status": reply["status"], "error": reply["error"],
+        error = reply["error"]
+        item = {"id": job["id"], "status": reply["status"],
+                "error": None if error is None else clip(error, MAX_LONG_TEXT),
                 "encoding": reply["encoding"], "result_from": reply["result_from"],
                 "sealed": True, "started": reply["started"],
                 "finished": reply["finished"]}
@@ -343,7 +451,7 @@ class Monitor:
         result = self.sealer.seal(job["owner"], result)
         output = self.sealer.seal(job["owner"], output)
         self.unacked[job["id"]] = (item, result, output)
-        self.outgoing.append(job["id"])
+        self.outgoing[job["id"]] = None
 
     def _fit(self, item: dict[str, Any], result: bytes, output: bytes) -> tuple[bytes, bytes]:
         """Keep each blob within the message size limit (less the sealing overhead):
@@ -359,13 +467,16 @@ class Monitor:
         return result, output
 
     def _cancel(self, job_id: str, reason: str) -> None:
-        for i, (spec, _) in enumerate(self.pending):
-            if spec["id"] == job_id:
-                del self.pending[i]
-                self._finish(spec, {"status": "killed", "error": f"killed ({reason})",
-                                    "encoding": "none", "result_from": "none", "sealed": False,
-                                    "started": None, "finished": time.time()}, b"", b"")
-                return
+        """Stop a job the broker takes back: a queued one is answered as killed (which
+        frees its credit), a running one's slot is killed. A job whose result is held
+        already keeps it: that result is sent until acknowledged, and the broker,
+        which keeps the first final outcome, drops it if the job is over."""
+        if job_id in self.pending:
+            spec, _ = self.pending.pop(job_id)
+            self._finish(spec, {"status": "killed", "error": f"killed ({reason})",
+                                "encoding": "none", "result_from": "none",
+                                "started": None, "finished": time.time()}, b"", b"")
+            return
         for slot in self.slots:
             if slot.job is not None and slot.job["id"] == job_id:
                 slot.kill_reason = reason
@@ -374,18 +485,22 @@ class Monitor:
     # --- the loop
 
     def step(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds; handle the broker, the slots, timeouts; send
+        this turn's results."""
         ready = dict(self.poller.poll(int(timeout * 1000)))
         if self._wake_r.fileno() in ready:
             try:
                 self._wake_r.recv(4096)
             except BlockingIOError:
                 pass
+        if self.stop_requested:
+            self.begin_stop()
         if self.events is not None and self.events in ready:
             self._on_socket_event()
         if self.sock is not None and self.sock in ready:
             self._on_broker()
         for slot in list(self.slots):
-            if slot.conn.fileno() in ready:
+            if slot.sock.fileno() in ready:
                 self._on_slot(slot)
         now = time.monotonic()
         for slot in self.slots:
@@ -393,12 +508,8 @@ class Monitor:
                     and slot.kill_reason is None:
                 slot.kill_reason = "timeout"
                 slot.kill()
-        if not self.stopping:
-            self._start_jobs()
-        if self.outgoing:
-            ids, self.outgoing = self.outgoing, []
-            if self.registered:
-                self._send_results(ids)
+        self._start_jobs()
+        self._flush_results()
         self._keepalive(now)
 
     def _keepalive(self, now: float) -> None:
@@ -413,20 +524,33 @@ class Monitor:
             log.warning("parent process is gone: stopping")
             self.begin_stop()
 
+    def request_stop(self) -> None:
+        """Ask the loop to :meth:`begin_stop` (safe from a signal handler: it sends
+        nothing itself, so it cannot cut into a message being sent)."""
+        self.stop_requested = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
     def begin_stop(self) -> None:
         """Stop taking jobs; running ones get ``grace`` seconds, the rest go back."""
         if self.stopping:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.options.grace
-        self._send(make(M.STOPPING))
+        self._announce_stop()
         if self.pending:
-            self._release([spec["id"] for spec, _ in self.pending], "released by a stopping monitor")
+            self._release(list(self.pending), "released by a stopping monitor")
             self.pending.clear()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+
+    def _announce_stop(self) -> None:
+        """Send STOPPING, then an empty RESULT: its acknowledgement comes after every
+        RUN the broker sent before it knew, so the monitor waits for it, and gives
+        those jobs back, before it exits."""
+        self.stop_confirmed = False
+        self._send(make(M.STOPPING))
+        self._send(make(M.RESULT, results=[]))
 
     def _busy(self) -> bool:
         return any(s.job is not None for s in self.slots)
@@ -456,18 +580,23 @@ class Monitor:
                     s.kill()
             self._release(left, "released by a stopping monitor")
         end = time.monotonic() + min(2.0, self.options.grace)
-        while self.unacked and time.monotonic() < end:
+        while (self.unacked or (self._connected() and not self.stop_confirmed)) \
+                and time.monotonic() < end:
             if self.outgoing:
-                ids, self.outgoing = self.outgoing, []
+                ids, self.outgoing = list(self.outgoing), {}
                 self._send_results(ids)
             self.step(0.1)
+
+    def _connected(self) -> bool:
+        """Registered, or registering: the broker may send jobs on this connection."""
+        return self.registered or self.registering
 
     def _install_signals(self) -> Any:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
         def on_stop(signum: int, frame: Any) -> None:
-            self.begin_stop()
+            self.request_stop()
 
         old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         return lambda: [signal.signal(s, h) for s, h in old.items()]
@@ -475,10 +604,7 @@ class Monitor:
     def close(self) -> None:
         for slot in self.slots:
             slot.kill()
-            try:
-                slot.conn.close()
-            except OSError:
-                pass
+            slot.sock.close()
         for slot in self.slots:
             slot.proc.wait()
             slot.capture.unlink(missing_ok=True)

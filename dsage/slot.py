@@ -1,13 +1,16 @@
 """The child side of a worker slot: a long-lived process that runs one job at a time.
 
-The monitor starts ``python -m dsage.slot FD CAPTURE TMPDIR NICE`` with one end
-of a socket pair as FD. The slot's stdout and stderr (file descriptors 1 and 2,
+The monitor runs :func:`main` with the arguments ``FD CAPTURE TMPDIR NICE`` (as
+``python -m dsage.slot`` would), with one end of a socket pair as FD. The slot's stdout and stderr (file descriptors 1 and 2,
 so child processes are captured too) go to the CAPTURE file, which is emptied
 before each job; the monitor can read it even after killing the slot. Each job
 runs in its own folder ``TMPDIR/<job id>``, which the monitor removes.
 
-Messages on the pair are pickles between our own two processes:
-``(run_spec, payload)`` in, a result dict out.
+Messages on the pair are frames of our own (:func:`send_frame`,
+:func:`recv_frame`): a JSON header and two raw blobs. In: the run spec, with
+the payload as the first blob. Out: ``{"ready": true, "rss": N}`` once, then
+per job its outcome fields, with the encoded result and the captured output
+as the blobs. The blobs are never pickled or copied on the way.
 """
 
 from __future__ import annotations
@@ -15,22 +18,109 @@ from __future__ import annotations
 import ast
 import builtins
 import ctypes
+import json
 import os
 import resource
 import shutil
 import signal
+import socket
+import struct
 import sys
 import time
 import traceback
-from multiprocessing.connection import Connection
 from typing import Any
 
 from .codec import encode_result
-from .protocol import Encoding, Kind, ResultFrom, Status
+from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
 #: the most captured output returned per job (the end is kept)
 MAX_OUTPUT = 64 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
+
+#: a frame's fixed-size start: the lengths of its JSON header and of its two blobs
+_PREFIX = struct.Struct("<IQQ")
+#: the largest blob a frame may announce (a corrupt length is refused, not allocated)
+MAX_FRAME_BLOB = 1 << 36
+#: a frame whose blobs are at most this size is read in one piece and sliced
+_SMALL = 64 * 1024
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class FrameError(EOFError):
+    """The slot pipe ended inside a frame, or carried one that is malformed."""
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], first: bytes = b"",
+               second: bytes = b"") -> None:
+    """Send one frame: the prefix, ``header`` as JSON, then both blobs as they are,
+    in one ``sendmsg`` (more only when a signal cuts it short)."""
+    head = _to_json(header).encode()
+    parts = [_PREFIX.pack(len(head), len(first), len(second)), head, first, second]
+    sent = sock.sendmsg(parts)
+    if sent < _PREFIX.size + len(head) + len(first) + len(second):
+        _send_rest(sock, [memoryview(b) for b in parts if b], sent)
+
+
+def _send_rest(sock: socket.socket, parts: list[memoryview], sent: int) -> None:
+    """Send what a signal left unsent of ``parts``, ``sent`` bytes in."""
+    while parts:
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts:
+            parts[0] = parts[0][sent:]
+            sent = sock.sendmsg(parts)
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes, bytes]:
+    """Receive one frame: its header and both blobs. Raises :class:`FrameError` if
+    the pipe ends inside the frame or the frame is malformed, ``EOFError`` if it ends
+    before one (the other side is gone), ``OSError`` if it breaks.
+
+    A small frame takes two reads (its prefix, then the rest, sliced); larger blobs
+    are each read whole into their own bytes object, never copied."""
+    prefix = sock.recv(_PREFIX.size, socket.MSG_WAITALL)
+    if not prefix:
+        raise EOFError("the slot pipe was closed")
+    if len(prefix) < _PREFIX.size:
+        prefix += _recv_exactly(sock, _PREFIX.size - len(prefix))
+    head_len, first_len, second_len = _PREFIX.unpack(prefix)
+    if head_len > MAX_HEADER or max(first_len, second_len) > MAX_FRAME_BLOB:
+        raise FrameError(f"a frame announces {head_len}, {first_len} and {second_len} bytes")
+    if first_len + second_len <= _SMALL:
+        body = _recv_exactly(sock, head_len + first_len + second_len)
+        head, rest = body[:head_len], body[head_len:]
+        first, second = rest[:first_len], rest[first_len:]
+    else:
+        head, first, second = (_recv_exactly(sock, n) for n in (head_len, first_len, second_len))
+    try:
+        header = json.loads(head)
+    except ValueError as e:
+        raise FrameError(f"a frame's header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FrameError("a frame's header is not a JSON object")
+    return header, first, second
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from the pipe, as one bytes object received in place (no copy
+    unless a signal interrupts the read)."""
+    if n == 0:
+        return b""
+    try:
+        data = sock.recv(n, socket.MSG_WAITALL)
+    except MemoryError:
+        raise FrameError(f"no memory for a {n}-byte blob") from None
+    if len(data) == n:
+        return data
+    parts, got = [data], len(data)
+    while got < n:
+        more = sock.recv(n - got, socket.MSG_WAITALL)
+        if not more:
+            raise FrameError(f"the slot pipe ended inside a frame ({got} of {n} bytes)")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _die_with_parent() -> None:
@@ -112,8 +202,10 @@ def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
     return (b"[... output cut ...]\n" + data) if start else data
 
 
-def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str) -> dict[str, Any]:
-    """Run one job in its own folder; return the result dict for the monitor."""
+def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
+            ) -> tuple[dict[str, Any], bytes, bytes]:
+    """Run one job in its own folder; return its outcome fields for the monitor, the
+    encoded result and the captured output."""
     job_dir = os.path.join(tmpdir, spec["id"])
     try:
         os.mkdir(job_dir, 0o700)
@@ -153,10 +245,9 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str)
             status = Status.FAILED
             error = f"the result ({type(value).__name__}) cannot be serialised: {e}"[:2000]
             sys.stderr.write(error + "\n")
-    return {"id": spec["id"], "status": status.value, "error": error,
-            "encoding": encoding.value, "result_from": result_from.value, "sealed": False,
-            "started": started, "finished": time.time(), "result": blob,
-            "output": capture.read(), "rss": _rss()}
+    return ({"id": spec["id"], "status": status.value, "error": error,
+             "encoding": encoding.value, "result_from": result_from.value, "started": started,
+             "finished": time.time(), "rss": _rss()}, blob, capture.read())
 
 
 def main(argv: list[str]) -> int:
@@ -168,17 +259,18 @@ def main(argv: list[str]) -> int:
             os.nice(nice)
         except OSError:
             pass
-    conn = Connection(fd)
+    os.set_inheritable(fd, False)  # the job's own child processes do not get the pipe
+    sock = socket.socket(fileno=fd)
     capture = Capture(capture_path)
     os.makedirs(tmpdir, exist_ok=True)
     os.chdir(tmpdir)
-    conn.send({"ready": True, "rss": _rss()})
+    send_frame(sock, {"ready": True, "rss": _rss()})
     while True:
         try:
-            spec, payload = conn.recv()
+            spec, payload, _ = recv_frame(sock)
         except (EOFError, OSError):
             return 0
-        conn.send(run_job(spec, payload, capture, tmpdir))
+        send_frame(sock, *run_job(spec, payload, capture, tmpdir))
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
 
 
