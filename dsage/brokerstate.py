@@ -424,7 +424,9 @@ class BrokerState:
             self._forget(job)
             if done:
                 self._announce(*done)
-        for part in batches([0] * len(acked)):
+        # always answered, also when empty: a stopping monitor waits for that answer,
+        # which comes after any RUN sent before its STOPPING was read
+        for part in batches([0] * len(acked)) or [range(0)]:
             self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=acked[part.start:part.stop]))
 
     def _requeue(self, job: Job, count_failure: bool, reason: str, lost_from: str | None) -> None:

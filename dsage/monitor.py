@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from .seal import Sealer
 from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
-    BATCH_BYTES, DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, M,
+    BATCH_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, M,
     Message, ProtocolError, Status, batches, clip, decode, encode, make,
 )
 
@@ -47,7 +47,11 @@ PIPE_BROKEN = "its pipe to the monitor broke"
 REAP_WAIT = 1.0
 #: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
 #: ``__main__``, after the package's imports had loaded it (and warn about it)
-_SLOT_MAIN = "import sys; from dsage.slot import main; sys.exit(main(sys.argv[1:]))"
+#: a slot's program: ``-c`` puts '' (the current folder) first on sys.path; it is made
+#: absolute, as ``-m`` would, so that modules beside the monitor's working folder stay
+#: importable after the slot moves into its job folders (functions pickled by reference)
+_SLOT_MAIN = ("import os, sys; sys.path[0] = sys.path[0] or os.getcwd(); "
+              "from dsage.slot import main; sys.exit(main(sys.argv[1:]))")
 #: the header of a slot's first frame, and of its frame after each job
 _READY_KEYS = frozenset({"ready", "rss"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
