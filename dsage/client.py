@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__
+from . import __version__, codec
 from . import keys as keys_mod
 from .auth import make_client
 from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
@@ -1080,11 +1080,11 @@ class DSage:
 
 
 def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """dill-pickle a call, saying which part cannot be pickled."""
+    """Pickle a call (with dill where needed), saying which part cannot be pickled."""
     import dill
 
     try:
-        return dill.dumps((func, args, kwargs), protocol=dill.HIGHEST_PROTOCOL)
+        return codec.dump_trusted((func, args, kwargs))
     except Exception as e:  # noqa: BLE001 - find the culprit for a clear message
         parts: list[tuple[str, Any]] = [("the function", func)]
         parts += [(f"argument {i}", a) for i, a in enumerate(args)]

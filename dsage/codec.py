@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import pickle
 from typing import Any
 
 import dill
@@ -24,7 +25,19 @@ class UntrustedResult(str):
 
 
 def dump_trusted(value: Any) -> bytes:
-    """Pickle a result with dill (raises if it cannot be pickled)."""
+    """Pickle a value (a call or a result) for a trusted peer, who loads it with dill.
+
+    The standard pickler goes first: it is ~15x faster than dill's and its output
+    is what dill would write for anything importable. dill is used when the
+    standard one fails (lambdas, closures, local classes) or refers to
+    ``__main__``, whose functions and classes only exist in this process and
+    must travel by value. Raises if neither can pickle the value."""
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - dill may manage what pickle cannot
+        data = b"__main__"
+    if b"__main__" not in data:
+        return data
     return dill.dumps(value, protocol=dill.HIGHEST_PROTOCOL)
 
 

@@ -46,10 +46,10 @@ PIPE_BROKEN = "its pipe to the monitor broke"
 #: how long a slot whose pipe ended may take to exit before it is killed
 REAP_WAIT = 1.0
 #: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
-#: ``__main__``, after the package's imports had loaded it (and warn about it)
-#: a slot's program: ``-c`` puts '' (the current folder) first on sys.path; it is made
-#: absolute, as ``-m`` would, so that modules beside the monitor's working folder stay
-#: importable after the slot moves into its job folders (functions pickled by reference)
+#: ``__main__``, after the package's imports had loaded it (and warn about it). ``-c``
+#: puts '' (the current folder) first on sys.path; it is made absolute, as ``-m``
+#: would, so that modules beside the monitor's working folder stay importable after
+#: the slot moves into its job folders (functions pickled by reference)
 _SLOT_MAIN = ("import os, sys; sys.path[0] = sys.path[0] or os.getcwd(); "
               "from dsage.slot import main; sys.exit(main(sys.argv[1:]))")
 #: the header of a slot's first frame, and of its frame after each job

@@ -219,10 +219,7 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        if job.where is Where.QUEUED:
-            self._unqueue(job)
-        else:
-            self._unassign(job)
+        self._detach(job)
         self._assign(job, monitor_id)
         if job.lost_from:
             job.lost_from.discard(monitor_id)
@@ -247,12 +244,16 @@ class Scheduler:
         job = self.jobs.pop(job_id, None)
         if job is None:
             return None
+        self._detach(job)
+        job.where = Where.ASSIGNED  # no longer queued, whatever a lane still holds
+        return job
+
+    def _detach(self, job: Job) -> None:
+        """Out of the queue counts, or away from its monitor."""
         if job.where is Where.QUEUED:
             self._unqueue(job)
         else:
             self._unassign(job)
-        job.where = Where.ASSIGNED  # no longer queued, whatever a lane still holds
-        return job
 
     # --- views
 

@@ -287,3 +287,21 @@ def test_job_error_message_shows_the_end_of_a_long_output(cluster: dsage.DSage) 
     message = str(e.value)
     assert "ValueError: the end" in message and len(message) < 5000
     assert len(e.value.output) > 100_000
+
+
+def test_calls_and_results_pickle_fast_where_they_can_and_by_value_where_they_must() -> None:
+    """Importable functions go by reference with the standard pickler; anything from
+    __main__ (or that it cannot pickle) goes by value with dill."""
+    import dill
+    import pickle
+
+    from dsage.codec import dump_trusted
+
+    fast = dump_trusted((os.path.join, ("a", "b"), {}))
+    assert fast == pickle.dumps((os.path.join, ("a", "b"), {}), protocol=pickle.HIGHEST_PROTOCOL)
+    square = eval("lambda x: x * x")  # noqa: S307 - a lambda: the standard pickler refuses it
+    assert dill.loads(dump_trusted(square))(7) == 49
+    main_fn = type(test_no_broker_is_a_clear_error)(
+        (lambda: 5).__code__, {"__name__": "__main__"}, "made_in_main")
+    main_fn.__module__ = "__main__"
+    assert dump_trusted(main_fn) == dill.dumps(main_fn, protocol=dill.HIGHEST_PROTOCOL)
