@@ -136,7 +136,7 @@ class Broker:
             self.state.tick(now)
         except sqlite3.Error as e:
             self.state.reload(now, str(e))
-        self._send_all(self.state.flush(now))
+        self._send_all(self.state.flush(now, self._send_all))
 
     def run(self) -> None:
         """Serve until stopped; SIGTERM and SIGINT stop, SIGHUP rereads the keys."""

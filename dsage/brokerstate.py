@@ -560,10 +560,24 @@ class BrokerState:
                 self._send("monitor", m.rid, make(M.RUN, payloads[part.start:part.stop],
                                                   jobs=specs))
 
-    def flush(self, now: float) -> list[Out]:
-        """Dispatch, commit, and return everything to send (acks, jobs, events)."""
+    def flush(self, now: float, send_early: Callable[[list[Out]], None] | None = None
+              ) -> list[Out]:
+        """Dispatch, commit, and return everything to send (acks, events).
+
+        With ``send_early``, jobs dispatched now are handed to it before the commit,
+        so a job's way to its monitor does not wait for the disk. That keeps the
+        delivery guarantee: a RUN promises nothing to the client. If the broker dies
+        before the commit, the job is either unacknowledged (its client sends it
+        again) or still queued in the store (the monitor that got it lists it when
+        it registers again, and keeps it). Acknowledgements and final states still
+        leave only after the commit."""
         try:
             self.dispatch()
+            if send_early is not None:
+                runs = [o for o in self.outbox if o.msg.type is M.RUN]
+                if runs:
+                    self.outbox = [o for o in self.outbox if o.msg.type is not M.RUN]
+                    send_early(runs)
             self.store.commit()
         except sqlite3.Error as e:
             self.reload(now, str(e))

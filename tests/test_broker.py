@@ -484,3 +484,20 @@ def test_a_large_result_reaches_its_client_by_reference(cluster: Any) -> None:
     assert small.result == "x" * 10
     again = cluster.job(jobs[0].job_id)
     assert again.wait(60).result[:1] == b"\x00"
+
+
+def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "dsage.db")
+    order: list[str] = []
+    store.db.set_trace_callback(lambda sql: order.append("commit") if sql == "COMMIT" else None)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
+                    version="0")
+    state.on_monitor(0.0, b"m", "k" * 40, False, register)
+    state.flush(0.0)
+    order.clear()
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("e" * 32)]))
+    late = state.flush(0.0, lambda outs: order.extend(o.msg.type.value for o in outs))
+    assert order == ["run", "commit"]
+    assert sorted(o.msg.type.value for o in late) == ["ack", "event"]
+    store.close()
