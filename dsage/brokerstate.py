@@ -102,6 +102,8 @@ class BrokerState:
         self.last_tick = now
         self.last_prune = 0.0
         self.rotation = 0
+        self._values: dict[Any, Any] = {}
+        self._tag_sets: dict[tuple[str, ...], frozenset[str]] = {}
         self._load(now)
 
     def _load(self, now: float) -> None:
@@ -114,8 +116,9 @@ class BrokerState:
         for o in self.store.open_jobs(self.config.payload_memory):
             processing = o.status is Status.PROCESSING and o.worker_id is not None
             self.sched.add(Job(
-                o.id, o.owner, o.name, o.kind, o.priority, o.timeout, o.memory, o.anonymous_ok,
-                frozenset(o.requires), o.created, o.failures, o.seq, o.payload,
+                o.id, o.owner, o.name, self._shared(o.kind), o.priority, self._shared(o.timeout),
+                o.memory, o.anonymous_ok, self._tags(o.requires), o.created, o.failures, o.seq,
+                o.payload,
                 monitor=o.worker_id if processing else None, started=o.started))
             self.payload_bytes += len(o.payload or b"")
         self.orphan_deadline: float | None = (
@@ -136,6 +139,23 @@ class BrokerState:
                                              "state: register again"))
 
     # --- helpers
+
+    def _shared(self, value: Any) -> Any:
+        """One object for equal small values (a job's kind, its timeout), so a million
+        queued jobs do not hold a million copies."""
+        if value is None:
+            return None
+        return self._values.setdefault(value, value) if len(self._values) < 10_000 else value
+
+    def _tags(self, requires: list[str]) -> frozenset[str]:
+        """One frozenset per set of required tags (an empty frozenset is 216 bytes)."""
+        key = tuple(requires)
+        tags = self._tag_sets.get(key)
+        if tags is None:
+            tags = frozenset(requires)
+            if len(self._tag_sets) < 10_000:
+                self._tag_sets[key] = tags
+        return tags
 
     def _send(self, dest: Dest, to: bytes, msg: Message) -> None:
         self.outbox.append(Out(dest, to, msg))
@@ -244,9 +264,9 @@ class BrokerState:
                 continue
             keep = self.payload_bytes + len(payload) <= self.config.payload_memory
             self.payload_bytes += len(payload) if keep else 0
-            job = Job(jid, key, spec["name"], spec["kind"], spec["priority"], spec["timeout"],
-                      spec["memory"], spec["anonymous_ok"], frozenset(spec["requires"]), wall,
-                      0, seq, payload if keep else None)
+            job = Job(jid, key, spec["name"], self._shared(spec["kind"]), spec["priority"],
+                      self._shared(spec["timeout"]), spec["memory"], spec["anonymous_ok"],
+                      self._tags(spec["requires"]), wall, 0, seq, payload if keep else None)
             self.sched.add(job)
             ids.append(jid)
             queued.append(_open_record(job, waiting_reason(job, takers)))
