@@ -354,6 +354,8 @@ class BrokerState:
             return
         if msg.type is M.RESULT:
             self._results(entry, msg)
+        elif msg.type is M.PUT:
+            self._put(entry, msg.header, msg.blobs[0])
         elif msg.type is M.STOPPING:
             entry.stopping = True
         elif msg.type is M.RELEASE:
@@ -432,7 +434,7 @@ class BrokerState:
                 continue
             outcome = Outcome(Status(r["status"]), r["error"], r["encoding"], r["result_from"],
                               r["sealed"], r["started"], r["finished"],
-                              msg.blobs[2 * i], msg.blobs[2 * i + 1])
+                              msg.blobs[2 * i], msg.blobs[2 * i + 1], r["staged"])
             try:
                 done = self.store.finish(jid, outcome, entry.ref())
             except sqlite3.Error as e:
@@ -448,6 +450,23 @@ class BrokerState:
         # which comes after any RUN sent before its STOPPING was read
         for part in batches([0] * len(acked)) or [range(0)]:
             self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=acked[part.start:part.stop]))
+
+    def _put(self, entry: MonitorEntry, h: dict[str, Any], data: bytes) -> None:
+        """A chunk of a large result; answered after the commit that keeps it."""
+        jid = h["id"]
+        job = self.sched.jobs.get(jid)
+        if job is None or not (job.monitor == entry.monitor_id
+                               or entry.monitor_id in (job.lost_from or ())):
+            self._send("monitor", entry.rid, make(M.PUT_ACK, id=jid, part=h["part"],
+                                                  next=h["total"], gone=True))
+            return
+        try:
+            nxt = self.store.stage(jid, entry.monitor_id, h["part"], h["offset"], data)
+        except sqlite3.Error as e:
+            log.error("could not store a chunk of job %s's result: %s", jid, e)
+            nxt = h["offset"]  # not kept: the monitor sends it again
+        self._send("monitor", entry.rid, make(M.PUT_ACK, id=jid, part=h["part"], next=nxt,
+                                              gone=False))
 
     def _requeue(self, job: Job, count_failure: bool, reason: str, lost_from: str | None) -> None:
         """An assigned job goes back to the queue, or fails past the failure limit."""

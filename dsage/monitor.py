@@ -35,8 +35,8 @@ from .seal import Sealer
 from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
-    BATCH_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, M,
-    Message, ProtocolError, Status, batches, clip, decode, encode, make,
+    BATCH_BYTES, CHUNK_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, UPLOAD_BYTES,
+    M, Message, ProtocolError, Status, batches, clip, decode, encode, make,
 )
 
 log = logging.getLogger("dsage.monitor")
@@ -123,6 +123,9 @@ class Monitor:
         self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
         #: results to send at the end of this loop turn (an ordered set)
         self.outgoing: dict[str, None] = {}
+        #: large results being uploaded: job id -> (part, offset of the chunk in flight)
+        self.uploads: dict[str, tuple[str, int]] = {}
+        self.stalled_uploads: dict[str, float] = {}
         self.slots: list[Slot] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -236,9 +239,12 @@ class Monitor:
         elif msg.type is M.CANCEL:
             for jid in h["ids"]:
                 self._cancel(jid, h["reason"])
+        elif msg.type is M.PUT_ACK:
+            self._on_put_ack(h)
         elif msg.type is M.RESULT_ACK:
             for jid in h["ids"]:
                 self.unacked.pop(jid, None)
+                self.uploads.pop(jid, None)
             if not h["ids"] and self.stopping:
                 self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
@@ -274,8 +280,17 @@ class Monitor:
 
     def _send_results(self, ids: list[str]) -> None:
         """Send the held results of ``ids`` (those still unacknowledged), split into
-        messages within the protocol's item and byte limits."""
-        held = [self.unacked[jid] for jid in ids if jid in self.unacked]
+        messages within the protocol's item and byte limits; large ones are uploaded
+        in chunks first (their RESULT follows the last chunk)."""
+        held = []
+        for jid in ids:
+            if jid not in self.unacked:
+                continue
+            _, result, output = self.unacked[jid]
+            if len(result) + len(output) > UPLOAD_BYTES:
+                self._upload(jid, "result", 0)  # (again) from the start
+            else:
+                held.append(self.unacked[jid])
         for part in batches([len(result) + len(output) for _, result, output in held],
                             MAX_BATCH, BATCH_BYTES):
             blobs: list[bytes] = []
@@ -283,6 +298,40 @@ class Monitor:
                 blobs += [result, output]
             self._send(make(M.RESULT, blobs,
                             results=[item for item, _, _ in held[part.start:part.stop]]))
+
+    def _upload(self, jid: str, part: str, offset: int) -> None:
+        """Send one chunk of a large result (one in flight per job); after the last
+        chunk of the output, the RESULT itself, marked ``staged``."""
+        item, result, output = self.unacked[jid]
+        data = result if part == "result" else output
+        if offset >= len(data) and part == "result":
+            part, offset, data = "output", 0, output
+        if offset >= len(data):
+            self.uploads.pop(jid, None)
+            self._send(make(M.RESULT, [b"", b""], results=[{**item, "staged": True}]))
+            return
+        self.uploads[jid] = (part, offset)
+        self._send(make(M.PUT, [data[offset:offset + CHUNK_BYTES]], id=jid, part=part,
+                        offset=offset, total=len(data)))
+
+    def _on_put_ack(self, h: dict[str, Any]) -> None:
+        jid = h["id"]
+        if self.uploads.get(jid, ("", -1))[0] != h["part"] or jid not in self.unacked:
+            return  # an answer to an upload restarted since, or finished
+        if h["gone"]:  # not this monitor's job any more: the RESULT says so
+            self._upload(jid, "output", len(self.unacked[jid][2]))
+        elif h["next"] == self.uploads[jid][1]:
+            self.stalled_uploads[jid] = time.monotonic() + self.options.heartbeat
+        else:
+            self._upload(jid, h["part"], h["next"])
+
+    def _retry_uploads(self, now: float) -> None:
+        """Chunks the broker could not keep (a full disk) are sent again a heartbeat later."""
+        for jid, when in list(self.stalled_uploads.items()):
+            if now >= when:
+                del self.stalled_uploads[jid]
+                if jid in self.uploads and jid in self.unacked:
+                    self._upload(jid, *self.uploads[jid])
 
     def _flush_results(self) -> None:
         """Send this loop turn's results (when not registered, they go after REGISTERED)."""
@@ -450,7 +499,7 @@ class Monitor:
                 "error": None if error is None else clip(error, MAX_LONG_TEXT),
                 "encoding": reply["encoding"], "result_from": reply["result_from"],
                 "sealed": True, "started": reply["started"],
-                "finished": reply["finished"]}
+                "finished": reply["finished"], "staged": False}
         result, output = self._fit(item, result, output)
         result = self.sealer.seal(job["owner"], result)
         output = self.sealer.seal(job["owner"], output)
@@ -514,6 +563,8 @@ class Monitor:
                 slot.kill()
         self._start_jobs()
         self._flush_results()
+        if self.stalled_uploads:
+            self._retry_uploads(now)
         self._keepalive(now)
 
     def _keepalive(self, now: float) -> None:

@@ -39,8 +39,12 @@ BATCH_BYTES = 8 * 1024 * 1024
 #: A final job whose result and output together exceed this travels by reference:
 #: its record carries ``by_ref`` and its owner fetches the blobs in chunks.
 BY_REF_BYTES = 256 * 1024
-#: Most bytes of one CHUNK.
+#: Most bytes of one CHUNK or PUT.
 CHUNK_BYTES = 1024 * 1024
+#: A result whose sealed result and output exceed this is uploaded by its monitor
+#: in PUT chunks before its RESULT (``staged``), so no message holds the broker
+#: for long.
+UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
 #: Longest name, tag, host or other short text; longest error or message text.
@@ -113,11 +117,13 @@ class M(enum.StrEnum):
     RESULT = "result"
     STOPPING = "stopping"
     RELEASE = "release"
+    PUT = "put"
     # broker -> monitor
     REGISTERED = "registered"
     RUN = "run"
     CANCEL = "cancel"
     RESULT_ACK = "result_ack"
+    PUT_ACK = "put_ack"
     # broker -> subscribers
     EVENT = "event"
 
@@ -322,6 +328,8 @@ RESULT_SPEC = {
     "sealed": _bool,
     "started": _optional(_float),
     "finished": _float,
+    #: the result and output were uploaded with PUT (the blob frames are empty)
+    "staged": _bool,
 }
 WORKER_INFO = {
     "id": _short_str,
@@ -412,14 +420,21 @@ SCHEMAS: dict[M, Schema] = {
     M.RUN: Schema({}, "jobs", RUN_SPEC, 1),
     M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),
     M.RESULT_ACK: Schema({"ids": _ids}),
+    M.PUT: Schema({"id": _job_id, "part": _part, "offset": _nonneg_int, "total": _nonneg_int},
+                  blobs=1),
+    # ``next``: the offset to send next; ``gone``: the job is not the monitor's (any
+    # more), so the rest need not be sent
+    M.PUT_ACK: Schema({"id": _job_id, "part": _part, "next": _nonneg_int, "gone": _bool}),
     M.EVENT: Schema({"seq": _nonneg_int, "epoch": _short_str}, "jobs", RECORD, 2),
 }
 
 CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKERS, M.PING,
                              M.FETCH})
 CLIENT_REPLIES = frozenset({M.WELCOME, M.ACK, M.JOBS, M.WORKER_LIST, M.PONG, M.CHUNK, M.ERROR})
-MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.RELEASE})
-MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK, M.ERROR})
+MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.RELEASE,
+                              M.PUT})
+MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK,
+                             M.PUT_ACK, M.ERROR})
 _BY_WIRE = {m.value.encode(): m for m in M}
 
 

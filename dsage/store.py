@@ -48,7 +48,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     sealed INTEGER NOT NULL DEFAULT 0,
     payload BLOB,
     result BLOB,
-    output BLOB
+    output BLOB,
+    staged INTEGER NOT NULL DEFAULT 0
+);
+-- large results and outputs, uploaded by a monitor in chunks; a staged job's
+-- blobs are the chunks of the monitor that delivered it (its worker_id)
+CREATE TABLE IF NOT EXISTS chunks (
+    job_id TEXT NOT NULL,
+    uploader TEXT NOT NULL,
+    part TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job_id, uploader, part, offset)
 );
 CREATE INDEX IF NOT EXISTS queue ON jobs(priority, seq) WHERE status = 'new';
 CREATE INDEX IF NOT EXISTS queue_anon ON jobs(priority, seq)
@@ -57,7 +68,8 @@ CREATE INDEX IF NOT EXISTS by_owner ON jobs(owner, status);
 CREATE INDEX IF NOT EXISTS by_status ON jobs(status);
 """
 
-_BIG = f"(COALESCE(length(result), 0) + COALESCE(length(output), 0) > {BY_REF_BYTES})"
+_BIG = (f"(staged OR COALESCE(length(result), 0) + COALESCE(length(output), 0)"
+        f" > {BY_REF_BYTES})")
 #: a record's columns; large results and outputs stay in the store (``by_ref``)
 _RECORD_COLUMNS = (
     "id, name, kind, status, priority, created, started, finished, failures, error, "
@@ -114,6 +126,8 @@ class Outcome:
     finished: float
     result: bytes
     output: bytes
+    #: the result and output are the chunks the delivering monitor uploaded
+    staged: bool = False
 
 
 Record = tuple[dict[str, Any], list[bytes]]
@@ -157,6 +171,9 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+            if "staged" not in columns:  # a store made before uploads existed
+                self.db.execute("ALTER TABLE jobs ADD COLUMN staged INTEGER NOT NULL DEFAULT 0")
             self.db.execute("BEGIN")
         except BaseException:
             os.close(self._lock_fd)
@@ -195,19 +212,35 @@ class Store:
                   length: int) -> tuple[bytes, int] | None:
         """Up to ``length`` bytes of a final job's result or output from ``offset``,
         and the blob's total size; None unless the job is ``owner``'s and final.
-        Reads only those bytes (incremental blob I/O), not the whole blob."""
+        Reads only those bytes (incremental blob I/O, or one uploaded chunk)."""
         column = {"result": "result", "output": "output"}[part]
         row = self.db.execute(
-            f"SELECT seq, length({column}) FROM jobs WHERE id=? AND owner=?"
+            f"SELECT seq, length({column}), staged, worker_id FROM jobs WHERE id=? AND owner=?"
             " AND status IN ('completed', 'failed', 'killed')", (job_id, owner)).fetchone()
         if row is None:
             return None
+        if row[2]:
+            return self._read_chunks(job_id, row[3], part, offset, length)
         total = row[1] or 0
         if offset >= total:
             return b"", total
         with self.db.blobopen("jobs", column, row[0], readonly=True) as blob:
             blob.seek(offset)
             return blob.read(min(length, total - offset)), total
+
+    def _read_chunks(self, job_id: str, uploader: str, part: str, offset: int,
+                     length: int) -> tuple[bytes, int]:
+        key = (job_id, uploader, part)
+        total = self.db.execute(
+            "SELECT COALESCE(SUM(length(data)), 0) FROM chunks WHERE job_id=? AND uploader=?"
+            " AND part=?", key).fetchone()[0]
+        row = self.db.execute(
+            "SELECT offset, data FROM chunks WHERE job_id=? AND uploader=? AND part=?"
+            " AND offset <= ? ORDER BY offset DESC LIMIT 1", (*key, offset)).fetchone()
+        if row is None or offset >= total:
+            return b"", total
+        start = offset - row[0]
+        return bytes(row[1][start:start + length]), total
 
     def owner_of(self, ids: Sequence[str]) -> dict[str, str]:
         """Owners of those ``ids`` that exist."""
@@ -276,13 +309,14 @@ class Store:
         row = self.db.execute(
             "UPDATE jobs SET status=?, error=?, encoding=?, result_from=?, sealed=?,"
             " started=COALESCE(?, started), finished=?, result=?, output=?, payload=NULL,"
+            " staged=?,"
             " worker_id=COALESCE(?, worker_id), worker_host=COALESCE(?, worker_host),"
             " worker_key=COALESCE(?, worker_key),"
             " worker_anonymous=COALESCE(?, worker_anonymous)"
             f" WHERE id=? AND status IN ('new', 'processing') RETURNING {_RECORD_COLUMNS}",
             (outcome.status.value, outcome.error, outcome.encoding, outcome.result_from,
              int(outcome.sealed), outcome.started, outcome.finished, outcome.result,
-             outcome.output, *w, job_id),
+             outcome.output, int(outcome.staged), *w, job_id),
         ).fetchone()
         return None if row is None else _record(row)
 
@@ -334,12 +368,33 @@ class Store:
         return [_record(r)[1] for r in self.db.execute(q, args)]
 
     def prune(self, finished_before: float) -> int:
-        """Delete final jobs that finished before the given time."""
+        """Delete final jobs that finished before the given time, and chunks no job
+        uses (of pruned jobs, of uploads that lost to another run, or abandoned)."""
         finals = ",".join(f"'{s.value}'" for s in FINAL)
         cur = self.db.execute(
             f"DELETE FROM jobs WHERE status IN ({finals}) AND finished < ?", (finished_before,)
         )
+        self.db.execute(
+            "DELETE FROM chunks WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = job_id"
+            " AND (status IN ('new', 'processing') OR (staged AND worker_id = uploader)))")
         return cur.rowcount
+
+    def stage(self, job_id: str, uploader: str, part: str, offset: int, data: bytes) -> int:
+        """Keep one uploaded chunk; an upload from offset 0 starts over. Returns the
+        offset the uploader should send next."""
+        if offset == 0:
+            self.db.execute("DELETE FROM chunks WHERE job_id=? AND uploader=? AND part=?",
+                            (job_id, uploader, part))
+        else:
+            have = self.db.execute(
+                "SELECT COALESCE(SUM(length(data)), 0) FROM chunks WHERE job_id=? AND"
+                " uploader=? AND part=?", (job_id, uploader, part)).fetchone()[0]
+            if have != offset:
+                return have  # a gap (the broker restarted mid-upload): resend from there
+        if data:
+            self.db.execute("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                            (job_id, uploader, part, offset, data))
+        return offset + len(data)
 
 
 def lock_path(store: Path) -> Path:

@@ -100,7 +100,7 @@ def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path
         wait_for(lambda: j.status == "processing" or j.done(), 30, "the job dispatched")
         item = {"id": j.job_id, "status": "failed", "error": "KeyError: '\udcff'",
                 "encoding": "none", "result_from": "none", "sealed": False, "started": None,
-                "finished": 1.0}
+                "finished": 1.0, "staged": False}
         mon.send_multipart(_raw("result", {"results": [item]}, b"", b""))
         assert _replies(mon, M.ERROR).header["code"] == "header"
         assert broker.alive()
@@ -262,7 +262,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         jid = data.draw(st.sampled_from(known))  # its own, another's, or a final one
         item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
-                "result_from": "expression", "sealed": False, "started": None, "finished": 1.0}
+                "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
         self._monitor(mid, make(M.RESULT, [b"1", b""], results=[item]))
 
     @rule(mid=st.sampled_from(["m1", "m2"]), count_failure=st.booleans())
@@ -427,7 +427,7 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * n, req=1, jobs=specs))
     sent = state.flush(0.0)
     items = [{"id": s["id"], "status": "completed", "error": None, "encoding": "data",
-              "result_from": "expression", "sealed": False, "started": None, "finished": 1.0}
+              "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
              for s in specs]
     state.on_monitor(0.0, b"m", "k" * 40, False,
                      decode(encode(make(M.RESULT, [b"1", b""] * n, results=items)), ALL))
@@ -451,7 +451,7 @@ def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path
     state.flush(0.0)
     big = os.urandom(3 * 1024 * 1024 + 5)
     item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
-            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0}
+            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
     state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [big, b"out"], results=[item]))
     [event] = [o.msg for o in state.flush(0.0) if o.dest == "event"]
     [rec] = event.header["jobs"]
@@ -500,4 +500,49 @@ def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: P
     late = state.flush(0.0, lambda outs: order.extend(o.msg.type.value for o in outs))
     assert order == ["run", "commit"]
     assert sorted(o.msg.type.value for o in late) == ["ack", "event"]
+    store.close()
+
+
+def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) -> None:
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    for rid, mid in ((b"m", "m"), (b"n", "n")):
+        state.on_monitor(0.0, rid, "k" * 40, False, make(
+            M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
+            version="0"))
+    jid = "d" * 32
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)]))
+    state.flush(0.0)
+    runner = state.sched.jobs[jid].monitor
+    rid, other = (b"m", b"n") if runner == "m" else (b"n", b"m")
+    big = os.urandom(2_500_000)
+
+    def put(who: bytes, offset: int, data: bytes, part: str = "result") -> dict[str, Any]:
+        state.on_monitor(0.0, who, "k" * 40, False, make(
+            M.PUT, [data], id=jid, part=part, offset=offset, total=len(big)))
+        [ack] = [o.msg for o in state.flush(0.0) if o.msg.type is M.PUT_ACK]
+        return ack.header
+
+    assert put(other, 0, big[:1000])["gone"]  # not the monitor that runs it
+    assert put(rid, 0, big[:1_000_000])["next"] == 1_000_000
+    assert put(rid, 2_000_000, big[2_000_000:])["next"] == 1_000_000  # a gap: resend
+    assert put(rid, 1_000_000, big[1_000_000:2_000_000])["next"] == 2_000_000
+    assert put(rid, 2_000_000, big[2_000_000:])["next"] == len(big)
+    item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
+            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
+            "staged": True}
+    state.on_monitor(0.0, rid, "k" * 40, False, make(M.RESULT, [b"", b""], results=[item]))
+    [event] = [o.msg for o in state.flush(0.0) if o.dest == "event"]
+    assert event.header["jobs"][0]["by_ref"]
+    got = b""
+    while len(got) < len(big):
+        state.on_client(0.0, b"c", OWNER, make(M.FETCH, req=2, id=jid, part="result",
+                                                offset=len(got)))
+        [chunk] = [o.msg for o in state.flush(0.0) if o.msg.type is M.CHUNK]
+        assert chunk.header["total"] == len(big)
+        got += chunk.blobs[0]
+    assert got == big
+    state.on_client(0.0, b"c", OWNER, make(M.FETCH, req=3, id=jid, part="output", offset=0))
+    [chunk] = [o.msg for o in state.flush(0.0) if o.msg.type is M.CHUNK]
+    assert chunk.header["total"] == 0 and chunk.blobs == [b""]
     store.close()

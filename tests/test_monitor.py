@@ -369,3 +369,39 @@ def test_releases_are_split_within_the_id_limit(procs: Procs, fake: FakeBroker,
             fake.send(make(M.RESULT_ACK, ids=[]))
     assert sorted(released) == sorted(first + rest)
     assert monitor.proc.wait(20) == 0
+
+
+def test_a_large_result_is_uploaded_in_chunks_before_its_result(
+        procs: Procs, fake: FakeBroker) -> None:
+    """No message holds the broker for long: a 20 MB result goes up as 1 MiB PUT
+    chunks, one in flight, then a RESULT marked staged with empty blobs; a chunk the
+    broker could not keep is sent again, and an upload of a job that is gone stops."""
+    procs.worker(1, **PATIENT)
+    fake.register()
+    [jid] = fake.run(["DSAGE_RESULT = b'r' * 20_000_000\nprint('out')"])
+    got = bytearray()
+    refused_once = False
+    while True:
+        msg = fake.recv()
+        if msg.type is M.RESULT:
+            break
+        assert msg.type is M.PUT and len(msg.blobs[0]) <= 1024 * 1024
+        h = msg.header
+        if h["part"] == "result":
+            assert h["offset"] == len(got)
+            if h["offset"] > 0 and not refused_once:  # "could not keep it": no progress
+                refused_once = True
+                fake.send(make(M.PUT_ACK, id=jid, part="result", next=h["offset"], gone=False))
+                continue
+            got += msg.blobs[0]
+        fake.send(make(M.PUT_ACK, id=jid, part=h["part"], next=h["offset"] + len(msg.blobs[0]),
+                       gone=False))
+    [item] = msg.header["results"]
+    assert item["staged"] and msg.blobs == [b"", b""] and item["status"] == "completed"
+    assert refused_once and len(got) > 20_000_000  # the sealed result, all of it
+    fake.send(make(M.RESULT_ACK, ids=[jid]))
+    # a job that is not the monitor's any more: one PUT, then straight to the RESULT
+    [other] = fake.run(["DSAGE_RESULT = b'x' * 20_000_000"])
+    put = fake.expect(M.PUT)
+    fake.send(make(M.PUT_ACK, id=other, part="result", next=put.header["total"], gone=True))
+    assert fake.expect(M.RESULT).header["results"][0]["staged"]

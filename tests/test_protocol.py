@@ -58,6 +58,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "version": short, "epoch": short, "heartbeat": positive, "max_message_size": pos_int,
     "monitor": short, "running": ids, "liveness": pos_int, "cancel": ids, "reason": short,
     "seq": nonneg, "count_failure": st.booleans(), "more": st.booleans(),
+    "staged": st.booleans(), "next": nonneg, "gone": st.booleans(),
     "part": st.sampled_from(["result", "output"]), "offset": nonneg, "total": nonneg,
 }
 
@@ -325,7 +326,7 @@ def test_result_error_text_with_a_surrogate_is_refused_and_clip_fixes_it() -> No
 
     item = {"id": "0" * 32, "status": "failed", "error": "KeyError: '\udcff'",
             "encoding": "none", "result_from": "none", "sealed": False, "started": None,
-            "finished": 1.0}
+            "finished": 1.0, "staged": False}
     frames = [VERSION, b"result", json.dumps({"results": [item]}).encode(), b"", b""]
     with pytest.raises(ProtocolError):
         decode(frames, ALL)

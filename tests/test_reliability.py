@@ -507,7 +507,7 @@ class _World:
     def result(self, rid: bytes, job_id: str, value: bytes) -> list[Message]:
         item = {"id": job_id, "status": "completed", "error": None, "encoding": "data",
                 "result_from": "expression", "sealed": False, "started": None,
-                "finished": 1.0}
+                "finished": 1.0, "staged": False}
         return self.monitor(rid, make(M.RESULT, [value, b""], results=[item]))
 
     def flush(self, rid: bytes | None = None) -> list[Message]:

@@ -490,7 +490,7 @@ class FakeAnonymousMonitor:
         now = time.time()
         self._send(protocol.make(protocol.M.RESULT, [result, output], results=[{
             "id": spec["id"], "status": "completed", "error": None, "encoding": encoding,
-            "result_from": "expression", "sealed": sealed, "started": now, "finished": now}]))
+            "result_from": "expression", "sealed": sealed, "started": now, "finished": now, "staged": False}]))
 
     def close(self) -> None:
         self.sock.close(linger=0)
