@@ -269,7 +269,11 @@ class BrokerState:
                       self._tags(spec["requires"]), wall, 0, seq, payload if keep else None)
             self.sched.add(job)
             ids.append(jid)
-            queued.append(_open_record(job, waiting_reason(job, takers)))
+            reason = waiting_reason(job, takers)
+            if reason is not None:
+                # The ACK tells the client its job is queued; an event is only needed
+                # to say why it cannot run yet.
+                queued.append(_open_record(job, reason))
         if unstored:
             log.error("could not store %d jobs of client %s (%s); they stay unacknowledged",
                       unstored, key[:8], why)
