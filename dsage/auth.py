@@ -15,7 +15,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from .keys import Keypair, authorized_dir, authorized_keys
+from .keys import Keypair, authorized_dir, authorized_roles
 
 log = logging.getLogger("dsage.auth")
 
@@ -35,6 +35,8 @@ class KeyRing:
         self.home = home
         self.own = own
         self.trusted: frozenset[bytes] = frozenset({own})
+        self.clients: frozenset[bytes] = frozenset({own})
+        self.workers: frozenset[bytes] = frozenset({own})
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
         self.maybe_reload()
 
@@ -60,14 +62,33 @@ class KeyRing:
         if stamp == self._stamp:
             return False
         self._stamp = stamp
-        keys = frozenset(authorized_keys(self.home).values()) | {self.own}
+        roles: dict[bytes, set[str]] = {self.own: {"client", "worker"}}
+        for key, role in authorized_roles(self.home).values():
+            roles.setdefault(key, set()).update(("client", "worker") if role == "both"
+                                                else (role,))
+        keys = frozenset(roles)
         if keys != self.trusted:
             log.info("authorized keys: %d trusted", len(keys))
-        self.trusted = keys  # one assignment: the auth thread sees old or new, never half
+        # single assignments: the auth thread sees old or new, never half
+        self.clients = frozenset(k for k, r in roles.items() if "client" in r)
+        self.workers = frozenset(k for k, r in roles.items() if "worker" in r)
+        self.trusted = keys
         return True
 
     def is_trusted(self, key: str | bytes) -> bool:
-        return (key.encode() if isinstance(key, str) else key) in self.trusted
+        return _raw(key) in self.trusted
+
+    def is_client(self, key: str | bytes) -> bool:
+        """Whether the key may submit jobs (and see its own)."""
+        return _raw(key) in self.clients
+
+    def is_worker(self, key: str | bytes) -> bool:
+        """Whether the key may run jobs as a trusted worker."""
+        return _raw(key) in self.workers
+
+
+def _raw(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
 
 
 class ZapPolicy:

@@ -73,7 +73,7 @@ class Broker:
             max_queued_per_client=options.max_queued_per_client,
             retention=options.retention_days * 86400.0, allow_anonymous=options.allow_anonymous,
             prefetch=options.prefetch)
-        self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_trusted)
+        self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_client)
         self.poller = zmq.Poller()
         for s in (self.clients, self.monitors, self.events):
             self.poller.register(s, zmq.POLLIN)
@@ -218,10 +218,25 @@ class Broker:
                 self._send(Out("monitor", rid, error(e.code, str(e))))
                 continue
             anonymous = not self.keyring.is_trusted(key)
+            if not anonymous and not self.keyring.is_worker(key):
+                self._not_a_worker(now, rid, key)
+                continue
             try:
                 self.state.on_monitor(now, rid, key, anonymous, msg)
             except Exception as e:  # noqa: BLE001 - one message must not stop the broker
                 self._failed("monitor", rid, key, msg, e)
+
+    def _not_a_worker(self, now: float, rid: bytes, key: str) -> None:
+        """A key trusted as a client only speaks on the monitor port: refused, with the
+        command that grants the role (a monitor already registered is dropped)."""
+        if rid in self.state.monitors:
+            self.state.lose_monitor(now, rid, "its key no longer has the worker role")
+        log.warning("refused monitor messages from %s: its key is a client's, not a worker's",
+                    key[:8])
+        self._send(Out("monitor", rid, error(
+            "unauthorized", f"this key ({key}) is authorized as a client only, not as a "
+            f"worker: on the broker's machine run `dsage keys add NAME {key} --role worker` "
+            f"(or --role both)")))
 
     def _failed(self, dest: Dest, rid: bytes, key: str, msg: Message, e: Exception) -> None:
         """Handling one message raised: log it with its sender, answer with an error,

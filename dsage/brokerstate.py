@@ -91,10 +91,11 @@ class BrokerState:
     """Everything the broker knows, and the rules for changing it."""
 
     def __init__(self, store: Store, config: BrokerConfig, now: float,
-                 is_trusted: Callable[[str], bool]) -> None:
+                 is_client: Callable[[str], bool]) -> None:
         self.store = store
         self.config = config
-        self.is_trusted = is_trusted
+        #: whether a key has the client role (may submit, query, subscribe)
+        self.is_client = is_client
         self.outbox: list[Out] = []
         self.events: dict[str, list[Record]] = {}
         self.event_seq: dict[str, int] = {}
@@ -181,7 +182,7 @@ class BrokerState:
 
     def on_client(self, now: float, rid: bytes, key: str, msg: Message) -> None:
         h = msg.header
-        if not self.is_trusted(key):
+        if not self.is_client(key):
             self._unauthorized_client(rid, msg)
             return
         if msg.type is M.HELLO:
@@ -226,7 +227,8 @@ class BrokerState:
     def _unauthorized_client(self, rid: bytes, msg: Message) -> None:
         """A connection made with a key that has since been removed: refuse what it asks
         (jobs one by one, so the client can fail them)."""
-        text = "this client's key is no longer authorized on this broker"
+        text = ("this key is not authorized as a client on this broker (removed, or "
+                "added with --role worker)")
         if msg.type is M.SUBMIT:
             self._send("client", rid, make(M.ACK, req=msg.header["req"], ids=[], errors=[
                 {"id": s["id"], "code": "unauthorized", "message": text}
@@ -564,7 +566,7 @@ class BrokerState:
 
     def on_subscribe(self, key: str, topic: bytes) -> bool:
         """Whether a subscriber authenticated as ``key`` may have ``topic``: only its own."""
-        if topic != key.encode():
+        if topic != key.encode() or not self.is_client(key):
             return False
         self.events.setdefault(key, [])  # an empty event tells it the subscription is live
         return True

@@ -95,11 +95,12 @@ def _keys(a: argparse.Namespace) -> int:
     if a.action in (None, "show"):
         print(keys_mod.load_keypair(root).public.decode())
     elif a.action == "list":
-        for name, key in keys_mod.authorized_keys(root).items():
-            print(f"{name}\t{key.decode()}")
+        for name, (key, role) in keys_mod.authorized_roles(root).items():
+            print(f"{name}\t{key.decode()}\t{role}")
     elif a.action == "add":
-        path = keys_mod.add_key(a.name, a.key, root)
-        print(f"trusted {a.name}: {path} (a running broker picks it up within seconds)")
+        path = keys_mod.add_key(a.name, a.key, root, role=a.role)
+        print(f"trusted {a.name} as {'client and worker' if a.role == 'both' else a.role}: "
+              f"{path} (a running broker picks it up within seconds)")
     elif a.action == "remove":
         keys_mod.remove_key(a.name, root)
         print(f"removed {a.name} (a running broker drops it within seconds)")
@@ -108,13 +109,22 @@ def _keys(a: argparse.Namespace) -> int:
 
 def _protect_keys(args: list[str]) -> list[str]:
     """A z85 key may start with '-': after ``keys add``, end option parsing before the
-    positionals so such a key is not taken for an option."""
+    positionals so such a key is not taken for an option (options go before that)."""
     if "keys" in args and "add" in args[args.index("keys"):]:
         i = args.index("add", args.index("keys"))
         rest = args[i + 1:]
         if "--" not in rest and any(keys_mod.looks_like_key(r) and r.startswith("-")
                                     for r in rest):
-            return [*args[:i + 1], "--", *rest]
+            options, positionals = [], []
+            j = 0
+            while j < len(rest):
+                if rest[j] == "--role" and j + 1 < len(rest):
+                    options += rest[j:j + 2]
+                    j += 2
+                    continue
+                (options if rest[j].startswith("--role=") else positionals).append(rest[j])
+                j += 1
+            return [*args[:i + 1], *options, "--", *positionals]
     return args
 
 
@@ -139,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ka = ks.add_parser("add", help="trust a public key")
     ka.add_argument("name", help="a name for the key (file authorized_keys/NAME.pub)")
     ka.add_argument("key", help="the key: 40 z85 characters, or a key file")
+    ka.add_argument("--role", choices=keys_mod.ROLES, default="client",
+                    help="client: submits jobs (default, for another user); worker: runs "
+                    "jobs (a machine's monitor key); both")
     kr = ks.add_parser("remove", help="stop trusting a key")
     kr.add_argument("name")
     k.set_defaults(func=_keys)

@@ -687,6 +687,13 @@ class _IO(threading.Thread):
             self._check_missed_events(h["seq"], h["epoch"])
             self._on_pong(time.monotonic())
             return
+        if (msg.type is M.ERROR and h["code"] == "unauthorized"
+                and not self.conn.welcomed.is_set()):
+            # the answer to HELLO: this key may not be a client here (a worker's key)
+            self.conn.rejected = (f"the broker at {self.host}:{self.port} refused this "
+                                  f"client: {h['message']}")
+            self._fail_requests()
+            return
         entry = self.requests.pop(h["req"], None) if h.get("req") else None
         wrap = entry is not None and entry[1]
         result: Any = msg

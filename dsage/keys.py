@@ -72,10 +72,17 @@ _PUBLIC_BANNER = """#   ****  Generated on {0} by dsage  ****
 """
 
 
-def certificate_text(public: bytes, secret: bytes | None = None) -> str:
-    """A certificate in the ZeroMQ format (as ``zmq.auth.create_certificates`` writes)."""
+#: what an authorized key may do: submit jobs (client), run them (worker), or both
+ROLES = ("client", "worker", "both")
+_ROLE_LINE = re.compile(r'^\s+role\s*=\s*"([a-z]+)"\s*$', re.M)
+
+
+def certificate_text(public: bytes, secret: bytes | None = None, role: str | None = None) -> str:
+    """A certificate in the ZeroMQ format (as ``zmq.auth.create_certificates`` writes),
+    with the key's role in its metadata section when given."""
     banner = (_SECRET_BANNER if secret else _PUBLIC_BANNER).format(datetime.datetime.now())
-    lines = [banner + "metadata", "curve", f'    public-key = "{public.decode()}"']
+    meta = [f'    role = "{role}"'] if role else []
+    lines = [banner + "metadata", *meta, "curve", f'    public-key = "{public.decode()}"']
     if secret:
         lines.append(f'    secret-key = "{secret.decode()}"')
     return "\n".join(lines) + "\n"
@@ -110,7 +117,7 @@ def setup(path: str | os.PathLike[str] | None = None, *, quiet: bool = True) -> 
         public_file.write_text(certificate_text(keys.public))
     own = root / "authorized_keys" / f"{SELF_NAME}.pub"
     if not own.exists():
-        own.write_text(certificate_text(keys.public))
+        own.write_text(certificate_text(keys.public, role="both"))
     return created
 
 
@@ -180,29 +187,43 @@ def authorized_dir(path: str | os.PathLike[str] | None = None) -> Path:
 
 def authorized_keys(path: str | os.PathLike[str] | None = None) -> dict[str, bytes]:
     """Trusted keys by name (file stem); unreadable files are skipped."""
+    return {name: key for name, (key, _) in authorized_roles(path).items()}
+
+
+def authorized_roles(path: str | os.PathLike[str] | None = None
+                     ) -> dict[str, tuple[bytes, str]]:
+    """Trusted keys and their roles by name. A file without a role is a client's
+    (the least a key can be); the own key, ``self.pub``, is always both."""
     folder = authorized_dir(path)
-    keys: dict[str, bytes] = {}
+    out: dict[str, tuple[bytes, str]] = {}
     if not folder.is_dir():
-        return keys
+        return out
     for f in sorted(folder.glob("*.pub")):
         try:
-            keys[f.stem] = _read_certificate(f)[0]
-        except BadKey:
+            key = _read_certificate(f)[0]
+            m = _ROLE_LINE.search(f.read_text(errors="replace"))
+        except (BadKey, OSError):
             continue
-    return keys
+        role = m.group(1) if m and m.group(1) in ROLES else "client"
+        out[f.stem] = (key, "both" if f.stem == SELF_NAME else role)
+    return out
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
-def add_key(name: str, key: str | bytes, path: str | os.PathLike[str] | None = None) -> Path:
-    """Trust ``key`` (z85 or a key file) under ``name``; returns the file written."""
+def add_key(name: str, key: str | bytes, path: str | os.PathLike[str] | None = None,
+            role: str = "client") -> Path:
+    """Trust ``key`` (z85 or a key file) under ``name`` in ``role`` (client, worker or
+    both); returns the file written. Adding a name again replaces its key and role."""
     if not _NAME.match(name) or name.startswith("."):
         raise BadKey(f"'{name}' is not a valid key name (letters, digits, _ . @ -)")
+    if role not in ROLES:
+        raise BadKey(f"role '{role}' is not one of {', '.join(ROLES)}")
     public = parse_public_key(key)
     target = authorized_dir(path) / f"{name}.pub"
     authorized_dir(path).mkdir(parents=True, exist_ok=True)
-    target.write_text(certificate_text(public))
+    target.write_text(certificate_text(public, role=role))
     return target
 
 

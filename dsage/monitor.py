@@ -253,6 +253,8 @@ class Monitor:
                 if not self.registering:  # an answer to what we sent before registering
                     self._register()
             else:
+                if h["code"] == "unauthorized":  # refused: register again once allowed
+                    self.registered = self.registering = False
                 log.warning("broker error: %s", h["message"])
 
     def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes]) -> None:

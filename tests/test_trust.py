@@ -215,7 +215,8 @@ def test_keys_command_shows_adds_lists_and_removes(tmp_path: Path) -> None:
     assert cli("keys", "--home", str(home), "add", "bob", bob_key).returncode == 0
     listed = cli("keys", "--home", str(home), "list").stdout.splitlines()
     alice_key = keys.load_keypair(alice).public.decode()
-    assert sorted(listed) == sorted([f"alice\t{alice_key}", f"bob\t{bob_key}", f"self\t{own}"])
+    assert sorted(listed) == sorted([f"alice\t{alice_key}\tclient", f"bob\t{bob_key}\tclient",
+                                     f"self\t{own}\tboth"])
     r = cli("keys", "--home", str(home), "add", "no good", bob_key)
     assert r.returncode == 2 and "not a valid key name" in r.stderr
     r = cli("keys", "--home", str(home), "add", "carol", "not-a-key")
@@ -261,7 +262,8 @@ def test_key_add_and_remove_take_effect_on_a_running_broker(procs: Procs, home: 
         except KeyRejected:
             return None
 
-    r = cli("keys", "--home", str(home), "add", "bob", str(keys.public_key_file(bob)))
+    r = cli("keys", "--home", str(home), "add", "bob", str(keys.public_key_file(bob)),
+            "--role", "both")
     assert r.returncode == 0, r.stderr
     D = wait_for(connects, 10, "the broker to accept the added key")
     assert D.get_my_jobs() == []
@@ -274,7 +276,7 @@ def test_key_add_and_remove_take_effect_on_a_running_broker(procs: Procs, home: 
     assert cli("keys", "--home", str(home), "remove", "bob").returncode == 0
     wait_for(lambda: connects() is None, 10, "the broker to refuse the removed key")
     # connections made before the removal lose their rights too
-    with pytest.raises(KeyRejected, match="no longer authorized"):
+    with pytest.raises(KeyRejected, match="not authorized as a client"):
         D.get_my_jobs()
     refused = D("1").wait(10)
     assert refused.status == "failed" and refused.refused == "unauthorized"
@@ -688,3 +690,66 @@ def test_max_message_size_is_enforced_with_clear_errors(procs: Procs) -> None:
     huge_result = D(f"b'x' * {2 * limit}").wait(60)
     assert huge_result.status == "failed" and "largest message allowed" in huge_result.error
     assert D("1+1").wait(60).result == 2  # the connections are fine
+
+
+# --- roles
+
+
+def _worker_log_says_role(p: ManagedProcess) -> bool:
+    text = log_text(p)
+    return "client only, not as a worker" in text and "--role worker" in text
+
+
+def test_a_client_key_cannot_register_as_a_worker_and_never_sees_a_job(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    """A key added for a second user once registered as a trusted worker and was sent
+    another user's job payload; with roles it is refused, and its log says why."""
+    procs.broker()
+    bob = other_home(tmp_path, "bob")
+    assert cli("keys", "--home", str(home), "add", "bob",
+               str(keys.public_key_file(bob))).returncode == 0  # a client: the default
+    spy = other_worker(procs, bob, server_key=broker_key(home))
+    A = procs.client()
+    secret = A("api_token = 'alice-secret'\n1")
+    wait_for(lambda: _worker_log_says_role(spy), 30, "the refused worker's log line")
+    assert A.workers() == [] and secret.status == "new"
+    assert "alice-secret" not in log_text(spy)
+    B = user_client(procs, bob)  # bob is still a client
+    assert B.get_my_jobs() == []
+    # the same key as a worker: its monitor registers and runs the job
+    assert cli("keys", "--home", str(home), "add", "bob", str(keys.public_key_file(bob)),
+               "--role", "worker").returncode == 0
+    assert secret.wait(60).result == 1
+    with pytest.raises(KeyRejected, match="not authorized as a client"):
+        B.get_my_jobs()
+
+
+def test_a_worker_key_cannot_submit_or_subscribe(
+        procs: Procs, home: Path, tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    procs.broker()
+    machine = other_home(tmp_path, "machine")
+    keys.add_key("machine", keys.public_key_file(machine), home, role="worker")
+    with pytest.raises(KeyRejected, match="not authorized as a client"):
+        user_client(procs, machine)
+    own = keys.load_keypair(machine)
+    sub = ctx.socket(zmq.SUB)
+    make_client(sub, own, broker_key(home))
+    sub.setsockopt(zmq.SUBSCRIBE, own.public)
+    sub.connect(f"tcp://127.0.0.1:{procs.port + 2}")
+    assert not sub.poll(1500)  # no subscription, so not even the empty first event
+    sub.close(linger=0)
+
+
+def test_roles_survive_in_key_files_and_the_own_key_is_both(tmp_path: Path) -> None:
+    home = other_home(tmp_path, "h")
+    k = zmq.curve_keypair()[0].decode()
+    for name, role in (("c", "client"), ("w", "worker"), ("b", "both")):
+        keys.add_key(name, k if name == "c" else zmq.curve_keypair()[0].decode(), home,
+                     role=role)
+    roles = {n: r for n, (_, r) in keys.authorized_roles(home).items()}
+    assert roles == {"b": "both", "c": "client", "self": "both", "w": "worker"}
+    legacy = keys.authorized_dir(home) / "old.pub"  # written before roles: a client
+    legacy.write_text(keys.certificate_text(zmq.curve_keypair()[0]))
+    assert keys.authorized_roles(home)["old"][1] == "client"
+    with pytest.raises(keys.BadKey, match="role"):
+        keys.add_key("x", k, home, role="admin")
