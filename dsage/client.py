@@ -46,7 +46,7 @@ from .protocol import (
     MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
     Status, batches, decode, encode, make, text_problem,
 )
-from .seal import Opener
+from .seal import Opener, binding
 from .sockets import send_frames
 
 __all__ = [
@@ -282,9 +282,14 @@ class _Host:
     def query(self, job_id: str) -> None:
         self._client._io.command("query", [job_id])
 
-    def open_sealed(self, result: bytes, output: bytes) -> tuple[bytes, bytes]:
+    def open_sealed(self, rec: dict[str, Any], result: bytes,
+                    output: bytes) -> tuple[bytes, bytes]:
         opener = self._client._opener
-        return opener.open(result), opener.open(output)
+        sender = rec["worker"]["key"] if rec["worker"] else None
+        bound = (rec["id"], self._client.keys.public.decode(), rec["status"], rec["encoding"],
+                 rec["result_from"])
+        return (opener.open(result, binding(*bound, "result"), sender),
+                opener.open(output, binding(*bound, "output"), sender))
 
 
 #: one item of the send queue: a job (by id, its spec in ``_IO.unacked``) or a message

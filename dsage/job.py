@@ -40,8 +40,11 @@ class JobHost(Protocol):
     def query(self, job_id: str) -> None:
         """Ask the broker for the job's state, in the background."""
 
-    def open_sealed(self, result: bytes, output: bytes) -> tuple[bytes, bytes]:
-        """Open a result and output sealed to this client's key (ValueError if that fails)."""
+    def open_sealed(self, rec: dict[str, Any], result: bytes,
+                    output: bytes) -> tuple[bytes, bytes]:
+        """Open a result and output sealed to this client's key, checking that they are
+        bound to the job and outcome of ``rec`` and come from the worker it names
+        (ValueError if anything fails)."""
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,12 @@ class JobWrapper:
             return False
         self._encoding, self._result_from = rec["encoding"], rec["result_from"]
         self._result_blob, self._output_blob = blobs
-        if rec["sealed"] and self._host is not None:
+        if self._host is not None and (rec["sealed"] or any(blobs)):
             try:
+                if not rec["sealed"]:  # only the broker's own final states carry nothing
+                    raise ValueError("the result is not sealed: refused")
                 self._result_blob, self._output_blob = self._host.open_sealed(
-                    self._result_blob, self._output_blob)
+                    rec, self._result_blob, self._output_blob)
             except ValueError as e:  # seal.SealError: never let it stop the I/O thread
                 self.status, self.error = Status.FAILED.value, f"unreadable result: {e}"
                 self._encoding = Encoding.NONE.value

@@ -31,7 +31,7 @@ from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
-from .seal import Sealer
+from .seal import Sealer, binding
 from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
@@ -503,8 +503,9 @@ class Monitor:
                 "sealed": True, "started": reply["started"],
                 "finished": reply["finished"], "staged": False}
         result, output = self._fit(item, result, output)
-        result = self.sealer.seal(job["owner"], result)
-        output = self.sealer.seal(job["owner"], output)
+        bound = (job["id"], job["owner"], item["status"], item["encoding"], item["result_from"])
+        result = self.sealer.seal(job["owner"], result, binding(*bound, "result"))
+        output = self.sealer.seal(job["owner"], output, binding(*bound, "output"))
         self.unacked[job["id"]] = (item, result, output)
         self.outgoing[job["id"]] = None
 

@@ -8,7 +8,15 @@ The construction is a NaCl ``Box`` (X25519 + XSalsa20-Poly1305) between the
 monitor's keypair and the owner's public key, with a fresh random nonce per
 blob. A sealed blob is self-contained::
 
-    b"\\x01" + sender public key (32 bytes) + nonce (24) + ciphertext with MAC (16 + n)
+    b"\\x02" + sender public key (32 bytes) + nonce (24) + ciphertext with MAC (16 + n)
+
+and the plaintext binds the blob to its job: a 2-byte length, the binding (the
+job id, the owner, the final status, the encoding, where the result came from,
+and which part this is), then the data. The opener rebuilds the binding from
+the record it was given and compares, and checks that the sender key is the
+worker's the record names, so a result cannot be moved to another job, given
+another status or encoding, or claimed by another worker, even by someone who
+can edit the broker's store.
 
 Why not ``SealedBox``: it makes a fresh ephemeral keypair for every blob, so
 each job costs two X25519 scalar multiplications to seal and two to open
@@ -30,7 +38,7 @@ from zmq.utils import z85
 
 from .keys import Keypair
 
-VERSION = b"\x01"
+VERSION = b"\x02"
 _KEY_LEN = 32
 _HEADER = len(VERSION) + _KEY_LEN
 #: most shared keys one side keeps (one X25519 multiplication each to remake)
@@ -62,6 +70,12 @@ class _BoxCache:
         return box
 
 
+def binding(job_id: str, owner: str, status: str, encoding: str, result_from: str,
+            part: str) -> bytes:
+    """What a sealed blob is bound to (see the module's docstring)."""
+    return "\x1f".join((job_id, owner, status, encoding, result_from, part)).encode()
+
+
 class Sealer:
     """The monitor's side: seals blobs from its keypair to job owners."""
 
@@ -69,13 +83,13 @@ class Sealer:
         self.public_raw = z85.decode(keys.public)
         self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)), z85.decode)
 
-    def seal(self, owner_z85: str | bytes, data: bytes) -> bytes:
-        """Encrypt ``data`` to the owner's public key (z85); ``b""`` stays ``b""``."""
-        if not data:
-            return b""
+    def seal(self, owner_z85: str | bytes, data: bytes, bind: bytes) -> bytes:
+        """Encrypt ``data`` to the owner's public key (z85), bound to ``bind``. Empty
+        data is sealed too, so that a blob cannot be blanked unnoticed."""
         owner = owner_z85.encode() if isinstance(owner_z85, str) else owner_z85
         box = self._cache.get(owner)
-        return VERSION + self.public_raw + bytes(box.encrypt(data))
+        plain = len(bind).to_bytes(2, "big") + bind + data
+        return VERSION + self.public_raw + bytes(box.encrypt(plain))
 
 
 class Opener:
@@ -84,16 +98,23 @@ class Opener:
     def __init__(self, keys: Keypair) -> None:
         self._cache = _BoxCache(PrivateKey(z85.decode(keys.secret)), bytes)
 
-    def open(self, data: bytes) -> bytes:
-        """Decrypt a sealed blob; raises :class:`SealError` if it cannot be opened."""
-        if not data:
-            return b""
-        if len(data) < _HEADER + Box.NONCE_SIZE + 16 or data[:1] != VERSION:
-            raise SealError("not a sealed dsage blob (unknown format or too short)")
-        box = self._cache.get(bytes(data[1:_HEADER]))
+    def open(self, data: bytes, bind: bytes, sender_z85: str | None = None) -> bytes:
+        """Decrypt a sealed blob, checking its binding and (when given) its sender;
+        raises :class:`SealError` if anything does not match."""
+        if len(data) < _HEADER + Box.NONCE_SIZE + 16 + 2 or data[:1] != VERSION:
+            raise SealError("not a sealed dsage blob bound to its job (missing, an unknown "
+                            "format, or too short)")
+        sender = bytes(data[1:_HEADER])
+        if sender_z85 is not None and sender != z85.decode(sender_z85):
+            raise SealError("sealed by another key than the worker that ran the job")
+        box = self._cache.get(sender)
         try:
-            return bytes(box.decrypt(bytes(data[_HEADER:])))
+            plain = bytes(box.decrypt(bytes(data[_HEADER:])))
         except CryptoError:
             raise SealError("a sealed blob failed authentication: tampered with, or sealed "
                             "to another key") from None
-
+        n = int.from_bytes(plain[:2], "big")
+        if plain[2:2 + n] != bind:
+            raise SealError("sealed for another job or another outcome (job id, owner, "
+                            "status or encoding differ)")
+        return plain[2 + n:]

@@ -24,7 +24,7 @@ from dsage.cluster import ManagedProcess
 from dsage.protocol import (
     BATCH_BYTES, DEFAULT_MAX_MESSAGE_SIZE, MONITOR_REQUESTS, M, Message, decode, encode, make,
 )
-from dsage.seal import Opener
+from dsage.seal import Opener, binding
 from dsage.slot import FrameError, recv_frame, send_frame
 
 from .conftest import Procs, wait_for
@@ -343,8 +343,11 @@ def test_results_sent_again_are_split_within_the_byte_limit(
     reg = fake.register()
     again = fake.results(ids, ack=True)
     assert all(again[jid]["status"] == "completed" for jid in ids)
-    output = [m for m in fake.received if m.type is M.RESULT][-1].blobs[1]
-    assert Opener(fake.keys).open(output) == b"x" * 3_000_000
+    last = [m for m in fake.received if m.type is M.RESULT][-1]
+    item = last.header["results"][0]  # blobs[1] is the first item's output
+    bind = binding(item["id"], fake.owner, "completed", item["encoding"], item["result_from"],
+                   "output")
+    assert Opener(fake.keys).open(last.blobs[1], bind) == b"x" * 3_000_000
     assert set(ids) <= set(reg.header["running"])  # held, so listed
 
 

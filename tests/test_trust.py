@@ -28,7 +28,7 @@ from dsage import codec, keys, protocol
 from dsage.auth import CLIENTS, make_client, make_server
 from dsage.client import BrokerUnreachable, KeyRejected, SubmitRejected, UnknownJob
 from dsage.cluster import ManagedProcess
-from dsage.seal import Sealer
+from dsage.seal import Sealer, binding
 
 from .conftest import HEARTBEAT, LIVENESS, Procs, wait_for
 
@@ -155,28 +155,71 @@ def test_database_holds_only_ciphertext_of_results_and_output(procs: Procs, home
     for _, sealed, result, output in rows:
         assert sealed == 1
         assert secret.encode() not in (result or b"") + (output or b"")
-        assert output and output[:1] == b"\x01"  # the sealed-blob format
+        assert output and output[:1] == b"\x02"  # the sealed-blob format (bound)
     raw = b"".join(p.read_bytes() for p in (home / "db").iterdir() if p.is_file())
     assert secret.encode() not in raw  # not in any page, WAL frame or journal
 
 
-def test_sealed_blobs_open_only_for_their_owner() -> None:
-    from dsage.seal import Opener, SealError, Sealer
+def test_sealed_blobs_open_only_for_their_owner_job_and_worker() -> None:
+    from dsage.seal import Opener, SealError, Sealer, binding
 
     monitor, owner, other = (keys.Keypair(*zmq.curve_keypair()) for _ in range(3))
     sealer = Sealer(monitor)
-    blob = sealer.seal(owner.public, b"result")
+    bound = ("a" * 32, owner.public.decode(), "completed", "dill", "expression")
+    bind = binding(*bound, "result")
+    blob = sealer.seal(owner.public, b"result", bind)
     assert b"result" not in blob
-    assert Opener(owner).open(blob) == b"result"
-    assert sealer.seal(owner.public, b"result") != blob  # a fresh nonce each time
-    assert sealer.seal(owner.public, b"") == b""
+    assert Opener(owner).open(blob, bind, monitor.public.decode()) == b"result"
+    assert sealer.seal(owner.public, b"result", bind) != blob  # a fresh nonce each time
+    empty = sealer.seal(owner.public, b"", bind)
+    assert empty and Opener(owner).open(empty, bind) == b""  # blanking shows
     with pytest.raises(SealError):
-        Opener(other).open(blob)
+        Opener(other).open(blob, bind)
     tampered = blob[:-1] + bytes([blob[-1] ^ 1])
     with pytest.raises(SealError):
-        Opener(owner).open(tampered)
+        Opener(owner).open(tampered, bind)
     with pytest.raises(SealError):
-        Opener(owner).open(b"\x02" + blob[1:])
+        Opener(owner).open(b"\x01" + blob[1:], bind)
+    with pytest.raises(SealError, match="another key"):  # claimed by another worker
+        Opener(owner).open(blob, bind, other.public.decode())
+    for changed in (("b" * 32, *bound[1:]), (*bound[:2], "failed", *bound[3:]),
+                    (*bound[:3], "data", bound[4])):
+        with pytest.raises(SealError, match="another job or another outcome"):
+            Opener(owner).open(blob, binding(*changed, "result"))
+    with pytest.raises(SealError, match="another job or another outcome"):
+        Opener(owner).open(blob, binding(*bound, "output"))  # output swapped for result
+    with pytest.raises(SealError):
+        Opener(owner).open(b"", bind)
+
+
+def test_swapped_or_planted_results_in_the_store_are_refused(procs: Procs, home: Path) -> None:
+    """With the broker stopped, swapping two jobs' sealed results in its database, or
+    planting an unsealed pickle, once made the client return the wrong result or run
+    the planted code."""
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    one, two = D("'one'").wait(60), D("'two'").wait(60)
+    planted = D("'three'").wait(60)
+    for p in reversed(procs.started):
+        p.stop(timeout=10)
+    procs.started.clear()
+    db = sqlite3.connect(home / "db" / "dsage.db")
+    r1, r2 = (db.execute("SELECT result FROM jobs WHERE id=?", (j.job_id,)).fetchone()[0]
+              for j in (one, two))
+    db.execute("UPDATE jobs SET result=? WHERE id=?", (r2, one.job_id))
+    db.execute("UPDATE jobs SET result=? WHERE id=?", (r1, two.job_id))
+    db.execute("UPDATE jobs SET sealed=0, encoding='dill', result=? WHERE id=?",
+               (pickle.dumps("planted"), planted.job_id))
+    db.commit()
+    db.close()
+    procs.broker()
+    D2 = procs.client()
+    for j in (one, two, planted):
+        again = D2.job(j.job_id).wait(30)
+        assert again.status == "failed" and "unreadable result" in (again.error or "")
+        with pytest.raises(dsage.JobError):
+            again.result
 
 
 # --- keys on the command line
@@ -487,8 +530,10 @@ class FakeAnonymousMonitor:
 
     def answer(self, spec: dict[str, object], encoding: str, blob: bytes, sealed: bool) -> None:
         owner = str(spec["owner"])
-        result = self.sealer.seal(owner, blob) if sealed else blob
-        output = self.sealer.seal(owner, b"hostile") if sealed else b"hostile"
+        bound = (str(spec["id"]), owner, "completed", encoding, "expression")
+        result = self.sealer.seal(owner, blob, binding(*bound, "result")) if sealed else blob
+        output = (self.sealer.seal(owner, b"hostile", binding(*bound, "output")) if sealed
+                  else b"hostile")
         now = time.time()
         self._send(protocol.make(protocol.M.RESULT, [result, output], results=[{
             "id": spec["id"], "status": "completed", "error": None, "encoding": encoding,
@@ -519,13 +564,19 @@ def test_hostile_pickles_from_an_anonymous_worker_never_run(
     assert spec["id"] == j.job_id and spec["trusted"] is False
     fake.answer(spec, encoding, blob, sealed)
     j.wait(30)
-    assert j.status == "completed" and not j.trusted
+    assert not j.trusted
     assert j.worker is not None and j.worker.anonymous and j.worker.key == \
         fake.keys.public.decode()
-    expected = dsage.UntrustedResultError if encoding == "dill" else ValueError
-    with pytest.raises(expected):
-        j.result
-    assert j.output == "hostile"
+    if sealed:
+        assert j.status == "completed"
+        expected = dsage.UntrustedResultError if encoding == "dill" else ValueError
+        with pytest.raises(expected):
+            j.result
+        assert j.output == "hostile"
+    else:  # an unsealed result is refused outright
+        assert j.status == "failed" and "not sealed" in (j.error or "")
+        with pytest.raises(dsage.JobError):
+            j.result
     assert not marker.exists()
 
 
