@@ -23,8 +23,8 @@ from .auth import CLIENTS, EVENTS, MONITORS, KeyRing, ZapPolicy, make_server, st
 from .brokerstate import BrokerConfig, BrokerState, Dest, Out
 from .options import BrokerOptions
 from .protocol import (
-    CLIENT_REQUESTS, MONITOR_REQUESTS, Message, ProtocolError, decode,
-    encode, error,
+    CLIENT_REQUESTS, MAX_FRAMES, MONITOR_REQUESTS, Message, ProtocolError, decode, encode, error,
+    message_budget,
 )
 from .sockets import send_frames
 from .store import Store
@@ -33,6 +33,9 @@ log = logging.getLogger("dsage.broker")
 
 #: most messages taken from one socket before the others get a turn
 DRAIN_LIMIT = 2000
+#: the largest frame an anonymous monitor may send (its results larger than this
+#: are uploaded in chunks anyway)
+ANONYMOUS_MAX_FRAME = 8 * 1024 * 1024
 #: most event messages queued per subscriber (each at most protocol.BATCH_BYTES of blobs)
 EVENTS_HWM = 64
 
@@ -74,6 +77,10 @@ class Broker:
             retention=options.retention_days * 86400.0, allow_anonymous=options.allow_anonymous,
             prefetch=options.prefetch)
         self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_client)
+        #: most bytes of one message, all frames together (anonymous peers get less)
+        self.budget = message_budget(options.max_message_size)
+        self.anonymous_budget = message_budget(min(options.max_message_size,
+                                                   ANONYMOUS_MAX_FRAME))
         self.poller = zmq.Poller()
         for s in (self.clients, self.monitors, self.events):
             self.poller.register(s, zmq.POLLIN)
@@ -190,8 +197,10 @@ class Broker:
                 frames = self.clients.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            rid, body = frames[0].bytes, [f.bytes for f in frames[1:]]
-            key = _user_id(frames)
+            rid, key = frames[0].bytes, _user_id(frames)
+            if self._over_budget("client", rid, key, frames, self.budget):
+                continue
+            body = [f.bytes for f in frames[1:]]
             try:
                 msg = decode(body, CLIENT_REQUESTS)
             except ProtocolError as e:
@@ -209,8 +218,11 @@ class Broker:
                 frames = self.monitors.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            rid, body = frames[0].bytes, [f.bytes for f in frames[1:]]
-            key = _user_id(frames)
+            rid, key = frames[0].bytes, _user_id(frames)
+            budget = self.budget if self.keyring.is_trusted(key) else self.anonymous_budget
+            if self._over_budget("monitor", rid, key, frames, budget):
+                continue
+            body = [f.bytes for f in frames[1:]]
             try:
                 msg = decode(body, MONITOR_REQUESTS)
             except ProtocolError as e:
@@ -225,6 +237,19 @@ class Broker:
                 self.state.on_monitor(now, rid, key, anonymous, msg)
             except Exception as e:  # noqa: BLE001 - one message must not stop the broker
                 self._failed("monitor", rid, key, msg, e)
+
+    def _over_budget(self, dest: Dest, rid: bytes, key: str, frames: list[zmq.Frame],
+                     budget: int) -> bool:
+        """Refuse a message whose frames together exceed ``budget`` bytes or the frame
+        count, before anything of it is copied or parsed."""
+        if len(frames) <= MAX_FRAMES + 1 and sum(len(f) for f in frames) <= budget:
+            return False
+        log.warning("refused a message of %d frames and %d bytes from %s %s", len(frames),
+                    sum(len(f) for f in frames), dest, key[:8] or "?")
+        self._send(Out(dest, rid, error("size", f"the message is larger than this broker "
+                                        f"accepts from this peer ({budget} bytes, "
+                                        f"{MAX_FRAMES} frames)")))
+        return True
 
     def _not_a_worker(self, now: float, rid: bytes, key: str) -> None:
         """A key trusted as a client only speaks on the monitor port: refused, with the

@@ -46,6 +46,7 @@ from .protocol import (
     MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
     Status, batches, decode, encode, make, text_problem,
 )
+from .protocol import batch_bytes
 from .seal import Opener, binding
 from .sockets import send_frames
 
@@ -537,7 +538,8 @@ class _IO(threading.Thread):
         protocol's limits; False (those not sent back at the head) if the socket is full."""
         jobs = self._take_jobs()
         now = time.monotonic()
-        for r in _submit_ranges(jobs):
+        limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
+        for r in _submit_ranges(jobs, batch_bytes(limit)):
             batch = jobs[r.start:r.stop]
             msg = make(M.SUBMIT, [j.payload for j in batch], req=0, jobs=[j.spec for j in batch])
             if not self._try_send(encode(msg)):
@@ -848,11 +850,11 @@ class _Fetch:
         self.part = "result"
 
 
-def _submit_ranges(jobs: Sequence[_Outgoing]) -> list[range]:
+def _submit_ranges(jobs: Sequence[_Outgoing], max_bytes: int = BATCH_BYTES) -> list[range]:
     """Split jobs into submit messages within the protocol's limits on items, blob
-    bytes and header bytes."""
+    bytes (``max_bytes``, for the broker's size limit) and header bytes."""
     out: list[range] = []
-    for r in batches([len(j.payload) for j in jobs], MAX_BATCH, BATCH_BYTES):
+    for r in batches([len(j.payload) for j in jobs], MAX_BATCH, max_bytes):
         sizes = [jobs[i].header_bytes + 1 for i in r]
         out.extend(range(r.start + h.start, r.start + h.stop)
                    for h in batches(sizes, MAX_BATCH, _SPEC_BUDGET))

@@ -35,8 +35,8 @@ from .seal import Sealer, binding
 from .slot import FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
-    BATCH_BYTES, CHUNK_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, UPLOAD_BYTES,
-    M, Message, ProtocolError, Status, batches, clip, decode, encode, make,
+    CHUNK_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, UPLOAD_BYTES,
+    M, Message, ProtocolError, Status, batch_bytes, batches, clip, decode, encode, make,
 )
 
 log = logging.getLogger("dsage.monitor")
@@ -98,6 +98,8 @@ class Monitor:
             self.keys = keys_mod.load_keypair(self.home)
         self.server_key = options.server_key or self.keys.public
         self.sealer = Sealer(self.keys)
+        #: most blob bytes per message, within the broker's per-message budget
+        self._batch_bytes = batch_bytes(options.max_message_size)
         self.tmpdir = self.home / "tmp_worker_files"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.monitor_id = uuid.uuid4().hex
@@ -289,12 +291,12 @@ class Monitor:
             if jid not in self.unacked:
                 continue
             _, result, output = self.unacked[jid]
-            if len(result) + len(output) > UPLOAD_BYTES:
+            if len(result) + len(output) > min(UPLOAD_BYTES, self._batch_bytes):
                 self._upload(jid, "result", 0)  # (again) from the start
             else:
                 held.append(self.unacked[jid])
         for part in batches([len(result) + len(output) for _, result, output in held],
-                            MAX_BATCH, BATCH_BYTES):
+                            MAX_BATCH, self._batch_bytes):
             blobs: list[bytes] = []
             for _, result, output in held[part.start:part.stop]:
                 blobs += [result, output]

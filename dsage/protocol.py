@@ -36,6 +36,17 @@ MAX_HEADER = 1024 * 1024
 #: Most blob bytes senders put in one batched message (a single larger blob
 #: travels alone, up to the receiver's frame limit).
 BATCH_BYTES = 8 * 1024 * 1024
+
+
+def message_budget(max_message_size: int) -> int:
+    """Most bytes one whole message may hold, all frames together, for a peer whose
+    largest frame is ``max_message_size``: one frame that large plus a header."""
+    return max_message_size + MAX_HEADER + 64 * 1024
+
+
+def batch_bytes(max_message_size: int) -> int:
+    """Most blob bytes a sender batches into one message for such a peer."""
+    return max(1, min(BATCH_BYTES, max_message_size - 64 * 1024))
 #: A final job whose result and output together exceed this travels by reference:
 #: its record carries ``by_ref`` and its owner fetches the blobs in chunks.
 BY_REF_BYTES = 256 * 1024

@@ -546,3 +546,28 @@ def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) ->
     [chunk] = [o.msg for o in state.flush(0.0) if o.msg.type is M.CHUNK]
     assert chunk.header["total"] == 0 and chunk.blobs == [b""]
     store.close()
+
+
+def test_a_message_is_capped_as_a_whole_not_only_per_frame(procs: Procs, home: Path) -> None:
+    """An anonymous peer once sent 60 frames of ~1 MiB under a 1 MiB frame limit and the
+    broker copied and parsed all of it; now the whole message has a budget, checked
+    before anything is copied, and the broker goes on."""
+    broker = procs.broker(allow_anonymous=True, max_message_size=1024 * 1024)
+    procs.worker(1, max_message_size=1024 * 1024)
+    D = procs.client(max_message_size=1024 * 1024)
+    procs.wait_workers(D, 1)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        anon = _dealer(ctx, home, procs.port + 1, keys.Keypair(*zmq.curve_keypair()))
+        items = [{"id": f"{i:032x}", "status": "completed", "error": None, "encoding": "data",
+                  "result_from": "expression", "sealed": False, "started": None,
+                  "finished": 1.0, "staged": False} for i in range(30)]
+        blob = b"z" * (1024 * 1024 - 100)
+        anon.send_multipart(_raw("result", {"results": items}, *[blob] * 60))
+        assert _replies(anon, M.ERROR).header["code"] == "size"
+    finally:
+        ctx.destroy(linger=0)
+    assert broker.alive()
+    # trusted peers keep within the budget by themselves: many jobs near the limit
+    jobs = [D(f"len({'y' * 300_000!r}) + {i}") for i in range(12)]
+    assert [j.wait(60).result for j in jobs] == [300_000 + i for i in range(12)]
