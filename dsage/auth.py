@@ -15,7 +15,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from .keys import Keypair, authorized_dir, authorized_roles
+from .keys import InsecureKeyFile, Keypair, authorized_dir, authorized_roles
 
 log = logging.getLogger("dsage.auth")
 
@@ -37,23 +37,25 @@ class KeyRing:
         self.trusted: frozenset[bytes] = frozenset({own})
         self.clients: frozenset[bytes] = frozenset({own})
         self.workers: frozenset[bytes] = frozenset({own})
-        self._stamp: tuple[tuple[str, int, int], ...] | None = None
+        self._stamp: tuple[tuple[str, int, int, int], ...] | None = None
         self.maybe_reload()
 
-    def _current_stamp(self) -> tuple[tuple[str, int, int], ...]:
+    def _current_stamp(self) -> tuple[tuple[str, int, int, int], ...]:
+        """Names, times, sizes and modes of the folder and its key files."""
         folder = authorized_dir(self.home)
         try:
             entries = list(os.scandir(folder))
+            own = folder.stat()
         except OSError:
             return ()
-        stamp = []
+        stamp = [("", 0, 0, own.st_mode)]
         for e in entries:
             if e.name.endswith(".pub"):
                 try:
                     st = e.stat()
                 except OSError:
                     continue
-                stamp.append((e.name, st.st_mtime_ns, st.st_size))
+                stamp.append((e.name, st.st_mtime_ns, st.st_size, st.st_mode))
         return tuple(sorted(stamp))
 
     def maybe_reload(self) -> bool:
@@ -61,9 +63,17 @@ class KeyRing:
         stamp = self._current_stamp()
         if stamp == self._stamp:
             return False
+        first = self._stamp is None
         self._stamp = stamp
         roles: dict[bytes, set[str]] = {self.own: {"client", "worker"}}
-        for key, role in authorized_roles(self.home).values():
+        try:
+            found = authorized_roles(self.home)
+        except InsecureKeyFile as e:
+            if first:
+                raise  # the broker does not start on keys that others could have written
+            log.error("%s; until then only the broker's own key is trusted", e)
+            found = {}
+        for key, role in found.values():
             roles.setdefault(key, set()).update(("client", "worker") if role == "both"
                                                 else (role,))
         keys = frozenset(roles)

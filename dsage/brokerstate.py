@@ -551,6 +551,8 @@ class BrokerState:
                     for jid in self.sched.of_monitor(monitor_id):
                         self._requeue(self.sched.jobs[jid], False, "its monitor did not come "
                                       "back after a broker restart", monitor_id)
+        if not self.sched.jobs and self.store.changed_since_truncate():
+            self.store.truncate_wal()  # idle: no old payload lingers in the WAL
         wall = time.time()
         if wall - self.last_prune > 3600:
             self.last_prune = wall

@@ -15,6 +15,7 @@ Certificates use the ZeroMQ format that ``zmq.auth.load_certificate`` reads.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import re
 import stat
@@ -89,9 +90,57 @@ def certificate_text(public: bytes, secret: bytes | None = None, role: str | Non
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Create ``path`` (never through a symlink, never over an existing file), 0600."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise BadKey(f"{path} exists (a symbolic link?): dsage does not write its secret "
+                     f"key over or through anything; remove it and try again") from None
+    os.fchmod(fd, 0o600)  # whatever the umask
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def _write_public(path: Path, text: str) -> None:
+    """Write a public key file (0644), replacing a file there but never following a
+    symlink planted in its place."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadKey(f"{path} is a symbolic link: dsage does not write key files "
+                         f"through links; remove it and try again") from None
+        raise
+    os.fchmod(fd, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` a folder only its owner may use (0700), whatever the umask; a
+    symlink in its place is refused."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass
+    if path.is_symlink():
+        raise BadKey(f"{path} is a symbolic link: dsage does not follow links for its "
+                     f"own folders; remove it and run `dsage setup`")
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        path.chmod(0o700)
+
+
+def check_not_writable_by_others(path: Path, what: str) -> None:
+    """Refuse a key folder or file that group or others may write, as sshd's
+    StrictModes does: whoever can write it could authorize their own key."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o022:
+        raise InsecureKeyFile(
+            f"permissions {mode:04o} for {what} '{path}' let others change which keys are "
+            f"trusted; run `chmod go-w {path}`")
 
 
 def setup(path: str | os.PathLike[str] | None = None, *, quiet: bool = True) -> bool:
@@ -102,22 +151,22 @@ def setup(path: str | os.PathLike[str] | None = None, *, quiet: bool = True) -> 
     """
     root = home(path)
     for sub in ("", "db", "tmp_worker_files", "authorized_keys", "logs"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        private_dir(root / sub)
     secret_file, public_file = root / SECRET_NAME, root / PUBLIC_NAME
     created = False
-    if not secret_file.exists():
+    if not secret_file.exists() and not secret_file.is_symlink():
         public, secret = zmq.curve_keypair()
         _write_private(secret_file, certificate_text(public, secret))
-        public_file.write_text(certificate_text(public))
+        _write_public(public_file, certificate_text(public))
         created = True
         if not quiet:
             print(f"dsage: created a new keypair in {root}")
     keys = load_keypair(root)
     if not public_file.exists():
-        public_file.write_text(certificate_text(keys.public))
+        _write_public(public_file, certificate_text(keys.public))
     own = root / "authorized_keys" / f"{SELF_NAME}.pub"
     if not own.exists():
-        own.write_text(certificate_text(keys.public, role="both"))
+        _write_public(own, certificate_text(keys.public, role="both"))
     return created
 
 
@@ -198,7 +247,9 @@ def authorized_roles(path: str | os.PathLike[str] | None = None
     out: dict[str, tuple[bytes, str]] = {}
     if not folder.is_dir():
         return out
+    check_not_writable_by_others(folder, "the authorized keys folder")
     for f in sorted(folder.glob("*.pub")):
+        check_not_writable_by_others(f, "the authorized key")
         try:
             key = _read_certificate(f)[0]
             m = _ROLE_LINE.search(f.read_text(errors="replace"))
@@ -222,8 +273,8 @@ def add_key(name: str, key: str | bytes, path: str | os.PathLike[str] | None = N
         raise BadKey(f"role '{role}' is not one of {', '.join(ROLES)}")
     public = parse_public_key(key)
     target = authorized_dir(path) / f"{name}.pub"
-    authorized_dir(path).mkdir(parents=True, exist_ok=True)
-    target.write_text(certificate_text(public, role=role))
+    private_dir(authorized_dir(path))
+    _write_public(target, certificate_text(public, role=role))
     return target
 
 

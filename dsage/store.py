@@ -163,12 +163,15 @@ class Store:
 
     def __init__(self, path: str | Path, durable: bool = False, holder: str = "") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = _lock(lock_path(self.path), holder)
         try:
+            _private_file(self.path)  # its -wal and -shm files get the same mode
             self.db = sqlite3.connect(str(self.path), isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
+            # freed pages (dropped payloads, pruned jobs) are overwritten, not left behind
+            self.db.execute("PRAGMA secure_delete=ON")
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
@@ -179,6 +182,7 @@ class Store:
             os.close(self._lock_fd)
             raise
         self._committed_changes = self.db.total_changes
+        self._truncated_changes = self._committed_changes
 
     def commit(self) -> None:
         """Make everything since the last commit durable, and start the next
@@ -192,10 +196,26 @@ class Store:
     def close(self) -> None:
         try:
             self.db.execute("COMMIT")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass
         self.db.close()
         os.close(self._lock_fd)
+
+    def truncate_wal(self) -> None:
+        """Commit, copy the WAL into the database and empty it, so that old page
+        images (payloads since dropped, with secure_delete zeroing them in the
+        database) do not linger in the WAL. The broker does this when it is idle."""
+        self.commit()
+        self.db.execute("COMMIT")
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self.db.execute("BEGIN")
+        self._truncated_changes = self.db.total_changes
+
+    def changed_since_truncate(self) -> bool:
+        return self.db.total_changes != self._truncated_changes
 
     def rollback(self) -> None:
         """Drop every change since the last commit (after a failed write)."""
@@ -397,6 +417,19 @@ class Store:
         return offset + len(data)
 
 
+def _private_file(path: Path) -> None:
+    """Create (or fix) a store file as 0600, whatever the umask; never through a symlink."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists() and not extra.is_symlink():
+            extra.chmod(0o600)
+
+
 def lock_path(store: Path) -> Path:
     return store.with_name(store.name + ".lock")
 
@@ -419,6 +452,7 @@ def holder_of(store: Path) -> str | None:
 def _lock(path: Path, holder: str) -> int:
     """Hold an exclusive lock on ``path`` (writing ``holder`` in it) or raise StoreLocked."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -804,3 +804,75 @@ def test_roles_survive_in_key_files_and_the_own_key_is_both(tmp_path: Path) -> N
     assert keys.authorized_roles(home)["old"][1] == "client"
     with pytest.raises(keys.BadKey, match="role"):
         keys.add_key("x", k, home, role="admin")
+
+
+# --- files at rest
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_at_rest_are_private_whatever_the_umask(procs: Procs, tmp_path: Path,
+                                                      umask: int) -> None:
+    root = tmp_path / f"h{umask:o}"
+    old = os.umask(umask)
+    try:
+        keys.setup(root)
+    finally:
+        os.umask(old)
+    for sub in ("", "db", "authorized_keys", "tmp_worker_files", "logs"):
+        assert (root / sub).stat().st_mode & 0o777 == 0o700, sub
+    assert (root / keys.SECRET_NAME).stat().st_mode & 0o777 == 0o600
+    code = (f"import os, dsage\nos.umask({umask})\n"
+            f"D = dsage.start_all(workers=1, port=0, home={str(root)!r})\n"
+            f"assert D('1+1').wait(60).result == 2\nD.close()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    db_files = [p for p in (root / "db").iterdir() if p.name.startswith("dsage")]
+    assert db_files
+    for p in db_files:
+        assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+def test_setup_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "h"
+    root.mkdir(mode=0o700)
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    (root / keys.PUBLIC_NAME).symlink_to(target)
+    with pytest.raises(keys.BadKey, match="symbolic link"):
+        keys.setup(root)
+    assert target.read_text() == "precious"
+    (root / keys.PUBLIC_NAME).unlink()
+    (root / keys.SECRET_NAME).unlink()
+    (root / keys.SECRET_NAME).symlink_to(target)
+    with pytest.raises(keys.KeyProblem):  # refused, never written through
+        keys.setup(root)
+    assert target.read_text() == "precious"
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_authorized_keys_others_could_write_are_refused(home: Path, port: int,
+                                                        what: str) -> None:
+    keys.add_key("bob", zmq.curve_keypair()[0].decode(), home)
+    path = keys.authorized_dir(home) if what == "folder" else \
+        keys.authorized_dir(home) / "bob.pub"
+    path.chmod(path.stat().st_mode | 0o020)
+    r = cli("broker", "--home", str(home), "--port", str(port))
+    assert r.returncode == 2 and f"chmod go-w {path}" in r.stderr, r.stderr
+    path.chmod(path.stat().st_mode & ~0o022)
+    assert "bob" in cli("keys", "--home", str(home), "list").stdout
+
+
+def test_a_finished_jobs_payload_does_not_linger_in_the_store_files(procs: Procs,
+                                                                    home: Path) -> None:
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    marker = "PAYLOAD-" + os.urandom(8).hex()
+    assert D(f"len({marker!r})").wait(60).result == len(marker)
+
+    def gone() -> bool:
+        raw = b"".join(p.read_bytes() for p in (home / "db").iterdir() if p.is_file())
+        return marker.encode() not in raw
+
+    wait_for(gone, 30, "the payload overwritten in the database and gone from the WAL")
