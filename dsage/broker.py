@@ -76,7 +76,8 @@ class Broker:
             max_queued_per_client=options.max_queued_per_client,
             retention=options.retention_days * 86400.0, allow_anonymous=options.allow_anonymous,
             prefetch=options.prefetch)
-        self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_client)
+        self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_client,
+                                 self.keyring.is_worker)
         #: most bytes of one message, all frames together (anonymous peers get less)
         self.budget = message_budget(options.max_message_size)
         self.anonymous_budget = message_budget(min(options.max_message_size,
@@ -89,6 +90,10 @@ class Broker:
         self._wake_w.setblocking(False)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._last_key_check = 0.0
+        #: keys with a live events subscription
+        self.subscribed: set[str] = set()
+        #: why the broker stopped by itself, if it did (run_broker reports it)
+        self.failed: str | None = None
         log.info("dsage-broker serving %s on ports %d-%d (home %s%s)", self.keys.public.decode(),
                  options.port, options.port + 2, self.home,
                  ", anonymous workers allowed" if options.allow_anonymous else "")
@@ -135,7 +140,9 @@ class Broker:
                 pass
         if now - self._last_key_check >= 1.0:
             self._last_key_check = now
-            self.keyring.maybe_reload()
+            if self.keyring.maybe_reload():
+                self._recheck_subscriptions()
+            self._check_authenticator()
             if self.options.exit_with_parent and os.getppid() != self.options.exit_with_parent:
                 log.warning("parent process %d is gone: stopping", self.options.exit_with_parent)
                 self.stopping = True
@@ -238,6 +245,23 @@ class Broker:
             except Exception as e:  # noqa: BLE001 - one message must not stop the broker
                 self._failed("monitor", rid, key, msg, e)
 
+    def _recheck_subscriptions(self) -> None:
+        """After a key change: a key that lost the client role loses its events."""
+        for key in list(self.subscribed):
+            if not self.keyring.is_client(key):
+                self.events.setsockopt(zmq.UNSUBSCRIBE, key.encode())
+                self.subscribed.discard(key)
+                log.info("dropped the events subscription of %s (no longer a client)", key[:8])
+
+    def _check_authenticator(self) -> None:
+        """With its ZAP thread dead, every handshake would hang: stop, saying why."""
+        thread = getattr(self.auth, "thread", None)
+        if thread is not None and not thread.is_alive() and not self.stopping:
+            log.error("the authentication (ZAP) thread died, so no peer could connect any "
+                      "more: stopping the broker; start it again")
+            self.failed = "the authentication thread died"
+            self.stopping = True
+
     def _over_budget(self, dest: Dest, rid: bytes, key: str, frames: list[zmq.Frame],
                      budget: int) -> bool:
         """Refuse a message whose frames together exceed ``budget`` bytes or the frame
@@ -290,6 +314,7 @@ class Broker:
             key = _user_id([frame])
             if self.state.on_subscribe(key, topic):
                 self.events.setsockopt(zmq.SUBSCRIBE, topic)
+                self.subscribed.add(key)
             else:
                 log.warning("refused a subscription of %s to another topic", key[:8] or "?")
 
@@ -345,6 +370,13 @@ def _user_id(frames: list[zmq.Frame]) -> str:
         return ""
 
 
+class BrokerFailed(Exception):
+    """The broker stopped by itself because it could not go on safely."""
+
+
 def run_broker(options: BrokerOptions) -> None:
     """Run a broker in this process until it is stopped."""
-    Broker(options).run()
+    broker = Broker(options)
+    broker.run()
+    if broker.failed:
+        raise BrokerFailed(broker.failed)

@@ -91,11 +91,14 @@ class BrokerState:
     """Everything the broker knows, and the rules for changing it."""
 
     def __init__(self, store: Store, config: BrokerConfig, now: float,
-                 is_client: Callable[[str], bool]) -> None:
+                 is_client: Callable[[str], bool],
+                 is_worker: Callable[[str], bool] | None = None) -> None:
         self.store = store
         self.config = config
         #: whether a key has the client role (may submit, query, subscribe)
         self.is_client = is_client
+        #: whether a key has the worker role (sees other monitors' keys and pids)
+        self.is_worker = is_worker or is_client
         self.outbox: list[Out] = []
         self.events: dict[str, list[Record]] = {}
         self.event_seq: dict[str, int] = {}
@@ -201,10 +204,15 @@ class BrokerState:
             recs = self.store.list(key, status, 10_000)
             self._send_records(rid, h["req"], self._with_reasons(recs), [])
         elif msg.type is M.WORKERS:
+            # monitors' keys and pids only to keys that run monitors themselves (and
+            # each key sees its own)
+            full = self.is_worker(key)
             self._send("client", rid, make(M.WORKER_LIST, req=h["req"], workers=[
-                {"id": m.monitor_id, "host": m.host, "pid": m.pid, "slots": m.slots,
+                {"id": m.monitor_id, "host": m.host,
+                 "pid": m.pid if full or m.key == key else 0, "slots": m.slots,
                  "busy": len(self.sched.assigned.get(m.monitor_id, ())),
-                 "anonymous": m.anonymous, "tags": m.tags, "key": m.key}
+                 "anonymous": m.anonymous, "tags": m.tags,
+                 "key": m.key if full or m.key == key else None}
                 for m in self.monitors.values()]))
         elif msg.type is M.FETCH:
             self._fetch(rid, key, h)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from . import keys as keys_mod
-from .broker import PortInUse, run_broker
+from .broker import BrokerFailed, PortInUse, run_broker
 from .monitor import run_monitor
 from .options import BrokerOptions, MonitorOptions, add_arguments, from_args, positive_int
 from .store import StoreLocked
@@ -59,7 +59,7 @@ def broker_main(argv: Sequence[str] | None = None, prog: str = "dsage-broker") -
     _logging(a.log_level)
     try:
         run_broker(from_args(BrokerOptions, a))
-    except (keys_mod.KeyProblem, PortInUse, StoreLocked) as e:
+    except (keys_mod.KeyProblem, PortInUse, StoreLocked, BrokerFailed) as e:
         return _fail(prog, str(e))
     return 0
 

@@ -83,7 +83,9 @@ def check_job_id(job_id: Any) -> str:
 
 @dataclass(frozen=True)
 class MonitorInfo:
-    """A connected monitor, as ``D.workers()`` lists it."""
+    """A connected monitor, as ``D.workers()`` lists it. ``key`` and ``pid`` are
+    shown only to keys with the worker role (None and 0 otherwise), except for
+    the asking key's own monitors."""
 
     id: str
     host: str
@@ -92,7 +94,7 @@ class MonitorInfo:
     busy: int
     anonymous: bool
     tags: list[str]
-    key: str
+    key: str | None
 
 
 # --- checking a job's options in the user's call, before anything is sent

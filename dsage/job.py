@@ -7,6 +7,7 @@ I/O thread notifies when jobs reach a final state.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +19,15 @@ from .protocol import FINAL, Encoding, ResultFrom, Status
 __all__ = ["JobError", "JobHost", "JobWrapper", "UntrustedResultError", "WorkerInfo"]
 
 _UNSET: Any = object()
+
+_CONTROL = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])"
+                      r"|[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+
+
+def strip_control(text: str) -> str:
+    """``text`` without terminal escape sequences and control characters (newlines
+    and tabs stay)."""
+    return _CONTROL.sub("", text)
 
 #: the condition of wrappers without a client (made by hand, as tests do)
 _HOSTLESS = threading.Condition()
@@ -104,6 +114,9 @@ class JobWrapper:
         self.created, self.started, self.finished = rec["created"], rec["started"], rec["finished"]
         self.failures = rec["failures"]
         self.error = rec["error"]
+        w = rec["worker"]
+        if self.error and w is not None and w["anonymous"]:
+            self.error = strip_control(self.error)
         self.reason = rec.get("reason")  # records of older brokers have none
         w = rec["worker"]
         self.worker = None if w is None else WorkerInfo(w["id"], w["host"], w["anonymous"], w["key"])
@@ -169,8 +182,11 @@ class JobWrapper:
 
     @property
     def output(self) -> str:
-        """What the job printed (stdout and stderr), with the traceback if it raised."""
-        return self._output_blob.decode("utf-8", errors="replace")
+        """What the job printed (stdout and stderr), with the traceback if it raised.
+        From an anonymous worker, terminal control sequences are removed (it could
+        otherwise rewrite what your terminal shows)."""
+        text = self._output_blob.decode("utf-8", errors="replace")
+        return text if self.trusted else strip_control(text)
 
     @property
     def trusted(self) -> bool:

@@ -377,7 +377,8 @@ MONITOR_INFO = {
     "busy": _nonneg_int,
     "anonymous": _bool,
     "tags": _tags,
-    "key": _key,
+    #: None when the asking key may not see other monitors' keys (no worker role)
+    "key": _optional(_key),
 }
 ERROR_ITEM = {"id": _job_id, "code": _short_str, "message": _str}
 

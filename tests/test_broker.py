@@ -571,3 +571,51 @@ def test_a_message_is_capped_as_a_whole_not_only_per_frame(procs: Procs, home: P
     # trusted peers keep within the budget by themselves: many jobs near the limit
     jobs = [D(f"len({'y' * 300_000!r}) + {i}") for i in range(12)]
     assert [j.wait(60).result for j in jobs] == [300_000 + i for i in range(12)]
+
+
+def test_a_dead_authentication_thread_stops_the_broker_with_a_reason(home: Path,
+                                                                      port: int) -> None:
+    """Without its ZAP thread every handshake would hang while the broker carries on."""
+    from dsage.broker import Broker
+    from dsage.options import BrokerOptions
+
+    broker = Broker(BrokerOptions(port=port, home=home))
+    try:
+        broker.step(0.01)
+        assert not broker.stopping
+        thread = broker.auth.thread
+        broker.auth.stop()  # the thread ends, as if it had died ...
+        broker.auth.thread = thread  # ... and the broker still holds it
+        broker._last_key_check = 0.0
+        broker.step(0.01)
+        assert broker.stopping and broker.failed == "the authentication thread died"
+    finally:
+        broker.close()
+
+
+def test_a_key_that_loses_the_client_role_loses_its_events(procs: Procs, home: Path,
+                                                           tmp_path: Path) -> None:
+    procs.broker()
+    bob = tmp_path / "bob"
+    keys.setup(bob)
+    keys.add_key("bob", keys.public_key_file(bob), home)
+    own = keys.load_keypair(bob)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        make_client(sub, own, keys.load_keypair(home).public)
+        sub.setsockopt(zmq.SUBSCRIBE, own.public)
+        sub.connect(f"tcp://127.0.0.1:{procs.port + 2}")
+        wait_for(lambda: sub.poll(100), 30, "bob's subscription live (its first event)")
+        sub.recv_multipart()
+        keys.add_key("bob", keys.public_key_file(bob), home, role="worker")
+        wait_for(lambda: "dropped the events subscription" in procs.started[0].log_tail(50),
+                 30, "the broker to drop bob's subscription")
+        # bob's topic is gone from the events socket: a job of the owner does not
+        # reach it, and neither would bob's
+        D = procs.client()
+        procs.worker(1)
+        assert D("1").wait(60).result == 1
+        assert not sub.poll(500)
+    finally:
+        ctx.destroy(linger=0)

@@ -79,7 +79,8 @@ HEADER_OVERRIDES: dict[M, dict[str, st.SearchStrategy[Any]]] = {
     M.LIST: {"status": st.none() | _enum(Status)},
     M.ERROR: {"req": st.none() | nonneg},
     M.ACK: {"errors": st.lists(_fixed(ERROR_ITEM), max_size=3)},
-    M.WORKER_LIST: {"workers": st.lists(_fixed(MONITOR_INFO, id=short), max_size=3)},
+    M.WORKER_LIST: {"workers": st.lists(_fixed(MONITOR_INFO, id=short, key=st.none() | z85_key),
+                                        max_size=3)},
 }
 blob = st.binary(max_size=64)
 

@@ -876,3 +876,41 @@ def test_a_finished_jobs_payload_does_not_linger_in_the_store_files(procs: Procs
         return marker.encode() not in raw
 
     wait_for(gone, 30, "the payload overwritten in the database and gone from the WAL")
+
+
+def test_untrusted_text_and_monitor_details_are_kept_from_clients(
+        procs: Procs, home: Path, tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """Output from anonymous workers reaches terminals without control sequences; a
+    client-only key sees no other monitor's key or pid."""
+    procs.broker(allow_anonymous=True, heartbeat=1.0)
+    fake = FakeAnonymousMonitor(ctx, procs.port, broker_key(home))
+    D = procs.client()
+    j = D("1", anonymous_ok=True)
+    spec = fake.next_job()
+    owner = str(spec["owner"])
+    bound = (str(spec["id"]), owner, "completed", "data", "expression")
+    evil = b"\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m text\r\n"
+    now = time.time()
+    fake._send(protocol.make(protocol.M.RESULT, [
+        fake.sealer.seal(owner, codec.dump_data(1), binding(*bound, "result")),
+        fake.sealer.seal(owner, evil, binding(*bound, "output"))], results=[{
+            "id": spec["id"], "status": "completed", "error": None, "encoding": "data",
+            "result_from": "expression", "sealed": True, "started": now, "finished": now,
+            "staged": False}]))
+    assert j.wait(30).result == 1
+    assert j.output == "red text\n" and "\x1b" not in repr(j)
+    bob = other_home(tmp_path, "bob")
+    keys.add_key("bob", keys.public_key_file(bob), home)  # a client only
+
+    def connects() -> dsage.DSage | None:
+        try:
+            return user_client(procs, bob, connect_timeout=10)
+        except KeyRejected:
+            return None  # the broker rereads its keys within a second
+
+    B = wait_for(connects, 20, "the broker to accept bob's key")
+    [seen] = B.workers()
+    assert seen.key is None and seen.pid == 0 and seen.host == "fake"
+    [full] = D.workers()  # the owner's key has the worker role
+    assert full.key == fake.keys.public.decode() and full.pid == 1
+    fake.close()
