@@ -26,10 +26,12 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from typing import Any
 
+from . import contain
 from .codec import encode_result
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
@@ -177,21 +179,53 @@ class Capture:
     """Files 1 and 2 redirected to one file, emptied per job."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        self.ident = _ident(self.fd)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(self.fd, 1)
-        os.dup2(self.fd, 2)
+        self.attach()
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+    def attach(self) -> None:
+        """Point files 1 and 2 at the capture file again (a job may have moved or
+        closed them, or closed the capture file's own descriptor)."""
+        if _ident(self.fd) != self.ident:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            if fd != self.fd:
+                os.dup2(fd, self.fd, inheritable=False)
+                os.close(fd)
+            self.ident = _ident(self.fd)
+        for target in (1, 2):
+            if _ident(target) != self.ident:
+                os.dup2(self.fd, target)
 
     def reset(self) -> None:
         os.ftruncate(self.fd, 0)
 
     def read(self) -> bytes:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush()
+        if _ident(self.fd) != self.ident:
+            self.attach()
         return read_tail(self.fd)
+
+
+def _flush() -> None:
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _ident(fd: int) -> tuple[int, int] | None:
+    """Which file an open descriptor is (None when it is closed)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
@@ -202,24 +236,31 @@ def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
     return (b"[... output cut ...]\n" + data) if start else data
 
 
+def _enter(folder: str) -> None:
+    """Change into ``folder``, making it again if a job removed it."""
+    try:
+        os.chdir(folder)
+    except FileNotFoundError:
+        os.makedirs(folder, 0o700, exist_ok=True)
+        os.chdir(folder)
+
+
 def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
             ) -> tuple[dict[str, Any], bytes, bytes]:
     """Run one job in its own folder; return its outcome fields for the monitor, the
     encoded result and the captured output."""
     job_dir = os.path.join(tmpdir, spec["id"])
-    try:
-        os.mkdir(job_dir, 0o700)
-    except FileExistsError:
-        pass
+    os.makedirs(job_dir, 0o700, exist_ok=True)
     os.chdir(job_dir)
     capture.reset()
+    recursion = sys.getrecursionlimit()
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
     if spec.get("memory"):
         resource.setrlimit(resource.RLIMIT_AS, (min(spec["memory"], old_limit[1])
                                                 if old_limit[1] > 0 else spec["memory"],
                                                 old_limit[1]))
     started = time.time()
-    status, error = Status.COMPLETED, None
+    status, error, report = Status.COMPLETED, None, ""
     value: Any = None
     result_from = ResultFrom.NONE
     try:
@@ -233,10 +274,18 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
     except BaseException as e:  # noqa: BLE001 - the job's own failure, reported in full
         status = Status.FAILED
         error = f"{type(e).__name__}: {e}"[:2000]
-        sys.stderr.write(_user_traceback(e))
+        report = _user_traceback(e)
     finally:
-        resource.setrlimit(resource.RLIMIT_AS, old_limit)
-        os.chdir(tmpdir)
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, old_limit)
+        except (OSError, ValueError):
+            pass  # the job lowered the hard limit: the slot is replaced (see restore)
+        sys.setrecursionlimit(max(recursion, sys.getrecursionlimit()))
+        _enter(tmpdir)
+        capture.attach()
+    if report:
+        _flush()
+        os.write(capture.fd, report.encode(errors="replace"))
     encoding, blob = Encoding.NONE, b""
     if status is Status.COMPLETED and result_from is not ResultFrom.NONE:
         try:
@@ -244,15 +293,137 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
         except Exception as e:  # noqa: BLE001 - unpicklable results are the job's failure
             status = Status.FAILED
             error = f"the result ({type(value).__name__}) cannot be serialised: {e}"[:2000]
-            sys.stderr.write(error + "\n")
+            os.write(capture.fd, (error + "\n").encode(errors="replace"))
     return ({"id": spec["id"], "status": status.value, "error": error,
              "encoding": encoding.value, "result_from": result_from.value, "started": started,
              "finished": time.time(), "rss": _rss()}, blob, capture.read())
 
 
+#: signals whose handlers the slot restores after each job
+_SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
+_ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+
+
+def _open_fds() -> set[int]:
+    try:
+        return {int(n) for n in os.listdir("/proc/self/fd")}
+    except OSError:
+        return set()
+
+
+def _fingerprint() -> dict[str, int]:
+    """A cheap identity of every loaded module's namespace: which objects its names
+    are bound to (``math.pi = 3`` changes it, calling a function does not)."""
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        d = getattr(mod, "__dict__", None)
+        if d is None or name in ("sys", "__main__", "builtins"):
+            continue
+        try:
+            out[name] = hash(tuple(map(id, d.values())))
+        except RuntimeError:  # changed while read (a thread the job left)
+            out[name] = 0
+    return out
+
+
+class Baseline:
+    """What a job must leave as it found it: what can be put back cheaply is put back
+    after each job (:meth:`restore`); what cannot makes the slot ask to be replaced."""
+
+    def __init__(self, capture: Capture, tmpdir: str) -> None:
+        self.capture, self.tmpdir = capture, tmpdir
+        self.environ = dict(os.environ)
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
+        self.handlers = {}
+        for sig in _SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler is not None:
+                self.handlers[sig] = handler
+        self.streams = (sys.stdin, sys.stdout, sys.stderr)
+        self.hooks = (sys.displayhook, sys.excepthook)
+        self.argv, self.path = list(sys.argv), list(sys.path)
+        self.recursion = sys.getrecursionlimit()
+        self.fds = _open_fds()
+        self.stdin = os.dup(0)  # what file 0 was, to put back
+        os.set_inheritable(self.stdin, False)
+        self.fds.add(self.stdin)
+        self.builtins = dict(vars(builtins))
+        self.modules = _fingerprint()
+
+    def restore(self) -> str | None:
+        """Undo what the job changed cheaply; return why the slot must be replaced
+        (None when it is as good as new)."""
+        signal.alarm(0)
+        for timer in _ITIMERS:
+            signal.setitimer(timer, 0)
+        left = contain.tree(os.getpid())
+        if left:
+            contain.kill_tree(os.getpid(), include_self=False)
+        contain.reap_children()
+        why = []
+        if left:
+            why.append(f"it left {len(left)} processes running (killed)")
+        if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+            why.append("it left threads running")
+        for sig, handler in self.handlers.items():
+            try:
+                if signal.getsignal(sig) is not handler:
+                    signal.signal(sig, handler)
+            except (OSError, ValueError):
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if os.environ != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        os.umask(self.umask)
+        _enter(self.tmpdir)
+        sys.stdin, sys.stdout, sys.stderr = self.streams
+        sys.displayhook, sys.excepthook = self.hooks
+        sys.argv[:], sys.path[:] = self.argv, self.path
+        sys.setrecursionlimit(self.recursion)
+        if any(getattr(f, "closed", True) for f in self.streams):
+            why.append("it closed sys.stdin, sys.stdout or sys.stderr")
+        os.dup2(self.stdin, 0)
+        self.capture.attach()
+        extra = _open_fds() - self.fds - {self.capture.fd}
+        if extra:
+            import gc
+
+            gc.collect()  # files the job dropped without closing
+            extra = _open_fds() - self.fds - {self.capture.fd}
+            extra = {fd for fd in extra if _ident(fd) is not None}
+            if extra:
+                why.append(f"it left {len(extra)} files open")
+        if vars(builtins).keys() != self.builtins.keys() or any(
+                vars(builtins)[k] is not v for k, v in self.builtins.items()):
+            why.append("it changed builtins")
+        modules = _fingerprint()
+        changed = [n for n, h in self.modules.items() if modules.get(n, h) != h]
+        if changed:
+            why.append(f"it changed the modules {', '.join(sorted(changed)[:5])}")
+        self.modules = modules
+        return "; ".join(why) or None
+
+
+def _detach_pipe(fd: int) -> None:
+    """In a process the job forked: let go of the slot's pipe (file ``fd`` becomes
+    /dev/null), so only the slot itself holds it."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd, inheritable=False)
+        os.close(null)
+    except OSError:
+        pass
+
+
 def main(argv: list[str]) -> int:
     fd, capture_path, tmpdir, nice = int(argv[0]), argv[1], argv[2], int(argv[3])
+    group = argv[4] if len(argv) > 4 else ""
     _die_with_parent()
+    contain.set_subreaper()  # orphaned descendants of a job become this slot's children
+    if group:
+        contain.join_cgroup(group)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the monitor decides when slots stop
     if nice:
         try:
@@ -260,17 +431,25 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
     os.set_inheritable(fd, False)  # the job's own child processes do not get the pipe
+    os.register_at_fork(after_in_child=lambda: _detach_pipe(fd))  # nor its forks
     sock = socket.socket(fileno=fd)
-    capture = Capture(capture_path)
-    os.makedirs(tmpdir, exist_ok=True)
-    os.chdir(tmpdir)
+    try:
+        os.makedirs(tmpdir, exist_ok=True)  # again, if a job removed it
+        capture = Capture(capture_path)
+        os.chdir(tmpdir)
+        baseline = Baseline(capture, tmpdir)
+    except Exception as e:  # noqa: BLE001 - told to the monitor in one line
+        send_frame(sock, {"failed": f"{type(e).__name__}: {e}"[:1000]})
+        return 3
     send_frame(sock, {"ready": True, "rss": _rss()})
     while True:
         try:
             spec, payload, _ = recv_frame(sock)
         except (EOFError, OSError):
             return 0
-        send_frame(sock, *run_job(spec, payload, capture, tmpdir))
+        reply, result, output = run_job(spec, payload, capture, tmpdir)
+        reply["replace"] = baseline.restore()
+        send_frame(sock, reply, result, output)
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
 
 

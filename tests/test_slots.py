@@ -1,0 +1,202 @@
+"""Slots contain their jobs: every descendant dies with the job, a monitor whose slots
+cannot start steps back, and what a job changes does not reach the next job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import dsage
+from dsage import contain
+
+from .conftest import Procs, skip_or_fail, wait_for
+
+
+#: a job that starts a daemon (fork, setsid, fork, sleep: no exec) and a plain child
+#: process, writes their pids to PIDS, then runs TAIL
+DAEMONS = """
+import os, subprocess, time
+path = {path!r}
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    if os.fork() == 0:
+        with open(path, 'a') as f:
+            f.write(f'{{os.getpid()}}\\n')
+        time.sleep(300)
+    os._exit(0)
+os.waitpid(pid, 0)
+p = subprocess.Popen(['sleep', '43'])
+with open(path, 'a') as f:
+    f.write(f'{{p.pid}}\\n')
+{tail}
+"""
+
+
+def gone(pid: int) -> bool:
+    """A process that no longer runs (absent, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def started_pids(path: Path, n: int = 2) -> list[int]:
+    def read() -> list[int] | None:
+        try:
+            pids = [int(x) for x in path.read_text().split()]
+        except FileNotFoundError:
+            return None
+        return pids if len(pids) >= n else None
+    return wait_for(read, 30, f"{n} pids in {path}")
+
+
+def all_gone(pids: list[int], timeout: float = 15) -> None:
+    wait_for(lambda: all(gone(p) for p in pids), timeout,
+             f"processes {pids} to end (alive: {[p for p in pids if not gone(p)]})")
+
+
+def daemon_job(tmp_path: Path, tail: str) -> tuple[str, Path]:
+    path = tmp_path / "pids"
+    return DAEMONS.format(path=str(path), tail=tail), path
+
+
+def kill_all(pids: list[int]) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(params=["cgroup", "tree"])
+def contained(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of finding a job's descendants: its slot's cgroup, and (as on a
+    machine without cgroups) its slot's process tree."""
+    if request.param == "tree":
+        monkeypatch.setenv("DSAGE_CGROUPS", "0")
+    elif contain.cgroup_base() is None:
+        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+    return str(request.param)
+
+
+@pytest.fixture
+def one_slot(procs: Procs) -> dsage.DSage:
+    procs.broker()
+    procs.worker(1, grace=0.5)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    return d
+
+
+# --- 1. every descendant of a job dies with it
+
+
+def test_descendants_die_when_the_job_returns(contained: str, one_slot: dsage.DSage,
+                                              tmp_path: Path) -> None:
+    code, path = daemon_job(tmp_path, "'done'")
+    j = one_slot(code).wait(60)
+    pids = started_pids(path)
+    try:
+        assert j.status == "completed", (j.status, j.error)
+        all_gone(pids, 5)
+        assert one_slot("2+2").wait(30).result == 4
+    finally:
+        kill_all(pids)
+
+
+def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+                                                         tmp_path: Path) -> None:
+    code, path = daemon_job(tmp_path, "time.sleep(300)")
+    t0 = time.monotonic()
+    j = one_slot(code, timeout=2)
+    pids = started_pids(path)
+    try:
+        j.wait(30)
+        assert j.status == "failed" and "timed out" in (j.error or ""), (j.status, j.error)
+        assert time.monotonic() - t0 < 20
+        all_gone(pids)
+        assert one_slot("2+2").wait(30).result == 4
+    finally:
+        kill_all(pids)
+
+
+def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+                                                      tmp_path: Path) -> None:
+    code, path = daemon_job(tmp_path, "time.sleep(300)")
+    j = one_slot(code, timeout=None)
+    pids = started_pids(path)
+    try:
+        j.kill()
+        wait_for(lambda: j.status == "killed", 20, "the kill")
+        all_gone(pids)
+        assert one_slot("2+2").wait(30).result == 4
+    finally:
+        kill_all(pids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_descendants_die_with_their_monitor(procs: Procs, tmp_path: Path,
+                                            sig: signal.Signals) -> None:
+    if contain.cgroup_base() is None:
+        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+    procs.broker()
+    worker = procs.worker(1, grace=0.5)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code, path = daemon_job(tmp_path, "time.sleep(300)")
+    d(code, timeout=None)
+    pids = started_pids(path)
+    try:
+        if sig == signal.SIGKILL:
+            procs.kill9(worker)
+        else:
+            os.kill(worker.pid, sig)
+            worker.proc.wait(20)
+        all_gone(pids)
+    finally:
+        kill_all(pids)
+
+
+def test_a_monitor_kills_what_is_left_in_the_cgroups_of_a_dead_one(tmp_path: Path) -> None:
+    base = contain.cgroup_base()
+    if base is None:
+        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+        return
+    # a "monitor" that is gone: a pid that does not exist, with a process in its group
+    import subprocess
+
+    group = os.path.join(base, "m-999999999-1", "s0-1")
+    os.makedirs(group)
+    p = subprocess.Popen(["sleep", "41"])
+    try:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(p.pid))
+        assert contain.sweep_stale(base) >= 1
+        assert p.wait(10) == -signal.SIGKILL
+        assert not os.path.exists(os.path.dirname(group))
+    finally:
+        p.kill()
+        p.wait()
+        contain.remove_cgroup(os.path.dirname(group), wait=2)
+
+
+def test_a_forked_child_does_not_hold_the_slot_pipe(one_slot: dsage.DSage) -> None:
+    """A child that forks (no exec) gets /dev/null where the slot's pipe was."""
+    code = """
+import os, sys
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    fd = int(sys.argv[1])
+    os.write(w, os.readlink(f'/proc/self/fd/{fd}').encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+os.read(r, 1000).decode()
+"""
+    assert one_slot(code).wait(30).result == "/dev/null"
