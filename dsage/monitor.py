@@ -396,7 +396,10 @@ class Monitor:
     # --- slots
 
     def _spawn(self, index: int) -> Slot:
-        self.tmpdir.mkdir(parents=True, exist_ok=True)  # again, if a job removed it
+        try:
+            self.tmpdir.mkdir(parents=True, exist_ok=True)  # again, if a job removed it
+        except OSError:
+            pass  # the slot says why it cannot start
         parent, child = socket.socketpair()
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
         self._generation += 1
@@ -429,7 +432,10 @@ class Monitor:
 
     def _bury(self, slot: Slot) -> None:
         """Remove what a dead slot leaves: its capture file, its cgroup."""
-        slot.capture.unlink(missing_ok=True)
+        try:
+            slot.capture.unlink(missing_ok=True)
+        except OSError:
+            pass  # its folder is gone, or is not a folder any more
         if slot.group:
             contain.remove_cgroup(slot.group, wait=0.5)
 

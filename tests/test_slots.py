@@ -200,3 +200,39 @@ os.waitpid(pid, 0)
 os.read(r, 1000).decode()
 """
     assert one_slot(code).wait(30).result == "/dev/null"
+
+
+# --- 2. a monitor that cannot start slots says so and steps back
+
+
+def test_a_job_that_removes_the_worker_temp_folder_breaks_nothing(one_slot: dsage.DSage) -> None:
+    code = "import os, shutil; shutil.rmtree(os.path.dirname(os.getcwd())); 'gone'"
+    j = one_slot(code).wait(30)
+    assert j.status == "completed" and j.result == "gone", (j.status, j.error)
+    for _ in range(3):
+        assert one_slot("import os; os.getcwd() and 2+2").wait(30).result == 4
+
+
+def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
+        procs: Procs, home: Path) -> None:
+    procs.broker()
+    worker = procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    tmp = home / "tmp_worker_files"
+    # the job replaces the worker's temp folder with a file: no slot can start there
+    j = d(f"import shutil; shutil.rmtree({str(tmp)!r}); open({str(tmp)!r}, 'w').close()")
+    j.wait(30)
+    wait_for(lambda: "fail to start" in worker.log.read_text(), 20, "the monitor to say so")
+    later = d("2+2")
+    time.sleep(0)  # (no wait: the job must stay queued while the monitor steps back)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert later.status in ("new", "processing"), later.status
+        time.sleep(0.1)
+    log = worker.log.read_text()
+    assert log.count("Traceback") == 0, log[-3000:]
+    assert log.count("fail to start") == 1, log[-3000:]
+    tmp.unlink()
+    assert later.wait(60).result == 4
+    assert "start again" in worker.log.read_text()
