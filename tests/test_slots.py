@@ -236,3 +236,79 @@ def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
     tmp.unlink()
     assert later.wait(60).result == 4
     assert "start again" in worker.log.read_text()
+
+
+# --- 3. what a job changes does not reach the next job
+
+LEAKS = {
+    "builtins": ("import builtins; builtins.sum = lambda *a: 42", "sum([1, 2])", 3),
+    "module": ("import math; math.pi = 3", "import math; math.pi", 3.141592653589793),
+    "environ": ("import os; os.environ['DSAGE_LEAK'] = '1'; os.environ.pop('PATH', None)",
+                "import os; ('DSAGE_LEAK' in os.environ, 'PATH' in os.environ)",
+                (False, True)),
+    "thread": ("import threading, time\n"
+               "def spam():\n"
+               "    while True:\n"
+               "        print('LEAK', flush=True)\n"
+               "        time.sleep(0.01)\n"
+               "threading.Thread(target=spam, daemon=True).start()\ntime.sleep(0.05)",
+               "import time; print('clean'); time.sleep(0.3); 1", 1),
+    "alarm": ("import signal; signal.alarm(2)", "import time; time.sleep(3); 'survived'",
+              "survived"),
+    "handler": ("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+                "import signal; signal.getsignal(signal.SIGTERM) is signal.SIG_DFL", True),
+    "itimer": ("import signal; signal.setitimer(signal.ITIMER_REAL, 1.5)",
+               "import time; time.sleep(2.5); 'survived'", "survived"),
+    "dup2": ("import os; os.dup2(os.open(os.devnull, os.O_WRONLY), 1)",
+             "print('visible'); 1", 1),
+    "close": ("import os; os.close(1)", "print('visible'); 1", 1),
+    "recursion": ("import sys; sys.setrecursionlimit(60)",
+                  "def f(n): return 0 if n == 0 else 1 + f(n - 1)\nf(500)", 500),
+    "streams": ("import io, sys; sys.stdout = io.StringIO(); sys.argv = ['x']; "
+                "sys.path.insert(0, '/nonexistent')",
+                "import sys; print('visible'); ('/nonexistent' in sys.path, sys.argv != ['x'])",
+                (False, True)),
+    "umask": ("import os; os.umask(0o777)", "import os; m = os.umask(0o22); os.umask(m); m",
+              None),
+    "open_file": ("import os; os.open('/etc/hostname', os.O_RDONLY)",
+                  "import os; len(os.listdir('/proc/self/fd'))", None),
+}
+
+
+@pytest.mark.parametrize("name", list(LEAKS))
+def test_a_job_does_not_change_the_next_one(one_slot: dsage.DSage, name: str) -> None:
+    leak, check, expected = LEAKS[name]
+    if expected is None:  # whatever a fresh slot says
+        expected = one_slot(check).wait(30).result
+    first = one_slot(leak).wait(30)
+    assert first.status == "completed", (first.status, first.error)
+    j = one_slot(check).wait(30)
+    assert j.status == "completed", (name, j.status, j.error, j.output)
+    assert j.result == expected, (name, j.result)
+    if name in ("thread", "dup2", "close", "streams"):
+        out = j.output or ""
+        assert "LEAK" not in out, out
+        if name != "thread":
+            assert "visible" in out, out
+
+
+def test_output_is_kept_when_a_job_closes_its_own_fds(one_slot: dsage.DSage) -> None:
+    j = one_slot("import os, sys; print('before', flush=True); os.close(1); os.close(2); "
+                 "sys.stdout = None; 7").wait(30)
+    assert j.status == "completed" and j.result == 7, (j.status, j.error)
+    assert "before" in (j.output or "")
+
+
+def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
+    """Ordinary jobs (code, functions, imports, printing, failures) change nothing
+    that makes their slot be replaced: one process runs them all."""
+    jobs = [one_slot("import os; os.getpid()"),
+            one_slot.eval_function(os.getpid),
+            one_slot("import json, collections, decimal; print('x'); open('f', 'w').write('x')"),
+            one_slot.eval_function(sorted, [[3, 1, 2]]),
+            one_slot("raise ValueError('no')"),
+            one_slot("import subprocess; subprocess.run(['true']).returncode"),
+            one_slot("import os; os.getpid()")]
+    for j in jobs:
+        j.wait(30)
+    assert jobs[0].result == jobs[1].result == jobs[-1].result, [j.result for j in jobs]
