@@ -465,6 +465,10 @@ class Monitor:
         if not self.pending or self.stopping or self.paused or not slot.ready \
                 or slot.job is not None:
             return
+        if slot.jobs_done and (self.options.isolate
+                               or next(iter(self.pending.values()))[0].get("isolate")):
+            self._respawn(slot)  # the job gets a process no earlier job ran in
+            return
         _, (spec, payload) = self.pending.popitem(last=False)
         slot.job, slot.started = spec, time.time()
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
@@ -497,12 +501,15 @@ class Monitor:
             return
         slot.job, slot.deadline = None, None
         slot.jobs_done += 1
-        recycle = self._worn(slot, reply["rss"]) or bool(reply["replace"])
+        recycle = (self._worn(slot, reply["rss"]) or bool(reply["replace"])
+                   or self.options.isolate or bool(job.get("isolate")))
         if not recycle:
             self._start_next(slot)  # before anything else: the slot idles for no result
         self._finish(job, reply, result, output)
         if recycle:
-            if reply["replace"]:
+            if self.options.isolate or job.get("isolate"):
+                pass  # every isolated job leaves its slot
+            elif reply["replace"]:
                 log.info("replacing slot %d: job %s %s", slot.index, job["id"],
                          reply["replace"])
             else:

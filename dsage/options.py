@@ -138,6 +138,8 @@ class MonitorOptions:
     max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
                                 "largest frame accepted, in bytes (default 256 MiB)",
                                 parse=positive_int)
+    isolate: bool = opt(False, "run every job in a slot process no earlier job ran in (a "
+                        "fresh slot is started after each job)")
     exit_with_parent: int | None = opt(None, hidden=True)
 
 

@@ -312,3 +312,29 @@ def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
     for j in jobs:
         j.wait(30)
     assert jobs[0].result == jobs[1].result == jobs[-1].result, [j.result for j in jobs]
+
+
+def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code = ("import os, sys; m = sys.modules.setdefault('dsage_mark', type(sys)('m')); "
+            "seen = getattr(m, 'seen', False); m.seen = True; (os.getpid(), seen)")
+    results = [d(code).wait(30).result for _ in range(3)]
+    assert len({pid for pid, _ in results}) == 3, results
+    assert not any(seen for _, seen in results), results
+
+
+# --- 4. slots are light
+
+
+def test_a_slot_does_not_load_zeromq_or_the_client(one_slot: dsage.DSage) -> None:
+    j = one_slot("import sys; sorted(m for m in sys.modules if m.split('.')[0] in "
+                 "('zmq', 'nacl') or m in ('dsage.client', 'dsage.monitor'))").wait(30)
+    assert j.status == "completed" and j.result == [], (j.status, j.error, j.result)
+
+
+def test_a_job_may_import_the_dsage_package(one_slot: dsage.DSage) -> None:
+    j = one_slot("import dsage; callable(dsage.DSage)").wait(30)
+    assert j.result is True, (j.status, j.error)
