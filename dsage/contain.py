@@ -265,3 +265,96 @@ def _watchdog(group: str) -> None:
         except OSError:
             break
     remove_cgroup(group, wait=5.0)
+
+
+# --- memory cgroups (v1), for a per-slot memory cap the OOM killer enforces
+
+
+def memory_cgroup_base() -> str | None:
+    """The folder for dsage's v1 memory cgroups (``dsage`` beside this process's own),
+    made if needed; None where there is no writable v1 memory hierarchy."""
+    if os.environ.get("DSAGE_CGROUPS") == "0":
+        return None
+    mount = None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[2] == "cgroup" and "memory" in parts[3].split(","):
+                    mount = parts[1]
+        own = "/"
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    own = path
+    except (OSError, ValueError):
+        return None
+    if mount is None:
+        return None
+    base = os.path.join(mount, own.lstrip("/"), "dsage")
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        return None
+    return base
+
+
+def make_memory_cgroup(path: str, limit: int) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit))
+        return True
+    except OSError:
+        return False
+
+
+def oom_kills(path: str) -> int:
+    """How many processes the OOM killer killed in a v1 memory cgroup."""
+    try:
+        with open(os.path.join(path, "memory.oom_control")) as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def kernel_oom_kills() -> int:
+    """The kernel's count of OOM kills (all of this machine)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _limits(pid: int | str) -> dict[str, str]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f.readlines()[1:]:
+                name, soft = line[:26].strip(), line[26:47].strip()
+                out[name] = soft
+    except OSError:
+        pass
+    return out
+
+
+def lowered_limits(pid: int, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The resource limits a process (a slot, dead or alive) has lower than this
+    process's own, as ``'Max cpu time 1 seconds'``."""
+    mine, theirs = _limits("self"), _limits(pid)
+    out = []
+    for name, soft in theirs.items():
+        own = mine.get(name)
+        if name in ignore or own is None or own == soft or soft == "unlimited":
+            continue
+        if own == "unlimited" or (soft.isdigit() and own.isdigit() and int(soft) < int(own)):
+            out.append(f"{name} {soft}")
+    return out

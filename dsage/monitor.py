@@ -80,6 +80,8 @@ class Slot:
     #: the slot's cgroup ('' without cgroups) and a pidfd that is readable once it exits
     group: str = ""
     pidfd: int = -1
+    #: its v1 memory cgroup ('' without --slot-memory)
+    memory_group: str = ""
     ready: bool = False
     job: dict[str, Any] | None = None
     started: float = 0.0
@@ -171,8 +173,17 @@ class Monitor:
         """Make this monitor's cgroup (where cgroups v2 can be written), after killing
         what is left in those of monitors that are gone, and start its watchdog."""
         self.group = ""
+        self.memory_group = ""
         self.watchdog: subprocess.Popen[bytes] | None = None
         self._watchdog_pipe = -1
+        self._oom_seen = contain.kernel_oom_kills()
+        if self.options.slot_memory:
+            mbase = contain.memory_cgroup_base()
+            if mbase is None:
+                log.warning("--slot-memory is ignored: no writable cgroup v1 memory hierarchy")
+            else:
+                contain.sweep_stale(mbase)
+                self.memory_group = os.path.join(mbase, contain.monitor_group_name())
         base = contain.cgroup_base()
         if base is None:
             log.info("no writable cgroup v2 hierarchy: a job's descendants are tracked as "
@@ -403,13 +414,20 @@ class Monitor:
         parent, child = socket.socketpair()
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
         self._generation += 1
-        group = os.path.join(self.group, f"s{index}-{self._generation}") if self.group else ""
+        name = f"s{index}-{self._generation}"
+        group = os.path.join(self.group, name) if self.group else ""
+        memory_group = ""
+        if self.memory_group and self.options.slot_memory:
+            memory_group = os.path.join(self.memory_group, name)
+            if not contain.make_memory_cgroup(memory_group, self.options.slot_memory):
+                memory_group = ""
         proc = subprocess.Popen(
             [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
-             str(self.tmpdir), str(self.options.priority), group, _PACKAGE_DIR],
+             str(self.tmpdir), str(self.options.priority),
+             ",".join(g for g in (group, memory_group) if g), _PACKAGE_DIR],
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
-        slot = Slot(index, proc, parent, capture, group)
+        slot = Slot(index, proc, parent, capture, group, memory_group=memory_group)
         self.poller.register(parent.fileno(), zmq.POLLIN)
         try:
             slot.pidfd = os.pidfd_open(proc.pid)
@@ -436,8 +454,9 @@ class Monitor:
             slot.capture.unlink(missing_ok=True)
         except OSError:
             pass  # its folder is gone, or is not a folder any more
-        if slot.group:
-            contain.remove_cgroup(slot.group, wait=0.5)
+        for group in (slot.group, slot.memory_group):
+            if group:
+                contain.remove_cgroup(group, wait=0.5)
 
     def _spawn_due(self, now: float) -> None:
         for index, when in list(self.respawn_at.items()):
@@ -569,23 +588,35 @@ class Monitor:
 
     def _slot_died(self, slot: Slot) -> None:
         job = slot.job
+        # read before the slot is reaped: limits its job lowered explain some deaths
+        lowered = contain.lowered_limits(
+            slot.proc.pid, ("Max address space",) if job and job.get("memory") else ())
         self._close_pipe(slot)
         rc = self._reap(slot)
         if slot.group:
             contain.kill_cgroup(slot.group)  # its descendants die with it
         if not slot.ready and not self.stopping:
             self._spawn_failed(slot, rc)
+        why = ""
+        if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
+            why = self._why_killed(slot, lowered)
+        if why:
+            slot.kill_reason = why
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
             # Killed from outside (the OOM killer, an admin): the worker was lost,
             # not the job's fault. It goes back to the queue; the failure limit
             # stops a job that keeps doing this.
-            log.warning("slot %d was killed from outside while running job %s; giving it back",
-                        slot.index, job["id"])
-            self._release([job["id"]], f"its slot process on {self.host} was killed (SIGKILL)",
+            oom = contain.kernel_oom_kills()
+            by = " by the kernel's out-of-memory killer" if oom > self._oom_seen else ""
+            self._oom_seen = oom
+            log.warning("slot %d was killed%s while running job %s; giving it back",
+                        slot.index, by or " from outside", job["id"])
+            self._release([job["id"]],
+                          f"its slot process on {self.host} was killed (SIGKILL){by}",
                           count_failure=True)
             remove_folder(str(self.tmpdir / job["id"]))
         elif job is not None:
-            status, error = self._death_outcome(slot, rc)
+            status, error = self._death_outcome(slot, rc, lowered)
             output = b""
             try:
                 output = slot.capture.read_bytes()[-(1 << 20):]
@@ -603,9 +634,23 @@ class Monitor:
         if not self.stopping:
             self._respawn(slot)
 
+    def _why_killed(self, slot: Slot, lowered: list[str]) -> str:
+        """Why a slot died of a SIGKILL the monitor did not send, when the job caused it
+        (its cgroup's OOM killer, limits it lowered); '' when something outside did."""
+        if slot.memory_group and contain.oom_kills(slot.memory_group) > 0:
+            return (f"the job's slot went past its memory cap of "
+                    f"{_size(self.options.slot_memory or 0)} (--slot-memory) and the "
+                    f"out-of-memory killer of its cgroup killed it (SIGKILL)")
+        if lowered:
+            return (f"the job's process died of SIGKILL after the job lowered its own "
+                    f"limits: {', '.join(lowered)}")
+        return ""
+
     @staticmethod
-    def _death_outcome(slot: Slot, rc: int) -> tuple[Status, str]:
+    def _death_outcome(slot: Slot, rc: int, lowered: list[str]) -> tuple[Status, str]:
         assert slot.job is not None
+        if slot.kill_reason and slot.kill_reason.startswith("the job"):
+            return Status.FAILED, slot.kill_reason
         if slot.kill_reason == "timeout":
             return Status.FAILED, f"timed out after {slot.job['timeout']:g} s (the job was killed)"
         if slot.kill_reason == PIPE_BROKEN:
@@ -618,7 +663,8 @@ class Monitor:
                 name = signal.Signals(-rc).name
             except ValueError:
                 name = f"signal {-rc}"
-            return Status.FAILED, f"the job's process died of {name} (signal {-rc})"
+            return Status.FAILED, f"the job's process died of {name} (signal {-rc})" + (
+                f"; the job had lowered its own limits: {', '.join(lowered)}" if lowered else "")
         return Status.FAILED, f"the job's process exited with status {rc} (os._exit or a crash)"
 
     def _finish(self, job: dict[str, Any], reply: dict[str, Any], result: bytes,
@@ -799,8 +845,9 @@ class Monitor:
         for slot in self.slots:
             slot.proc.wait()
             self._bury(slot)
-        if self.group:
-            contain.remove_cgroup(self.group, wait=2.0)
+        for group in (self.group, self.memory_group):
+            if group:
+                contain.remove_cgroup(group, wait=2.0)
         if self._watchdog_pipe >= 0:
             os.close(self._watchdog_pipe)  # its sweep finds nothing left
             self._watchdog_pipe = -1
@@ -812,6 +859,13 @@ class Monitor:
         self._wake_r.close()
         self._wake_w.close()
         log.info("dsage-worker stopped")
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
 
 
 def run_monitor(options: MonitorOptions) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import builtins
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -245,6 +246,16 @@ def _enter(folder: str) -> None:
         os.chdir(folder)
 
 
+def _explain(e: BaseException, spec: dict[str, Any]) -> str:
+    """What an exception means for a job, where it is about the job's limits."""
+    if isinstance(e, MemoryError) and spec.get("memory"):
+        return (f" (the job reached its memory cap: memory={spec['memory']} bytes of "
+                f"address space)")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return " (the disk is full, or the quota is used up)"
+    return ""
+
+
 def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
             ) -> tuple[dict[str, Any], bytes, bytes]:
     """Run one job in its own folder; return its outcome fields for the monitor, the
@@ -273,7 +284,7 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
         status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
     except BaseException as e:  # noqa: BLE001 - the job's own failure, reported in full
         status = Status.FAILED
-        error = f"{type(e).__name__}: {e}"[:2000]
+        error = f"{type(e).__name__}: {e}"[:2000] + _explain(e, spec)
         report = _user_traceback(e)
     finally:
         try:
@@ -302,6 +313,11 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
 #: signals whose handlers the slot restores after each job
 _SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 _ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+#: limits the slot puts back after each job (RLIMIT_AS is the job's memory cap: run_job)
+_RLIMITS = [getattr(resource, n) for n in (
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
+    "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
+    "RLIMIT_RTPRIO", "RLIMIT_SIGPENDING") if hasattr(resource, n)]
 
 
 def _open_fds() -> set[int]:
@@ -350,6 +366,7 @@ class Baseline:
         self.fds.add(self.stdin)
         self.builtins = dict(vars(builtins))
         self.modules = _fingerprint()
+        self.rlimits = {r: resource.getrlimit(r) for r in _RLIMITS}
 
     def restore(self) -> str | None:
         """Undo what the job changed cheaply; return why the slot must be replaced
@@ -377,6 +394,12 @@ class Baseline:
             os.environ.clear()
             os.environ.update(self.environ)
         os.umask(self.umask)
+        for r, limits in self.rlimits.items():
+            if resource.getrlimit(r) != limits:
+                try:
+                    resource.setrlimit(r, limits)
+                except (OSError, ValueError):
+                    why.append("it lowered its own hard limits")
         _enter(self.tmpdir)
         sys.stdin, sys.stdout, sys.stderr = self.streams
         sys.displayhook, sys.excepthook = self.hooks
@@ -422,8 +445,8 @@ def main(argv: list[str]) -> int:
     group = argv[4] if len(argv) > 4 else ""
     _die_with_parent()
     contain.set_subreaper()  # orphaned descendants of a job become this slot's children
-    if group:
-        contain.join_cgroup(group)
+    for path in filter(None, group.split(",")):
+        contain.join_cgroup(path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the monitor decides when slots stop
     if nice:
         try:

@@ -338,3 +338,45 @@ def test_a_slot_does_not_load_zeromq_or_the_client(one_slot: dsage.DSage) -> Non
 def test_a_job_may_import_the_dsage_package(one_slot: dsage.DSage) -> None:
     j = one_slot("import dsage; callable(dsage.DSage)").wait(30)
     assert j.result is True, (j.status, j.error)
+
+
+# --- 5. failures say what happened
+
+
+def test_memory_error_names_the_cap(one_slot: dsage.DSage) -> None:
+    j = one_slot("b = bytearray(600 * 2**20)", memory="300MB").wait(30)
+    assert j.status == "failed" and "MemoryError" in (j.error or ""), (j.status, j.error)
+    assert "memory cap" in (j.error or "") and "300000000" in (j.error or ""), j.error
+    assert one_slot("2+2").wait(30).result == 4
+
+
+def test_a_job_that_lowers_its_limits_says_so(one_slot: dsage.DSage) -> None:
+    j = one_slot("import resource; resource.setrlimit(resource.RLIMIT_CPU, (1, 1))\n"
+                 "while True: pass").wait(60)
+    assert j.status == "failed", (j.status, j.error)
+    assert "lowered its own limits" in (j.error or "") and "cpu time" in (j.error or ""), \
+        j.error
+    # a lowered soft limit is put back for the next job
+    one_slot("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (20, "
+             "resource.getrlimit(resource.RLIMIT_NOFILE)[1]))").wait(30)
+    j = one_slot("import resource; resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 20").wait(30)
+    assert j.result is True, (j.status, j.error)
+
+
+def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
+    if contain.memory_cgroup_base() is None:
+        skip_or_fail("no writable cgroup v1 memory hierarchy (needs root)")
+    procs.broker()
+    procs.worker(1, slot_memory=100 * 2**20)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    j = d("b = bytearray(400 * 2**20); len(b)").wait(60)
+    assert j.status == "failed", (j.status, j.error)
+    assert "memory cap of 100 MiB" in (j.error or "") and "out-of-memory killer" in j.error, \
+        j.error
+    assert d("2+2").wait(30).result == 4
+
+
+def test_a_signal_is_named(one_slot: dsage.DSage) -> None:
+    j = one_slot("import os, signal; os.kill(os.getpid(), signal.SIGTERM)").wait(30)
+    assert j.status == "failed" and "SIGTERM" in (j.error or ""), (j.status, j.error)
