@@ -244,9 +244,9 @@ def start_watchdog(group: str) -> tuple[subprocess.Popen[bytes], int]:
     r, w = os.pipe()
     os.set_inheritable(w, False)
     proc = subprocess.Popen(
-        [sys.executable, "-S", "-c", "import sys, types; p = types.ModuleType('dsage'); "
+        [sys.executable, "-S", "-c", ("import sys, types; p = types.ModuleType('dsage'); "
          "p.__path__ = [sys.argv[2]]; sys.modules['dsage'] = p; "
-         "from dsage.contain import _watchdog; _watchdog(sys.argv[1])", group,
+         "from dsage.contain import _watchdog; _watchdog(sys.argv[1])"), group,
          os.path.dirname(os.path.abspath(__file__))],
         stdin=r, stdout=subprocess.DEVNULL, start_new_session=True)
     os.close(r)

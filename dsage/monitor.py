@@ -92,6 +92,8 @@ class Slot:
     base_rss: int = 0
     #: why the slot could not start, as it said
     failure: str = ""
+    #: what the job did that killed its slot, when the monitor can tell (see _why_killed)
+    cause: str = ""
 
     def kill(self) -> None:
         """Kill the slot process and every descendant of it: its cgroup at once, and
@@ -597,12 +599,10 @@ class Monitor:
             contain.kill_cgroup(slot.group)  # its descendants die with it
         if not slot.ready and not self.stopping:
             self._spawn_failed(slot, rc)
-        why = ""
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
-            why = self._why_killed(slot, lowered)
-        if why:
-            slot.kill_reason = why
-        if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
+            slot.cause = self._why_killed(slot, lowered)
+        if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL \
+                and not slot.cause:
             # Killed from outside (the OOM killer, an admin): the worker was lost,
             # not the job's fault. It goes back to the queue; the failure limit
             # stops a job that keeps doing this.
@@ -649,8 +649,8 @@ class Monitor:
     @staticmethod
     def _death_outcome(slot: Slot, rc: int, lowered: list[str]) -> tuple[Status, str]:
         assert slot.job is not None
-        if slot.kill_reason and slot.kill_reason.startswith("the job"):
-            return Status.FAILED, slot.kill_reason
+        if slot.cause:
+            return Status.FAILED, slot.cause
         if slot.kill_reason == "timeout":
             return Status.FAILED, f"timed out after {slot.job['timeout']:g} s (the job was killed)"
         if slot.kill_reason == PIPE_BROKEN:
@@ -733,7 +733,7 @@ class Monitor:
             if slot.sock.fileno() in ready:
                 self._on_slot(slot)
         for slot in list(self.slots):
-            if slot.pidfd in ready and slot.sock.fileno() >= 0 and slot.proc.poll() is not None:
+            if slot.pidfd in ready and slot.sock.fileno() >= 0 and _exited(slot.proc.pid):
                 self._slot_died(slot)  # exited, though a descendant may hold its pipe
         now = time.monotonic()
         if self.respawn_at:
@@ -859,6 +859,15 @@ class Monitor:
         self._wake_r.close()
         self._wake_w.close()
         log.info("dsage-worker stopped")
+
+
+def _exited(pid: int) -> bool:
+    """Whether a child process has exited, without reaping it (its /proc entry stays
+    readable until it is waited for)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _size(n: int) -> str:

@@ -15,7 +15,7 @@ as the blobs. The blobs are never pickled or copied on the way.
 
 from __future__ import annotations
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # getsignal without enum conversion
 import ast
 import builtins
 import ctypes

@@ -15,7 +15,6 @@ from dsage import contain
 
 from .conftest import Procs, skip_or_fail, wait_for
 
-
 #: a job that starts a daemon (fork, setsid, fork, sleep: no exec) and a plain child
 #: process, writes their pids to PIDS, then runs TAIL
 DAEMONS = """
@@ -33,6 +32,9 @@ os.waitpid(pid, 0)
 p = subprocess.Popen(['sleep', '43'])
 with open(path, 'a') as f:
     f.write(f'{{p.pid}}\\n')
+deadline = time.monotonic() + 20
+while len(open(path).read().split()) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)  # the daemon has written its pid
 {tail}
 """
 
@@ -246,12 +248,12 @@ LEAKS = {
     "environ": ("import os; os.environ['DSAGE_LEAK'] = '1'; os.environ.pop('PATH', None)",
                 "import os; ('DSAGE_LEAK' in os.environ, 'PATH' in os.environ)",
                 (False, True)),
-    "thread": ("import threading, time\n"
+    "thread": (("import threading, time\n"
                "def spam():\n"
                "    while True:\n"
                "        print('LEAK', flush=True)\n"
                "        time.sleep(0.01)\n"
-               "threading.Thread(target=spam, daemon=True).start()\ntime.sleep(0.05)",
+               "threading.Thread(target=spam, daemon=True).start()\ntime.sleep(0.05)"),
                "import time; print('clean'); time.sleep(0.3); 1", 1),
     "alarm": ("import signal; signal.alarm(2)", "import time; time.sleep(3); 'survived'",
               "survived"),
@@ -264,8 +266,8 @@ LEAKS = {
     "close": ("import os; os.close(1)", "print('visible'); 1", 1),
     "recursion": ("import sys; sys.setrecursionlimit(60)",
                   "def f(n): return 0 if n == 0 else 1 + f(n - 1)\nf(500)", 500),
-    "streams": ("import io, sys; sys.stdout = io.StringIO(); sys.argv = ['x']; "
-                "sys.path.insert(0, '/nonexistent')",
+    "streams": (("import io, sys; sys.stdout = io.StringIO(); sys.argv = ['x']; "
+                "sys.path.insert(0, '/nonexistent')"),
                 "import sys; print('visible'); ('/nonexistent' in sys.path, sys.argv != ['x'])",
                 (False, True)),
     "umask": ("import os; os.umask(0o777)", "import os; m = os.umask(0o22); os.umask(m); m",
