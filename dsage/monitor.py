@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__
+from . import __version__, contain
 from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
@@ -50,12 +50,23 @@ REAP_WAIT = 1.0
 #: puts '' (the current folder) first on sys.path; it is made absolute, as ``-m``
 #: would, so that modules beside the monitor's working folder stay importable after
 #: the slot moves into its job folders (functions pickled by reference)
-_SLOT_MAIN = ("import os, sys; sys.path[0] = sys.path[0] or os.getcwd(); "
-              "from dsage.slot import main; sys.exit(main(sys.argv[1:]))")
+#: the package's ``__init__`` (the client, ZeroMQ) is not loaded: a bare package
+#: module stands in while the slot imports :mod:`dsage.slot`, and is dropped after,
+#: so a job's ``import dsage`` gets the real package
+_SLOT_MAIN = ("import os, sys, types; sys.path[0] = sys.path[0] or os.getcwd(); "
+              "p = types.ModuleType('dsage'); p.__path__ = [sys.argv[-1]]; "
+              "sys.modules['dsage'] = p; from dsage.slot import main; "
+              "del sys.modules['dsage']; sys.exit(main(sys.argv[1:]))")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: spawn failures in a row after which a monitor stops taking jobs for a while
+SPAWN_FAILURES = 3
+#: the longest pause between tries to start slots that keep failing
+MAX_BACKOFF = 30.0
 #: the header of a slot's first frame, and of its frame after each job
 _READY_KEYS = frozenset({"ready", "rss"})
+_FAILED_KEYS = frozenset({"failed"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
-                         "finished", "rss"})
+                         "finished", "rss", "replace"})
 
 
 @dataclass
@@ -66,6 +77,11 @@ class Slot:
     proc: subprocess.Popen[bytes]
     sock: socket.socket
     capture: Path
+    #: the slot's cgroup ('' without cgroups) and a pidfd that is readable once it exits
+    group: str = ""
+    pidfd: int = -1
+    #: its v1 memory cgroup ('' without --slot-memory)
+    memory_group: str = ""
     ready: bool = False
     job: dict[str, Any] | None = None
     started: float = 0.0
@@ -74,8 +90,18 @@ class Slot:
     kill_reason: str | None = None
     jobs_done: int = 0
     base_rss: int = 0
+    #: why the slot could not start, as it said
+    failure: str = ""
+    #: what the job did that killed its slot, when the monitor can tell (see _why_killed)
+    cause: str = ""
 
     def kill(self) -> None:
+        """Kill the slot process and every descendant of it: its cgroup at once, and
+        (with or without one) its process tree, which holds the job's orphans too."""
+        if self.group:
+            contain.kill_cgroup(self.group)
+        if self.proc.poll() is None:
+            contain.kill_tree(self.proc.pid)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -129,6 +155,13 @@ class Monitor:
         self.uploads: dict[str, tuple[str, int]] = {}
         self.stalled_uploads: dict[str, float] = {}
         self.slots: list[Slot] = []
+        #: slots waiting to be started again (spawns kept failing): index -> when
+        self.respawn_at: dict[int, float] = {}
+        self.spawn_failures = 0
+        #: the monitor stepped back from taking jobs (its slots cannot start)
+        self.paused = False
+        self._generation = 0
+        self._contain()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -139,6 +172,34 @@ class Monitor:
         log.info("dsage-worker %s: %d slots, broker %s:%d%s", self.monitor_id[:8],
                  options.workers, options.server, options.port + 1,
                  " (anonymous)" if options.anonymous else "")
+
+    def _contain(self) -> None:
+        """Make this monitor's cgroup (where cgroups v2 can be written), after killing
+        what is left in those of monitors that are gone, and start its watchdog."""
+        self.group = ""
+        self.memory_group = ""
+        self.watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_pipe = -1
+        self._oom_seen = contain.kernel_oom_kills()
+        if self.options.slot_memory:
+            mbase = contain.memory_cgroup_base()
+            if mbase is None:
+                log.warning("--slot-memory is ignored: no writable cgroup v1 memory hierarchy")
+            else:
+                contain.sweep_stale(mbase)
+                self.memory_group = os.path.join(mbase, contain.monitor_group_name())
+        base = contain.cgroup_base()
+        if base is None:
+            log.info("no writable cgroup v2 hierarchy: a job's descendants are tracked as "
+                     "its slot's process tree")
+            return
+        stale = contain.sweep_stale(base)
+        if stale:
+            log.warning("killed what was left in the cgroups of %d monitors that are gone",
+                        stale)
+        self.group = os.path.join(base, contain.monitor_group_name())
+        os.makedirs(self.group, exist_ok=True)
+        self.watchdog, self._watchdog_pipe = contain.start_watchdog(self.group)
 
     # --- broker connection
 
@@ -235,9 +296,14 @@ class Monitor:
                 self._cancel(jid, "taken back by the broker")
             if self.stopping:
                 self._announce_stop()  # a new registration starts with credit
+            elif self.paused:
+                self._send(make(M.STOPPING))
             self._resend_unacked()
         elif msg.type is M.RUN:
             self._take_jobs(h["jobs"], msg.blobs)
+            if self.paused and self.pending:
+                self._release(list(self.pending), "its monitor cannot start worker slots")
+                self.pending.clear()
         elif msg.type is M.CANCEL:
             for jid in h["ids"]:
                 self._cancel(jid, h["reason"])
@@ -347,28 +413,71 @@ class Monitor:
     # --- slots
 
     def _spawn(self, index: int) -> Slot:
+        try:
+            self.tmpdir.mkdir(parents=True, exist_ok=True)  # again, if a job removed it
+        except OSError:
+            pass  # the slot says why it cannot start
         parent, child = socket.socketpair()
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
+        self._generation += 1
+        name = f"s{index}-{self._generation}"
+        group = os.path.join(self.group, name) if self.group else ""
+        memory_group = ""
+        if self.memory_group and self.options.slot_memory:
+            memory_group = os.path.join(self.memory_group, name)
+            if not contain.make_memory_cgroup(memory_group, self.options.slot_memory):
+                memory_group = ""
         proc = subprocess.Popen(
             [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
-             str(self.tmpdir), str(self.options.priority)],
+             str(self.tmpdir), str(self.options.priority),
+             ",".join(g for g in (group, memory_group) if g), _PACKAGE_DIR],
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
-        slot = Slot(index, proc, parent, capture)
+        slot = Slot(index, proc, parent, capture, group, memory_group=memory_group)
         self.poller.register(parent.fileno(), zmq.POLLIN)
+        try:
+            slot.pidfd = os.pidfd_open(proc.pid)
+            self.poller.register(slot.pidfd, zmq.POLLIN)
+        except OSError:
+            pass  # an old kernel: the slot's death shows as the end of its pipe only
         return slot
 
     def _respawn(self, slot: Slot) -> None:
         self._close_pipe(slot)
         slot.kill()
         slot.proc.wait()
-        slot.capture.unlink(missing_ok=True)
+        self._bury(slot)
+        if self.spawn_failures >= SPAWN_FAILURES:
+            backoff = min(MAX_BACKOFF, 0.5 * 2 ** (self.spawn_failures - SPAWN_FAILURES))
+            self.respawn_at[slot.index] = time.monotonic() + backoff
+            self.slots[slot.index] = slot  # a dead placeholder until then
+            return
         self.slots[slot.index] = self._spawn(slot.index)
+
+    def _bury(self, slot: Slot) -> None:
+        """Remove what a dead slot leaves: its capture file, its cgroup."""
+        try:
+            slot.capture.unlink(missing_ok=True)
+        except OSError:
+            pass  # its folder is gone, or is not a folder any more
+        for group in (slot.group, slot.memory_group):
+            if group:
+                contain.remove_cgroup(group, wait=0.5)
+
+    def _spawn_due(self, now: float) -> None:
+        for index, when in list(self.respawn_at.items()):
+            if now >= when and not self.stopping:
+                del self.respawn_at[index]
+                self.slots[index] = self._spawn(index)
 
     def _close_pipe(self, slot: Slot) -> None:
         if slot.sock.fileno() >= 0:
             self.poller.unregister(slot.sock.fileno())
             slot.sock.close()
+        if slot.pidfd >= 0:
+            self.poller.unregister(slot.pidfd)
+            os.close(slot.pidfd)
+            slot.pidfd = -1
 
     def _start_jobs(self) -> None:
         for slot in self.slots:
@@ -378,7 +487,12 @@ class Monitor:
 
     def _start_next(self, slot: Slot) -> None:
         """Hand the next queued job to ``slot`` if it is free (and the monitor not stopping)."""
-        if not self.pending or self.stopping or not slot.ready or slot.job is not None:
+        if not self.pending or self.stopping or self.paused or not slot.ready \
+                or slot.job is not None:
+            return
+        if slot.jobs_done and (self.options.isolate
+                               or next(iter(self.pending.values()))[0].get("isolate")):
+            self._respawn(slot)  # the job gets a process no earlier job ran in
             return
         _, (spec, payload) = self.pending.popitem(last=False)
         slot.job, slot.started = spec, time.time()
@@ -392,15 +506,19 @@ class Monitor:
     def _on_slot(self, slot: Slot) -> None:
         try:
             reply, result, output = recv_frame(slot.sock)
-            if reply.keys() not in (_READY_KEYS, _REPLY_KEYS):
+            if reply.keys() not in (_READY_KEYS, _REPLY_KEYS, _FAILED_KEYS):
                 raise FrameError(f"a frame with the header keys {sorted(reply)[:10]}")
         except (EOFError, OSError) as e:
             if isinstance(e, FrameError):
                 log.warning("slot %d: %s", slot.index, e)
             self._slot_died(slot)
             return
+        if "failed" in reply:
+            slot.failure = str(reply["failed"])
+            return  # its exit follows
         if reply.get("ready"):
             slot.ready, slot.base_rss = True, reply["rss"]
+            self._slot_started()
             self._start_next(slot)
             return
         job = slot.job
@@ -408,13 +526,20 @@ class Monitor:
             return
         slot.job, slot.deadline = None, None
         slot.jobs_done += 1
-        recycle = self._worn(slot, reply["rss"])
+        recycle = (self._worn(slot, reply["rss"]) or bool(reply["replace"])
+                   or self.options.isolate or bool(job.get("isolate")))
         if not recycle:
             self._start_next(slot)  # before anything else: the slot idles for no result
         self._finish(job, reply, result, output)
         if recycle:
-            log.info("recycling slot %d after %d jobs (%d MB)", slot.index, slot.jobs_done,
-                     reply["rss"] >> 20)
+            if self.options.isolate or job.get("isolate"):
+                pass  # every isolated job leaves its slot
+            elif reply["replace"]:
+                log.info("replacing slot %d: job %s %s", slot.index, job["id"],
+                         reply["replace"])
+            else:
+                log.info("recycling slot %d after %d jobs (%d MB)", slot.index,
+                         slot.jobs_done, reply["rss"] >> 20)
             self._respawn(slot)
 
     def _worn(self, slot: Slot, rss: int) -> bool:
@@ -444,21 +569,58 @@ class Monitor:
         slot.kill()
         return slot.proc.wait()
 
+    def _slot_started(self) -> None:
+        if self.paused:
+            log.warning("worker slots start again: taking jobs")
+            self.paused = False
+            if self.registered and not self.stopping:
+                self._register()  # a new registration restores this monitor's credit
+        self.spawn_failures = 0
+
+    def _spawn_failed(self, slot: Slot, rc: int) -> None:
+        """A slot died before it was ready. After a few in a row, the monitor steps back:
+        it gives its queued jobs back (no failure counted), tells the broker it takes
+        none, says why once, and tries again later, less and less often."""
+        self.spawn_failures += 1
+        if self.spawn_failures < SPAWN_FAILURES or self.paused:
+            return
+        self.paused = True
+        log.error("worker slots fail to start (%s); taking no jobs until one starts, "
+                  "trying again with a growing pause", slot.failure or f"exit status {rc}")
+        if self.pending:
+            self._release(list(self.pending), "its monitor cannot start worker slots")
+            self.pending.clear()
+        self._send(make(M.STOPPING))
+
     def _slot_died(self, slot: Slot) -> None:
         job = slot.job
+        # read before the slot is reaped: limits its job lowered explain some deaths
+        lowered = contain.lowered_limits(
+            slot.proc.pid, ("Max address space",) if job and job.get("memory") else ())
         self._close_pipe(slot)
         rc = self._reap(slot)
+        if slot.group:
+            contain.kill_cgroup(slot.group)  # its descendants die with it
+        if not slot.ready and not self.stopping:
+            self._spawn_failed(slot, rc)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
+            slot.cause = self._why_killed(slot, lowered)
+        if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL \
+                and not slot.cause:
             # Killed from outside (the OOM killer, an admin): the worker was lost,
             # not the job's fault. It goes back to the queue; the failure limit
             # stops a job that keeps doing this.
-            log.warning("slot %d was killed from outside while running job %s; giving it back",
-                        slot.index, job["id"])
-            self._release([job["id"]], f"its slot process on {self.host} was killed (SIGKILL)",
+            oom = contain.kernel_oom_kills()
+            by = " by the kernel's out-of-memory killer" if oom > self._oom_seen else ""
+            self._oom_seen = oom
+            log.warning("slot %d was killed%s while running job %s; giving it back",
+                        slot.index, by or " from outside", job["id"])
+            self._release([job["id"]],
+                          f"its slot process on {self.host} was killed (SIGKILL){by}",
                           count_failure=True)
             remove_folder(str(self.tmpdir / job["id"]))
         elif job is not None:
-            status, error = self._death_outcome(slot, rc)
+            status, error = self._death_outcome(slot, rc, lowered)
             output = b""
             try:
                 output = slot.capture.read_bytes()[-(1 << 20):]
@@ -470,15 +632,29 @@ class Monitor:
             self._finish(job, {"status": status.value, "error": error, "encoding": "none",
                                "result_from": "none", "sealed": False, "started": slot.started,
                                "finished": time.time()}, b"", output)
-        elif not self.stopping:
+        elif not self.stopping and slot.ready:
             log.warning("slot %d exited (status %s) while idle; restarting it", slot.index, rc)
         slot.job = None
         if not self.stopping:
             self._respawn(slot)
 
+    def _why_killed(self, slot: Slot, lowered: list[str]) -> str:
+        """Why a slot died of a SIGKILL the monitor did not send, when the job caused it
+        (its cgroup's OOM killer, limits it lowered); '' when something outside did."""
+        if slot.memory_group and contain.oom_kills(slot.memory_group) > 0:
+            return (f"the job's slot went past its memory cap of "
+                    f"{_size(self.options.slot_memory or 0)} (--slot-memory) and the "
+                    f"out-of-memory killer of its cgroup killed it (SIGKILL)")
+        if lowered:
+            return (f"the job's process died of SIGKILL after the job lowered its own "
+                    f"limits: {', '.join(lowered)}")
+        return ""
+
     @staticmethod
-    def _death_outcome(slot: Slot, rc: int) -> tuple[Status, str]:
+    def _death_outcome(slot: Slot, rc: int, lowered: list[str]) -> tuple[Status, str]:
         assert slot.job is not None
+        if slot.cause:
+            return Status.FAILED, slot.cause
         if slot.kill_reason == "timeout":
             return Status.FAILED, f"timed out after {slot.job['timeout']:g} s (the job was killed)"
         if slot.kill_reason == PIPE_BROKEN:
@@ -491,7 +667,8 @@ class Monitor:
                 name = signal.Signals(-rc).name
             except ValueError:
                 name = f"signal {-rc}"
-            return Status.FAILED, f"the job's process died of {name} (signal {-rc})"
+            return Status.FAILED, f"the job's process died of {name} (signal {-rc})" + (
+                f"; the job had lowered its own limits: {', '.join(lowered)}" if lowered else "")
         return Status.FAILED, f"the job's process exited with status {rc} (os._exit or a crash)"
 
     def _finish(self, job: dict[str, Any], reply: dict[str, Any], result: bytes,
@@ -560,7 +737,12 @@ class Monitor:
         for slot in list(self.slots):
             if slot.sock.fileno() in ready:
                 self._on_slot(slot)
+        for slot in list(self.slots):
+            if slot.pidfd in ready and slot.sock.fileno() >= 0 and _exited(slot.proc.pid):
+                self._slot_died(slot)  # exited, though a descendant may hold its pipe
         now = time.monotonic()
+        if self.respawn_at:
+            self._spawn_due(now)
         for slot in self.slots:
             if slot.job is not None and slot.deadline is not None and now > slot.deadline \
                     and slot.kill_reason is None:
@@ -664,10 +846,16 @@ class Monitor:
     def close(self) -> None:
         for slot in self.slots:
             slot.kill()
-            slot.sock.close()
+            self._close_pipe(slot)
         for slot in self.slots:
             slot.proc.wait()
-            slot.capture.unlink(missing_ok=True)
+            self._bury(slot)
+        for group in (self.group, self.memory_group):
+            if group:
+                contain.remove_cgroup(group, wait=2.0)
+        if self._watchdog_pipe >= 0:
+            os.close(self._watchdog_pipe)  # its sweep finds nothing left
+            self._watchdog_pipe = -1
         if self.sock is not None:
             self.sock.close(linger=0)
         if self.events is not None:
@@ -676,6 +864,22 @@ class Monitor:
         self._wake_r.close()
         self._wake_w.close()
         log.info("dsage-worker stopped")
+
+
+def _exited(pid: int) -> bool:
+    """Whether a child process has exited, without reaping it (its /proc entry stays
+    readable until it is waited for)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
 
 
 def run_monitor(options: MonitorOptions) -> None:

@@ -138,6 +138,12 @@ class MonitorOptions:
     max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
                                 "largest frame accepted, in bytes (default 256 MiB)",
                                 parse=positive_int)
+    slot_memory: int | None = opt(None, "memory cap of each slot in bytes, its processes "
+                                  "together, kept by the OOM killer of a cgroup per slot "
+                                  "(needs a writable cgroup v1 memory hierarchy)",
+                                  parse=positive_int)
+    isolate: bool = opt(False, "run every job in a slot process no earlier job ran in (a "
+                        "fresh slot is started after each job)")
     exit_with_parent: int | None = opt(None, hidden=True)
 
 

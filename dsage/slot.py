@@ -15,9 +15,11 @@ as the blobs. The blobs are never pickled or copied on the way.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # getsignal without enum conversion
 import ast
 import builtins
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -26,10 +28,12 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from typing import Any
 
+from . import contain
 from .codec import encode_result
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
@@ -177,21 +181,53 @@ class Capture:
     """Files 1 and 2 redirected to one file, emptied per job."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        self.ident = _ident(self.fd)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(self.fd, 1)
-        os.dup2(self.fd, 2)
+        self.attach()
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+    def attach(self) -> None:
+        """Point files 1 and 2 at the capture file again (a job may have moved or
+        closed them, or closed the capture file's own descriptor)."""
+        if _ident(self.fd) != self.ident:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            if fd != self.fd:
+                os.dup2(fd, self.fd, inheritable=False)
+                os.close(fd)
+            self.ident = _ident(self.fd)
+        for target in (1, 2):
+            if _ident(target) != self.ident:
+                os.dup2(self.fd, target)
 
     def reset(self) -> None:
         os.ftruncate(self.fd, 0)
 
     def read(self) -> bytes:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush()
+        if _ident(self.fd) != self.ident:
+            self.attach()
         return read_tail(self.fd)
+
+
+def _flush() -> None:
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _ident(fd: int) -> tuple[int, int] | None:
+    """Which file an open descriptor is (None when it is closed)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
@@ -200,6 +236,25 @@ def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
     start = max(0, size - limit)
     data = os.pread(fd, size - start, start)
     return (b"[... output cut ...]\n" + data) if start else data
+
+
+def _enter(folder: str) -> None:
+    """Change into ``folder``, making it again if a job removed it."""
+    try:
+        os.chdir(folder)
+    except FileNotFoundError:
+        os.makedirs(folder, 0o700, exist_ok=True)
+        os.chdir(folder)
+
+
+def _explain(e: BaseException, spec: dict[str, Any]) -> str:
+    """What an exception means for a job, where it is about the job's limits."""
+    if isinstance(e, MemoryError) and spec.get("memory"):
+        return (f" (the job reached its memory cap: memory={spec['memory']} bytes of "
+                f"address space)")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return " (the disk is full, or the quota is used up)"
+    return ""
 
 
 def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
@@ -211,15 +266,18 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
         os.mkdir(job_dir, 0o700)
     except FileExistsError:
         pass
+    except FileNotFoundError:  # an earlier job removed the temp folder
+        os.makedirs(job_dir, 0o700, exist_ok=True)
     os.chdir(job_dir)
     capture.reset()
+    recursion = sys.getrecursionlimit()
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
     if spec.get("memory"):
         resource.setrlimit(resource.RLIMIT_AS, (min(spec["memory"], old_limit[1])
                                                 if old_limit[1] > 0 else spec["memory"],
                                                 old_limit[1]))
     started = time.time()
-    status, error = Status.COMPLETED, None
+    status, error, report = Status.COMPLETED, None, ""
     value: Any = None
     result_from = ResultFrom.NONE
     try:
@@ -232,11 +290,19 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
         status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
     except BaseException as e:  # noqa: BLE001 - the job's own failure, reported in full
         status = Status.FAILED
-        error = f"{type(e).__name__}: {e}"[:2000]
-        sys.stderr.write(_user_traceback(e))
+        error = f"{type(e).__name__}: {e}"[:2000] + _explain(e, spec)
+        report = _user_traceback(e)
     finally:
-        resource.setrlimit(resource.RLIMIT_AS, old_limit)
-        os.chdir(tmpdir)
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, old_limit)
+        except (OSError, ValueError):
+            pass  # the job lowered the hard limit: the slot is replaced (see restore)
+        sys.setrecursionlimit(max(recursion, sys.getrecursionlimit()))
+        _enter(tmpdir)
+        capture.attach()
+    if report:
+        _flush()
+        os.write(capture.fd, report.encode(errors="replace"))
     encoding, blob = Encoding.NONE, b""
     if status is Status.COMPLETED and result_from is not ResultFrom.NONE:
         try:
@@ -244,15 +310,172 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
         except Exception as e:  # noqa: BLE001 - unpicklable results are the job's failure
             status = Status.FAILED
             error = f"the result ({type(value).__name__}) cannot be serialised: {e}"[:2000]
-            sys.stderr.write(error + "\n")
+            os.write(capture.fd, (error + "\n").encode(errors="replace"))
     return ({"id": spec["id"], "status": status.value, "error": error,
              "encoding": encoding.value, "result_from": result_from.value, "started": started,
              "finished": time.time(), "rss": _rss()}, blob, capture.read())
 
 
+#: signals whose handlers the slot restores after each job
+_SIGNALS = [int(s) for s in signal.valid_signals()
+            if s not in (signal.SIGKILL, signal.SIGSTOP)]
+_ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+#: limits the slot puts back after each job (RLIMIT_AS is the job's memory cap: run_job)
+_RLIMITS = [getattr(resource, n) for n in (
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
+    "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
+    "RLIMIT_RTPRIO", "RLIMIT_SIGPENDING") if hasattr(resource, n)]
+
+
+def _open_fds() -> set[int]:
+    try:
+        return {int(n) for n in os.listdir("/proc/self/fd")}
+    except OSError:
+        return set()
+
+
+class ModuleWatch:
+    """What every loaded module's names are bound to, to tell when a job rebound one
+    (``math.pi = 3``). A module's values are kept as a list and compared item by item,
+    identity first: about 10 us for 170 modules, as no objects are made."""
+
+    #: modules whose names change as a matter of course
+    SKIP = frozenset({"sys", "__main__", "__mp_main__", "builtins"})
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[dict[str, Any], list[Any]]] = {}
+        self.count = 0
+        self.add_new()
+
+    def add_new(self) -> None:
+        if len(sys.modules) == self.count:
+            return
+        for name, mod in list(sys.modules.items()):
+            d = getattr(mod, "__dict__", None)
+            if name not in self.seen and name not in self.SKIP and isinstance(d, dict):
+                self.seen[name] = (d, list(d.values()))
+        self.count = len(sys.modules)
+
+    def changed(self) -> list[str]:
+        """Modules whose names were rebound since they were seen; then notes new ones."""
+        out = []
+        for name, (d, values) in self.seen.items():
+            try:
+                if len(d) != len(values) or list(d.values()) != values:
+                    out.append(name)
+            except Exception:  # noqa: BLE001 - a value whose == fails was put there
+                out.append(name)
+        self.add_new()
+        return out
+
+
+class Baseline:
+    """What a job must leave as it found it: what can be put back cheaply is put back
+    after each job (:meth:`restore`); what cannot makes the slot ask to be replaced."""
+
+    def __init__(self, capture: Capture, tmpdir: str) -> None:
+        self.capture, self.tmpdir = capture, tmpdir
+        self.environ = dict(os.environ)
+        self.environ_data = dict(getattr(os.environ, "_data", {}))
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
+        self.handlers = {}
+        for sig in _SIGNALS:
+            handler = _signal.getsignal(sig)
+            if handler is not None:
+                self.handlers[sig] = handler
+        self.streams = (sys.stdin, sys.stdout, sys.stderr)
+        self.hooks = (sys.displayhook, sys.excepthook)
+        self.argv, self.path = list(sys.argv), list(sys.path)
+        self.recursion = sys.getrecursionlimit()
+        self.stdin = os.dup(0)  # what file 0 was, to put back
+        os.set_inheritable(self.stdin, False)
+        self.fds = {fd for fd in _open_fds() if _ident(fd) is not None}  # not the listing's
+        self.builtins = dict(vars(builtins))
+        self.builtin_values = list(self.builtins.values())
+        self.modules = ModuleWatch()
+        self.rlimits = {r: resource.getrlimit(r) for r in _RLIMITS}
+
+    def _extra_fds(self) -> set[int]:
+        """Files open now that were not before the first job (the listing's own is not)."""
+        return {fd for fd in _open_fds() - self.fds - {self.capture.fd}
+                if _ident(fd) is not None}
+
+    def restore(self) -> str | None:
+        """Undo what the job changed cheaply; return why the slot must be replaced
+        (None when it is as good as new)."""
+        signal.alarm(0)
+        for timer in _ITIMERS:
+            signal.setitimer(timer, 0)
+        left = contain.tree(os.getpid())
+        if left:
+            contain.kill_tree(os.getpid(), include_self=False)
+        contain.reap_children()
+        why = []
+        if left:
+            why.append(f"it left {len(left)} processes running (killed)")
+        if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+            why.append("it left threads running")
+        for sig, handler in self.handlers.items():
+            try:
+                if _signal.getsignal(sig) is not handler:
+                    _signal.signal(sig, handler)
+            except (OSError, ValueError):
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if getattr(os.environ, "_data", None) != self.environ_data:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        os.umask(self.umask)
+        for r, limits in self.rlimits.items():
+            if resource.getrlimit(r) != limits:
+                try:
+                    resource.setrlimit(r, limits)
+                except (OSError, ValueError):
+                    why.append("it lowered its own hard limits")
+        _enter(self.tmpdir)
+        sys.stdin, sys.stdout, sys.stderr = self.streams
+        sys.displayhook, sys.excepthook = self.hooks
+        sys.argv[:], sys.path[:] = self.argv, self.path
+        sys.setrecursionlimit(self.recursion)
+        if any(getattr(f, "closed", True) for f in self.streams):
+            why.append("it closed sys.stdin, sys.stdout or sys.stderr")
+        os.dup2(self.stdin, 0)
+        self.capture.attach()
+        extra = self._extra_fds()
+        if extra:
+            import gc
+
+            gc.collect()  # files the job dropped without closing
+            if self._extra_fds():
+                why.append(f"it left {len(extra)} files open")
+        if list(vars(builtins).values()) != self.builtin_values \
+                or vars(builtins).keys() != self.builtins.keys():
+            why.append("it changed builtins")
+        changed = self.modules.changed()
+        if changed:
+            why.append(f"it changed the modules {', '.join(sorted(changed)[:5])}")
+        return "; ".join(why) or None
+
+
+def _detach_pipe(fd: int) -> None:
+    """In a process the job forked: let go of the slot's pipe (file ``fd`` becomes
+    /dev/null), so only the slot itself holds it."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd, inheritable=False)
+        os.close(null)
+    except OSError:
+        pass
+
+
 def main(argv: list[str]) -> int:
     fd, capture_path, tmpdir, nice = int(argv[0]), argv[1], argv[2], int(argv[3])
+    group = argv[4] if len(argv) > 4 else ""
     _die_with_parent()
+    contain.set_subreaper()  # orphaned descendants of a job become this slot's children
+    for path in filter(None, group.split(",")):
+        contain.join_cgroup(path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the monitor decides when slots stop
     if nice:
         try:
@@ -260,17 +483,25 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
     os.set_inheritable(fd, False)  # the job's own child processes do not get the pipe
+    os.register_at_fork(after_in_child=lambda: _detach_pipe(fd))  # nor its forks
     sock = socket.socket(fileno=fd)
-    capture = Capture(capture_path)
-    os.makedirs(tmpdir, exist_ok=True)
-    os.chdir(tmpdir)
+    try:
+        os.makedirs(tmpdir, exist_ok=True)  # again, if a job removed it
+        capture = Capture(capture_path)
+        os.chdir(tmpdir)
+        baseline = Baseline(capture, tmpdir)
+    except Exception as e:  # noqa: BLE001 - told to the monitor in one line
+        send_frame(sock, {"failed": f"{type(e).__name__}: {e}"[:1000]})
+        return 3
     send_frame(sock, {"ready": True, "rss": _rss()})
     while True:
         try:
             spec, payload, _ = recv_frame(sock)
         except (EOFError, OSError):
             return 0
-        send_frame(sock, *run_job(spec, payload, capture, tmpdir))
+        reply, result, output = run_job(spec, payload, capture, tmpdir)
+        reply["replace"] = baseline.restore()
+        send_frame(sock, reply, result, output)
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
 
 

@@ -1,0 +1,384 @@
+"""Slots contain their jobs: every descendant dies with the job, a monitor whose slots
+cannot start steps back, and what a job changes does not reach the next job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import dsage
+from dsage import contain
+
+from .conftest import Procs, skip_or_fail, wait_for
+
+#: a job that starts a daemon (fork, setsid, fork, sleep: no exec) and a plain child
+#: process, writes their pids to PIDS, then runs TAIL
+DAEMONS = """
+import os, subprocess, time
+path = {path!r}
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    if os.fork() == 0:
+        with open(path, 'a') as f:
+            f.write(f'{{os.getpid()}}\\n')
+        time.sleep(300)
+    os._exit(0)
+os.waitpid(pid, 0)
+p = subprocess.Popen(['sleep', '43'])
+with open(path, 'a') as f:
+    f.write(f'{{p.pid}}\\n')
+deadline = time.monotonic() + 20
+while len(open(path).read().split()) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)  # the daemon has written its pid
+{tail}
+"""
+
+
+def gone(pid: int) -> bool:
+    """A process that no longer runs (absent, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def started_pids(path: Path, n: int = 2) -> list[int]:
+    def read() -> list[int] | None:
+        try:
+            pids = [int(x) for x in path.read_text().split()]
+        except FileNotFoundError:
+            return None
+        return pids if len(pids) >= n else None
+    return wait_for(read, 30, f"{n} pids in {path}")
+
+
+def all_gone(pids: list[int], timeout: float = 15) -> None:
+    wait_for(lambda: all(gone(p) for p in pids), timeout,
+             f"processes {pids} to end (alive: {[p for p in pids if not gone(p)]})")
+
+
+def daemon_job(tmp_path: Path, tail: str) -> tuple[str, Path]:
+    path = tmp_path / "pids"
+    return DAEMONS.format(path=str(path), tail=tail), path
+
+
+def kill_all(pids: list[int]) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(params=["cgroup", "tree"])
+def contained(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of finding a job's descendants: its slot's cgroup, and (as on a
+    machine without cgroups) its slot's process tree."""
+    if request.param == "tree":
+        monkeypatch.setenv("DSAGE_CGROUPS", "0")
+    elif contain.cgroup_base() is None:
+        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+    return str(request.param)
+
+
+@pytest.fixture
+def one_slot(procs: Procs) -> dsage.DSage:
+    procs.broker()
+    procs.worker(1, grace=0.5)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    return d
+
+
+# --- 1. every descendant of a job dies with it
+
+
+def test_descendants_die_when_the_job_returns(contained: str, one_slot: dsage.DSage,
+                                              tmp_path: Path) -> None:
+    code, path = daemon_job(tmp_path, "'done'")
+    j = one_slot(code).wait(60)
+    pids = started_pids(path)
+    try:
+        assert j.status == "completed", (j.status, j.error)
+        all_gone(pids, 5)
+        assert one_slot("2+2").wait(30).result == 4
+    finally:
+        kill_all(pids)
+
+
+def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+                                                         tmp_path: Path) -> None:
+    code, path = daemon_job(tmp_path, "time.sleep(300)")
+    t0 = time.monotonic()
+    j = one_slot(code, timeout=2)
+    pids = started_pids(path)
+    try:
+        j.wait(30)
+        assert j.status == "failed" and "timed out" in (j.error or ""), (j.status, j.error)
+        assert time.monotonic() - t0 < 20
+        all_gone(pids)
+        assert one_slot("2+2").wait(30).result == 4
+    finally:
+        kill_all(pids)
+
+
+def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+                                                      tmp_path: Path) -> None:
+    code, path = daemon_job(tmp_path, "time.sleep(300)")
+    j = one_slot(code, timeout=None)
+    pids = started_pids(path)
+    try:
+        j.kill()
+        wait_for(lambda: j.status == "killed", 20, "the kill")
+        all_gone(pids)
+        assert one_slot("2+2").wait(30).result == 4
+    finally:
+        kill_all(pids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_descendants_die_with_their_monitor(procs: Procs, tmp_path: Path,
+                                            sig: signal.Signals) -> None:
+    if contain.cgroup_base() is None:
+        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+    procs.broker()
+    worker = procs.worker(1, grace=0.5)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code, path = daemon_job(tmp_path, "time.sleep(300)")
+    d(code, timeout=None)
+    pids = started_pids(path)
+    try:
+        if sig == signal.SIGKILL:
+            procs.kill9(worker)
+        else:
+            os.kill(worker.pid, sig)
+            worker.proc.wait(20)
+        all_gone(pids)
+    finally:
+        kill_all(pids)
+
+
+def test_a_monitor_kills_what_is_left_in_the_cgroups_of_a_dead_one(tmp_path: Path) -> None:
+    base = contain.cgroup_base()
+    if base is None:
+        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+        return
+    # a "monitor" that is gone: a pid that does not exist, with a process in its group
+    import subprocess
+
+    group = os.path.join(base, "m-999999999-1", "s0-1")
+    os.makedirs(group)
+    p = subprocess.Popen(["sleep", "41"])
+    try:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(p.pid))
+        assert contain.sweep_stale(base) >= 1
+        assert p.wait(10) == -signal.SIGKILL
+        assert not os.path.exists(os.path.dirname(group))
+    finally:
+        p.kill()
+        p.wait()
+        contain.remove_cgroup(os.path.dirname(group), wait=2)
+
+
+def test_a_forked_child_does_not_hold_the_slot_pipe(one_slot: dsage.DSage) -> None:
+    """A child that forks (no exec) gets /dev/null where the slot's pipe was."""
+    code = """
+import os, sys
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    fd = int(sys.argv[1])
+    os.write(w, os.readlink(f'/proc/self/fd/{fd}').encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+os.read(r, 1000).decode()
+"""
+    assert one_slot(code).wait(30).result == "/dev/null"
+
+
+# --- 2. a monitor that cannot start slots says so and steps back
+
+
+def test_a_job_that_removes_the_worker_temp_folder_breaks_nothing(one_slot: dsage.DSage) -> None:
+    code = "import os, shutil; shutil.rmtree(os.path.dirname(os.getcwd())); 'gone'"
+    j = one_slot(code).wait(30)
+    assert j.status == "completed" and j.result == "gone", (j.status, j.error)
+    for _ in range(3):
+        assert one_slot("import os; os.getcwd() and 2+2").wait(30).result == 4
+
+
+def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
+        procs: Procs, home: Path) -> None:
+    procs.broker()
+    worker = procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    tmp = home / "tmp_worker_files"
+    # the job replaces the worker's temp folder with a file: no slot can start there
+    j = d(f"import shutil; shutil.rmtree({str(tmp)!r}); open({str(tmp)!r}, 'w').close()")
+    j.wait(30)
+    wait_for(lambda: "fail to start" in worker.log.read_text(), 20, "the monitor to say so")
+    later = d("2+2")
+    time.sleep(0)  # (no wait: the job must stay queued while the monitor steps back)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert later.status in ("new", "processing"), later.status
+        time.sleep(0.1)
+    log = worker.log.read_text()
+    assert log.count("Traceback") == 0, log[-3000:]
+    assert log.count("fail to start") == 1, log[-3000:]
+    tmp.unlink()
+    assert later.wait(60).result == 4
+    assert "start again" in worker.log.read_text()
+
+
+# --- 3. what a job changes does not reach the next job
+
+LEAKS = {
+    "builtins": ("import builtins; builtins.sum = lambda *a: 42", "sum([1, 2])", 3),
+    "module": ("import math; math.pi = 3", "import math; math.pi", 3.141592653589793),
+    "environ": ("import os; os.environ['DSAGE_LEAK'] = '1'; os.environ.pop('PATH', None)",
+                "import os; ('DSAGE_LEAK' in os.environ, 'PATH' in os.environ)",
+                (False, True)),
+    "thread": (("import threading, time\n"
+               "def spam():\n"
+               "    while True:\n"
+               "        print('LEAK', flush=True)\n"
+               "        time.sleep(0.01)\n"
+               "threading.Thread(target=spam, daemon=True).start()\ntime.sleep(0.05)"),
+               "import time; print('clean'); time.sleep(0.3); 1", 1),
+    "alarm": ("import signal; signal.alarm(2)", "import time; time.sleep(3); 'survived'",
+              "survived"),
+    "handler": ("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+                "import signal; signal.getsignal(signal.SIGTERM) is signal.SIG_DFL", True),
+    "itimer": ("import signal; signal.setitimer(signal.ITIMER_REAL, 1.5)",
+               "import time; time.sleep(2.5); 'survived'", "survived"),
+    "dup2": ("import os; os.dup2(os.open(os.devnull, os.O_WRONLY), 1)",
+             "print('visible'); 1", 1),
+    "close": ("import os; os.close(1)", "print('visible'); 1", 1),
+    "recursion": ("import sys; sys.setrecursionlimit(60)",
+                  "def f(n): return 0 if n == 0 else 1 + f(n - 1)\nf(500)", 500),
+    "streams": (("import io, sys; sys.stdout = io.StringIO(); sys.argv = ['x']; "
+                "sys.path.insert(0, '/nonexistent')"),
+                "import sys; print('visible'); ('/nonexistent' in sys.path, sys.argv != ['x'])",
+                (False, True)),
+    "umask": ("import os; os.umask(0o777)", "import os; m = os.umask(0o22); os.umask(m); m",
+              None),
+    "open_file": ("import os; os.open('/etc/hostname', os.O_RDONLY)",
+                  "import os; len(os.listdir('/proc/self/fd'))", None),
+}
+
+
+@pytest.mark.parametrize("name", list(LEAKS))
+def test_a_job_does_not_change_the_next_one(one_slot: dsage.DSage, name: str) -> None:
+    leak, check, expected = LEAKS[name]
+    if expected is None:  # whatever a fresh slot says
+        expected = one_slot(check).wait(30).result
+    first = one_slot(leak).wait(30)
+    assert first.status == "completed", (first.status, first.error)
+    j = one_slot(check).wait(30)
+    assert j.status == "completed", (name, j.status, j.error, j.output)
+    assert j.result == expected, (name, j.result)
+    if name in ("thread", "dup2", "close", "streams"):
+        out = j.output or ""
+        assert "LEAK" not in out, out
+        if name != "thread":
+            assert "visible" in out, out
+
+
+def test_output_is_kept_when_a_job_closes_its_own_fds(one_slot: dsage.DSage) -> None:
+    j = one_slot("import os, sys; print('before', flush=True); os.close(1); os.close(2); "
+                 "sys.stdout = None; 7").wait(30)
+    assert j.status == "completed" and j.result == 7, (j.status, j.error)
+    assert "before" in (j.output or "")
+
+
+def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
+    """Ordinary jobs (code, functions, imports, printing, failures) change nothing
+    that makes their slot be replaced: one process runs them all."""
+    jobs = [one_slot("import os; os.getpid()"),
+            one_slot.eval_function(os.getpid),
+            one_slot("import json, collections, decimal; print('x'); open('f', 'w').write('x')"),
+            one_slot.eval_function(sorted, [[3, 1, 2]]),
+            one_slot("raise ValueError('no')"),
+            one_slot("import subprocess; subprocess.run(['true']).returncode"),
+            one_slot("import os; os.getpid()")]
+    for j in jobs:
+        j.wait(30)
+    assert jobs[0].result == jobs[1].result == jobs[-1].result, [j.result for j in jobs]
+
+
+def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code = ("import os, sys; m = sys.modules.setdefault('dsage_mark', type(sys)('m')); "
+            "seen = getattr(m, 'seen', False); m.seen = True; (os.getpid(), seen)")
+    results = [d(code).wait(30).result for _ in range(3)]
+    assert len({pid for pid, _ in results}) == 3, results
+    assert not any(seen for _, seen in results), results
+
+
+# --- 4. slots are light
+
+
+def test_a_slot_does_not_load_zeromq_or_the_client(one_slot: dsage.DSage) -> None:
+    j = one_slot("import sys; sorted(m for m in sys.modules if m.split('.')[0] in "
+                 "('zmq', 'nacl') or m in ('dsage.client', 'dsage.monitor'))").wait(30)
+    assert j.status == "completed" and j.result == [], (j.status, j.error, j.result)
+
+
+def test_a_job_may_import_the_dsage_package(one_slot: dsage.DSage) -> None:
+    j = one_slot("import dsage; callable(dsage.DSage)").wait(30)
+    assert j.result is True, (j.status, j.error)
+
+
+# --- 5. failures say what happened
+
+
+def test_memory_error_names_the_cap(one_slot: dsage.DSage) -> None:
+    j = one_slot("b = bytearray(600 * 2**20)", memory="300MB").wait(30)
+    assert j.status == "failed" and "MemoryError" in (j.error or ""), (j.status, j.error)
+    assert "memory cap" in (j.error or "") and "300000000" in (j.error or ""), j.error
+    assert one_slot("2+2").wait(30).result == 4
+
+
+def test_a_job_that_lowers_its_limits_says_so(one_slot: dsage.DSage) -> None:
+    j = one_slot("import resource; resource.setrlimit(resource.RLIMIT_CPU, (1, 1))\n"
+                 "while True: pass").wait(60)
+    assert j.status == "failed", (j.status, j.error)
+    assert "lowered its own limits" in (j.error or "") and "cpu time" in (j.error or ""), \
+        j.error
+    # a lowered soft limit is put back for the next job
+    one_slot("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (20, "
+             "resource.getrlimit(resource.RLIMIT_NOFILE)[1]))").wait(30)
+    j = one_slot("import resource; resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 20").wait(30)
+    assert j.result is True, (j.status, j.error)
+
+
+def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
+    if contain.memory_cgroup_base() is None:
+        skip_or_fail("no writable cgroup v1 memory hierarchy (needs root)")
+    procs.broker()
+    procs.worker(1, slot_memory=100 * 2**20)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    j = d("b = bytearray(400 * 2**20); len(b)").wait(60)
+    assert j.status == "failed", (j.status, j.error)
+    assert "memory cap of 100 MiB" in (j.error or "") and "out-of-memory killer" in j.error, \
+        j.error
+    assert d("2+2").wait(30).result == 4
+
+
+def test_a_signal_is_named(one_slot: dsage.DSage) -> None:
+    j = one_slot("import os, signal; os.kill(os.getpid(), signal.SIGTERM)").wait(30)
+    assert j.status == "failed" and "SIGTERM" in (j.error or ""), (j.status, j.error)
