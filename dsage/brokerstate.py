@@ -122,7 +122,7 @@ class BrokerState:
             self.sched.add(Job(
                 o.id, o.owner, o.name, self._shared(o.kind), o.priority, self._shared(o.timeout),
                 o.memory, o.anonymous_ok, self._tags(o.requires), o.created, o.failures, o.seq,
-                o.payload,
+                o.payload, isolate=o.isolate,
                 monitor=o.worker_id if processing else None, started=o.started))
             self.payload_bytes += len(o.payload or b"")
         self.orphan_deadline: float | None = (
@@ -276,7 +276,8 @@ class BrokerState:
             self.payload_bytes += len(payload) if keep else 0
             job = Job(jid, key, spec["name"], self._shared(spec["kind"]), spec["priority"],
                       self._shared(spec["timeout"]), spec["memory"], spec["anonymous_ok"],
-                      self._tags(spec["requires"]), wall, 0, seq, payload if keep else None)
+                      self._tags(spec["requires"]), wall, 0, seq, payload if keep else None,
+                      isolate=spec["isolate"])
             self.sched.add(job)
             ids.append(jid)
             reason = waiting_reason(job, takers)
@@ -610,7 +611,7 @@ class BrokerState:
                     j.started = wall
                     specs.append({"id": j.id, "name": j.name, "kind": j.kind,
                                   "timeout": j.timeout, "memory": j.memory, "owner": j.owner,
-                                  "trusted": not m.anonymous})
+                                  "trusted": not m.anonymous, "isolate": j.isolate})
                     self._announce(j.owner, _open_record(j, None, worker))
                 self._send("monitor", m.rid, make(M.RUN, payloads[part.start:part.stop],
                                                   jobs=specs))

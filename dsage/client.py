@@ -967,14 +967,16 @@ class DSage:
 
     def eval(self, code: str, timeout: float | None = 600, priority: int = DEFAULT_PRIORITY,
              name: str | None = None, kind: str = "python", memory: int | str | None = None,
-             anonymous_ok: bool = False, requires: Iterable[str] = ()) -> JobWrapper:
+             anonymous_ok: bool = False, requires: Iterable[str] = (),
+             isolate: bool = False) -> JobWrapper:
         """Run ``code`` on a worker. The result is ``DSAGE_RESULT`` if the code sets it,
         otherwise the value of its final expression.
 
         ``kind`` is ``'python'`` or ``'sage'``; ``timeout`` (seconds, None for no limit)
         and ``memory`` (bytes or ``'2GB'``) are hard limits; ``priority`` runs from 0
         (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job;
-        ``requires`` lists tags a worker must offer. Blocks while the broker has
+        ``requires`` lists tags a worker must offer; ``isolate`` runs the job in a
+        process no earlier job has run in. Blocks while the broker has
         not acknowledged ``max_unacked_jobs`` jobs (see :class:`DSage`).
         """
         if not isinstance(code, str):
@@ -983,7 +985,7 @@ class DSage:
             raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
                              f"(use D.eval_function for functions)")
         return self._submit(code.encode(), kind, timeout, priority, name, memory,
-                            anonymous_ok, requires)
+                            anonymous_ok, requires, isolate)
 
     def eval_file(self, path: str | os.PathLike[str], name: str | None = None,
                   **options: Any) -> JobWrapper:
@@ -1006,11 +1008,13 @@ class DSage:
         return self._submit(payload, Kind.FUNCTION.value, options.pop("timeout", 600),
                             options.pop("priority", DEFAULT_PRIORITY), options.pop("name"),
                             options.pop("memory", None), options.pop("anonymous_ok", False),
-                            options.pop("requires", ()), **options)
+                            options.pop("requires", ()), options.pop("isolate", False),
+                            **options)
 
     def _submit(self, payload: bytes, kind: str, timeout: float | None, priority: int,
                 name: str | None, memory: int | str | None, anonymous_ok: bool,
-                requires: Iterable[str], **unknown: Any) -> JobWrapper:
+                requires: Iterable[str], isolate: bool = False,
+                **unknown: Any) -> JobWrapper:
         """Check the options, wait for room (see :class:`_Window`) and hand the job to
         the I/O thread, which registers its wrapper before sending it."""
         if unknown:
@@ -1020,7 +1024,7 @@ class DSage:
         spec = {"id": job_id, "name": _check_name(name), "kind": kind,
                 "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
-                "requires": _check_tags(requires)}
+                "requires": _check_tags(requires), "isolate": bool(isolate)}
         job = _Outgoing(spec, payload, _spec_bytes(spec))
         self._window.take(len(payload), self._check_can_wait)
         wrapper = JobWrapper(self._host, job_id, name, kind, priority)

@@ -320,6 +320,8 @@ JOB_SPEC = {
     "memory": _optional(_pos_int),
     "anonymous_ok": _bool,
     "requires": _tags,
+    #: run in a slot process no earlier job has run in
+    "isolate": _bool,
 }
 RUN_SPEC = {
     "id": _job_id,
@@ -329,6 +331,7 @@ RUN_SPEC = {
     "memory": _optional(_pos_int),
     "owner": _key,
     "trusted": _bool,
+    "isolate": _bool,
 }
 RESULT_SPEC = {
     "id": _job_id,

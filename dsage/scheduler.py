@@ -58,6 +58,8 @@ class Job:
     started: float | None = None
     #: monitors that lost this job but whose late result is still welcome
     lost_from: set[str] | None = None
+    #: run it in a slot process no earlier job ran in
+    isolate: bool = False
 
     @property
     def job_class(self) -> JobClass:

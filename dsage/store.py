@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     payload BLOB,
     result BLOB,
     output BLOB,
-    staged INTEGER NOT NULL DEFAULT 0
+    staged INTEGER NOT NULL DEFAULT 0,
+    isolate INTEGER NOT NULL DEFAULT 0
 );
 -- large results and outputs, uploaded by a monitor in chunks; a staged job's
 -- blobs are the chunks of the monitor that delivered it (its worker_id)
@@ -103,6 +104,7 @@ class OpenJob:
     worker_id: str | None
     started: float | None
     payload: bytes | None
+    isolate: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,10 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
-            if "staged" not in columns:  # a store made before uploads existed
-                self.db.execute("ALTER TABLE jobs ADD COLUMN staged INTEGER NOT NULL DEFAULT 0")
+            for column in ("staged", "isolate"):  # a store made before these existed
+                if column not in columns:
+                    self.db.execute(
+                        f"ALTER TABLE jobs ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             self.db.execute("BEGIN")
         except BaseException:
             os.close(self._lock_fd)
@@ -275,10 +279,11 @@ class Store:
         no change) if its id exists already."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO jobs (id, owner, name, kind, status, priority, anonymous_ok,"
-            " timeout, memory, requires, created, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " timeout, memory, requires, created, payload, isolate)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (spec["id"], owner, spec["name"], spec["kind"], Status.NEW.value, spec["priority"],
              int(spec["anonymous_ok"]), spec["timeout"], spec["memory"],
-             json.dumps(spec["requires"]), now, payload),
+             json.dumps(spec["requires"]), now, payload, int(spec["isolate"])),
         )
         return cur.lastrowid if cur.rowcount == 1 else None
 
@@ -289,7 +294,7 @@ class Store:
         while their total stays within ``payload_budget`` bytes (the rest: None)."""
         rows = self.db.execute(
             "SELECT id, owner, name, kind, priority, timeout, memory, anonymous_ok, requires,"
-            " created, failures, seq, status, worker_id, started, length(payload)"
+            " created, failures, seq, status, worker_id, started, length(payload), isolate"
             " FROM jobs WHERE status IN ('new', 'processing') ORDER BY seq").fetchall()
         out: list[OpenJob] = []
         for r in rows:
@@ -300,7 +305,7 @@ class Store:
                 payload_budget -= size
             out.append(OpenJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]),
                                json.loads(r[8]), r[9], r[10], r[11], Status(r[12]), r[13],
-                               r[14], payload))
+                               r[14], payload, bool(r[16])))
         return out
 
     def payload(self, job_id: str) -> bytes:

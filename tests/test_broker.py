@@ -49,7 +49,8 @@ def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int,
 
 def _spec(job_id: str, **change: Any) -> dict[str, Any]:
     return {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
-            "memory": None, "anonymous_ok": False, "requires": [], **change}
+            "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
+            **change}
 
 
 def _raw(type_: str, header: dict[str, Any], *blobs: bytes) -> list[bytes]:

@@ -49,6 +49,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "req": nonneg, "id": job_id, "name": st.none() | short, "kind": _enum(Kind),
     "timeout": st.none() | positive, "priority": st.integers(0, 9),
     "memory": st.none() | pos_int, "anonymous_ok": st.booleans(), "requires": tags,
+    "isolate": st.booleans(),
     "owner": z85_key, "trusted": st.booleans(), "error": st.none() | text,
     "encoding": _enum(Encoding), "result_from": _enum(ResultFrom), "sealed": st.booleans(),
     "started": st.none() | finite, "finished": finite, "created": finite, "failures": nonneg,
@@ -316,7 +317,8 @@ def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home:
 ])
 def test_submit_values_out_of_bounds_are_protocol_errors(spec_change: dict[str, Any]) -> None:
     spec = {"id": "0" * 32, "name": None, "kind": "python", "timeout": None, "priority": 5,
-            "memory": None, "anonymous_ok": False, "requires": [], **spec_change}
+            "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
+            **spec_change}
     frames = [VERSION, b"submit", json.dumps({"req": 0, "jobs": [spec]}).encode(), b"1"]
     with pytest.raises(ProtocolError):
         decode(frames, ALL)

@@ -490,7 +490,7 @@ class _World:
 
     def submit(self, job_id: str) -> None:
         spec = {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
-                "memory": None, "anonymous_ok": False, "requires": []}
+                "memory": None, "anonymous_ok": False, "requires": [], "isolate": False}
         self.state.on_client(self.now, b"client", OWNER, make(M.SUBMIT, [b"1"], req=1,
                                                               jobs=[spec]))
         self.flush()

@@ -328,6 +328,20 @@ def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) 
     assert not any(seen for _, seen in results), results
 
 
+def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    pid = "import os; os.getpid()"
+    first, second = d(pid).wait(30).result, d(pid).wait(30).result
+    assert first == second  # ordinary jobs share their slot
+    isolated = d(pid, isolate=True).wait(30).result
+    assert isolated != first
+    func = d.eval_function(os.getpid, isolate=True).wait(30)
+    assert func.result not in (first, isolated)
+
+
 # --- 4. slots are light
 
 
