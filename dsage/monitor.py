@@ -94,6 +94,8 @@ class Slot:
     failure: str = ""
     #: what the job did that killed its slot, when the monitor can tell (see _why_killed)
     cause: str = ""
+    #: the key whose jobs this slot process runs: it never runs another owner's
+    owner: str | None = None
 
     def kill(self) -> None:
         """Kill the slot process and every descendant of it: its cgroup at once, and
@@ -490,12 +492,15 @@ class Monitor:
         if not self.pending or self.stopping or self.paused or not slot.ready \
                 or slot.job is not None:
             return
-        if slot.jobs_done and (self.options.isolate
-                               or next(iter(self.pending.values()))[0].get("isolate")):
-            self._respawn(slot)  # the job gets a process no earlier job ran in
+        nxt = next(iter(self.pending.values()))[0]
+        if slot.jobs_done and (self.options.isolate or nxt.get("isolate")
+                               or slot.owner not in (None, nxt["owner"])):
+            # the job gets a process no earlier job ran in; and a process that ran one
+            # owner's jobs never runs another's (a job could leave code for the next)
+            self._respawn(slot)
             return
         _, (spec, payload) = self.pending.popitem(last=False)
-        slot.job, slot.started = spec, time.time()
+        slot.job, slot.started, slot.owner = spec, time.time(), spec["owner"]
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
         slot.kill_reason = None
         try:

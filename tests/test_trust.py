@@ -914,3 +914,17 @@ def test_untrusted_text_and_monitor_details_are_kept_from_clients(
     [full] = D.workers()  # the owner's key has the worker role
     assert full.key == fake.keys.public.decode() and full.pid == 1
     fake.close()
+
+
+def test_a_slot_never_runs_jobs_of_two_owners(procs: Procs, home: Path,
+                                              tmp_path: Path) -> None:
+    """Bob's job once left code in its slot that spied on Alice's next job there."""
+    A, B = _alice_and_bob(procs, home, tmp_path, slots=1)
+    plant = ("import os, colorsys\n"
+             "colorsys.planted = 'by bob'\n"  # a module it imports and changes itself
+             "os.getpid()")
+    look = "import os, colorsys\n(os.getpid(), getattr(colorsys, 'planted', None))"
+    bob_pid = B(plant).wait(60).result
+    alice_pid, planted = A(look).wait(60).result
+    assert planted is None and alice_pid != bob_pid
+    assert A(look).wait(60).result[0] == alice_pid  # the same owner keeps its slot
