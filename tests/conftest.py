@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 import dsage
 from dsage import keys
@@ -138,6 +139,22 @@ def cluster(procs: Procs) -> Iterator[dsage.DSage]:
     d = procs.client()
     procs.wait_workers(d, 2)
     yield d
+
+
+def raw_dealer(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int,
+               kp: keys.Keypair | None = None) -> zmq.Socket[bytes]:
+    """A CURVE DEALER speaking the protocol by hand (the home's keypair unless
+    ``kp``), connected to ``port`` of the test broker."""
+    from dsage.auth import make_client
+
+    own = keys.load_keypair(home)
+    sock = ctx.socket(zmq.DEALER)
+    make_client(sock, kp or own, own.public)
+    sock.rcvtimeo = 10_000
+    sock.sndtimeo = 10_000
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    return sock
 
 
 def run_python(code: str, env: dict[str, str] | None = None,

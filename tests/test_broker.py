@@ -28,23 +28,10 @@ from dsage.protocol import (
 from dsage.scheduler import Job, Scheduler, Taker, Where
 from dsage.store import Store, StoreLocked
 
-from .conftest import Procs, run_python, skip_or_fail, wait_for
+from .conftest import Procs, raw_dealer as _dealer, run_python, skip_or_fail, wait_for
 
 ALL = frozenset(M)
 OWNER = "o" * 40
-
-
-def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int,
-            kp: keys.Keypair | None = None) -> zmq.Socket[bytes]:
-    """A CURVE DEALER (the home's keypair unless ``kp``), connected to ``port``."""
-    own = keys.load_keypair(home)
-    sock = ctx.socket(zmq.DEALER)
-    make_client(sock, kp or own, own.public)
-    sock.rcvtimeo = 10_000
-    sock.sndtimeo = 10_000
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    return sock
 
 
 def _spec(job_id: str, **change: Any) -> dict[str, Any]:

@@ -14,15 +14,13 @@ import zmq
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dsage import keys
-from dsage.auth import make_client
 from dsage.protocol import (
     CLIENT_REQUESTS, ERROR_ITEM, JOB_SPEC, MONITOR_INFO, MONITOR_REQUESTS, RECORD, RESULT_SPEC,
     RUN_SPEC, SCHEMAS, VERSION, WORKER_INFO, FINAL, Encoding, Kind, M, Message, ProtocolError,
     ResultFrom, Status, decode, encode,
 )
 
-from .conftest import Procs, wait_for
+from .conftest import Procs, raw_dealer as _dealer, wait_for
 
 ALL = frozenset(M)
 Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
@@ -218,17 +216,6 @@ def test_too_many_frames() -> None:
 
 
 # --- a live broker under fire
-
-
-def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int) -> zmq.Socket[bytes]:
-    """A CURVE DEALER with the home's (trusted) keypair, connected to ``port``."""
-    kp = keys.load_keypair(home)
-    sock = ctx.socket(zmq.DEALER)
-    make_client(sock, kp, kp.public)
-    sock.rcvtimeo = 10_000
-    sock.sndtimeo = 10_000
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    return sock
 
 
 def _fuzz_port(sock: zmq.Socket[bytes], allowed: frozenset[M], examples: int) -> int:
