@@ -33,6 +33,9 @@ log = logging.getLogger("dsage.broker")
 
 Dest = Literal["client", "monitor", "event"]
 
+#: seconds without open jobs after which the broker empties the store's WAL
+IDLE_TRUNCATE = 1.0
+
 
 @dataclass(frozen=True)
 class Out:
@@ -106,6 +109,7 @@ class BrokerState:
         self.last_tick = now
         self.last_prune = 0.0
         self.rotation = 0
+        self.idle_since = None
         self._values: dict[Any, Any] = {}
         self._tag_sets: dict[tuple[str, ...], frozenset[str]] = {}
         self._load(now)
@@ -560,8 +564,12 @@ class BrokerState:
                     for jid in self.sched.of_monitor(monitor_id):
                         self._requeue(self.sched.jobs[jid], False, "its monitor did not come "
                                       "back after a broker restart", monitor_id)
-        if not self.sched.jobs and self.store.changed_since_truncate():
-            self.store.truncate_wal()  # idle: no old payload lingers in the WAL
+        if self.sched.jobs:
+            self.idle_since: float | None = None
+        elif self.idle_since is None:
+            self.idle_since = now
+        elif now - self.idle_since >= IDLE_TRUNCATE and self.store.changed_since_truncate():
+            self.store.truncate_wal()  # idle a while: no old payload lingers in the WAL
         wall = time.time()
         if wall - self.last_prune > 3600:
             self.last_prune = wall

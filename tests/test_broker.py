@@ -425,6 +425,11 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     writes = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
     assert len(writes) <= 3 * n, writes[:5]
     assert sum(s.startswith("COMMIT") for s in statements) <= 2
+    state.tick(0.0)  # idle now, but only just: the WAL is not emptied after every job
+    state.tick(0.5)
+    assert not [s for s in statements if "wal_checkpoint" in s]
+    state.tick(1.5)
+    assert [s for s in statements if "wal_checkpoint" in s]
     store.close()
 
 
