@@ -21,6 +21,7 @@ import zmq
 from . import keys as keys_mod
 from .auth import CLIENTS, EVENTS, MONITORS, KeyRing, ZapPolicy, make_server, start_authenticator
 from .brokerstate import BrokerConfig, BrokerState, Dest, Out
+from .limits import RateLimit
 from .options import BrokerOptions
 from .protocol import (
     CLIENT_REQUESTS, MAX_FRAMES, MONITOR_REQUESTS, Message, ProtocolError, decode, encode, error,
@@ -75,9 +76,10 @@ class Broker:
             failure_limit=options.failure_limit, max_message_size=options.max_message_size,
             max_queued_per_client=options.max_queued_per_client,
             retention=options.retention_days * 86400.0, allow_anonymous=options.allow_anonymous,
-            prefetch=options.prefetch)
+            prefetch=options.prefetch, max_anonymous=options.max_anonymous)
         self.state = BrokerState(self.store, config, time.monotonic(), self.keyring.is_client,
                                  self.keyring.is_worker)
+        self.anonymous_rate = RateLimit(options.anonymous_rate, 2 * options.anonymous_rate)
         #: most bytes of one message, all frames together (anonymous peers get less)
         self.budget = message_budget(options.max_message_size)
         self.anonymous_budget = message_budget(min(options.max_message_size,
@@ -226,7 +228,10 @@ class Broker:
             except zmq.Again:
                 return
             rid, key = frames[0].bytes, _user_id(frames)
-            budget = self.budget if self.keyring.is_trusted(key) else self.anonymous_budget
+            trusted = self.keyring.is_trusted(key)
+            if not trusted and not self.anonymous_rate.allow(key, now):
+                continue  # an anonymous peer over its message rate: dropped unread
+            budget = self.budget if trusted else self.anonymous_budget
             if self._over_budget("monitor", rid, key, frames, budget):
                 continue
             body = [f.bytes for f in frames[1:]]

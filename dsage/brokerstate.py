@@ -59,6 +59,8 @@ class BrokerConfig:
     allow_anonymous: bool = False
     #: jobs sent to a monitor beyond its free slots, so no slot idles for a round trip
     prefetch: int = 1
+    #: most anonymous monitors registered at once
+    max_anonymous: int = 64
     #: payload bytes of queued jobs kept in memory; the rest is read from the store
     payload_memory: int = 256 * 1024 * 1024
     #: changes at every broker start, so clients notice a restart
@@ -393,6 +395,12 @@ class BrokerState:
                         monitor_id, key[:8])
             self._send("monitor", rid, error("monitor_id", "this monitor id belongs to "
                                              "another key: register with a new id"))
+            return
+        if anonymous and old is None and sum(m.anonymous for m in self.monitors.values()) \
+                >= self.config.max_anonymous:
+            self._send("monitor", rid, error(
+                "busy", f"this broker admits at most {self.config.max_anonymous} anonymous "
+                "workers at once; try again later"))
             return
         same_conn = self.monitors.get(rid)
         if same_conn is not None and same_conn.monitor_id != monitor_id:

@@ -101,6 +101,11 @@ class BrokerOptions:
                                 "(default 7)", parse=positive_float)
     prefetch: int = opt(1, "jobs sent to a monitor beyond its free slots, so no slot waits "
                         "for a round trip (default 1)", parse=nonneg_int)
+    max_anonymous: int = opt(64, "most anonymous monitors registered at once (default 64)",
+                             parse=nonneg_int)
+    anonymous_rate: float = opt(200.0, "messages a second an anonymous monitor may send on "
+                                "average; more are dropped (default 200)",
+                                parse=positive_float)
     store: Path | None = opt(None, "the SQLite job store (default HOME/db/dsage.db); one broker "
                              "per store")
     durable: bool = opt(False, "make every commit reach the disk (survives power loss, "

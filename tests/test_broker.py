@@ -612,3 +612,37 @@ def test_a_key_that_loses_the_client_role_loses_its_events(procs: Procs, home: P
         assert not sub.poll(500)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_anonymous_peers_have_a_message_rate_and_a_count() -> None:
+    from dsage.limits import RateLimit
+
+    limit = RateLimit(rate=10.0, burst=20.0, max_keys=3)
+    assert sum(limit.allow("a", 0.0) for _ in range(100)) == 20  # a burst, then nothing
+    assert not limit.allow("a", 0.05)
+    assert sum(limit.allow("a", 1.0) for _ in range(100)) == 10  # refilled at the rate
+    assert limit.allow("b", 1.0) and limit.allow("c", 1.0)
+    assert not limit.allow("d", 1.0)  # too many keys at once
+    assert limit.allow("d", 100.0)  # the quiet ones are forgotten
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "dsage.db")
+        state = BrokerState(store, BrokerConfig(allow_anonymous=True, max_anonymous=1), 0.0,
+                            lambda k: True)
+
+        def register(rid: bytes, mid: str, anonymous: bool) -> Message:
+            state.on_monitor(0.0, rid, mid * 40, anonymous, make(
+                M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
+                version="0"))
+            [reply] = [o.msg for o in state.flush(0.0) if o.to == rid]
+            return reply
+
+        assert register(b"a1", "a", True).type is M.REGISTERED
+        refused = register(b"a2", "b", True)
+        assert refused.type is M.ERROR and refused.header["code"] == "busy"
+        assert register(b"t", "t", False).type is M.REGISTERED  # trusted ones unaffected
+        state.lose_monitor(0.0, b"a1", "test")
+        assert register(b"a2", "b", True).type is M.REGISTERED
+        store.close()
