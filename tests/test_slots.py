@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -396,3 +397,21 @@ def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
 def test_a_signal_is_named(one_slot: dsage.DSage) -> None:
     j = one_slot("import os, signal; os.kill(os.getpid(), signal.SIGTERM)").wait(30)
     assert j.status == "failed" and "SIGTERM" in (j.error or ""), (j.status, j.error)
+
+
+def test_a_full_disk_is_named_in_the_failure(one_slot: dsage.DSage, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0:
+        skip_or_fail("a full-disk test mounts a small tmpfs: needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        j = one_slot(f"open({str(small / 'big')!r}, 'wb').write(b'x' * 4_000_000)").wait(60)
+        assert j.status == "failed"
+        assert "No space left" in (j.error or "") and "disk is full" in (j.error or ""), j.error
+        assert one_slot("'next'").wait(60).result == "next"  # the slot goes on
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
