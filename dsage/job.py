@@ -134,6 +134,10 @@ class JobWrapper:
                 self.status, self.error = Status.FAILED.value, f"unreadable result: {e}"
                 self._encoding = Encoding.NONE.value
                 self._result_blob = self._output_blob = b""
+        if self._encoding == Encoding.ERROR:  # the full error text, sealed
+            text = self._result_blob.decode("utf-8", errors="replace")
+            self.error = text if self.trusted else strip_control(text)
+            self._encoding, self._result_blob = Encoding.NONE.value, b""
         self._final = True
         return True
 

@@ -687,6 +687,11 @@ class Monitor:
                 "sealed": True, "started": reply["started"],
                 "finished": reply["finished"], "staged": False}
         result, output = self._fit(item, result, output)
+        if item["error"] and not result and item["encoding"] == "none":
+            # the error text may hold the job's data (KeyError: 'PASSWORD-...'): it
+            # travels sealed, and the broker keeps only its type
+            result = item["error"].encode()
+            item["encoding"], item["error"] = "error", error_summary(item["error"])
         bound = (job["id"], job["owner"], item["status"], item["encoding"], item["result_from"])
         result = self.sealer.seal(job["owner"], result, binding(*bound, "result"))
         output = self.sealer.seal(job["owner"], output, binding(*bound, "output"))
@@ -885,6 +890,16 @@ def _size(n: int) -> str:
         if n >= size:
             return f"{n / size:g} {unit}"
     return f"{n} bytes"
+
+
+def error_summary(error: str) -> str:
+    """What of a failed job's error the broker may keep in plaintext: the exception's
+    type ("KeyError") when the text starts with one, else the monitor's own words
+    (a timeout, a kill, a signal: no data of the job's)."""
+    head, sep, _ = error.partition(":")
+    if sep and head.replace(".", "").replace("_", "").isalnum() and " " not in head:
+        return head
+    return error
 
 
 def run_monitor(options: MonitorOptions) -> None:

@@ -91,6 +91,8 @@ class Encoding(enum.StrEnum):
     NONE = "none"  # no result
     DILL = "dill"  # a dill pickle: only ever loaded from trusted workers
     DATA = "data"  # dsage.codec's data-only encoding, safe to decode
+    #: a failed job's full error text (UTF-8); its record's ``error`` keeps only the type
+    ERROR = "error"
 
 
 class ResultFrom(enum.StrEnum):

@@ -928,3 +928,25 @@ def test_a_slot_never_runs_jobs_of_two_owners(procs: Procs, home: Path,
     alice_pid, planted = A(look).wait(60).result
     assert planted is None and alice_pid != bob_pid
     assert A(look).wait(60).result[0] == alice_pid  # the same owner keeps its slot
+
+
+def test_error_texts_are_sealed_and_the_store_keeps_only_their_type(procs: Procs,
+                                                                    home: Path) -> None:
+    """Error summaries once held user data in plaintext (KeyError: 'PASSWORD-...')."""
+    procs.broker()
+    procs.worker(1)
+    D = procs.client()
+    secret = "PASSWORD-" + os.urandom(6).hex()
+    failed = D(f"raise KeyError({secret[::-1]!r}[::-1])").wait(60)
+    slow = D("import time; time.sleep(30)", timeout=1).wait(60)
+    assert failed.status == "failed" and secret in (failed.error or "")
+    assert failed.error.startswith("KeyError")
+    with pytest.raises(dsage.JobError, match=secret):
+        failed.result
+    again = procs.client().job(failed.job_id).wait(30)  # another connection opens it too
+    assert secret in (again.error or "")
+    stored = dict(db_rows(home, "SELECT id, error FROM jobs"))
+    assert stored[failed.job_id] == "KeyError"
+    assert "timed out" in stored[slow.job_id]  # the monitor's own words stay readable
+    raw = b"".join(p.read_bytes() for p in (home / "db").iterdir() if p.is_file())
+    assert secret.encode() not in raw
