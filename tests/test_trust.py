@@ -499,8 +499,9 @@ def test_hostile_pickle_marker_really_runs_when_unpickled(tmp_path: Path) -> Non
 class FakeAnonymousMonitor:
     """A raw anonymous monitor that answers each job it is given with chosen bytes."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], port: int, server: bytes) -> None:
-        self.keys = keys.Keypair(*zmq.curve_keypair())
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], port: int, server: bytes,
+                 own: keys.Keypair | None = None) -> None:
+        self.keys = own or keys.Keypair(*zmq.curve_keypair())  # own: a trusted monitor
         self.sock = ctx.socket(zmq.DEALER)
         make_client(self.sock, self.keys, server)
         self.sock.connect(f"tcp://127.0.0.1:{port + 1}")
@@ -950,3 +951,33 @@ def test_error_texts_are_sealed_and_the_store_keeps_only_their_type(procs: Procs
     assert "timed out" in stored[slow.job_id]  # the monitor's own words stay readable
     raw = b"".join(p.read_bytes() for p in (home / "db").iterdir() if p.is_file())
     assert secret.encode() not in raw
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(blob=st.binary(max_size=200), encoding=st.sampled_from(["dill", "data", "error"]),
+       sealed=st.booleans())
+def test_garbage_from_a_trusted_worker_fails_the_job_cleanly(
+        procs: Procs, home: Path, ctx: zmq.Context[zmq.Socket[bytes]], blob: bytes,
+        encoding: str, sealed: bool) -> None:
+    """Whatever bytes a trusted worker sends as a result, the client stays up, the job
+    ends, and reading it either gives a value or raises an ordinary exception."""
+    if not procs.started:
+        procs.broker(heartbeat=1.0)
+        procs.fake = FakeAnonymousMonitor(ctx, procs.port, broker_key(home),  # type: ignore
+                                          own=keys.load_keypair(home))
+        procs.D = procs.client()  # type: ignore[attr-defined]
+    fake: FakeAnonymousMonitor = procs.fake  # type: ignore[attr-defined]
+    D: dsage.DSage = procs.D  # type: ignore[attr-defined]
+    j = D("1")
+    spec = fake.next_job()
+    assert spec["id"] == j.job_id and spec["trusted"] is True
+    fake.answer(spec, encoding, blob, sealed)
+    j.wait(30)
+    assert j.done() and j.trusted
+    try:
+        j.result
+    except Exception:  # noqa: BLE001 - any ordinary error is fine; a crash is not
+        pass
+    assert isinstance(repr(j), str) and isinstance(j.output, str)
+    assert D._io.is_alive()
