@@ -76,11 +76,22 @@ class Procs:
         self.started: list[ManagedProcess] = []
 
     def broker(self, **options: Any) -> ManagedProcess:
+        """Start a broker and wait until it serves. The random ports were free when
+        picked, but another process may take one before the broker binds it: then
+        the test moves to new ports (before anything else of it has used them)."""
         options.setdefault("heartbeat", HEARTBEAT)
         options.setdefault("liveness", LIVENESS)
-        p = dsage.server(self.port, blocking=False, home=self.home, **options)
-        assert p is not None
-        self.started.append(p)
+        for _ in range(5):
+            p = dsage.server(self.port, blocking=False, home=self.home, **options)
+            assert p is not None
+            self.started.append(p)
+            wait_for(lambda: not p.alive() or "dsage-broker serving" in p.log_tail(400),
+                     30, "the broker to serve or exit")
+            if p.alive() or "is in use" not in p.log_tail(400) or self.clients \
+                    or len(self.started) > 1:
+                return p
+            self.started.remove(p)
+            self.port = free_port()
         return p
 
     def worker(self, workers: int = 2, **options: Any) -> ManagedProcess:

@@ -588,10 +588,10 @@ def test_a_dead_authentication_thread_stops_the_broker_with_a_reason(home: Path,
 
 def test_a_key_that_loses_the_client_role_loses_its_events(procs: Procs, home: Path,
                                                            tmp_path: Path) -> None:
-    procs.broker()
     bob = tmp_path / "bob"
     keys.setup(bob)
     keys.add_key("bob", keys.public_key_file(bob), home)
+    procs.broker()
     own = keys.load_keypair(bob)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:

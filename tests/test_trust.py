@@ -655,10 +655,10 @@ def _alice_and_bob(procs: Procs, home: Path, tmp_path: Path,
                    slots: int) -> tuple[dsage.DSage, dsage.DSage]:
     """A cluster and two clients: alice (the broker's own key) and bob (another
     authorized key)."""
+    bob_home = other_home(tmp_path, "bob")
+    keys.add_key("bob", keys.public_key_file(bob_home), home)  # before the broker reads them
     procs.broker()
     procs.worker(slots)
-    bob_home = other_home(tmp_path, "bob")
-    keys.add_key("bob", keys.public_key_file(bob_home), home)
     return procs.client(), user_client(procs, bob_home)
 
 
@@ -778,9 +778,9 @@ def test_a_client_key_cannot_register_as_a_worker_and_never_sees_a_job(
 
 def test_a_worker_key_cannot_submit_or_subscribe(
         procs: Procs, home: Path, tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
-    procs.broker()
     machine = other_home(tmp_path, "machine")
     keys.add_key("machine", keys.public_key_file(machine), home, role="worker")
+    procs.broker()
     with pytest.raises(KeyRejected, match="not authorized as a client"):
         user_client(procs, machine)
     own = keys.load_keypair(machine)
