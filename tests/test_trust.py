@@ -70,6 +70,15 @@ def other_worker(procs: Procs, worker_home: Path, workers: int = 1,
     return p
 
 
+def client_if_trusted(procs: Procs, user_home: Path) -> dsage.DSage | None:
+    """A client with another home's key, or None while the broker refuses the key (it
+    rereads its authorized keys within a second of a change)."""
+    try:
+        return user_client(procs, user_home, connect_timeout=10)
+    except KeyRejected:
+        return None
+
+
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``python -m dsage.cli ARGS`` (``dsage``, or ``broker``/``worker`` launchers)."""
     return subprocess.run([sys.executable, "-m", "dsage.cli", *args], capture_output=True,
@@ -299,16 +308,11 @@ def test_key_add_and_remove_take_effect_on_a_running_broker(procs: Procs, home: 
     with pytest.raises(KeyRejected):
         user_client(procs, bob, connect_timeout=10)
 
-    def connects() -> dsage.DSage | None:
-        try:
-            return user_client(procs, bob, connect_timeout=10)
-        except KeyRejected:
-            return None
-
     r = cli("keys", "--home", str(home), "add", "bob", str(keys.public_key_file(bob)),
             "--role", "both")
     assert r.returncode == 0, r.stderr
-    D = wait_for(connects, 10, "the broker to accept the added key")
+    D = wait_for(lambda: client_if_trusted(procs, bob), 10,
+                 "the broker to accept the added key")
     assert D.get_my_jobs() == []
     monitor = dsage.worker("127.0.0.1", procs.port, 1, blocking=False, home=bob,
                            heartbeat=HEARTBEAT, server_key=keys.load_keypair(home).public)
@@ -317,7 +321,8 @@ def test_key_add_and_remove_take_effect_on_a_running_broker(procs: Procs, home: 
     wait_for(lambda: any(w.key == keys.load_keypair(bob).public.decode()
                          for w in D.workers()), 30, "bob's monitor registered")
     assert cli("keys", "--home", str(home), "remove", "bob").returncode == 0
-    wait_for(lambda: connects() is None, 10, "the broker to refuse the removed key")
+    wait_for(lambda: client_if_trusted(procs, bob) is None, 10,
+             "the broker to refuse the removed key")
     # connections made before the removal lose their rights too
     with pytest.raises(KeyRejected, match="not authorized as a client"):
         D.get_my_jobs()
@@ -903,13 +908,7 @@ def test_untrusted_text_and_monitor_details_are_kept_from_clients(
     bob = other_home(tmp_path, "bob")
     keys.add_key("bob", keys.public_key_file(bob), home)  # a client only
 
-    def connects() -> dsage.DSage | None:
-        try:
-            return user_client(procs, bob, connect_timeout=10)
-        except KeyRejected:
-            return None  # the broker rereads its keys within a second
-
-    B = wait_for(connects, 20, "the broker to accept bob's key")
+    B = wait_for(lambda: client_if_trusted(procs, bob), 20, "the broker to accept bob's key")
     [seen] = B.workers()
     assert seen.key is None and seen.pid == 0 and seen.host == "fake"
     [full] = D.workers()  # the owner's key has the worker role
