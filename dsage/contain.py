@@ -312,22 +312,20 @@ def make_memory_cgroup(path: str, limit: int) -> bool:
 
 def oom_kills(path: str) -> int:
     """How many processes the OOM killer killed in a v1 memory cgroup."""
-    try:
-        with open(os.path.join(path, "memory.oom_control")) as f:
-            for line in f:
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _counter(os.path.join(path, "memory.oom_control"), "oom_kill")
 
 
 def kernel_oom_kills() -> int:
     """The kernel's count of OOM kills (all of this machine)."""
+    return _counter("/proc/vmstat", "oom_kill")
+
+
+def _counter(path: str, name: str) -> int:
+    """The value of a ``name value`` line in a kernel statistics file (0 if none)."""
     try:
-        with open("/proc/vmstat") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("oom_kill "):
+                if line.startswith(name + " "):
                     return int(line.split()[1])
     except (OSError, ValueError):
         pass

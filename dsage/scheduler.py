@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -262,13 +261,6 @@ class Scheduler:
     def of_monitor(self, monitor_id: str) -> list[str]:
         """Ids of the jobs assigned to a monitor."""
         return list(self.assigned.get(monitor_id, ()))
-
-    def queued_jobs(self) -> Iterator[Job]:
-        """Every queued job (no particular order)."""
-        return (j for j in self.jobs.values() if j.where is Where.QUEUED)
-
-    def runnable_by_any(self, cls: JobClass, takers: Iterable[Taker]) -> bool:
-        return any(t.may_run(cls) for t in takers)
 
 
 def waiting_reason(job: Job, takers: list[Taker]) -> str | None:
