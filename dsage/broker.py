@@ -241,12 +241,11 @@ class Broker:
                 log.warning("bad message from monitor %s: %s", key[:8], e)
                 self._send(Out("monitor", rid, error(e.code, str(e))))
                 continue
-            anonymous = not self.keyring.is_trusted(key)
-            if not anonymous and not self.keyring.is_worker(key):
+            if trusted and not self.keyring.is_worker(key):
                 self._not_a_worker(now, rid, key)
                 continue
             try:
-                self.state.on_monitor(now, rid, key, anonymous, msg)
+                self.state.on_monitor(now, rid, key, not trusted, msg)
             except Exception as e:  # noqa: BLE001 - one message must not stop the broker
                 self._failed("monitor", rid, key, msg, e)
 
