@@ -195,13 +195,13 @@ def bench_dsage(cfg: Config) -> dict[str, Any]:
         t0 = time.perf_counter()
         D = dsage.start_all(workers=WORKERS, port=0, home=home)
         t_up = time.perf_counter() - t0
-        D.eval_function(ident, (0,)).result
+        D.eval_function(ident, (0,)).result()
         start = time.perf_counter() - t0
         log(f"start_all {t_up:.2f} s, first result at {start:.2f} s")
 
         def many(f, xs):
             jobs = [D.eval_function(f, (x,)) for x in xs]
-            return [j.result for j in jobs]
+            return [j.result() for j in jobs]
 
         def roles():
             me, c = os.getpid(), D._cluster
@@ -209,8 +209,8 @@ def bench_dsage(cfg: Config) -> dict[str, Any]:
                     "monitor": [(m.pid, "self") for m in c.monitors],
                     "slots": [(m.pid, "descendants") for m in c.monitors]}
 
-        out = measure(cfg, start, lambda x: D.eval_function(ident, (x,)).result, many,
-                      code_one=lambda: D("2+2").wait().result, code_expect=4, roles=roles)
+        out = measure(cfg, start, lambda x: D.eval_function(ident, (x,)).result(), many,
+                      code_one=lambda: D("2+2").wait().result(), code_expect=4, roles=roles)
         out["start_all_s"] = t_up
     finally:
         if D is not None:

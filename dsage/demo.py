@@ -45,12 +45,12 @@ def run_demo(workers: int = 2, home: str | os.PathLike[str] | None = None) -> in
             j = D.eval_file(path, "test_job")
             j.wait(60)
             console.print(repr(j))
-            console.print("[bold]>>> j.result[/]")
-            n, factors = j.result
+            console.print("[bold]>>> j.result()[/]")
+            n, factors = j.result()
             console.print(f"{n} = {' * '.join(map(str, factors))}")
         console.print("\n[bold]>>> jobs = [D(f'sum(range({n}))') for n in range(10)][/]")
         jobs = [D(f"sum(range({n}))") for n in range(10)]
-        console.print([j.wait(60).result for j in jobs])
+        console.print([j.wait(60).result() for j in jobs])
         console.print("\n[bold]>>> D('1/0')[/]  (a failing job)")
         bad = D("1/0").wait(60)
         console.print(f"status: {bad.status}, error: {bad.error}")

@@ -197,12 +197,12 @@ class JobWrapper:
         """False when an anonymous worker ran the job: its result is plain data only."""
         return self.worker is None or not self.worker.anonymous
 
-    @property
-    def result(self) -> Any:
-        """The job's result, waiting for it if needed; raises :class:`JobError` if the
-        job failed or was killed, :class:`SubmitRejected` if it was never accepted
-        and :class:`UnknownJob` if the broker no longer knows it."""
-        self.wait()
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's result, waiting for it (at most ``timeout`` seconds, then
+        TimeoutError) if needed; raises :class:`JobError` if the job failed or was
+        killed, :class:`SubmitRejected` if it was never accepted and
+        :class:`UnknownJob` if the broker no longer knows it."""
+        self.wait(timeout)
         if self.refused is not None:
             raise SubmitRejected(f"job {self.job_id}: {self.error}")
         if self.status != Status.COMPLETED:
@@ -240,6 +240,6 @@ class JobWrapper:
         if self._result_from in (ResultFrom.NONE, ResultFrom.DSAGE_RESULT):
             return "No output."
         try:
-            return repr(self.result)
+            return repr(self.result())
         except Exception as e:  # noqa: BLE001 - a repr must not raise
             return f"<result that cannot be shown: {e}>"

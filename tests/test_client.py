@@ -196,7 +196,7 @@ def test_large_submits_past_the_high_water_mark_during_a_stall_all_run(procs: Pr
     finally:
         timer.join()
     _completes_all(jobs, 150)
-    assert [j.result for j in jobs] == list(range(3000))
+    assert [j.result() for j in jobs] == list(range(3000))
 
 
 def test_submits_while_the_broker_is_stopped_all_run(procs: Procs) -> None:
@@ -212,7 +212,7 @@ def test_submits_while_the_broker_is_stopped_all_run(procs: Procs) -> None:
     finally:
         timer.join()
     _completes_all(jobs, 90)
-    assert [j.result for j in jobs] == list(range(1500))
+    assert [j.result() for j in jobs] == list(range(1500))
 
 
 def test_submits_while_the_broker_is_down_all_run_after_its_restart(procs: Procs) -> None:
@@ -227,7 +227,7 @@ def test_submits_while_the_broker_is_down_all_run_after_its_restart(procs: Procs
     jobs = _paced(D, 1500)
     procs.broker(**STEADY)
     _completes_all(jobs, 90)
-    assert [j.result for j in jobs] == list(range(1500))
+    assert [j.result() for j in jobs] == list(range(1500))
 
 
 def test_a_job_the_broker_dropped_is_resent_on_a_timer(
@@ -347,7 +347,7 @@ def test_a_job_the_broker_no_longer_knows_ends_with_unknown_job(procs: Procs,
     assert e.value.job_id == j.job_id and j.job_id in str(e.value)
     assert j.done() and j.status == "failed" and "no longer knows" in (j.error or "")
     with pytest.raises(dsage.UnknownJob):
-        j.result
+        j.result()
     assert D("2").job_id  # the client goes on
 
 
@@ -375,7 +375,7 @@ def test_an_event_racing_the_reply_that_made_a_wrapper_is_not_lost(
     j = D.job(job_id) if how == "job" else D.get_my_jobs()[0]
     assert j.job_id == job_id
     wait_for(j.done, 10, "the wrapper to see the job completed")
-    assert j.status == "completed" and j.result is None
+    assert j.status == "completed" and j.result() is None
 
 
 def test_wrappers_share_one_condition_and_waiters_wake_at_once(cluster: dsage.DSage,
@@ -401,7 +401,7 @@ def test_wrappers_share_one_condition_and_waiters_wake_at_once(cluster: dsage.DS
     assert 1 not in woke and not jobs[1].done()
     gates[1].touch()
     wait_for(lambda: 1 in woke, 30, "the second waiter")
-    assert [j.result for j in jobs] == [0, 1]
+    assert [j.result() for j in jobs] == [0, 1]
 
 
 def test_a_forked_child_gets_a_clear_error_and_leaves_the_parent_alone(
@@ -436,8 +436,8 @@ def test_a_forked_child_gets_a_clear_error_and_leaves_the_parent_alone(
                  "the child to exit")
     assert outcomes == ["clear"] * 5 + ["returned"], outcomes
     (tmp_path / "go").touch()
-    assert running.wait(60).result == "parent"
-    assert D("2").wait(60).result == 2
+    assert running.wait(60).result() == "parent"
+    assert D("2").wait(60).result() == 2
 
 
 # --- 4. errors in their own module; 5. the reason a job waits

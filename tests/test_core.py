@@ -24,7 +24,7 @@ def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
         j = D("2+2")
         assert j.wait(60) is j
         assert repr(j) == "4"
-        assert j.result == 4
+        assert j.result() == 4
         assert j.status == "completed"
         assert j.worker is not None and not j.worker.anonymous
         script = tmp_path / "dsage.py"
@@ -32,7 +32,7 @@ def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
         j = D.eval_file(script, "test_job")
         j.wait(60)
         assert repr(j) == "No output."
-        assert j.result == [1, 2, 3]
+        assert j.result() == [1, 2, 3]
         assert j.name == "test_job"
         assert sum(w.slots for w in D.workers()) == 2
         pids = [p.pid for p in D._cluster.processes()]
@@ -66,9 +66,9 @@ def test_failed_job_has_traceback_and_result_raises(cluster: dsage.DSage) -> Non
     assert "Traceback" in j.output and "ZeroDivisionError" in j.output
     assert "slot.py" not in j.output  # only the job's own frames
     with pytest.raises(dsage.JobError) as e:
-        j.result
+        j.result()
     assert "ZeroDivisionError" in e.value.output
-    assert cluster("1+1").wait(60).result == 2  # the slot goes on
+    assert cluster("1+1").wait(60).result() == 2  # the slot goes on
 
 
 def test_syntax_error_and_sys_exit_fail_clearly(cluster: dsage.DSage) -> None:
@@ -82,7 +82,7 @@ def test_eval_function_and_unpicklable_arguments(cluster: dsage.DSage) -> None:
     def power(x: int, n: int = 2) -> int:
         return x ** n
 
-    assert cluster.eval_function(power, (3,), {"n": 3}).wait(60).result == 27
+    assert cluster.eval_function(power, (3,), {"n": 3}).wait(60).result() == 27
     with pytest.raises(TypeError, match="argument 0"):
         cluster.eval_function(power, ((x for x in []),))
 
@@ -107,7 +107,7 @@ def test_bad_arguments_are_refused_at_once(cluster: dsage.DSage) -> None:
 def test_job_fetched_by_id_from_a_second_client_process(procs: Procs, cluster: dsage.DSage) -> None:
     j = cluster("DSAGE_RESULT = {'answer': 42}").wait(60)
     code = (f"import dsage\nD = dsage.DSage('127.0.0.1', {procs.port})\n"
-            f"j = D.job('{j.job_id}')\nprint(j.wait(30).result['answer'], j.status)\n"
+            f"j = D.job('{j.job_id}')\nprint(j.wait(30).result()['answer'], j.status)\n"
             f"print(len(D.get_my_jobs('completed')))\nD.close()\n")
     r = run_python(code)
     assert r.returncode == 0, r.stderr
@@ -147,8 +147,8 @@ def test_kill_running_and_queued_jobs(procs: Procs) -> None:
     assert running.status == "killed"
     assert running.wait(10).status == "killed"
     with pytest.raises(dsage.JobError):
-        running.result
-    assert queued.wait(30).result == 1  # the slot was respawned
+        running.result()
+    assert queued.wait(30).result() == 1  # the slot was respawned
     q2 = D("import time; time.sleep(60)")
     q3 = D("2")
     wait_for(lambda: q2.status == "processing", 30, "the job to start")
@@ -168,7 +168,7 @@ def test_launchers_as_separate_processes(home: Path, port: int) -> None:
                               stderr=subprocess.PIPE)
     try:
         with dsage.DSage("127.0.0.1", port, connect_timeout=30) as D:
-            assert D("6*7").wait(60).result == 42
+            assert D("6*7").wait(60).result() == 42
         for p in (worker, broker):
             p.send_signal(signal.SIGTERM)
             assert p.wait(30) == 0
@@ -184,13 +184,13 @@ def test_client_started_before_its_broker(procs: Procs) -> None:
     j = D("'early'")
     procs.broker()
     procs.worker(1)
-    assert j.wait(60).result == "early"
+    assert j.wait(60).result() == "early"
     # a client that waits for a broker that comes up while it waits
     box: list[dsage.DSage] = []
     t = threading.Thread(target=lambda: box.append(procs.client(connect_timeout=30)))
     t.start()
     t.join(40)
-    assert box and box[0]("1+1").wait(30).result == 2
+    assert box and box[0]("1+1").wait(30).result() == 2
 
 
 def test_no_broker_is_a_clear_error(home: Path, port: int) -> None:
@@ -251,7 +251,7 @@ def test_every_command_has_help(cmd: list[str]) -> None:
 
 def test_temp_folders_are_removed(home: Path, cluster: dsage.DSage) -> None:
     j = cluster("import os; open('scratch.txt', 'w').write('x'); os.getcwd()").wait(60)
-    job_dir = Path(j.result)
+    job_dir = Path(j.result())
     assert job_dir.name == j.job_id
     wait_for(lambda: not job_dir.exists(), 10, "the job folder to be removed")
 
@@ -274,7 +274,7 @@ def test_sage_job_without_sage_says_how_to_get_it(cluster: dsage.DSage) -> None:
     import importlib.util
 
     if importlib.util.find_spec("sage") is not None:
-        assert cluster("2^10", kind="sage").wait(120).result == 1024
+        assert cluster("2^10", kind="sage").wait(120).result() == 1024
         return
     j = cluster("2^10", kind="sage").wait(60)
     assert j.status == "failed" and "Sage extra" in j.output
@@ -283,7 +283,7 @@ def test_sage_job_without_sage_says_how_to_get_it(cluster: dsage.DSage) -> None:
 def test_job_error_message_shows_the_end_of_a_long_output(cluster: dsage.DSage) -> None:
     j = cluster("print('x' * 100_000)\nraise ValueError('the end')").wait(60)
     with pytest.raises(dsage.JobError) as e:
-        j.result
+        j.result()
     message = str(e.value)
     assert "ValueError: the end" in message and len(message) < 5000
     assert len(e.value.output) > 100_000

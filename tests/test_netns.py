@@ -146,7 +146,7 @@ D = dsage.DSage('127.0.0.1', int(sys.argv[1]), heartbeat=0.2, connect_timeout=60
 j = D(sys.argv[2])
 j.wait(120)
 print(json.dumps({"status": j.status, "failures": j.failures, "error": j.error,
-                  "result": j.result if j.status == 'completed' else None}), flush=True)
+                  "result": j.result() if j.status == 'completed' else None}), flush=True)
 """
 
 

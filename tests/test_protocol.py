@@ -263,7 +263,7 @@ def test_live_broker_survives_malformed_input(procs: Procs, home: Path) -> None:
         assert decode(clients.recv_multipart(), ALL).type is M.PONG
     finally:
         ctx.destroy(linger=0)
-    assert D("6 * 7").wait(60).result == 42
+    assert D("6 * 7").wait(60).result() == 42
 
 
 def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home: Path) -> None:
@@ -288,7 +288,7 @@ def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home:
         ctx.destroy(linger=0)
     assert broker.alive()
     small = D("len(%r)" % ("y" * 100_000)).wait(60)
-    assert small.result == 100_000
+    assert small.result() == 100_000
     wait_for(lambda: D.workers(), 10, "the monitor still registered")
 
 

@@ -80,7 +80,7 @@ def test_monitor_killed_mid_job_requeues_it_once(procs: Procs, tmp_path: Path) -
     procs.wait_workers(D, 2)
     procs.kill9(a)
     assert j.wait(60).status == "completed", j.error
-    assert j.result == 42
+    assert j.result() == 42
     assert j.failures == 1
     assert j.worker is not None and j.worker.id != first_monitor
     assert len(marker.read_text().split()) == 2  # one lost run, one completed run
@@ -95,13 +95,13 @@ def test_hung_monitor_is_lost_and_its_stale_copy_cancelled_when_it_wakes(
     procs.worker(1, **STEADY)
     os.kill(a.pid, signal.SIGSTOP)
     try:
-        assert j.wait(60).result == 42  # re-queued and run on the other monitor
+        assert j.wait(60).result() == 42  # re-queued and run on the other monitor
         assert j.failures == 1
     finally:
         os.kill(a.pid, signal.SIGCONT)
     # A wakes, registers again listing the job; the broker has it final: cancel it
     wait_for(lambda: not alive(stale_slot), 30, "the stale copy killed")
-    assert j.status == "completed" and D.job(j.job_id).result == 42
+    assert j.status == "completed" and D.job(j.job_id).result() == 42
     assert len(D.get_my_jobs()) == 1
 
 
@@ -145,10 +145,10 @@ def test_broker_kill9_and_restart_loses_nothing(procs: Procs, tmp_path: Path) ->
     gate2.touch()
     for j in [finishes_in_outage, adopted, late, *queued]:
         assert j.wait(60).status == "completed", (j.status, j.error)
-    assert finishes_in_outage.result == "one"
-    assert adopted.result == "two" and adopted.failures == 0
-    assert [j.result for j in queued] == [0, 10, 20]
-    assert late.result == "submitted while the broker was down"
+    assert finishes_in_outage.result() == "one"
+    assert adopted.result() == "two" and adopted.failures == 0
+    assert [j.result() for j in queued] == [0, 10, 20]
+    assert late.result() == "submitted while the broker was down"
     assert len(D.get_my_jobs("completed")) == 6
 
 
@@ -166,8 +166,8 @@ def test_hung_broker_resumes_and_nothing_is_lost(procs: Procs, tmp_path: Path) -
     finally:
         os.kill(broker.pid, signal.SIGCONT)
     gate.touch()
-    assert running.wait(60).result == "kept"
-    assert queued.wait(60).result == "next"
+    assert running.wait(60).result() == "kept"
+    assert queued.wait(60).result() == "next"
     assert running.failures == 0
 
 
@@ -180,8 +180,8 @@ def test_broker_sigterm_commits_and_exits(procs: Procs, tmp_path: Path) -> None:
     assert broker.proc.wait(15) == 0
     procs.broker(**STEADY)
     gate.touch()
-    assert running.wait(60).result == 1
-    assert queued.wait(60).result == 2
+    assert running.wait(60).result() == 1
+    assert queued.wait(60).result() == 2
 
 
 def test_final_jobs_survive_a_broker_restart_with_wall_clock_times(procs: Procs) -> None:
@@ -231,7 +231,7 @@ def test_a_dropped_event_is_noticed_and_the_result_still_arrives(procs: Procs,
     assert cut.returncode == 0 and str(procs.port + 2) in cut.stdout, cut.stderr
     gate.touch()
     wait_for(j.done, 20, "the result despite the dropped event")
-    assert j.result == "arrived"
+    assert j.result() == "arrived"
 
 
 # --- clients (disconnects)
@@ -250,7 +250,7 @@ def test_results_wait_for_a_client_that_disconnected(procs: Procs, tmp_path: Pat
     gate.touch()
     D2 = procs.client()
     again = wait_for(lambda: (w := D2.job(job_id)).done() and w, 30, "the result in the store")
-    assert again.result == "kept"
+    assert again.result() == "kept"
     assert [w.job_id for w in D2.get_my_jobs("completed")] == [job_id]
 
 
@@ -279,7 +279,7 @@ def test_bad_arguments_are_clear_errors_and_nothing_is_sent(procs: Procs) -> Non
 
 
 def _slot_pid_job(D: dsage.DSage) -> int:
-    return int(D("import os; os.getpid()").wait(60).result)
+    return int(D("import os; os.getpid()").wait(60).result())
 
 
 def test_kill_ends_the_process_within_a_second_and_the_slot_returns(
@@ -311,7 +311,7 @@ def test_timeout_fails_the_job_and_the_slot_returns(cluster: dsage.DSage) -> Non
     assert j.status == "failed"
     assert "timed out after 0.5 s" in (j.error or "")
     assert time.monotonic() - t0 < 30
-    assert cluster("'next'").wait(60).result == "next"
+    assert cluster("'next'").wait(60).result() == "next"
 
 
 def test_memory_limit_fails_with_memory_error(cluster: dsage.DSage) -> None:
@@ -321,7 +321,7 @@ def test_memory_limit_fails_with_memory_error(cluster: dsage.DSage) -> None:
     assert "MemoryError" in (j.error or "")
     # the limit is per job: the same slots can use more memory afterwards
     big = [cluster("len(b'x' * (250 * 10**6))") for _ in range(2)]
-    assert [b.wait(60).result for b in big] == [250 * 10**6] * 2
+    assert [b.wait(60).result() for b in big] == [250 * 10**6] * 2
 
 
 @pytest.mark.parametrize("code, says", [
@@ -334,7 +334,7 @@ def test_crashing_job_fails_saying_so_and_the_slot_returns(
     assert j.status == "failed"
     assert says in (j.error or "")
     assert says in j.output
-    assert [cluster(f"{i} + 1").wait(60).result for i in range(3)] == [1, 2, 3]
+    assert [cluster(f"{i} + 1").wait(60).result() for i in range(3)] == [1, 2, 3]
 
 
 def test_slot_killed_from_outside_requeues_its_job(procs: Procs, tmp_path: Path) -> None:
@@ -343,7 +343,7 @@ def test_slot_killed_from_outside_requeues_its_job(procs: Procs, tmp_path: Path)
     marker = tmp_path / "runs"
     _, _, j, slot = _first_run_hanging(procs, marker)
     os.kill(slot, signal.SIGKILL)
-    assert j.wait(60).result == 42
+    assert j.wait(60).result() == 42
     assert j.failures == 1
     assert len(marker.read_text().split()) == 2
 
@@ -356,7 +356,7 @@ def test_job_that_keeps_killing_its_slot_hits_the_failure_limit(procs: Procs) ->
     j = D("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)").wait(60)
     assert j.status == "failed"
     assert "killed (SIGKILL)" in (j.error or "") and "2 times" in (j.error or "")
-    assert D("1 + 1").wait(60).result == 2
+    assert D("1 + 1").wait(60).result() == 2
 
 
 # --- slot hygiene
@@ -379,8 +379,8 @@ def test_memory_growth_recycles_the_slot(procs: Procs) -> None:
     small = [_slot_pid_job(D) for _ in range(2)]
     assert small[0] == small[1]  # no growth, no recycling
     grown = D("import os, sys\nsys.dsage_keep = b'x' * (100 * 10**6)\nos.getpid()").wait(60)
-    assert grown.result == small[1]
-    assert _slot_pid_job(D) != grown.result
+    assert grown.result() == small[1]
+    assert _slot_pid_job(D) != grown.result()
 
 
 # --- graceful stop
@@ -401,11 +401,11 @@ def test_monitor_sigterm_finishes_running_jobs_and_gives_back_the_rest(
     first = short.worker.id
     os.kill(m1.pid, signal.SIGTERM)
     assert m1.proc.wait(20) == 0
-    assert short.wait(10).result == "short"
+    assert short.wait(10).result() == "short"
     assert short.worker is not None and short.worker.id == first
     wait_for(lambda: long.status == "new", 10, "the unfinished job back in the queue")
     procs.worker(1, **STEADY)
-    assert long.wait(60).result == "long"
+    assert long.wait(60).result() == "long"
     assert long.failures == 0  # given back, not lost
 
 
@@ -439,7 +439,7 @@ def test_start_all_leaves_no_orphans(home: Path, tmp_path: Path, ending: str) ->
     script = (
         "import os, sys, dsage\n"
         f"D = dsage.start_all(workers=2, port=0, home={str(home)!r}, heartbeat=0.2)\n"
-        "assert D('2+2').wait(60).result == 4\n"
+        "assert D('2+2').wait(60).result() == 4\n"
         "print('ready', flush=True)\n"
         "sys.stdin.readline()\n")  # then ends without D.close()
     cwd = tmp_path / "cwd"  # not tmp_path, where the home folder 'dsage' would shadow the package

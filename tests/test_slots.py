@@ -108,7 +108,7 @@ def test_descendants_die_when_the_job_returns(contained: str, one_slot: dsage.DS
     try:
         assert j.status == "completed", (j.status, j.error)
         all_gone(pids, 5)
-        assert one_slot("2+2").wait(30).result == 4
+        assert one_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
@@ -124,7 +124,7 @@ def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, one_slo
         assert j.status == "failed" and "timed out" in (j.error or ""), (j.status, j.error)
         assert time.monotonic() - t0 < 20
         all_gone(pids)
-        assert one_slot("2+2").wait(30).result == 4
+        assert one_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
@@ -138,7 +138,7 @@ def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, one_slot: 
         j.kill()
         wait_for(lambda: j.status == "killed", 20, "the kill")
         all_gone(pids)
-        assert one_slot("2+2").wait(30).result == 4
+        assert one_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
@@ -202,7 +202,7 @@ if pid == 0:
 os.waitpid(pid, 0)
 os.read(r, 1000).decode()
 """
-    assert one_slot(code).wait(30).result == "/dev/null"
+    assert one_slot(code).wait(30).result() == "/dev/null"
 
 
 # --- 2. a monitor that cannot start slots says so and steps back
@@ -211,9 +211,9 @@ os.read(r, 1000).decode()
 def test_a_job_that_removes_the_worker_temp_folder_breaks_nothing(one_slot: dsage.DSage) -> None:
     code = "import os, shutil; shutil.rmtree(os.path.dirname(os.getcwd())); 'gone'"
     j = one_slot(code).wait(30)
-    assert j.status == "completed" and j.result == "gone", (j.status, j.error)
+    assert j.status == "completed" and j.result() == "gone", (j.status, j.error)
     for _ in range(3):
-        assert one_slot("import os; os.getcwd() and 2+2").wait(30).result == 4
+        assert one_slot("import os; os.getcwd() and 2+2").wait(30).result() == 4
 
 
 def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
@@ -237,7 +237,7 @@ def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
     assert log.count("Traceback") == 0, log[-3000:]
     assert log.count("fail to start") == 1, log[-3000:]
     tmp.unlink()
-    assert later.wait(60).result == 4
+    assert later.wait(60).result() == 4
     assert "start again" in worker.log.read_text()
 
 
@@ -282,12 +282,12 @@ LEAKS = {
 def test_a_job_does_not_change_the_next_one(one_slot: dsage.DSage, name: str) -> None:
     leak, check, expected = LEAKS[name]
     if expected is None:  # whatever a fresh slot says
-        expected = one_slot(check).wait(30).result
+        expected = one_slot(check).wait(30).result()
     first = one_slot(leak).wait(30)
     assert first.status == "completed", (first.status, first.error)
     j = one_slot(check).wait(30)
     assert j.status == "completed", (name, j.status, j.error, j.output)
-    assert j.result == expected, (name, j.result)
+    assert j.result() == expected, (name, j.result())
     if name in ("thread", "dup2", "close", "streams"):
         out = j.output or ""
         assert "LEAK" not in out, out
@@ -298,7 +298,7 @@ def test_a_job_does_not_change_the_next_one(one_slot: dsage.DSage, name: str) ->
 def test_output_is_kept_when_a_job_closes_its_own_fds(one_slot: dsage.DSage) -> None:
     j = one_slot("import os, sys; print('before', flush=True); os.close(1); os.close(2); "
                  "sys.stdout = None; 7").wait(30)
-    assert j.status == "completed" and j.result == 7, (j.status, j.error)
+    assert j.status == "completed" and j.result() == 7, (j.status, j.error)
     assert "before" in (j.output or "")
 
 
@@ -314,7 +314,7 @@ def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
             one_slot("import os; os.getpid()")]
     for j in jobs:
         j.wait(30)
-    assert jobs[0].result == jobs[1].result == jobs[-1].result, [j.result for j in jobs]
+    assert jobs[0].result() == jobs[1].result() == jobs[-1].result(), [j.result() for j in jobs]
 
 
 def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
@@ -324,7 +324,7 @@ def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) 
     procs.wait_workers(d, 1)
     code = ("import os, sys; m = sys.modules.setdefault('dsage_mark', type(sys)('m')); "
             "seen = getattr(m, 'seen', False); m.seen = True; (os.getpid(), seen)")
-    results = [d(code).wait(30).result for _ in range(3)]
+    results = [d(code).wait(30).result() for _ in range(3)]
     assert len({pid for pid, _ in results}) == 3, results
     assert not any(seen for _, seen in results), results
 
@@ -335,12 +335,12 @@ def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Proc
     d = procs.client()
     procs.wait_workers(d, 1)
     pid = "import os; os.getpid()"
-    first, second = d(pid).wait(30).result, d(pid).wait(30).result
+    first, second = d(pid).wait(30).result(), d(pid).wait(30).result()
     assert first == second  # ordinary jobs share their slot
-    isolated = d(pid, isolate=True).wait(30).result
+    isolated = d(pid, isolate=True).wait(30).result()
     assert isolated != first
     func = d.eval_function(os.getpid, isolate=True).wait(30)
-    assert func.result not in (first, isolated)
+    assert func.result() not in (first, isolated)
 
 
 # --- 4. slots are light
@@ -349,12 +349,12 @@ def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Proc
 def test_a_slot_does_not_load_zeromq_or_the_client(one_slot: dsage.DSage) -> None:
     j = one_slot("import sys; sorted(m for m in sys.modules if m.split('.')[0] in "
                  "('zmq', 'nacl') or m in ('dsage.client', 'dsage.monitor'))").wait(30)
-    assert j.status == "completed" and j.result == [], (j.status, j.error, j.result)
+    assert j.status == "completed" and j.result() == [], (j.status, j.error, j.result())
 
 
 def test_a_job_may_import_the_dsage_package(one_slot: dsage.DSage) -> None:
     j = one_slot("import dsage; callable(dsage.DSage)").wait(30)
-    assert j.result is True, (j.status, j.error)
+    assert j.result() is True, (j.status, j.error)
 
 
 # --- 5. failures say what happened
@@ -364,7 +364,7 @@ def test_memory_error_names_the_cap(one_slot: dsage.DSage) -> None:
     j = one_slot("b = bytearray(600 * 2**20)", memory="300MB").wait(30)
     assert j.status == "failed" and "MemoryError" in (j.error or ""), (j.status, j.error)
     assert "memory cap" in (j.error or "") and "300000000" in (j.error or ""), j.error
-    assert one_slot("2+2").wait(30).result == 4
+    assert one_slot("2+2").wait(30).result() == 4
 
 
 def test_a_job_that_lowers_its_limits_says_so(one_slot: dsage.DSage) -> None:
@@ -377,7 +377,7 @@ def test_a_job_that_lowers_its_limits_says_so(one_slot: dsage.DSage) -> None:
     one_slot("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (20, "
              "resource.getrlimit(resource.RLIMIT_NOFILE)[1]))").wait(30)
     j = one_slot("import resource; resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 20").wait(30)
-    assert j.result is True, (j.status, j.error)
+    assert j.result() is True, (j.status, j.error)
 
 
 def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
@@ -391,7 +391,7 @@ def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
     assert j.status == "failed", (j.status, j.error)
     assert "memory cap of 100 MiB" in (j.error or "") and "out-of-memory killer" in j.error, \
         j.error
-    assert d("2+2").wait(30).result == 4
+    assert d("2+2").wait(30).result() == 4
 
 
 def test_a_signal_is_named(one_slot: dsage.DSage) -> None:
@@ -412,6 +412,6 @@ def test_a_full_disk_is_named_in_the_failure(one_slot: dsage.DSage, tmp_path: Pa
         j = one_slot(f"open({str(small / 'big')!r}, 'wb').write(b'x' * 4_000_000)").wait(60)
         assert j.status == "failed"
         assert "No space left" in (j.error or "") and "disk is full" in (j.error or ""), j.error
-        assert one_slot("'next'").wait(60).result == "next"  # the slot goes on
+        assert one_slot("'next'").wait(60).result() == "next"  # the slot goes on
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)

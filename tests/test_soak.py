@@ -83,7 +83,7 @@ def test_soak_random_kills_lose_nothing(procs: Procs) -> None:
         j.wait(max(1.0, deadline - time.monotonic()))
     for i, j in jobs.items():
         assert j.status == "completed", (i, j.status, j.error)
-        assert j.result == i * i
+        assert j.result() == i * i
     stored = D.get_my_jobs()
     assert len(stored) == JOBS
     assert len({w.job_id for w in stored}) == JOBS

@@ -154,7 +154,7 @@ def test_database_holds_only_ciphertext_of_results_and_output(procs: Procs, home
     ]
     for j in jobs:
         j.wait(60)
-    assert jobs[0].result == secret and secret in jobs[0].output
+    assert jobs[0].result() == secret and secret in jobs[0].output
     assert jobs[1].status == "failed" and "timed out" in jobs[1].error
     assert jobs[2].status == "failed" and "exited with status 3" in jobs[2].error
     for j in jobs:
@@ -228,7 +228,7 @@ def test_swapped_or_planted_results_in_the_store_are_refused(procs: Procs, home:
         again = D2.job(j.job_id).wait(30)
         assert again.status == "failed" and "unreadable result" in (again.error or "")
         with pytest.raises(dsage.JobError):
-            again.result
+            again.result()
 
 
 # --- keys on the command line
@@ -391,7 +391,7 @@ def test_stranger_client_gets_key_rejected_and_nothing_is_stored_or_run(
         user_client(procs, stranger, connect_timeout=10)
     assert time.monotonic() - start < 10
     D = procs.client()
-    assert D("1+1").wait(60).result == 2  # the broker stored and ran this one
+    assert D("1+1").wait(60).result() == 2  # the broker stored and ran this one
     assert [r[0] for r in db_rows(home, "SELECT owner FROM jobs")] == [D.keys.public.decode()]
     assert not sneaky.done() and not marker.exists()
 
@@ -423,7 +423,7 @@ def test_monitor_with_unknown_key_is_refused_and_never_gets_a_job(
              "the broker to log the refused key")
     assert D.workers() == [] and j.status == "new"
     trusted = procs.worker(1)
-    assert j.wait(60).result == trusted.pid
+    assert j.wait(60).result() == trusted.pid
     assert j.worker is not None and j.worker.key != stranger_key
     assert all(w.key != stranger_key for w in D.workers())
 
@@ -448,11 +448,11 @@ def test_anonymous_worker_gets_only_anonymous_ok_jobs(procs: Procs, home: Path,
     anon_ok = [D(code, anonymous_ok=True) for _ in range(15)]
     odd = D("object()", anonymous_ok=True)
     for j in anon_ok:
-        assert j.wait(60).result == anon.pid
+        assert j.wait(60).result() == anon.pid
         assert j.worker is not None and j.worker.anonymous and not j.trusted
         assert j.output.strip() == f"from {anon.pid}"
-    assert isinstance(odd.wait(60).result, dsage.codec.UntrustedResult)
-    assert odd.result.startswith("<object object at")
+    assert isinstance(odd.wait(60).result(), dsage.codec.UntrustedResult)
+    assert odd.result().startswith("<object object at")
     queued = {j.job_id for j in D.get_my_jobs("new")}
     assert queued == {j.job_id for j in trusted_only}  # what the anonymous one did not get
     # Round 2: a trusted monitor joins; jobs of both kinds arrive together.
@@ -461,11 +461,11 @@ def test_anonymous_worker_gets_only_anonymous_ok_jobs(procs: Procs, home: Path,
     trusted_only += [D(code) for _ in range(15)]
     anon_ok += [D(code, anonymous_ok=True) for _ in range(15)]
     for j in trusted_only:
-        assert j.wait(60).result == trusted.pid
+        assert j.wait(60).result() == trusted.pid
         assert j.worker is not None and not j.worker.anonymous and j.trusted
     for j in anon_ok:
         j.wait(60)
-        ran_anonymously = j.result == anon.pid
+        ran_anonymously = j.result() == anon.pid
         assert j.worker is not None and j.worker.anonymous == ran_anonymously
         assert j.trusted is not ran_anonymously
 
@@ -577,12 +577,12 @@ def test_hostile_pickles_from_an_anonymous_worker_never_run(
         assert j.status == "completed"
         expected = dsage.UntrustedResultError if encoding == "dill" else ValueError
         with pytest.raises(expected):
-            j.result
+            j.result()
         assert j.output == "hostile"
     else:  # an unsealed result is refused outright
         assert j.status == "failed" and "not sealed" in (j.error or "")
         with pytest.raises(dsage.JobError):
-            j.result
+            j.result()
     assert not marker.exists()
 
 
@@ -600,7 +600,7 @@ def test_wrapper_never_unpickles_what_an_anonymous_worker_sent(blob: bytes,
               [blob, b""])
     assert not w.trusted
     try:
-        value = w.result
+        value = w.result()
     except (dsage.UntrustedResultError, ValueError):
         pass
     else:
@@ -674,7 +674,7 @@ def test_two_users_cannot_see_fetch_list_or_kill_each_others_jobs(
     running_a = A("import time; time.sleep(60)")
     wait_for(lambda: running_a.status == "processing", 30, "alice's job to start")
     done_b = B("'bob'").wait(60)
-    assert done_a.result == 42 and done_b.result == "bob"
+    assert done_a.result() == 42 and done_b.result() == "bob"
     for jid in (done_a.job_id, running_a.job_id):
         with pytest.raises(UnknownJob):
             B.job(jid)
@@ -711,7 +711,7 @@ def test_events_socket_admits_only_the_subscribers_own_topic(
     # Bob's own subscription is live once its first (empty) event arrives; the
     # refused one was sent before it on the same connection.
     wait_for(lambda: receive() or bob_topic in topics, 30, "the spy's own subscription")
-    assert A("'alice secret'").wait(60).result == "alice secret"
+    assert A("'alice secret'").wait(60).result() == "alice secret"
     b = B("1").wait(60)
     wait_for(lambda: receive() or b.job_id in jobs_seen, 30, "bob's own job events")
     assert alice_topic not in topics and set(topics) == {bob_topic}
@@ -728,11 +728,11 @@ def test_per_client_queue_cap_is_a_clear_error(procs: Procs) -> None:
     third.wait(30)
     assert third.refused == "quota" and third.status == "failed"
     with pytest.raises(SubmitRejected, match="--max-queued-per-client"):
-        third.result
+        third.result()
     assert {j.job_id for j in D.get_my_jobs("new")} == {first.job_id, second.job_id}
     procs.worker(1)
-    assert first.wait(60).result == 1 and second.wait(60).result == 2
-    assert D("4").wait(60).result == 4  # room again
+    assert first.wait(60).result() == 1 and second.wait(60).result() == 2
+    assert D("4").wait(60).result() == 4  # room again
 
 
 def test_max_message_size_is_enforced_with_clear_errors(procs: Procs) -> None:
@@ -742,11 +742,11 @@ def test_max_message_size_is_enforced_with_clear_errors(procs: Procs) -> None:
     D = procs.client()
     big = D("s = '" + "a" * (2 * limit) + "'\nlen(s)")
     with pytest.raises(SubmitRejected, match="largest message allowed"):
-        big.wait(30).result
+        big.wait(30).result()
     assert big.refused == "size"
     huge_result = D(f"b'x' * {2 * limit}").wait(60)
     assert huge_result.status == "failed" and "largest message allowed" in huge_result.error
-    assert D("1+1").wait(60).result == 2  # the connections are fine
+    assert D("1+1").wait(60).result() == 2  # the connections are fine
 
 
 # --- roles
@@ -776,7 +776,7 @@ def test_a_client_key_cannot_register_as_a_worker_and_never_sees_a_job(
     # the same key as a worker: its monitor registers and runs the job
     assert cli("keys", "--home", str(home), "add", "bob", str(keys.public_key_file(bob)),
                "--role", "worker").returncode == 0
-    assert secret.wait(60).result == 1
+    assert secret.wait(60).result() == 1
     with pytest.raises(KeyRejected, match="not authorized as a client"):
         B.get_my_jobs()
 
@@ -829,7 +829,7 @@ def test_files_at_rest_are_private_whatever_the_umask(procs: Procs, tmp_path: Pa
     assert (root / keys.SECRET_NAME).stat().st_mode & 0o777 == 0o600
     code = (f"import os, dsage\nos.umask({umask})\n"
             f"D = dsage.start_all(workers=1, port=0, home={str(root)!r})\n"
-            f"assert D('1+1').wait(60).result == 2\nD.close()\n")
+            f"assert D('1+1').wait(60).result() == 2\nD.close()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -875,7 +875,7 @@ def test_a_finished_jobs_payload_does_not_linger_in_the_store_files(procs: Procs
     procs.worker(1)
     D = procs.client()
     marker = "PAYLOAD-" + os.urandom(8).hex()
-    assert D(f"len({marker!r})").wait(60).result == len(marker)
+    assert D(f"len({marker!r})").wait(60).result() == len(marker)
 
     def gone() -> bool:
         raw = b"".join(p.read_bytes() for p in (home / "db").iterdir() if p.is_file())
@@ -903,7 +903,7 @@ def test_untrusted_text_and_monitor_details_are_kept_from_clients(
             "id": spec["id"], "status": "completed", "error": None, "encoding": "data",
             "result_from": "expression", "sealed": True, "started": now, "finished": now,
             "staged": False}]))
-    assert j.wait(30).result == 1
+    assert j.wait(30).result() == 1
     assert j.output == "red text\n" and "\x1b" not in repr(j)
     bob = other_home(tmp_path, "bob")
     keys.add_key("bob", keys.public_key_file(bob), home)  # a client only
@@ -924,10 +924,10 @@ def test_a_slot_never_runs_jobs_of_two_owners(procs: Procs, home: Path,
              "colorsys.planted = 'by bob'\n"  # a module it imports and changes itself
              "os.getpid()")
     look = "import os, colorsys\n(os.getpid(), getattr(colorsys, 'planted', None))"
-    bob_pid = B(plant).wait(60).result
-    alice_pid, planted = A(look).wait(60).result
+    bob_pid = B(plant).wait(60).result()
+    alice_pid, planted = A(look).wait(60).result()
     assert planted is None and alice_pid != bob_pid
-    assert A(look).wait(60).result[0] == alice_pid  # the same owner keeps its slot
+    assert A(look).wait(60).result()[0] == alice_pid  # the same owner keeps its slot
 
 
 def test_error_texts_are_sealed_and_the_store_keeps_only_their_type(procs: Procs,
@@ -942,7 +942,7 @@ def test_error_texts_are_sealed_and_the_store_keeps_only_their_type(procs: Procs
     assert failed.status == "failed" and secret in (failed.error or "")
     assert failed.error.startswith("KeyError")
     with pytest.raises(dsage.JobError, match=secret):
-        failed.result
+        failed.result()
     again = procs.client().job(failed.job_id).wait(30)  # another connection opens it too
     assert secret in (again.error or "")
     stored = dict(db_rows(home, "SELECT id, error FROM jobs"))
@@ -975,7 +975,7 @@ def test_garbage_from_a_trusted_worker_fails_the_job_cleanly(
     j.wait(30)
     assert j.done() and j.trusted
     try:
-        j.result
+        j.result()
     except Exception:  # noqa: BLE001 - any ordinary error is fine; a crash is not
         pass
     assert isinstance(repr(j), str) and isinstance(j.output, str)
