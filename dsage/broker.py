@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from . import keys as keys_mod
+from . import running
 from .auth import CLIENTS, EVENTS, MONITORS, KeyRing, ZapPolicy, make_server, start_authenticator
 from .brokerstate import BrokerConfig, BrokerState, Dest, Out
 from .limits import RateLimit
@@ -158,9 +159,11 @@ class Broker:
         """Serve until stopped; SIGTERM and SIGINT stop, SIGHUP rereads the keys."""
         restore = self._install_signals()
         try:
+            running.record(self.home, self.options.port)
             while not self.stopping:
                 self.step(self.state.next_wakeup(time.monotonic()))
         finally:
+            running.forget(self.home, self.options.port)
             restore()
             self.close()
 

@@ -109,6 +109,7 @@ class BrokerState:
         self.event_seq: dict[str, int] = {}
         self.last_heartbeat = now
         self.last_tick = now
+        self.started = now
         self.last_prune = 0.0
         self.rotation = 0
         self.idle_since = None
@@ -207,19 +208,21 @@ class BrokerState:
             self._reply_records(rid, key, h["req"], h["ids"])
         elif msg.type is M.LIST:
             status = None if h["status"] is None else Status(h["status"])
-            recs = self.store.list(key, status, 10_000)
-            self._send_records(rid, h["req"], self._with_reasons(recs), [])
+            recs, after = self.store.list(key, status, h["limit"], name=h["name"],
+                                          since=h["since"], after=h["after"])
+            self._send_records(rid, h["req"], self._with_reasons(recs), [], after)
         elif msg.type is M.WORKERS:
-            # monitors' keys and pids only to keys that run monitors themselves (and
-            # each key sees its own)
-            full = self.is_worker(key)
-            self._send("client", rid, make(M.WORKER_LIST, req=h["req"], workers=[
-                {"id": m.monitor_id, "host": m.host,
-                 "pid": m.pid if full or m.key == key else 0, "slots": m.slots,
-                 "busy": len(self.sched.assigned.get(m.monitor_id, ())),
-                 "anonymous": m.anonymous, "tags": m.tags,
-                 "key": m.key if full or m.key == key else None}
-                for m in self.monitors.values()]))
+            self._send("client", rid, make(M.WORKER_LIST, req=h["req"],
+                                           workers=self._monitor_infos(key, now)))
+        elif msg.type is M.STATUS:
+            self._send("client", rid, make(
+                M.STATE, req=h["req"], version=__version__, uptime=now - self.started,
+                jobs=self.store.counts(key), queued=self.sched.queued,
+                processing=sum(map(len, self.sched.assigned.values())),
+                workers=self._monitor_infos(key, now)))
+        elif msg.type is M.PURGE:
+            count = self.store.purge(key, h["before"])
+            self._send("client", rid, make(M.PURGED, req=h["req"], count=count))
         elif msg.type is M.FETCH:
             self._fetch(rid, key, h)
         elif msg.type is M.PING:
@@ -332,14 +335,28 @@ class BrokerState:
         self._send_records(rid, req, self._with_reasons(list(found.values())), missing)
 
     def _send_records(self, rid: bytes, req: int, records: list[Record],
-                      missing: list[str]) -> None:
-        """JOBS replies, split within the protocol's limits (the last carries ``missing``)."""
+                      missing: list[str], next_page: int | None = None) -> None:
+        """JOBS replies, split within the protocol's limits (the last carries ``missing``
+        and, for a LIST, where its next page starts)."""
         parts = batches([len(b[0]) + len(b[1]) for _, b in records]) or [range(0)]
         for n, part in enumerate(parts):
             last = n == len(parts) - 1
             self._send("client", rid, _records_message(
                 M.JOBS, [records[i] for i in part], req=req, missing=missing if last else [],
-                more=not last))
+                more=not last, next=next_page if last else None))
+
+    def _monitor_infos(self, key: str, now: float) -> list[dict[str, Any]]:
+        """The connected monitors as ``key`` may see them: their keys and pids only to
+        keys that run monitors themselves (and each key sees its own)."""
+        full = self.is_worker(key)
+        return [{"id": m.monitor_id, "host": m.host,
+                 "pid": m.pid if full or m.key == key else 0, "slots": m.slots,
+                 # jobs past its slot count wait in its prefetch queue
+                 "busy": min(m.slots, len(self.sched.assigned.get(m.monitor_id, ()))),
+                 "anonymous": m.anonymous, "tags": m.tags,
+                 "key": m.key if full or m.key == key else None,
+                 "quiet": max(0.0, now - m.last_seen)}
+                for m in self.monitors.values()]
 
     def _with_reasons(self, records: list[Record]) -> list[Record]:
         """Queued jobs' records say why they wait, when no connected monitor can run them."""

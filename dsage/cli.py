@@ -13,10 +13,14 @@ from pathlib import Path
 
 from . import __version__
 from . import keys as keys_mod
+from . import shell
 from .broker import BrokerFailed, PortInUse, run_broker
 from .monitor import run_monitor
 from .options import BrokerOptions, MonitorOptions, add_arguments, from_args, positive_int
 from .store import StoreLocked
+
+
+SHELL_COMMANDS = ("status", "top", "jobs", "kill", "purge")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -131,7 +135,8 @@ def _protect_keys(args: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="dsage", description="Distributed computing from a script or a session: "
-        "`dsage setup` makes the keypair, `dsage demo` runs the examples on a local cluster.")
+        "`dsage setup` makes the keypair, `dsage demo` runs the examples on a local cluster, "
+        "`dsage status`, `top`, `jobs`, `kill` and `purge` watch and steer a running one.")
     p.add_argument("--version", action="version", version=f"dsage {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("setup", help="create $DSAGE_HOME and the keypair (idempotent)")
@@ -155,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kr = ks.add_parser("remove", help="stop trusting a key")
     kr.add_argument("name")
     k.set_defaults(func=_keys)
+    shell.add_commands(sub)
     sub.add_parser("broker", help="run a broker (as dsage-broker)", add_help=False)
     sub.add_parser("worker", help="run a monitor (as dsage-worker)", add_help=False)
     args = list(sys.argv[1:] if argv is None else argv)
@@ -166,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.print_help()
         return 0
     try:
+        if a.command in SHELL_COMMANDS:
+            return shell.run(a)
         return int(a.func(a))
     except keys_mod.KeyProblem as e:
         return _fail("dsage", str(e))

@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -43,7 +44,7 @@ from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, 
 from .job import JobWrapper
 from .protocol import (
     BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
-    MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
+    MAX_HEADER, MAX_INT, MAX_LIST, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
     Status, batches, decode, encode, make, text_problem,
 )
 from .protocol import batch_bytes
@@ -95,6 +96,39 @@ class MonitorInfo:
     anonymous: bool
     tags: list[str]
     key: str | None
+    #: seconds since the broker last heard from it
+    quiet: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What ``D.status()`` reports: the broker, this key's jobs by state, the queue,
+    and the connected monitors."""
+
+    server: str
+    port: int
+    version: str
+    uptime: float
+    #: this key's jobs by state ('new', 'processing', 'completed', 'failed', 'killed')
+    jobs: dict[str, int]
+    #: all queued and all running jobs on the broker, of every key
+    queued: int
+    processing: int
+    workers: list[MonitorInfo]
+
+    @property
+    def slots(self) -> int:
+        return sum(w.slots for w in self.workers)
+
+    @property
+    def busy(self) -> int:
+        return sum(w.busy for w in self.workers)
+
+
+class _Page(list[JobWrapper]):
+    """One LIST reply's wrappers, and where the next page starts (None: the last)."""
+
+    next: int | None = None
 
 
 # --- checking a job's options in the user's call, before anything is sent
@@ -369,6 +403,8 @@ class _IO(threading.Thread):
             self._wake_w.send(b"x")
         except BlockingIOError:
             pass  # the pipe is full: the thread is awake already
+        except OSError:
+            pass  # the thread has ended (the client is closed)
 
     def request(self, type_: M, timeout: float, wrap: bool = False, **header: Any) -> Any:
         """Send a request and wait for its reply: the Message, or with ``wrap`` the
@@ -723,7 +759,8 @@ class _IO(threading.Thread):
                         self.partial.setdefault(h["req"], []).extend(wrappers)
                 return
             if wrap:
-                result = self.partial.pop(h["req"], []) + wrappers
+                result = _Page(self.partial.pop(h["req"], []) + wrappers)
+                result.next = h["next"]
             if h["req"] in self.resync_reqs:
                 self.resync_reqs.discard(h["req"])
                 if not self.resync_reqs and self.resync_wanted:
@@ -1046,15 +1083,62 @@ class DSage:
                              job_id)
         return wrappers[0]
 
-    def get_my_jobs(self, status: str | None = None, timeout: float = 30.0) -> list[JobWrapper]:
-        """This key's jobs, oldest first, optionally of one status: at most as many as
-        the broker lists in one reply (``protocol.MAX_BATCH``)."""
+    def get_my_jobs(self, status: str | None = None, name: str | None = None,
+                    since: float | None = None, limit: int | None = 1000,
+                    timeout: float = 30.0) -> list[JobWrapper]:
+        """This key's jobs, oldest first: of one ``status``, with one ``name``, created
+        at or after ``since`` (a ``time.time()`` value), at most ``limit`` of them
+        (None: all). Fetched in pages of up to ``protocol.MAX_LIST`` jobs."""
         if status is not None and status not in {s.value for s in Status}:
             raise ValueError(f"status={status!r}: choose one of "
                              f"{', '.join(s.value for s in Status)}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ValueError(f"limit={limit!r}: a number of jobs >= 1, or None for all")
+        name = _check_name(name)
+        if since is not None:
+            since = float(since)
         self._check_usable()
-        wrappers: list[JobWrapper] = self._io.request(M.LIST, timeout, wrap=True, status=status)
-        return wrappers
+        out: list[JobWrapper] = []
+        after: int | None = 0
+        while after is not None and (limit is None or len(out) < limit):
+            page_size = MAX_LIST if limit is None else min(MAX_LIST, limit - len(out))
+            page: _Page = self._io.request(M.LIST, timeout, wrap=True, status=status, name=name,
+                                           since=since, after=after, limit=page_size)
+            out.extend(page)
+            after = page.next
+        return out
+
+    def status(self, timeout: float = 10.0) -> ClusterStatus:
+        """The broker's view: uptime, this key's jobs by state, all queued and running
+        jobs, and the connected monitors."""
+        self._check_usable()
+        h = self._io.request(M.STATUS, timeout).header
+        return ClusterStatus(self.server, self.port, h["version"], h["uptime"], h["jobs"],
+                             h["queued"], h["processing"], [MonitorInfo(**w) for w in h["workers"]])
+
+    def kill_all(self, status: str | None = None, timeout: float = 30.0) -> int:
+        """Kill every unfinished job of this key (only the queued ones with
+        ``status='new'``, only the running ones with ``'processing'``); returns how
+        many were killed."""
+        if status not in (None, Status.NEW.value, Status.PROCESSING.value):
+            raise ValueError(f"status={status!r}: choose 'new', 'processing' or None (both)")
+        wanted = [status] if status else [Status.NEW.value, Status.PROCESSING.value]
+        ids = [j.job_id for s in wanted for j in self.get_my_jobs(s, limit=None, timeout=timeout)]
+        killed = 0
+        for part in batches([0] * len(ids)):
+            wrappers = self._io.request(M.KILL, timeout, wrap=True, ids=ids[part.start:part.stop])
+            killed += sum(w.status == Status.KILLED for w in wrappers)
+        return killed
+
+    def purge(self, before: float | None = None, timeout: float = 30.0) -> int:
+        """Delete this key's finished jobs (completed, failed, killed) from the broker,
+        only those that finished before ``before`` (a ``time.time()`` value) if given;
+        returns how many. Their wrappers keep what they hold."""
+        self._check_usable()
+        reply = self._io.request(M.PURGE, timeout, before=None if before is None else float(before))
+        count: int = reply.header["count"]
+        return count
 
     def workers(self, timeout: float = 10.0) -> list[MonitorInfo]:
         """The monitors connected to the broker."""
@@ -1078,14 +1162,32 @@ class DSage:
         cluster are the parent's)."""
         if self._closed:
             return
+        left = 0
+        if self._cluster is not None and os.getpid() == self._pid:
+            try:  # this key's unfinished jobs, which stay in the store
+                jobs = self.status(timeout=1.0).jobs
+                left = jobs[Status.NEW.value] + jobs[Status.PROCESSING.value]
+            except DSageError:
+                pass
         self._closed = True
         if os.getpid() != self._pid:
             return
         self._io.command("close")
         self._io.join(10)
         self._window.wake()
+        unfinished = [w for w in list(self._io.jobs.values()) if not w.done()]
         if self._cluster is not None:
-            self._cluster.stop()
+            self._cluster.stop(hurry=True)
+            if left:
+                print(f"dsage: stopped the local cluster; {_plural(left, 'unfinished job')} "
+                      f"stay{'s' if left == 1 else ''} in its store and run at the next "
+                      f"start_all() on this home (D.kill_all() or `dsage kill --all` there "
+                      f"drops them)", file=sys.stderr)
+        why = "the DSage connection was closed before the job ended"
+        for w in unfinished:
+            w._abandon(why)
+        with self._io.changed:
+            self._io.changed.notify_all()
 
     def __enter__(self) -> DSage:
         return self
@@ -1097,6 +1199,10 @@ class DSage:
         state = "closed" if self._closed else (
             "connected" if self._io.conn.welcomed.is_set() else "connecting")
         return f"<DSage {self.server}:{self.port} {state}>"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word if n == 1 else word + 's'}"
 
 
 def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

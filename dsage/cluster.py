@@ -24,6 +24,7 @@ from .broker import run_broker
 from .client import DSage
 from .monitor import run_monitor
 from .options import BrokerOptions, MonitorOptions, names
+from .protocol import Status
 from .store import holder_of
 
 BROKER_FIELDS = names(BrokerOptions) - {"home", "port"}
@@ -156,30 +157,25 @@ class Cluster:
                 raise StartError(f"the {p.name} process exited (status {p.proc.returncode}); "
                                  f"its log {p.log} ends with:\n{p.log_tail()}")
 
-    def stop(self) -> None:
-        """Stop the monitors (they give running jobs back), then the broker."""
+    def stop(self, hurry: bool = False) -> None:
+        """Stop the monitors (they give running jobs back to the broker: at once with
+        ``hurry``, else after their grace period), then the broker."""
         for m in self.monitors:
             _signal_group(m.pid, signal.SIGTERM)
+            if hurry:  # a second stop request (another signal, so it is not merged
+                _signal_group(m.pid, signal.SIGINT)  # with the first): no grace period
         for m in self.monitors:
-            m.stop()
+            m.stop(timeout=3.0 if hurry else 15.0)
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.stop(timeout=3.0 if hurry else 15.0)
 
-
-def _ports_free(base: int, host: str = "127.0.0.1") -> bool:
-    """Whether ports base..base+2 can be bound now."""
-    held: list[socket.socket] = []
-    try:
-        for p in range(base, base + 3):
-            s = socket.socket()
-            held.append(s)
-            s.bind((host, p))
-        return True
-    except OSError:
-        return False
-    finally:
-        for s in held:
-            s.close()
+    def kill(self) -> None:
+        """End every process at once (SIGKILL to whole groups); nothing is lost, as the
+        broker's store keeps every job, but running jobs start over next time."""
+        for p in self.processes():
+            _signal_group(p.pid, signal.SIGKILL)
+        for p in self.processes():
+            p.proc.wait()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -210,8 +206,15 @@ _LIVE: weakref.WeakSet[DSage] = weakref.WeakSet()
 
 @atexit.register
 def _close_all() -> None:
-    for d in list(_LIVE):
-        d.close()
+    """At interpreter exit, close every client ``start_all`` made (stopping its
+    cluster). A Ctrl-C during that ends the clusters at once, quietly."""
+    try:
+        for d in list(_LIVE):
+            d.close()
+    except KeyboardInterrupt:
+        for d in list(_LIVE):
+            if d._cluster is not None:
+                d._cluster.kill()
 
 
 def start_all(workers: int = 2, port: int | None = None,
@@ -219,9 +222,10 @@ def start_all(workers: int = 2, port: int | None = None,
               **options: Any) -> DSage:
     """Start a local broker and a monitor with ``workers`` slots; return a connected DSage.
 
-    Runs ``dsage setup`` first when there is no keypair yet. The broker uses ports
-    8081-8083 when they are free, else (or with ``port=0``) free ones; a given
-    ``port`` is used as it is. When another broker (another script's ``start_all``)
+    Runs ``dsage setup`` first when there is no keypair yet. The broker uses three
+    free ports (``dsage status`` and the other shell commands find it), or ``port``
+    and the two after it when given. Jobs an earlier session on this home left
+    unfinished are in the store and run first: it says how many, and how to drop them. When another broker (another script's ``start_all``)
     has the home's job store open, this cluster keeps its jobs in a store of its
     own, and says so. ``D.close()`` (or leaving a ``with`` block, or the interpreter
     exiting) stops everything started here. Other options go to the broker and the
@@ -232,8 +236,6 @@ def start_all(workers: int = 2, port: int | None = None,
         keys_mod.setup(root)
         print(f"dsage: no keypair yet, so ran `dsage setup`: created {root}", file=sys.stderr)
     keys_mod.load_keypair(root)  # a too-open secret key is refused before anything starts
-    if port is None:
-        port = 8081 if _ports_free(8081) else free_port()
     port = port or free_port()
     if "store" not in options:
         default = root / "db" / "dsage.db"
@@ -278,4 +280,10 @@ def start_all(workers: int = 2, port: int | None = None,
             cluster.stop()
         raise
     _LIVE.add(d)
+    left = d.status().jobs
+    earlier = left[Status.NEW.value] + left[Status.PROCESSING.value]
+    if earlier:
+        print(f"dsage: {earlier} unfinished job{'s' if earlier != 1 else ''} from an earlier "
+              f"session on {root} {'are' if earlier != 1 else 'is'} queued and run first; "
+              f"D.kill_all() (or `dsage kill --all` in a shell) drops them", file=sys.stderr)
     return d

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import codec
-from .errors import JobError, SubmitRejected, UnknownJob, UntrustedResultError
+from .errors import DSageError, JobError, SubmitRejected, UnknownJob, UntrustedResultError
 from .protocol import FINAL, Encoding, ResultFrom, Status
 
 __all__ = ["JobError", "JobHost", "JobWrapper", "UntrustedResultError", "WorkerInfo"]
@@ -101,6 +101,8 @@ class JobWrapper:
         self.refused: str | None = None
         #: set when the broker no longer knows the job: wait() and result raise UnknownJob
         self._unknown: str | None = None
+        #: set when the client closed before the job ended: wait() and result raise it
+        self._closed: str | None = None
 
     # --- updates from the I/O thread (which notifies ``host.changed`` after a batch)
 
@@ -152,6 +154,13 @@ class JobWrapper:
         self._final = True
         return True
 
+    def _abandon(self, why: str) -> None:
+        """The client closed before the job ended: its state stays as last known, and
+        ``wait()``/``result()`` raise DSageError(``why``). The caller notifies waiters."""
+        if not self._final:
+            self._closed = why
+            self._final = True
+
     # --- the user's view
 
     def done(self) -> bool:
@@ -170,6 +179,8 @@ class JobWrapper:
             self._wait(timeout)
         if self._unknown is not None:
             raise UnknownJob(f"job {self.job_id}: {self._unknown}", self.job_id)
+        if self._closed is not None:
+            raise DSageError(f"job {self.job_id}: {self._closed}")
         return self
 
     def _wait(self, timeout: float | None) -> None:

@@ -142,6 +142,8 @@ class Monitor:
         self.last_sent = 0.0
         #: set by SIGTERM/SIGINT; the loop then calls :meth:`begin_stop`
         self.stop_requested = False
+        #: a second stop request (SIGTERM or Ctrl-C again): no grace, give jobs back now
+        self.hurry = False
         self.stopping = False
         #: the broker answered a message sent after STOPPING: no RUN is on its way
         self.stop_confirmed = False
@@ -778,7 +780,10 @@ class Monitor:
 
     def request_stop(self) -> None:
         """Ask the loop to :meth:`begin_stop` (safe from a signal handler: it sends
-        nothing itself, so it cannot cut into a message being sent)."""
+        nothing itself, so it cannot cut into a message being sent). A second request
+        ends the grace period at once."""
+        if self.stop_requested:
+            self.hurry = True
         self.stop_requested = True
         try:
             self._wake_w.send(b"x")
@@ -790,7 +795,7 @@ class Monitor:
         if self.stopping:
             return
         self.stopping = True
-        self.stop_deadline = time.monotonic() + self.options.grace
+        self.stop_deadline = time.monotonic() + (0.0 if self.hurry else self.options.grace)
         self._announce_stop()
         if self.pending:
             self._release(list(self.pending), "released by a stopping monitor")
@@ -820,7 +825,7 @@ class Monitor:
 
     def _drain_on_stop(self) -> None:
         assert self.stop_deadline is not None
-        while self._busy() and time.monotonic() < self.stop_deadline:
+        while self._busy() and time.monotonic() < self.stop_deadline and not self.hurry:
             self.step(0.1)
         left = [s.job["id"] for s in self.slots if s.job is not None]
         if left:
@@ -831,7 +836,7 @@ class Monitor:
                     s.job = None
                     s.kill()
             self._release(left, "released by a stopping monitor")
-        end = time.monotonic() + min(2.0, self.options.grace)
+        end = time.monotonic() + (0.5 if self.hurry else min(2.0, self.options.grace))
         while (self.unacked or (self._connected() and not self.stop_confirmed)) \
                 and time.monotonic() < end:
             if self.outgoing:
@@ -867,7 +872,8 @@ class Monitor:
             os.close(self._watchdog_pipe)  # its sweep finds nothing left
             self._watchdog_pipe = -1
         if self.sock is not None:
-            self.sock.close(linger=0)
+            # a moment for what is queued (jobs given back on a stop) to leave
+            self.sock.close(linger=500)
         if self.events is not None:
             self.events.close(linger=0)
         self.ctx.term()

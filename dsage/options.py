@@ -135,7 +135,9 @@ class MonitorOptions:
                                         parse=positive_int)
     memory_growth: float = opt(2.0, "restart a slot whose memory grew past this factor of its "
                                "start size (default 2)", parse=positive_float)
-    grace: float = opt(10.0, "on SIGTERM, seconds running jobs get to finish (default 10)",
+    grace: float = opt(10.0, "on SIGTERM, seconds running jobs get to finish before they are "
+                       "given back to the broker (default 10; a second SIGTERM or Ctrl-C "
+                       "gives them back at once)",
                        parse=nonneg_float)
     tags: list[str] = opt(help="comma-separated tags this worker offers, for jobs sent with "
                           "requires=[...]", parse=tag_list, metavar="TAG,TAG",

@@ -29,6 +29,8 @@ VERSION = b"DSG1"
 #: Most items (jobs, results, records, ids) in one message; senders split larger
 #: batches with :func:`batches`.
 MAX_BATCH = 1000
+#: most jobs one LIST page may ask for (the reply comes in MAX_BATCH-sized messages)
+MAX_LIST = 10_000
 MAX_FRAMES = 3 + 2 * MAX_BATCH
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 #: Most bytes of a message's JSON header (a full batch of job specs is ~200 KB).
@@ -116,6 +118,8 @@ class M(enum.StrEnum):
     WORKERS = "workers"
     PING = "ping"
     FETCH = "fetch"
+    STATUS = "status"
+    PURGE = "purge"
     # broker -> client
     WELCOME = "welcome"
     ACK = "ack"
@@ -123,6 +127,8 @@ class M(enum.StrEnum):
     WORKER_LIST = "worker_list"
     PONG = "pong"
     CHUNK = "chunk"
+    STATE = "state"
+    PURGED = "purged"
     ERROR = "error"
     # monitor -> broker
     REGISTER = "register"
@@ -211,6 +217,15 @@ def _pos_int(v: Any) -> int:
     if _int(v) <= 0:
         raise ValueError("not positive")
     return v
+
+
+def _bounded_int(low: int, high: int) -> Validator:
+    def check(v: Any) -> int:
+        if not low <= _int(v) <= high:
+            raise ValueError(f"not between {low} and {high}")
+        return v
+
+    return check
 
 
 def _float(v: Any) -> float:
@@ -384,6 +399,8 @@ MONITOR_INFO = {
     "tags": _tags,
     #: None when the asking key may not see other monitors' keys (no worker role)
     "key": _optional(_key),
+    #: seconds since the broker last heard from the monitor
+    "quiet": _float,
 }
 ERROR_ITEM = {"id": _job_id, "code": _short_str, "message": _str}
 
@@ -409,10 +426,16 @@ SCHEMAS: dict[M, Schema] = {
     M.SUBMIT: Schema({**_req}, "jobs", JOB_SPEC, 1),
     M.KILL: Schema({**_req, "ids": _ids}),
     M.QUERY: Schema({**_req, "ids": _ids}),
-    M.LIST: Schema({**_req, "status": _optional(_one_of(Status))}),
+    # one page of a key's jobs, oldest first: ``after`` is the previous page's ``next``
+    M.LIST: Schema({**_req, "status": _optional(_one_of(Status)), "name": _optional(_short_str),
+                    "since": _optional(_float), "after": _nonneg_int,
+                    "limit": _bounded_int(1, MAX_LIST)}),
     M.WORKERS: Schema({**_req}),
     M.PING: Schema({}),
     M.FETCH: Schema({**_req, "id": _job_id, "part": _part, "offset": _nonneg_int}),
+    M.STATUS: Schema({**_req}),
+    # drop this key's final jobs (that finished before ``before``, if given)
+    M.PURGE: Schema({**_req, "before": _optional(_float)}),
     M.CHUNK: Schema({**_req, "id": _job_id, "part": _part, "offset": _nonneg_int,
                      "total": _nonneg_int}, blobs=1),
     M.WELCOME: Schema(
@@ -420,8 +443,17 @@ SCHEMAS: dict[M, Schema] = {
          "heartbeat": _pos_float, "max_message_size": _pos_int}
     ),
     M.ACK: Schema({**_req, "ids": _ids, "errors": _list_of(_obj(ERROR_ITEM))}),
-    # a long answer comes in several JOBS messages: all but the last say ``more``
-    M.JOBS: Schema({**_req, "missing": _ids, "more": _bool}, "jobs", RECORD, 2),
+    # a long answer comes in several JOBS messages: all but the last say ``more``; the
+    # last page of a LIST says where the next one starts (``next``), if there is one
+    M.JOBS: Schema({**_req, "missing": _ids, "more": _bool, "next": _optional(_nonneg_int)},
+                   "jobs", RECORD, 2),
+    # the broker's view for STATUS: this key's jobs by state, all queued and running
+    # jobs, and the monitors (as in WORKER_LIST)
+    M.STATE: Schema({**_req, "version": _short_str, "uptime": _float,
+                     "jobs": _obj({s.value: _nonneg_int for s in Status}),
+                     "queued": _nonneg_int, "processing": _nonneg_int,
+                     "workers": _list_of(_obj(MONITOR_INFO))}),
+    M.PURGED: Schema({**_req, "count": _nonneg_int}),
     M.WORKER_LIST: Schema({**_req, "workers": _list_of(_obj(MONITOR_INFO))}),
     M.PONG: Schema({"seq": _nonneg_int, "epoch": _short_str}),
     M.ERROR: Schema({"req": _optional(_nonneg_int), "code": _short_str, "message": _str}),
@@ -446,8 +478,9 @@ SCHEMAS: dict[M, Schema] = {
 }
 
 CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKERS, M.PING,
-                             M.FETCH})
-CLIENT_REPLIES = frozenset({M.WELCOME, M.ACK, M.JOBS, M.WORKER_LIST, M.PONG, M.CHUNK, M.ERROR})
+                             M.FETCH, M.STATUS, M.PURGE})
+CLIENT_REPLIES = frozenset({M.WELCOME, M.ACK, M.JOBS, M.WORKER_LIST, M.PONG, M.CHUNK,
+                            M.STATE, M.PURGED, M.ERROR})
 MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.RELEASE,
                               M.PUT})
 MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK,

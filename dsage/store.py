@@ -382,15 +382,48 @@ class Store:
             out.extend(_record(row) for row in self.db.execute(q, args))
         return out
 
-    def list(self, owner: str, status: Status | None, limit: int) -> list[Record]:
-        q = f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE owner=?"
-        args: list[Any] = [owner]
+    def list(self, owner: str, status: Status | None, limit: int, name: str | None = None,
+             since: float | None = None, after: int = 0) -> tuple[list[Record], int | None]:
+        """A page of ``owner``'s jobs, oldest first, from after sequence number ``after``:
+        the records, and where the next page starts (None on the last)."""
+        q = f"SELECT seq, {_RECORD_COLUMNS} FROM jobs WHERE owner=? AND seq>?"
+        args: list[Any] = [owner, after]
         if status is not None:
             q += " AND status=?"
             args.append(status.value)
+        if name is not None:
+            q += " AND name=?"
+            args.append(name)
+        if since is not None:
+            q += " AND created>=?"
+            args.append(since)
         q += " ORDER BY seq LIMIT ?"
-        args.append(limit)
-        return [_record(r)[1] for r in self.db.execute(q, args)]
+        args.append(limit + 1)
+        rows = self.db.execute(q, args).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_record(r[1:])[1] for r in rows], rows[-1][0] if more else None
+
+    def counts(self, owner: str) -> dict[str, int]:
+        """How many of ``owner``'s jobs are in each state."""
+        out = {s.value: 0 for s in Status}
+        for status, n in self.db.execute(
+                "SELECT status, COUNT(*) FROM jobs WHERE owner=? GROUP BY status", (owner,)):
+            out[status] = n
+        return out
+
+    def purge(self, owner: str, before: float | None) -> int:
+        """Delete ``owner``'s final jobs (that finished before ``before``, if given) and
+        their chunks; returns how many."""
+        finals = ",".join(f"'{s.value}'" for s in FINAL)
+        q, args = f"DELETE FROM jobs WHERE owner=? AND status IN ({finals})", [owner]
+        if before is not None:
+            q += " AND finished<?"
+            args.append(before)
+        n = self.db.execute(q, args).rowcount
+        self.db.execute("DELETE FROM chunks WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE"
+                        " jobs.id = job_id)")
+        return n
 
     def prune(self, finished_before: float) -> int:
         """Delete final jobs that finished before the given time, and chunks no job

@@ -306,7 +306,8 @@ def test_every_flushed_message_is_within_the_protocol_limits(tmp_path: Path) -> 
     for start in range(0, 6000, 1000):
         specs = [_spec(f"{i:032x}") for i in range(start, start + 1000)]
         state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"x"] * 1000, req=1, jobs=specs))
-    state.on_client(0.0, b"c", OWNER, make(M.LIST, req=2, status=None))
+    state.on_client(0.0, b"c", OWNER, make(M.LIST, req=2, status=None, name=None,
+                                                   since=None, after=0, limit=10_000))
     outs = state.flush(0.0)
     assert outs
     for out in outs:

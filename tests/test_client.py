@@ -367,7 +367,7 @@ def test_an_event_racing_the_reply_that_made_a_wrapper_is_not_lost(
             fb.publish([record(job_id, "completed", "expression")])
         answered.append(1)
         fb.reply(rid, make(M.JOBS, [b"", b""], req=msg.header["req"], missing=[], more=False,
-                           jobs=[record(job_id, status, "expression")]))
+                           next=None, jobs=[record(job_id, status, "expression")]))
 
     fb = fake(handle)
     D = procs.client()

@@ -57,7 +57,10 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "version": short, "epoch": short, "heartbeat": positive, "max_message_size": pos_int,
     "monitor": short, "running": ids, "liveness": pos_int, "cancel": ids, "reason": short,
     "seq": nonneg, "count_failure": st.booleans(), "more": st.booleans(),
-    "staged": st.booleans(), "next": nonneg, "gone": st.booleans(),
+    "staged": st.booleans(), "next": nonneg, "gone": st.booleans(), "quiet": finite,
+    "uptime": finite, "queued": nonneg, "processing": nonneg, "count": nonneg, "after": nonneg,
+    "limit": st.integers(1, 10_000), "since": st.none() | finite, "before": st.none() | finite,
+    "jobs": st.fixed_dictionaries({s.value: nonneg for s in Status}),
     "part": st.sampled_from(["result", "output"]), "offset": nonneg, "total": nonneg,
 }
 
@@ -76,10 +79,13 @@ ITEMS: dict[int, st.SearchStrategy[Any]] = {
 }
 HEADER_OVERRIDES: dict[M, dict[str, st.SearchStrategy[Any]]] = {
     M.LIST: {"status": st.none() | _enum(Status)},
+    M.JOBS: {"next": st.none() | nonneg},
     M.ERROR: {"req": st.none() | nonneg},
     M.ACK: {"errors": st.lists(_fixed(ERROR_ITEM), max_size=3)},
     M.WORKER_LIST: {"workers": st.lists(_fixed(MONITOR_INFO, id=short, key=st.none() | z85_key),
                                         max_size=3)},
+    M.STATE: {"workers": st.lists(_fixed(MONITOR_INFO, id=short, key=st.none() | z85_key),
+                                  max_size=3)},
 }
 blob = st.binary(max_size=64)
 

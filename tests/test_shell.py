@@ -1,0 +1,276 @@
+"""Watching and steering a cluster: status, jobs, kill, purge (Python and shell), and
+sessions that end cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dsage
+from dsage import running
+from dsage.brokerstate import BrokerConfig, BrokerState
+from dsage.protocol import M, make
+from dsage.shell import parse_when, plural
+from dsage.store import Store
+
+from .conftest import HEARTBEAT, Procs, alive, wait_for
+
+SLEEP = "import time; time.sleep(60)"
+
+
+def shell(home: Path, *args: str, port: int | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "dsage.cli", *args]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DSAGE_HOME": str(home)})
+
+
+def shell_json(home: Path, *args: str, port: int | None = None) -> Any:
+    r = shell(home, *args, "--json", port=port)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# --- pure parts
+
+
+def test_plurals_and_times() -> None:
+    assert plural(1, "slot") == "1 slot" and plural(2, "slot") == "2 slots"
+    assert plural(0, "job") == "0 jobs"
+    assert parse_when("10m", now=1000.0) == 400.0
+    assert parse_when("2h", now=10_000.0) == 10_000.0 - 7200
+    assert parse_when("1.5d", now=200_000.0) == 200_000.0 - 1.5 * 86400
+    assert parse_when("2026-11-25T14:00") > 0
+    with pytest.raises(Exception, match="neither a duration"):
+        parse_when("yesterday")
+
+
+def test_listing_pages_by_sequence_with_filters(tmp_path: Path) -> None:
+    """LIST answers a page and says where the next one starts; name and since filter."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    owner = "A" * 40
+    specs = [{"id": f"{i:032x}", "name": "even" if i % 2 == 0 else "odd", "kind": "python",
+              "timeout": None, "priority": 5, "memory": None, "anonymous_ok": False,
+              "requires": [], "isolate": False} for i in range(25)]
+    state.on_client(0.0, b"c", owner, make(M.SUBMIT, [b"x"] * 25, req=1, jobs=specs))
+    state.flush(0.0)
+
+    def page(after: int, limit: int, **f: Any) -> tuple[list[str], int | None]:
+        state.on_client(0.0, b"c", owner, make(M.LIST, req=2, status=f.get("status"),
+                                               name=f.get("name"), since=f.get("since"),
+                                               after=after, limit=limit))
+        [reply] = [o.msg for o in state.flush(0.0) if o.msg.type is M.JOBS]
+        return [r["id"] for r in reply.header["jobs"]], reply.header["next"]
+
+    seen: list[str] = []
+    after: int | None = 0
+    while after is not None:
+        ids, after = page(after, 10)
+        assert len(ids) <= 10
+        seen += ids
+    assert seen == [s["id"] for s in specs]
+    evens, nxt = page(0, 100, name="even")
+    assert evens == [s["id"] for s in specs if s["name"] == "even"] and nxt is None
+    assert page(0, 100, since=time.time() + 3600) == ([], None)
+    assert page(0, 100, status="completed") == ([], None)
+    state.on_client(0.0, b"c", "B" * 40, make(M.LIST, req=3, status=None, name=None, since=None,
+                                               after=0, limit=100))
+    [other] = [o.msg for o in state.flush(0.0) if o.msg.type is M.JOBS]
+    assert other.header["jobs"] == []  # another key's jobs are not listed
+    store.close()
+
+
+def test_running_brokers_are_recorded_and_stale_records_dropped(tmp_path: Path) -> None:
+    path = running.record(tmp_path, 4242)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    [me] = running.brokers(tmp_path)
+    assert me.port == 4242 and me.pid == os.getpid()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(json.dumps({"port": 4343, "pid": dead.pid, "host": socket.gethostname(),
+                                "started": 0.0}))
+    assert running.brokers(tmp_path) == [] and not path.exists()
+    running.record(tmp_path, 4444)
+    running.forget(tmp_path, 4444)
+    assert running.brokers(tmp_path) == []
+
+
+# --- Python API on a live cluster
+
+
+def test_status_lists_jobs_by_state_and_monitors(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    done = d("1 + 1")
+    done.wait(60)
+    busy = d(SLEEP)
+    queued = [d(SLEEP) for _ in range(3)]
+    wait_for(lambda: busy.status == "processing", 60, "the first job to run")
+    st = d.status()
+    assert st.jobs["completed"] == 1 and st.jobs["processing"] + st.jobs["new"] == 4
+    assert st.slots == 1 and st.busy == 1 and st.uptime > 0 and st.version == dsage.__version__
+    [w] = st.workers
+    assert 0 <= w.quiet < 60
+    assert d.kill_all("new") >= 2
+    assert busy.status == "processing"
+    assert d.kill_all() >= 1
+    for j in [busy, *queued]:
+        j.wait(60)
+        assert j.status == "killed"
+    assert d.purge() == 5
+    assert d.get_my_jobs(limit=None) == []
+    with pytest.raises(dsage.UnknownJob):
+        done.kill()  # purged: the broker no longer knows it
+
+
+def test_get_my_jobs_pages_through_thousands(cluster: dsage.DSage) -> None:
+    jobs = [cluster("0", name="n1" if i < 1500 else "n2", priority=9) for i in range(2500)]
+    for j in jobs:
+        j.wait(120)
+    listed = cluster.get_my_jobs(limit=None)
+    assert [j.job_id for j in listed] == [j.job_id for j in jobs]
+    assert len(cluster.get_my_jobs()) == 1000  # the default limit
+    assert len(cluster.get_my_jobs(name="n2", limit=None)) == 1000
+    assert len(cluster.get_my_jobs(since=time.time() + 60, limit=None)) == 0
+    with pytest.raises(ValueError):
+        cluster.get_my_jobs(limit=0)
+
+
+# --- the shell commands
+
+
+def test_shell_commands_find_the_broker_and_print_json(procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    done = d("6 * 7", name="answer")
+    done.wait(60)
+    slow = d(SLEEP, name="slow")
+    wait_for(lambda: slow.status == "processing", 60, "the slow job to run")
+
+    st = shell_json(procs.home, "status")  # no --port: the broker this home runs
+    assert st["port"] == procs.port and st["jobs"]["completed"] == 1 and st["slots"] == 1
+    listed = shell_json(procs.home, "jobs")
+    assert [j["id"] for j in listed] == [done.job_id, slow.job_id]
+    assert shell_json(procs.home, "jobs", "--name", "answer")[0]["status"] == "completed"
+    assert [j["id"] for j in shell_json(procs.home, "jobs", "--status", "processing")] \
+        == [slow.job_id]
+    shown = shell_json(procs.home, "jobs", "show", done.job_id)
+    assert shown["status"] == "completed" and shown["name"] == "answer"
+
+    table = shell(procs.home, "jobs")
+    assert table.returncode == 0 and done.job_id in table.stdout  # ids whole, not cut
+    top = shell(procs.home, "top", "--count", "2", "--interval", "0.05")
+    assert top.returncode == 0 and slow.job_id in top.stdout and "1 monitor" in top.stdout
+
+    r = shell(procs.home, "kill", "--all")
+    assert r.returncode == 0 and "killed 1 job" in r.stdout
+    slow.wait(60)
+    assert slow.status == "killed"
+    r = shell(procs.home, "kill", "0" * 32)
+    assert r.returncode == 1 and "no job" in r.stderr
+    r = shell(procs.home, "purge")
+    assert r.returncode == 0 and "dropped 2 finished jobs" in r.stdout
+    assert shell_json(procs.home, "jobs") == []
+
+
+def test_shell_commands_without_a_broker_say_so(home: Path, port: int) -> None:
+    r = shell(home, "status", "--timeout", "1", port=port)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{port}" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["status"], ["top"], ["jobs"], ["kill"], ["purge"]])
+def test_shell_commands_have_help(cmd: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "dsage.cli", *cmd, "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--port" in r.stdout and "usage:" in r.stdout
+
+
+# --- sessions
+
+
+def test_close_returns_soon_and_wakes_every_waiter(home: Path) -> None:
+    """close() with running jobs once froze ~10 s (the monitor's grace period), left
+    unfinished wrappers 'new' forever and a thread waiting on one blocked."""
+    d = dsage.start_all(workers=1, port=0, home=home, heartbeat=HEARTBEAT)
+    pids = [p.pid for p in d._cluster.processes()]
+    running_job = d(SLEEP)
+    queued = d(SLEEP)
+    wait_for(lambda: running_job.status == "processing", 60, "the job to run")
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            queued.result()
+        except BaseException as e:  # noqa: BLE001 - what the waiter saw
+            errors.append(e)
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    began = time.monotonic()
+    d.close()
+    took = time.monotonic() - began
+    assert took < 8, f"close took {took:.1f} s: the monitors' 10 s grace was not cut"
+    t.join(30)
+    assert not t.is_alive()
+    assert isinstance(errors[0], dsage.DSageError) and "closed" in str(errors[0])
+    with pytest.raises(dsage.DSageError, match="closed"):
+        running_job.result(timeout=1)
+    with pytest.raises(dsage.DSageError):
+        d.workers()
+    with pytest.raises(dsage.DSageError):
+        d("1")
+    for pid in pids:
+        assert not alive(pid, group=True)
+
+
+def test_start_all_says_when_earlier_jobs_are_queued(home: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """Jobs a closed session left once ran silently ahead of a new session's."""
+    d = dsage.start_all(workers=1, port=0, home=home, heartbeat=HEARTBEAT)
+    [d(SLEEP) for _ in range(3)]
+    d.close()
+    assert "3 unfinished jobs" in capfd.readouterr().err
+    d = dsage.start_all(workers=1, port=0, home=home, heartbeat=HEARTBEAT)
+    try:
+        err = capfd.readouterr().err
+        assert "3 unfinished jobs from an earlier session" in err and "kill_all" in err
+        assert d.kill_all() == 3
+    finally:
+        d.close()
+
+
+def test_start_all_does_not_join_a_broker_on_the_default_port(home: Path) -> None:
+    """start_all() on a busy 8081 once connected to whatever held it."""
+    holder = socket.socket()
+    try:
+        try:
+            holder.bind(("127.0.0.1", 8081))
+            holder.listen()
+        except OSError:
+            pass  # taken already: the same situation
+        d = dsage.start_all(workers=1, home=home, heartbeat=HEARTBEAT)
+        try:
+            assert d.port != 8081
+            assert [b.port for b in running.brokers(home)] == [d.port]
+            assert d("2 + 2").result(60) == 4
+        finally:
+            d.close()
+        assert running.brokers(home) == []
+    finally:
+        holder.close()
