@@ -25,7 +25,7 @@ from .brokerstate import BrokerConfig, BrokerState, Dest, Out
 from .limits import RateLimit
 from .options import BrokerOptions
 from .protocol import (
-    CLIENT_REQUESTS, MAX_FRAMES, MONITOR_REQUESTS, Message, ProtocolError, decode, encode, error,
+    CLIENT_REQUESTS, MAX_FRAMES, MONITOR_REQUESTS, M, Message, ProtocolError, decode, encode, error,
     message_budget,
 )
 from .sockets import send_frames
@@ -241,6 +241,11 @@ class Broker:
             try:
                 msg = decode(body, MONITOR_REQUESTS)
             except ProtocolError as e:
+                if len(body) > 1 and body[1] == M.HELLO.value.encode():
+                    self._send(Out("monitor", rid, error(
+                        "wrong_port", f"port {self.options.port + 1} is this broker's port "
+                        f"for monitors; clients connect to port {self.options.port}")))
+                    continue
                 log.warning("bad message from monitor %s: %s", key[:8], e)
                 self._send(Out("monitor", rid, error(e.code, str(e))))
                 continue
@@ -291,7 +296,7 @@ class Broker:
                     key[:8])
         self._send(Out("monitor", rid, error(
             "unauthorized", f"this key ({key}) is authorized as a client only, not as a "
-            f"worker: on the broker's machine run `dsage keys add NAME {key} --role worker` "
+            f"worker: on the broker's machine run `dsage keys add NAME '{key}' --role worker` "
             f"(or --role both)")))
 
     def _failed(self, dest: Dest, rid: bytes, key: str, msg: Message, e: Exception) -> None:

@@ -28,6 +28,7 @@ from .protocol import (
 )
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
 from .store import Outcome, Record, Store, WorkerRef
+from .words import plural
 
 log = logging.getLogger("dsage.broker")
 
@@ -451,8 +452,8 @@ class BrokerState:
                 self.sched.adopt(job.id, monitor_id)
                 job.started = job.started or wall
                 self._announce(job.owner, _open_record(job, None, entry.ref()))
-        log.info("monitor %s registered from %s (%d slots%s, %d held)", monitor_id, entry.host,
-                 entry.slots, ", anonymous" if anonymous else "", len(adopted))
+        log.info("monitor %s registered from %s (%s%s, %d held)", monitor_id, entry.host,
+                 plural(entry.slots, "slot"), ", anonymous" if anonymous else "", len(adopted))
         self._send("monitor", rid, make(M.REGISTERED, heartbeat=self.config.heartbeat,
                                         liveness=self.config.liveness, cancel=cancel))
 

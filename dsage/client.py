@@ -50,6 +50,7 @@ from .protocol import (
 from .protocol import batch_bytes
 from .seal import Opener, binding
 from .sockets import send_frames
+from .words import plural
 
 __all__ = [
     "BrokerUnreachable", "DSage", "DSageError", "KeyRejected", "MonitorInfo", "SubmitRejected",
@@ -73,6 +74,11 @@ _SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
 #: JSON bytes of one job id in a list of ids (quotes and comma)
 _ID_BYTES = 35
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+#: how long connections may be refused before a client waiting to connect says so
+#: (a broker started just before its client may need a moment to listen)
+REFUSED_GRACE = 3.0
 
 
 def check_job_id(job_id: Any) -> str:
@@ -296,6 +302,11 @@ class _Conn:
         #: handshakes that failed other than by a key refusal (a wrong server key)
         self.handshake_failures = 0
         self.rejected: str | None = None
+        #: what the peer at the address said it is, when it is not a broker's client port
+        self.wrong_port: str | None = None
+        #: when the first connection attempt was refused (nothing listens at the
+        #: address), if no connection was made since
+        self.refused_since: float | None = None
         self.epoch: str | None = None
         #: the broker's largest accepted frame, from its welcome
         self.max_message_size: int | None = None
@@ -451,7 +462,7 @@ class _IO(threading.Thread):
         self.sub.setsockopt(zmq.SUBSCRIBE, self.keys.public)
         watched = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_CONNECT_RETRIED)
         self.dealer_events = self.dealer.get_monitor_socket(watched)
         self.sub_events = self.sub.get_monitor_socket(watched)
         self.dealer.connect(f"tcp://{self.host}:{self.port}")
@@ -641,13 +652,17 @@ class _IO(threading.Thread):
             kind = ev["event"]
             if kind == zmq.EVENT_CONNECTED:
                 self.conn.tcp_connected = True
+                self.conn.refused_since = None
+            elif kind == zmq.EVENT_CONNECT_RETRIED and is_dealer and not self.conn.tcp_connected:
+                if self.conn.refused_since is None:
+                    self.conn.refused_since = time.monotonic()
             elif kind == zmq.EVENT_DISCONNECTED and is_dealer:
                 self.disconnected_at = time.monotonic()
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.conn.rejected = (
                     f"the broker at {self.host}:{self.port} rejected this client's key "
                     f"{self.keys.public.decode()}: on the broker's machine run "
-                    f"`dsage keys add NAME {self.keys.public.decode()}`")
+                    f"`dsage keys add NAME '{self.keys.public.decode()}'`")
                 self._fail_requests()
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
@@ -731,6 +746,10 @@ class _IO(threading.Thread):
         if msg.type is M.PONG:
             self._check_missed_events(h["seq"], h["epoch"])
             self._on_pong(time.monotonic())
+            return
+        if msg.type is M.ERROR and h["code"] == "wrong_port" and not self.conn.welcomed.is_set():
+            self.conn.wrong_port = h["message"]
+            self._fail_requests()
             return
         if (msg.type is M.ERROR and h["code"] == "unauthorized"
                 and not self.conn.welcomed.is_set()):
@@ -973,13 +992,18 @@ class DSage:
         """Block until the broker has answered, raising a clear error if it does not."""
         self._check_usable()
         start = time.monotonic()
-        while not self._io.conn.welcomed.wait(0.05):
-            if self._io.conn.rejected:
-                raise KeyRejected(self._io.conn.rejected)
+        c = self._io.conn
+        while not c.welcomed.wait(0.05):
+            if c.rejected:
+                raise KeyRejected(c.rejected)
             waited = time.monotonic() - start
-            # A server that drops handshake after handshake cannot decrypt ours:
-            # almost surely the wrong server key, so say so without waiting it out.
-            if waited > timeout or self._io.conn.handshake_failures >= 3:
+            # Said at once: the port is another of the broker's, or a server drops
+            # handshake after handshake (it cannot decrypt ours: the wrong server key
+            # or not a client port); and soon when nothing listens there (refused
+            # for a few seconds: not a broker that is just starting).
+            refused = c.refused_since is not None and (
+                time.monotonic() - c.refused_since >= REFUSED_GRACE)
+            if waited > timeout or c.handshake_failures >= 3 or c.wrong_port or refused:
                 raise self._unreachable(min(waited, timeout))
 
     def _unreachable(self, waited: float) -> DSageError:
@@ -987,11 +1011,20 @@ class DSage:
         if c.rejected:
             return KeyRejected(c.rejected)
         where = f"{self.server}:{self.port}"
+        if c.wrong_port:
+            return BrokerUnreachable(f"{where} is not a broker's client port: {c.wrong_port}")
         if c.tcp_connected and not c.welcomed.is_set():
             return BrokerUnreachable(
                 f"reached {where} but the encrypted handshake did not complete within "
                 f"{waited:.3g} s: is the server key right? It must be the broker's public key "
-                f"(its dsage_key.pub); this client used {self.server_key.decode()}")
+                f"(its dsage_key.pub); this client used {self.server_key.decode()}. Or is "
+                f"{self.port} not the broker's client port? A broker on port N uses N for "
+                f"clients, N+1 for monitors and N+2 for job events: connect to N")
+        if c.refused_since is not None and not c.tcp_connected:
+            return BrokerUnreachable(
+                f"no broker at {where}: the connection was refused (nothing listens on port "
+                f"{self.port}). Start one with `dsage-broker --port {self.port}`, or check "
+                f"the server and port (`dsage status` finds a start_all() session's broker)")
         return BrokerUnreachable(
             f"no broker at {where} (waited {waited:g} s): start one with "
             f"`dsage-broker --port {self.port}`, or check the server and port")
@@ -1017,7 +1050,9 @@ class DSage:
         not acknowledged ``max_unacked_jobs`` jobs (see :class:`DSage`).
         """
         if not isinstance(code, str):
-            raise TypeError(f"code must be a string, not {type(code).__name__}")
+            hint = (f"; to run a function, use D.eval_function({getattr(code, '__name__', 'f')}"
+                    f", args, kwargs)" if callable(code) else "")
+            raise TypeError(f"code must be a string, not {type(code).__name__}{hint}")
         if kind not in (Kind.PYTHON, Kind.SAGE):
             raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
                              f"(use D.eval_function for functions)")
@@ -1179,7 +1214,7 @@ class DSage:
         if self._cluster is not None:
             self._cluster.stop(hurry=True)
             if left:
-                print(f"dsage: stopped the local cluster; {_plural(left, 'unfinished job')} "
+                print(f"dsage: stopped the local cluster; {plural(left, 'unfinished job')} "
                       f"stay{'s' if left == 1 else ''} in its store and run at the next "
                       f"start_all() on this home (D.kill_all() or `dsage kill --all` there "
                       f"drops them)", file=sys.stderr)
@@ -1199,10 +1234,6 @@ class DSage:
         state = "closed" if self._closed else (
             "connected" if self._io.conn.welcomed.is_set() else "connecting")
         return f"<DSage {self.server}:{self.port} {state}>"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word if n == 1 else word + 's'}"
 
 
 def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

@@ -38,6 +38,7 @@ from .protocol import (
     CHUNK_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, UPLOAD_BYTES,
     M, Message, ProtocolError, Status, batch_bytes, batches, clip, decode, encode, make,
 )
+from .words import plural
 
 log = logging.getLogger("dsage.monitor")
 
@@ -173,8 +174,8 @@ class Monitor:
         self._connect()
         for i in range(options.workers):
             self.slots.append(self._spawn(i))
-        log.info("dsage-worker %s: %d slots, broker %s:%d%s", self.monitor_id[:8],
-                 options.workers, options.server, options.port + 1,
+        log.info("dsage-worker %s: %s, broker %s:%d%s", self.monitor_id[:8],
+                 plural(options.workers, "slot"), options.server, options.port + 1,
                  " (anonymous)" if options.anonymous else "")
 
     def _contain(self) -> None:
@@ -271,8 +272,9 @@ class Monitor:
                 self._register()
             elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 log.error("the broker rejected this worker's key (status %s): add it with "
-                          "`dsage keys add NAME KEY` on the broker, or start the broker with "
-                          "--allow-anonymous and this worker with --anonymous", ev["value"])
+                          "`dsage keys add NAME '%s' --role worker` on the broker, or start "
+                          "the broker with --allow-anonymous and this worker with --anonymous",
+                          ev["value"], self.keys.public.decode())
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 log.warning("disconnected from the broker; reconnecting")
                 self.registered = False
@@ -774,7 +776,8 @@ class Monitor:
         if now - self.last_heard > window:
             log.warning("no word from the broker for %.1f s; reconnecting", now - self.last_heard)
             self._connect()
-        if self.options.exit_with_parent and os.getppid() != self.options.exit_with_parent:
+        if (self.options.exit_with_parent and not self.stopping
+                and os.getppid() != self.options.exit_with_parent):
             log.warning("parent process is gone: stopping")
             self.begin_stop()
 
@@ -829,7 +832,8 @@ class Monitor:
             self.step(0.1)
         left = [s.job["id"] for s in self.slots if s.job is not None]
         if left:
-            log.info("grace period over: giving %d running jobs back", len(left))
+            log.info("%s: giving %s back", "stopping now" if self.hurry else "grace period over",
+                     plural(len(left), "running job"))
             for s in self.slots:
                 if s.job is not None:
                     s.kill_reason = "released"

@@ -28,15 +28,11 @@ from .client import DSage
 from .errors import DSageError, UnknownJob
 from .job import JobWrapper, strip_control
 from .protocol import Status
+from .words import plural
 
 DEFAULT_PORT = 8081
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 slot``, ``2 slots``."""
-    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def parse_when(text: str, now: float | None = None) -> float:

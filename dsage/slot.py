@@ -165,9 +165,10 @@ def run_function(payload: bytes) -> Any:
 
 
 def _user_traceback(exc: BaseException) -> str:
-    """The traceback without this module's own frames."""
+    """The traceback from the job's own code on: without this module's frames, or
+    ``ast``'s that parsing the job's code adds to a SyntaxError."""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, ast.__file__):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 

@@ -460,6 +460,9 @@ def test_start_all_leaves_no_orphans(home: Path, tmp_path: Path, ending: str) ->
             proc.stdin.flush()
         assert proc.wait(30) == (0 if ending == "exit" else -signal.SIGKILL)
         wait_for(lambda: not _processes_using(home), 20, "no process left behind")
+        if ending == "sigkill":  # each monitor said why it stopped, once
+            for log in (home / "logs").glob("worker-*.log"):
+                assert log.read_text().count("parent process is gone") == 1
     finally:
         proc.kill()
         proc.wait()
