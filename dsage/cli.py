@@ -6,13 +6,13 @@ Launchers only parse, configure logging and call ``run_broker``/``run_monitor``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
 from . import keys as keys_mod
+from . import logs
 from . import shell
 from .broker import BrokerFailed, PortInUse, run_broker
 from .monitor import run_monitor
@@ -23,9 +23,11 @@ from .store import StoreLocked
 SHELL_COMMANDS = ("status", "top", "jobs", "kill", "purge")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    p.add_argument("--log-file", default=None, metavar="PATH",
+                   help=f"also log to PATH (default $DSAGE_HOME/logs/{name}.log; - for none)")
     p.add_argument("--version", action="version", version=f"dsage {__version__}")
 
 
@@ -35,7 +37,7 @@ def broker_parser(prog: str = "dsage-broker") -> argparse.ArgumentParser:
         "hands them to monitors. Uses ports PORT (clients), PORT+1 (monitors) and PORT+2 "
         "(job events), all CurveZMQ-encrypted with the dsage keypair.")
     add_arguments(p, BrokerOptions)
-    _common(p)
+    _common(p, "broker")
     return p
 
 
@@ -44,13 +46,16 @@ def worker_parser(prog: str = "dsage-worker") -> argparse.ArgumentParser:
         prog=prog, description="Run a dsage monitor: it connects to a broker and runs jobs "
         "in worker slots, one long-lived process per slot.")
     add_arguments(p, MonitorOptions)
-    _common(p)
+    _common(p, "worker")
     return p
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _logging(a: argparse.Namespace, name: str) -> None:
+    log_file = a.log_file
+    home = keys_mod.home(a.home)
+    if log_file is None and home.is_dir():  # (without a home, the launcher says to set up)
+        log_file = logs.default_log_file(home, name)
+    logs.setup(a.log_level, log_file)
 
 
 def _fail(prog: str, message: str) -> int:
@@ -60,7 +65,7 @@ def _fail(prog: str, message: str) -> int:
 
 def broker_main(argv: Sequence[str] | None = None, prog: str = "dsage-broker") -> int:
     a = broker_parser(prog).parse_args(argv)
-    _logging(a.log_level)
+    _logging(a, "broker")
     try:
         run_broker(from_args(BrokerOptions, a))
     except (keys_mod.KeyProblem, PortInUse, StoreLocked, BrokerFailed) as e:
@@ -70,7 +75,7 @@ def broker_main(argv: Sequence[str] | None = None, prog: str = "dsage-broker") -
 
 def worker_main(argv: Sequence[str] | None = None, prog: str = "dsage-worker") -> int:
     a = worker_parser(prog).parse_args(argv)
-    _logging(a.log_level)
+    _logging(a, "worker")
     try:
         server_key = keys_mod.parse_public_key(a.server_key) if a.server_key else None
         run_monitor(from_args(MonitorOptions, a, server_key=server_key))

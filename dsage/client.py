@@ -1175,6 +1175,30 @@ class DSage:
         count: int = reply.header["count"]
         return count
 
+    def server_log(self, n: int = 50) -> str:
+        """The last ``n`` lines of the broker's log: of the broker ``start_all`` started,
+        else of a broker of this home on this machine (``$DSAGE_HOME/logs/broker.log``)."""
+        return self._local_log("broker", n)
+
+    def worker_log(self, n: int = 50) -> str:
+        """The last ``n`` lines of the monitors' logs: those ``start_all`` started, else
+        a monitor's of this home on this machine (``$DSAGE_HOME/logs/worker.log``)."""
+        return self._local_log("worker", n)
+
+    def _local_log(self, which: str, n: int) -> str:
+        from .logs import default_log_file, tail
+
+        if self._cluster is not None:
+            procs = ([self._cluster.broker] if which == "broker" and self._cluster.broker
+                     else self._cluster.monitors if which == "worker" else [])
+            return "\n".join(tail(p.log, n) for p in procs)
+        path = default_log_file(self.home, which)
+        if not path.exists():
+            raise DSageError(
+                f"no {which} log here: {path} does not exist. The {which} writes it on its "
+                f"own machine (see --log-file there)")
+        return tail(path, n)
+
     def workers(self, timeout: float = 10.0) -> list[MonitorInfo]:
         """The monitors connected to the broker."""
         self._check_usable()

@@ -274,3 +274,61 @@ def test_start_all_does_not_join_a_broker_on_the_default_port(home: Path) -> Non
         assert running.brokers(home) == []
     finally:
         holder.close()
+
+
+# --- logging
+
+
+def test_repeated_log_lines_are_folded(tmp_path: Path) -> None:
+    """The monitor once logged the same line ~100 times per shutdown."""
+    import logging
+
+    from dsage import logs
+
+    path = tmp_path / "logs" / "x.log"
+    logs.setup("INFO", path, to_stderr=False)
+    try:
+        log = logging.getLogger("dsage.test")
+        for _ in range(100):
+            log.warning("the same thing again")
+        log.info("something else")
+        for h in logging.getLogger().handlers:
+            h.flush()
+        lines = path.read_text().splitlines()
+        assert [ln.split(" ", 2)[-1] for ln in lines] == [
+            "dsage.test WARNING the same thing again",
+            "dsage.test WARNING (the last message repeated 99 more times)",
+            "dsage.test INFO something else"]
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert logs.tail(path, 2).splitlines()[-1].endswith("something else")
+    finally:
+        for h in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(h)
+            h.close()
+
+
+def test_launchers_log_to_the_home_and_logs_are_readable_from_python(
+        home: Path, port: int) -> None:
+    env = {**os.environ, "DSAGE_HOME": str(home)}
+    broker = subprocess.Popen([sys.executable, "-m", "dsage.cli", "broker", "--port", str(port),
+                               "--heartbeat", "0.2"], env=env, start_new_session=True,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "serving" in (home / "logs" / "broker.log").read_text()
+                 if (home / "logs" / "broker.log").exists() else False, 30, "the broker's log")
+        d = dsage.DSage("127.0.0.1", port, home=home, connect_timeout=30)
+        try:
+            assert "dsage-broker serving" in d.server_log(10)
+            with pytest.raises(dsage.DSageError, match="worker.log does not exist"):
+                d.worker_log(10)
+        finally:
+            d.close()
+    finally:
+        os.killpg(broker.pid, 9)
+        broker.wait()
+    s = dsage.start_all(workers=1, port=0, home=home, heartbeat=HEARTBEAT)
+    try:
+        wait_for(lambda: "registered" in s.server_log(20), 30, "the registration in the log")
+        assert "1 slot," in s.worker_log(20)  # plurals right: not "1 slots"
+    finally:
+        s.close()
