@@ -18,9 +18,11 @@ from .errors import (  # noqa: E402
 )
 from .job import JobWrapper, WorkerInfo  # noqa: E402
 from .keys import setup  # noqa: E402
+from .progress import JobProgress, progress  # noqa: E402
 
 __all__ = [
-    "BrokerUnreachable", "DSage", "DSageError", "JobError", "JobWrapper", "KeyRejected",
-    "ManagedProcess", "MonitorInfo", "StartError", "SubmitRejected", "UnknownJob",
-    "UntrustedResultError", "WorkerInfo", "server", "setup", "start_all", "worker",
+    "BrokerUnreachable", "DSage", "DSageError", "JobError", "JobProgress", "JobWrapper",
+    "KeyRejected", "ManagedProcess", "MonitorInfo", "StartError", "SubmitRejected",
+    "UnknownJob", "UntrustedResultError", "WorkerInfo", "progress", "server", "setup",
+    "start_all", "worker",
 ]

@@ -18,6 +18,7 @@ broker for the state of every unfinished job, so no result is ever missed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
@@ -75,6 +76,8 @@ _SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
 _ID_BYTES = 35
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
+
+log = logging.getLogger("dsage.client")
 
 #: how long connections may be refused before a client waiting to connect says so
 #: (a broker started just before its client may need a moment to listen)
@@ -330,6 +333,14 @@ class _Host:
     def query(self, job_id: str) -> None:
         self._client._io.command("query", [job_id])
 
+    def watch(self, watcher: Callable[[list[JobWrapper]], None]) -> None:
+        io = self._client._io
+        io.watchers = [*io.watchers, watcher]  # replaced, never changed: read unlocked
+
+    def unwatch(self, watcher: Callable[[list[JobWrapper]], None]) -> None:
+        io = self._client._io
+        io.watchers = [w for w in io.watchers if w is not watcher]
+
     def open_sealed(self, rec: dict[str, Any], result: bytes,
                     output: bytes) -> tuple[bytes, bytes]:
         opener = self._client._opener
@@ -398,6 +409,9 @@ class _IO(threading.Thread):
         self.expected_seq: int | None = None
         #: some wrapper became final since waiters were last notified
         self.to_notify = False
+        #: called (by this thread) with the wrappers that changed, after each batch
+        self.watchers: list[Callable[[list[JobWrapper]], None]] = []
+        self.touched: list[JobWrapper] = []
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ready = threading.Event()
@@ -503,8 +517,20 @@ class _IO(threading.Thread):
                 return
             handle(frames)
 
+    def _touch(self, w: JobWrapper) -> None:
+        if self.watchers:
+            self.touched.append(w)
+
     def _notify(self) -> None:
-        """Wake the threads waiting on wrappers, once for all jobs that became final."""
+        """Tell the watchers which wrappers changed, and wake the threads waiting on
+        wrappers, once for all jobs that became final."""
+        if self.touched:
+            touched, self.touched = self.touched, []
+            for watcher in self.watchers:
+                try:
+                    watcher(touched)
+                except Exception:  # noqa: BLE001 - a watcher must not stop the I/O thread
+                    log.exception("a job watcher failed")
         if self.to_notify:
             self.to_notify = False
             with self.changed:
@@ -815,6 +841,7 @@ class _IO(threading.Thread):
         w = self.jobs.get(jid)
         if w is not None and w._end(error, refused, unknown):
             self.to_notify = True
+            self._touch(w)
 
     def _fetch(self, rec: dict[str, Any]) -> None:
         """Start fetching a final job's large result and output (one chunk in flight
@@ -840,6 +867,7 @@ class _IO(threading.Thread):
             if w is not None and w._update({**f.record, "by_ref": False},
                                            [bytes(f.parts["result"]), bytes(f.parts["output"])]):
                 self.to_notify = True
+                self._touch(w)
             self.open.discard(h["id"])
 
     def _refetch(self) -> None:
@@ -887,6 +915,8 @@ class _IO(threading.Thread):
                 self._fetch(rec)  # the wrapper is final once its result is here
             elif w._update(rec, blobs[2 * i:2 * i + 2]):
                 self.to_notify = True
+            if self.watchers:
+                self.touched.append(w)
             if w.done():
                 self.open.discard(jid)
             elif adopt:
@@ -1245,6 +1275,11 @@ class DSage:
         why = "the DSage connection was closed before the job ended"
         for w in unfinished:
             w._abandon(why)
+        for watcher in self._io.watchers:
+            try:
+                watcher(unfinished)
+            except Exception:  # noqa: BLE001 - closing goes on
+                log.exception("a job watcher failed")
         with self._io.changed:
             self._io.changed.notify_all()
 

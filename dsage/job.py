@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import codec
@@ -49,6 +50,13 @@ class JobHost(Protocol):
 
     def query(self, job_id: str) -> None:
         """Ask the broker for the job's state, in the background."""
+
+    def watch(self, watcher: Callable[[list[JobWrapper]], None]) -> None:
+        """Call ``watcher`` (on the I/O thread; it must be quick) with the wrappers that
+        changed, after each batch of updates."""
+
+    def unwatch(self, watcher: Callable[[list[JobWrapper]], None]) -> None:
+        """Stop calling ``watcher``."""
 
     def open_sealed(self, rec: dict[str, Any], result: bytes,
                     output: bytes) -> tuple[bytes, bytes]:

@@ -332,3 +332,105 @@ def test_launchers_log_to_the_home_and_logs_are_readable_from_python(
         assert "1 slot," in s.worker_log(20)  # plurals right: not "1 slots"
     finally:
         s.close()
+
+
+# --- the progress view
+
+
+class _RecordingHost:
+    """A JobHost that only records its watchers (the I/O thread's part, by hand)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.watchers: list[Any] = []
+
+    def watch(self, watcher: Any) -> None:
+        self.watchers.append(watcher)
+
+    def unwatch(self, watcher: Any) -> None:
+        self.watchers.remove(watcher)
+
+
+def _rec(job_id: str, status: str) -> dict[str, Any]:
+    final = status in ("completed", "failed", "killed")
+    return {"id": job_id, "name": None, "kind": "python", "status": status, "priority": 5,
+            "created": 1.0, "started": 1.0, "finished": 2.0 if final else None,
+            "failures": 0, "error": "boom" if status == "failed" else None, "worker": None,
+            "encoding": "none", "result_from": "none", "sealed": False, "reason": None}
+
+
+def test_progress_counts_follow_recorded_events() -> None:
+    import io
+
+    from rich.console import Console
+
+    from dsage.job import JobWrapper
+
+    host = _RecordingHost()
+    jobs = [JobWrapper(host, f"{i:032x}", None, "python") for i in range(4)]  # type: ignore[arg-type]
+    out = io.StringIO()
+    p = dsage.progress(jobs, console=Console(file=out, width=200), interval=3600)
+    assert len(host.watchers) == 1
+    assert (p.counts.total, p.counts.queued) == (4, 4)
+
+    def event(w: JobWrapper, status: str) -> None:
+        w._update(_rec(w.job_id, status), [b"", b""])
+        for watcher in list(host.watchers):
+            watcher([w])
+
+    event(jobs[0], "processing")
+    event(jobs[1], "processing")
+    assert (p.counts.running, p.counts.queued) == (2, 2)
+    event(jobs[0], "completed")
+    event(jobs[1], "failed")
+    event(jobs[2], "completed")
+    assert "3/4 done, 1 failed, 0 running, 1 queued" in p.line()
+    assert not p.wait(0)
+    event(jobs[3], "completed")
+    assert p.wait(10)
+    wait_for(lambda: not host.watchers, 10, "the view to end and stop watching")
+    assert "4/4 done, 1 failed, 0 running, 0 queued" in out.getvalue()
+    assert out.getvalue().count("\n") == 1  # not a terminal: one final line here
+
+
+def test_progress_on_a_live_cluster_and_in_a_pty(home: Path, tmp_path: Path) -> None:
+    import pty
+
+    (tmp_path / "scripts").mkdir()  # not beside the home folder 'dsage', which would shadow
+    script = tmp_path / "scripts" / "watch.py"  # the package on the script's sys.path
+    script.write_text(
+        "import dsage\n"
+        f"D = dsage.start_all(workers=2, port=0, home={str(home)!r}, heartbeat=0.2)\n"
+        "jobs = [D(f'{i} * 2') for i in range(40)] + [D('1/0')]\n"
+        "with dsage.progress(jobs, title='doubling') as p:\n"
+        "    p.wait(120)\n"
+        "D.close()\n")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a script on a terminal
+        os.environ["DSAGE_HOME"] = str(home)
+        os.environ["COLUMNS"] = "160"
+        os.execv(sys.executable, [sys.executable, str(script)])
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                break  # the child closed the terminal
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        _, status = os.waitpid(pid, 0)
+    from dsage.job import strip_control
+
+    raw = b"".join(chunks).decode("utf-8", "replace")
+    text = strip_control(raw)
+    assert "doubling" in text and "41/41 done, 1 failed" in text, text[-2000:]
+    assert "\x1b[" in raw  # drawn as a live terminal view, not plain lines

@@ -1,0 +1,218 @@
+"""A live view of many jobs: done/total, failed, running, queued, rate, elapsed, ETA.
+
+``dsage.progress(jobs)`` shows it in the background until every job is done
+(``with dsage.progress(jobs) as p:`` also ends it with the block; ``p.wait()``
+blocks until the jobs are done). It is driven by the client's job events: the
+I/O thread hands over the wrappers that changed, so nothing polls the broker
+or walks all the jobs. On a terminal (or in Jupyter) it is a rich progress
+bar; otherwise a plain line every ``interval`` seconds and one at the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from .job import JobHost, JobWrapper
+from .protocol import Status
+
+__all__ = ["JobProgress", "Counts", "progress"]
+
+
+@dataclass
+class Counts:
+    """How many of the watched jobs are in each state."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0  # failed or killed, or abandoned by a closed client
+    running: int = 0
+    queued: int = 0
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
+
+
+def _state(w: JobWrapper) -> str:
+    if w.done():
+        return "completed" if w.status == Status.COMPLETED else "failed"
+    return "running" if w.status == Status.PROCESSING else "queued"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class JobProgress:
+    """The live view of a set of jobs (see the module's docs)."""
+
+    def __init__(self, jobs: Iterable[JobWrapper] = (), title: str = "dsage",
+                 console: Console | None = None, enabled: bool = True,
+                 interval: float = 10.0) -> None:
+        self.title = title
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.interval = interval
+        self.started = time.monotonic()
+        self.counts = Counts()
+        self._lock = threading.Lock()
+        self._all_done = threading.Event()
+        self._state: dict[str, str] = {}
+        self._hosts: list[JobHost] = []
+        self._closed = False
+        self._live: Live | None = None
+        self._ticker: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.add(jobs)
+        if enabled:
+            self._start_display()
+        self._check_done()
+
+    # --- jobs and their changes
+
+    def add(self, jobs: Iterable[JobWrapper]) -> None:
+        """Watch more jobs (a computation that submits as it goes)."""
+        for w in jobs:
+            host = w._host
+            if host is not None and not any(h is host for h in self._hosts):
+                host.watch(self._changed)
+                self._hosts.append(host)
+            with self._lock:
+                if w.job_id in self._state:
+                    continue
+                state = _state(w)
+                self._state[w.job_id] = state
+                self.counts.total += 1
+                self._count(state, 1)
+                self._all_done.clear()
+        self._check_done()
+
+    def _count(self, state: str, delta: int) -> None:
+        setattr(self.counts, state, getattr(self.counts, state) + delta)
+
+    def _changed(self, wrappers: list[JobWrapper]) -> None:
+        """From a client's I/O thread: these wrappers changed."""
+        with self._lock:
+            for w in wrappers:
+                old = self._state.get(w.job_id)
+                if old is None:
+                    continue
+                new = _state(w)
+                if new != old:
+                    self._state[w.job_id] = new
+                    self._count(old, -1)
+                    self._count(new, 1)
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self.counts.done == self.counts.total:
+            self._all_done.set()
+            self._wake.set()
+
+    def snapshot(self) -> Counts:
+        with self._lock:
+            c = self.counts
+            return Counts(c.total, c.completed, c.failed, c.running, c.queued)
+
+    # --- showing it
+
+    def line(self) -> str:
+        """The state in one line of text."""
+        c = self.snapshot()
+        elapsed = time.monotonic() - self.started
+        rate = c.done / elapsed if elapsed > 0 else 0.0
+        left = c.total - c.done
+        eta = _clock(left / rate) if rate > 0 and left else ("0:00" if not left else "?")
+        return (f"{c.done}/{c.total} done, {c.failed} failed, {c.running} running, "
+                f"{c.queued} queued, {rate:.1f} jobs/s, {_clock(elapsed)} elapsed, ETA {eta}")
+
+    def __rich__(self) -> RenderableType:
+        c = self.snapshot()
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        text = Text(self.line())
+        if c.failed:
+            start = len(f"{c.done}/{c.total} done, ")
+            text.stylize("bold red", start, start + len(f"{c.failed} failed"))
+        grid.add_row(Text(self.title, style="bold"),
+                     ProgressBar(total=max(c.total, 1), completed=c.done, width=30), text)
+        return grid
+
+    def _start_display(self) -> None:
+        if self.console.is_terminal or self.console.is_jupyter:
+            self._live = Live(self, console=self.console, refresh_per_second=4, transient=False)
+            self._live.start()
+        self._ticker = threading.Thread(target=self._tick, name="dsage-progress", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        """Stop the display once all jobs are done; without a terminal, print a line
+        every ``interval`` seconds."""
+        while not self._closed:
+            self._wake.wait(None if self._live is not None else self.interval)
+            self._wake.clear()
+            if self._closed:
+                return
+            if self._all_done.is_set():
+                self._stop_display()
+                return
+            if self._live is None:
+                self.console.print(f"{self.title}: {self.line()}", markup=False,
+                                   highlight=False)
+
+    def _stop_display(self) -> None:
+        with self._lock:
+            live, self._live = self._live, None
+            printed_final = self._closed
+            self._closed = True
+        if live is not None:
+            live.update(self, refresh=True)
+            live.stop()
+        elif self.enabled and not printed_final:
+            self.console.print(f"{self.title}: {self.line()}", markup=False, highlight=False)
+        for host in self._hosts:
+            host.unwatch(self._changed)
+
+    # --- the user's handle
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every watched job is done (at most ``timeout`` s); whether they are."""
+        return self._all_done.wait(timeout)
+
+    def close(self) -> None:
+        """End the view now (a last line shows where the jobs stand)."""
+        if not self._closed:
+            self._stop_display()
+        self._wake.set()
+
+    def __enter__(self) -> JobProgress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def progress(jobs: Iterable[JobWrapper] = (), title: str = "dsage", **options: Any) -> JobProgress:
+    """Show the live view of ``jobs`` in the background until they are all done; use it
+    as a context (``with dsage.progress(jobs):``) to end it with the block, and
+    ``.wait()`` to block until the jobs are done. Options: ``console`` (a rich
+    Console; stderr by default), ``enabled=False`` (show nothing), ``interval``
+    (seconds between lines when not on a terminal)."""
+    return JobProgress(jobs, title, **options)
