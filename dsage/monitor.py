@@ -43,6 +43,9 @@ log = logging.getLogger("dsage.monitor")
 
 #: why the monitor killed a slot that broke its pipe (closed it, or sent a malformed frame)
 PIPE_BROKEN = "its pipe to the monitor broke"
+#: why a job failed whose slot an OOM killer killed that was not its cap's
+OOM_KILLED = ("the job's process was killed by the OOM killer (SIGKILL): memory ran out on "
+              "the machine, or in a cgroup the monitor runs in, not at a cap of the slot's")
 #: how long a slot whose pipe ended may take to exit before it is killed
 REAP_WAIT = 1.0
 #: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
@@ -77,10 +80,11 @@ class Slot:
     proc: subprocess.Popen[bytes]
     sock: socket.socket
     capture: Path
-    #: the slot's cgroup ('' without cgroups) and a pidfd that is readable once it exits
-    group: str = ""
+    #: the slot's cgroups, one per hierarchy, the one to kill first (none without
+    #: cgroups), and a pidfd that is readable once it exits
+    groups: tuple[str, ...] = ()
     pidfd: int = -1
-    #: its v1 memory cgroup ('' without --slot-memory)
+    #: its v1 memory cgroup, one of ``groups`` ('' without one)
     memory_group: str = ""
     ready: bool = False
     job: dict[str, Any] | None = None
@@ -100,8 +104,8 @@ class Slot:
     def kill(self) -> None:
         """Kill the slot process and every descendant of it: its cgroup at once, and
         (with or without one) its process tree, which holds the job's orphans too."""
-        if self.group:
-            contain.kill_cgroup(self.group)
+        if self.groups:
+            contain.kill_cgroup(self.groups[0])
         if self.proc.poll() is None:
             contain.kill_tree(self.proc.pid)
         try:
@@ -176,32 +180,35 @@ class Monitor:
                  " (anonymous)" if options.anonymous else "")
 
     def _contain(self) -> None:
-        """Make this monitor's cgroup (where cgroups v2 can be written), after killing
-        what is left in those of monitors that are gone, and start its watchdog."""
-        self.group = ""
+        """Make this monitor's cgroups (as :func:`contain.choose` finds, or
+        ``DSAGE_CGROUP`` asks), after killing what is left in those of monitors that
+        are gone, and start its watchdog."""
+        self.groups: list[str] = []
         self.memory_group = ""
         self.watchdog: subprocess.Popen[bytes] | None = None
         self._watchdog_pipe = -1
         self._oom_seen = contain.kernel_oom_kills()
-        if self.options.slot_memory:
-            mbase = contain.memory_cgroup_base()
-            if mbase is None:
-                log.warning("--slot-memory is ignored: no writable cgroup v1 memory hierarchy")
-            else:
-                contain.sweep_stale(mbase)
-                self.memory_group = os.path.join(mbase, contain.monitor_group_name())
-        base = contain.cgroup_base()
-        if base is None:
-            log.info("no writable cgroup v2 hierarchy: a job's descendants are tracked as "
-                     "its slot's process tree")
+        backend = contain.choose()
+        if backend is None:
+            log.warning("DSAGE_CGROUP=%s is not possible here; choosing another way",
+                        os.environ.get("DSAGE_CGROUP"))
+            backend = contain.choose("auto")
+            assert backend is not None  # 'none' always is
+        self.backend = backend
+        if self.options.slot_memory and backend.memory is None:
+            log.warning("--slot-memory is ignored: no writable cgroup v1 memory hierarchy")
+        if backend.kind == "none":
+            log.info("no cgroups: a job's descendants are tracked as its slot's process tree")
             return
-        stale = contain.sweep_stale(base)
+        stale = sum(contain.sweep_stale(base) for base in backend.bases)
         if stale:
-            log.warning("killed what was left in the cgroups of %d monitors that are gone",
-                        stale)
-        self.group = os.path.join(base, contain.monitor_group_name())
-        os.makedirs(self.group, exist_ok=True)
-        self.watchdog, self._watchdog_pipe = contain.start_watchdog(self.group)
+            log.warning("killed what was left in %d cgroups of monitors that are gone", stale)
+        name = contain.monitor_group_name()
+        self.groups = [g for g in backend.groups(name) if contain.make_cgroup(g)]
+        if backend.memory and os.path.join(backend.memory, name) in self.groups:
+            self.memory_group = os.path.join(backend.memory, name)
+        self.watchdog, self._watchdog_pipe = contain.start_watchdog(self.groups)
+        log.info("slots are contained by cgroups %s: %s", backend.kind, ", ".join(self.groups))
 
     # --- broker connection
 
@@ -423,19 +430,17 @@ class Monitor:
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
         self._generation += 1
         name = f"s{index}-{self._generation}"
-        group = os.path.join(self.group, name) if self.group else ""
-        memory_group = ""
-        if self.memory_group and self.options.slot_memory:
-            memory_group = os.path.join(self.memory_group, name)
-            if not contain.make_memory_cgroup(memory_group, self.options.slot_memory):
-                memory_group = ""
+        groups = tuple(os.path.join(g, name) for g in self.groups if contain.make_cgroup(
+            os.path.join(g, name), self.options.slot_memory if g == self.memory_group else None))
+        memory_group = next((g for g in groups if g.startswith(self.memory_group + "/")), "") \
+            if self.memory_group else ""
         proc = subprocess.Popen(
             [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
              str(self.tmpdir), str(self.options.priority),
-             ",".join(g for g in (group, memory_group) if g), _PACKAGE_DIR],
+             ",".join(groups), _PACKAGE_DIR],
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
-        slot = Slot(index, proc, parent, capture, group, memory_group=memory_group)
+        slot = Slot(index, proc, parent, capture, groups, memory_group=memory_group)
         self.poller.register(parent.fileno(), zmq.POLLIN)
         try:
             slot.pidfd = os.pidfd_open(proc.pid)
@@ -462,9 +467,8 @@ class Monitor:
             slot.capture.unlink(missing_ok=True)
         except OSError:
             pass  # its folder is gone, or is not a folder any more
-        for group in (slot.group, slot.memory_group):
-            if group:
-                contain.remove_cgroup(group, wait=0.5)
+        for group in slot.groups:
+            contain.remove_cgroup(group, wait=0.5)
 
     def _spawn_due(self, now: float) -> None:
         for index, when in list(self.respawn_at.items()):
@@ -604,24 +608,20 @@ class Monitor:
             slot.proc.pid, ("Max address space",) if job and job.get("memory") else ())
         self._close_pipe(slot)
         rc = self._reap(slot)
-        if slot.group:
-            contain.kill_cgroup(slot.group)  # its descendants die with it
+        if slot.groups:
+            contain.kill_cgroup(slot.groups[0])  # its descendants die with it
         if not slot.ready and not self.stopping:
             self._spawn_failed(slot, rc)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
             slot.cause = self._why_killed(slot, lowered)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL \
                 and not slot.cause:
-            # Killed from outside (the OOM killer, an admin): the worker was lost,
-            # not the job's fault. It goes back to the queue; the failure limit
-            # stops a job that keeps doing this.
-            oom = contain.kernel_oom_kills()
-            by = " by the kernel's out-of-memory killer" if oom > self._oom_seen else ""
-            self._oom_seen = oom
-            log.warning("slot %d was killed%s while running job %s; giving it back",
-                        slot.index, by or " from outside", job["id"])
-            self._release([job["id"]],
-                          f"its slot process on {self.host} was killed (SIGKILL){by}",
+            # Killed from outside (an admin): the worker was lost, not the job's
+            # fault. It goes back to the queue; the failure limit stops a job that
+            # keeps doing this.
+            log.warning("slot %d was killed from outside while running job %s; giving it "
+                        "back", slot.index, job["id"])
+            self._release([job["id"]], f"its slot process on {self.host} was killed (SIGKILL)",
                           count_failure=True)
             remove_folder(str(self.tmpdir / job["id"]))
         elif job is not None:
@@ -645,11 +645,20 @@ class Monitor:
 
     def _why_killed(self, slot: Slot, lowered: list[str]) -> str:
         """Why a slot died of a SIGKILL the monitor did not send, when the job caused it
-        (its cgroup's OOM killer, limits it lowered); '' when something outside did."""
+        (an OOM killer: its own cap's, or the kernel's or a parent cgroup's; limits it
+        lowered); '' when something outside did. The slot's memory cgroup counts the
+        OOM kills of its members whoever ordered them, and its ``failcnt`` whether its
+        own cap was reached; without one, the kernel's count rising says an OOM kill."""
+        oom = contain.kernel_oom_kills()
+        kernel_oom, self._oom_seen = oom > self._oom_seen, oom
         if slot.memory_group and contain.oom_kills(slot.memory_group) > 0:
-            return (f"the job's slot went past its memory cap of "
-                    f"{_size(self.options.slot_memory or 0)} (--slot-memory) and the "
-                    f"out-of-memory killer of its cgroup killed it (SIGKILL)")
+            if self.options.slot_memory and contain.cap_reached(slot.memory_group):
+                return (f"the job's slot went past its memory cap of "
+                        f"{_size(self.options.slot_memory)} (--slot-memory) and the "
+                        f"out-of-memory killer of its cgroup killed it (SIGKILL)")
+            return OOM_KILLED
+        if kernel_oom and not slot.memory_group:
+            return OOM_KILLED
         if lowered:
             return (f"the job's process died of SIGKILL after the job lowered its own "
                     f"limits: {', '.join(lowered)}")
@@ -860,9 +869,8 @@ class Monitor:
         for slot in self.slots:
             slot.proc.wait()
             self._bury(slot)
-        for group in (self.group, self.memory_group):
-            if group:
-                contain.remove_cgroup(group, wait=2.0)
+        for group in self.groups:
+            contain.remove_cgroup(group, wait=2.0)
         if self._watchdog_pipe >= 0:
             os.close(self._watchdog_pipe)  # its sweep finds nothing left
             self._watchdog_pipe = -1

@@ -77,15 +77,32 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
-@pytest.fixture(params=["cgroup", "tree"])
+def use_backend(kind: str, monkeypatch: pytest.MonkeyPatch) -> contain.Backend:
+    """Have the monitors this test starts contain their slots the way ``kind`` says
+    ('v2', 'v1' or 'none'); skip (fail in CI) where this machine does not allow it."""
+    backend = contain.choose(kind)
+    if backend is None:
+        skip_or_fail(f"no writable cgroup {kind} hierarchy (needs root and cgroup {kind})")
+    assert backend is not None
+    monkeypatch.setenv("DSAGE_CGROUP", kind)
+    return backend
+
+
+@pytest.fixture(params=["v2", "v1", "none"])
 def contained(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways of finding a job's descendants: its slot's cgroup, and (as on a
-    machine without cgroups) its slot's process tree."""
-    if request.param == "tree":
-        monkeypatch.setenv("DSAGE_CGROUPS", "0")
-    elif contain.cgroup_base() is None:
-        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+    """Every way of finding a job's descendants: its slot's cgroup v2, its slot's v1
+    freezer, pids and memory groups, and (as on a machine without cgroups) its slot's
+    process tree."""
+    use_backend(request.param, monkeypatch)
     return str(request.param)
+
+
+@pytest.fixture(params=["v2", "v1"])
+def cgroups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+            ) -> contain.Backend:
+    """Each cgroup backend in turn (what needs a cgroup: the slot outlived by its
+    descendants, a monitor killed -9)."""
+    return use_backend(request.param, monkeypatch)
 
 
 @pytest.fixture
@@ -144,10 +161,8 @@ def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, one_slot: 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_descendants_die_with_their_monitor(procs: Procs, tmp_path: Path,
-                                            sig: signal.Signals) -> None:
-    if contain.cgroup_base() is None:
-        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+def test_descendants_die_with_their_monitor(cgroups: contain.Backend, procs: Procs,
+                                            tmp_path: Path, sig: signal.Signals) -> None:
     procs.broker()
     worker = procs.worker(1, grace=0.5)
     d = procs.client()
@@ -166,27 +181,32 @@ def test_descendants_die_with_their_monitor(procs: Procs, tmp_path: Path,
         kill_all(pids)
 
 
-def test_a_monitor_kills_what_is_left_in_the_cgroups_of_a_dead_one(tmp_path: Path) -> None:
-    base = contain.cgroup_base()
-    if base is None:
-        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
-        return
-    # a "monitor" that is gone: a pid that does not exist, with a process in its group
-    import subprocess
-
-    group = os.path.join(base, "m-999999999-1", "s0-1")
-    os.makedirs(group)
-    p = subprocess.Popen(["sleep", "41"])
+def test_a_monitor_kills_what_is_left_in_the_cgroups_of_a_dead_one(
+        cgroups: contain.Backend) -> None:
+    # a "monitor" that is gone: a pid that does not exist, with a process in its
+    # groups, and a process that forks all the time (each child forks again) in the
+    # group that is killed first
+    groups = cgroups.groups("m-999999999-1/s0-1")
+    procs = [subprocess.Popen(["sleep", "41"]),
+             subprocess.Popen(["sh", "-c", "while :; do sh -c 'sleep 0.01' & wait; done"])]
     try:
-        with open(os.path.join(group, "cgroup.procs"), "w") as f:
-            f.write(str(p.pid))
-        assert contain.sweep_stale(base) >= 1
-        assert p.wait(10) == -signal.SIGKILL
-        assert not os.path.exists(os.path.dirname(group))
+        for group in groups:
+            os.makedirs(group)
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(procs[0].pid))
+        with open(os.path.join(groups[0], "cgroup.procs"), "w") as f:
+            f.write(str(procs[1].pid))
+        assert sum(contain.sweep_stale(base) for base in cgroups.bases) >= len(groups)
+        for p in procs:
+            assert p.wait(10) == -signal.SIGKILL
+        for group in groups:
+            assert not os.path.exists(os.path.dirname(group))
     finally:
-        p.kill()
-        p.wait()
-        contain.remove_cgroup(os.path.dirname(group), wait=2)
+        for p in procs:
+            p.kill()
+            p.wait()
+        for group in groups:
+            contain.remove_cgroup(os.path.dirname(group), wait=2)
 
 
 def test_a_forked_child_does_not_hold_the_slot_pipe(one_slot: dsage.DSage) -> None:
@@ -380,8 +400,9 @@ def test_a_job_that_lowers_its_limits_says_so(one_slot: dsage.DSage) -> None:
     assert j.result() is True, (j.status, j.error)
 
 
-def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
-    if contain.memory_cgroup_base() is None:
+def test_a_job_killed_by_its_slot_memory_cgroup_says_so(cgroups: contain.Backend,
+                                                      procs: Procs) -> None:
+    if cgroups.memory is None:
         skip_or_fail("no writable cgroup v1 memory hierarchy (needs root)")
     procs.broker()
     procs.worker(1, slot_memory=100 * 2**20)
@@ -392,6 +413,38 @@ def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
     assert "memory cap of 100 MiB" in (j.error or "") and "out-of-memory killer" in j.error, \
         j.error
     assert d("2+2").wait(30).result() == 4
+
+
+def test_a_job_killed_by_an_oom_killer_not_its_caps_says_so(contained: str, procs: Procs
+                                                         ) -> None:
+    """The monitor runs in a memory cgroup of the test's, capped at 200 MiB: a job that
+    goes past it is killed by that cgroup's OOM killer, not by a cap of dsage's, and
+    says so (the slot's own memory group counts the kill; without one, the kernel)."""
+    memory = next((b.memory for b in map(contain.choose, ("v1", "v2")) if b and b.memory),
+                  None)
+    if memory is None:
+        skip_or_fail("no writable cgroup v1 memory hierarchy (needs root)")
+        return
+    own, outer = os.path.dirname(memory), f"{memory}-oom-test-{os.getpid()}"
+    assert contain.make_cgroup(outer, 200 * 2**20)
+    try:
+        assert contain.join_cgroup(outer)  # the monitor starts in it, then the test leaves
+        try:
+            worker = procs.worker(1)
+        finally:
+            assert contain.join_cgroup(own)
+        procs.broker()
+        d = procs.client()
+        procs.wait_workers(d, 1)
+        j = d("b = bytearray(400 * 2**20); len(b)").wait(60)
+        assert j.status == "failed", (j.status, j.error)
+        assert "killed by the OOM killer" in (j.error or ""), j.error
+        assert "memory cap" not in (j.error or ""), j.error
+        assert d("2+2").wait(30).result() == 4
+    finally:
+        if "worker" in locals():
+            worker.stop(timeout=5)
+        contain.remove_cgroup(outer, wait=5)
 
 
 def test_a_signal_is_named(one_slot: dsage.DSage) -> None:
