@@ -266,6 +266,13 @@ def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
 LEAKS = {
     "builtins": ("import builtins; builtins.sum = lambda *a: 42", "sum([1, 2])", 3),
     "module": ("import math; math.pi = 3", "import math; math.pi", 3.141592653589793),
+    # modules the slot had not loaded: the job imports one, then changes it
+    "new_module": ("import colorsys; colorsys.rgb_to_hsv = lambda *a: 'x'",
+                   "import colorsys; colorsys.rgb_to_hsv(1, 0, 0)", (0.0, 1.0, 1.0)),
+    "new_module_class": ("import fractions; fractions.Fraction.__add__ = lambda a, b: 42",
+                         "from fractions import Fraction as F; str(F(1, 2) + F(1, 2))", "1"),
+    "class": ("import json; json.JSONEncoder.encode = lambda self, o: 'x'",
+              "import json; json.dumps([1])", "[1]"),
     "environ": ("import os; os.environ['DSAGE_LEAK'] = '1'; os.environ.pop('PATH', None)",
                 "import os; ('DSAGE_LEAK' in os.environ, 'PATH' in os.environ)",
                 (False, True)),
@@ -331,6 +338,8 @@ def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
             one_slot.eval_function(sorted, [[3, 1, 2]]),
             one_slot("raise ValueError('no')"),
             one_slot("import subprocess; subprocess.run(['true']).returncode"),
+            # modules that set their own names on first use
+            one_slot("import tempfile, platform; tempfile.gettempdir(); platform.system()"),
             one_slot("import os; os.getpid()")]
     for j in jobs:
         j.wait(30)
