@@ -110,6 +110,51 @@ def reap_children() -> int:
         n += 1
 
 
+class Adopted:
+    """A child this process adopted as a subreaper (a slot forked off the template):
+    the part of ``subprocess.Popen`` the monitor uses of its slots."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -signal.SIGKILL  # reaped elsewhere: its status is lost
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            time.sleep(0.001)
+        assert self.returncode is not None
+        return self.returncode
+
+
+def reap_strays(known: set[int]) -> int:
+    """Kill and reap this process's children that are not ``known`` (the orphans a
+    subreaper adopts: what a job left behind a slot that died). Returns how many."""
+    n = 0
+    for pid in children(os.getpid()):
+        if pid in known:
+            continue
+        kill_tree(pid)
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                n += 1
+        except ChildProcessError:
+            pass
+    return n
+
+
 # --- cgroups: one interface, three backends
 
 #: the ways of containing slots, best first: ``DSAGE_CGROUP`` picks one (default: the

@@ -10,6 +10,7 @@ the broker never runs one of them a second time.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
 from .seal import Sealer, binding
-from .slot import FrameError, recv_frame, remove_folder, send_frame
+from .slot import TEMPLATE, FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
     CHUNK_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, UPLOAD_BYTES,
@@ -61,6 +62,9 @@ _SLOT_MAIN = ("import os, sys, types; sys.path[0] = sys.path[0] or os.getcwd(); 
               "sys.modules['dsage'] = p; from dsage.slot import main; "
               "del sys.modules['dsage']; sys.exit(main(sys.argv[1:]))")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: how long the monitor waits for the template to fork a slot (the first time, for
+#: the template to start)
+FORK_WAIT = 5.0
 #: spawn failures in a row after which a monitor stops taking jobs for a while
 SPAWN_FAILURES = 3
 #: the longest pause between tries to start slots that keep failing
@@ -77,7 +81,8 @@ class Slot:
     """A worker slot: its process, pipe and current job."""
 
     index: int
-    proc: subprocess.Popen[bytes]
+    #: a process the monitor started, or one forked off the template that it adopted
+    proc: subprocess.Popen[bytes] | contain.Adopted
     sock: socket.socket
     capture: Path
     #: the slot's cgroups, one per hierarchy, the one to kill first (none without
@@ -167,12 +172,16 @@ class Monitor:
         #: the monitor stepped back from taking jobs (its slots cannot start)
         self.paused = False
         self._generation = 0
+        #: the never-used slot process that slots are forked from (see :meth:`_template`)
+        self.template: Slot | None = None
         self._contain()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._connect()
+        if options.isolate:
+            self._start_template()
         for i in range(options.workers):
             self.slots.append(self._spawn(i))
         log.info("dsage-worker %s: %d slots, broker %s:%d%s", self.monitor_id[:8],
@@ -421,26 +430,34 @@ class Monitor:
 
     # --- slots
 
-    def _spawn(self, index: int) -> Slot:
+    def _spawn(self, index: int, template: bool = False) -> Slot:
+        """Start slot ``index``: forked off the template when there is one (its imports
+        are paid once), else a process of its own; with ``template``, start the template
+        itself (never polled: it only answers :meth:`_fork`)."""
         try:
             self.tmpdir.mkdir(parents=True, exist_ok=True)  # again, if a job removed it
         except OSError:
             pass  # the slot says why it cannot start
-        parent, child = socket.socketpair()
+        parent, child = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET if template else socket.SOCK_STREAM)
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
         self._generation += 1
-        name = f"s{index}-{self._generation}"
+        name = f"t{self._generation}" if template else f"s{index}-{self._generation}"
         groups = tuple(os.path.join(g, name) for g in self.groups if contain.make_cgroup(
             os.path.join(g, name), self.options.slot_memory if g == self.memory_group else None))
         memory_group = next((g for g in groups if g.startswith(self.memory_group + "/")), "") \
             if self.memory_group else ""
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
-             str(self.tmpdir), str(self.options.priority),
-             ",".join(groups), _PACKAGE_DIR],
-            pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
+        proc = None if template else self._fork(child, capture, groups)
+        if proc is None:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()),
+                 TEMPLATE if template else str(capture), str(self.tmpdir),
+                 str(self.options.priority), ",".join(groups), _PACKAGE_DIR],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
         slot = Slot(index, proc, parent, capture, groups, memory_group=memory_group)
+        if template:
+            return slot
         self.poller.register(parent.fileno(), zmq.POLLIN)
         try:
             slot.pidfd = os.pidfd_open(proc.pid)
@@ -448,6 +465,50 @@ class Monitor:
         except OSError:
             pass  # an old kernel: the slot's death shows as the end of its pipe only
         return slot
+
+    def _start_template(self) -> None:
+        """Start the template slots are forked from, and make this monitor the subreaper
+        that adopts them (the template's child that forks each exits at once)."""
+        if self.template is None and contain.set_subreaper():
+            self.template = self._spawn(-1, template=True)
+            log.info("slots are forked from a template process (pid %d)",
+                     self.template.proc.pid)
+
+    def _reap_strays(self) -> None:
+        """As the subreaper of the slots it forks, this monitor also adopts what a job
+        left behind a slot that died: kill and reap any child that is not its own."""
+        if self.template is not None:
+            known = {s.proc.pid for s in self.slots} | {self.template.proc.pid}
+            contain.reap_strays(known | ({self.watchdog.pid} if self.watchdog else set()))
+
+    def _stop_template(self) -> None:
+        if self.template is not None:
+            template, self.template = self.template, None
+            template.kill()
+            template.sock.close()
+            template.proc.wait()
+            self._bury(template)
+
+    def _fork(self, child: socket.socket, capture: Path, groups: tuple[str, ...]
+              ) -> contain.Adopted | None:
+        """A slot forked off the template, its end of the pipe ``child``; None without
+        a template, or when it fails (then it is stopped, and slots start afresh)."""
+        if self.template is None:
+            return None
+        sock = self.template.sock
+        sock.settimeout(FORK_WAIT)
+        try:
+            socket.send_fds(sock, [json.dumps({"capture": str(capture),
+                                               "groups": ",".join(groups)}).encode()],
+                            [child.fileno()])
+            pid = int(json.loads(sock.recv(4096) or b"{}").get("pid", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pid = 0
+        if pid > 0:
+            return contain.Adopted(pid)
+        log.warning("the template process could not fork a slot; starting slots afresh")
+        self._stop_template()
+        return None
 
     def _respawn(self, slot: Slot) -> None:
         self._close_pipe(slot)
@@ -501,6 +562,8 @@ class Monitor:
                                or slot.owner not in (None, nxt["owner"])):
             # the job gets a process no earlier job ran in; and a process that ran one
             # owner's jobs never runs another's (a job could leave code for the next)
+            if nxt.get("isolate"):
+                self._start_template()
             self._respawn(slot)
             return
         _, (spec, payload) = self.pending.popitem(last=False)
@@ -542,7 +605,7 @@ class Monitor:
         self._finish(job, reply, result, output)
         if recycle:
             if self.options.isolate or job.get("isolate"):
-                pass  # every isolated job leaves its slot
+                self._start_template()  # every isolated job leaves its slot
             elif reply["replace"]:
                 log.info("replacing slot %d: job %s %s", slot.index, job["id"],
                          reply["replace"])
@@ -610,6 +673,7 @@ class Monitor:
         rc = self._reap(slot)
         if slot.groups:
             contain.kill_cgroup(slot.groups[0])  # its descendants die with it
+        self._reap_strays()
         if not slot.ready and not self.stopping:
             self._spawn_failed(slot, rc)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
@@ -778,6 +842,7 @@ class Monitor:
         if now - self.last_sent >= self.options.heartbeat:
             self._send(make(M.HEARTBEAT))
             self.last_sent = now  # also when not connected, so this is not retried at once
+            self._reap_strays()
         if now - self.last_heard > window:
             log.warning("no word from the broker for %.1f s; reconnecting", now - self.last_heard)
             self._connect()
@@ -869,6 +934,7 @@ class Monitor:
         for slot in self.slots:
             slot.proc.wait()
             self._bury(slot)
+        self._stop_template()
         for group in self.groups:
             contain.remove_cgroup(group, wait=2.0)
         if self._watchdog_pipe >= 0:

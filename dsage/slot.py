@@ -586,19 +586,34 @@ def _detach_pipe(fd: int) -> None:
         pass
 
 
+#: the capture argument that makes a slot process a template (see :func:`template`)
+TEMPLATE = "--template"
+#: how long a forked slot waits to be adopted by its monitor
+ADOPT_WAIT = 5.0
+
+
 def main(argv: list[str]) -> int:
     fd, capture_path, tmpdir, nice = int(argv[0]), argv[1], argv[2], int(argv[3])
-    group = argv[4] if len(argv) > 4 else ""
+    groups = [p for p in (argv[4] if len(argv) > 4 else "").split(",") if p]
     _die_with_parent()
-    contain.set_subreaper()  # orphaned descendants of a job become this slot's children
-    for path in filter(None, group.split(",")):
-        contain.join_cgroup(path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the monitor decides when slots stop
     if nice:
         try:
             os.nice(nice)
         except OSError:
             pass
+    if capture_path == TEMPLATE:
+        for path in groups:
+            contain.join_cgroup(path)
+        return template(fd, tmpdir)
+    return serve(fd, capture_path, tmpdir, groups)
+
+
+def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str]) -> int:
+    """Be a slot: run the jobs that come on the pipe ``fd``, one at a time."""
+    contain.set_subreaper()  # orphaned descendants of a job become this slot's children
+    for path in groups:
+        contain.join_cgroup(path)
     os.set_inheritable(fd, False)  # the job's own child processes do not get the pipe
     os.register_at_fork(after_in_child=lambda: _detach_pipe(fd))  # nor its forks
     sock = socket.socket(fileno=fd)
@@ -620,6 +635,75 @@ def main(argv: list[str]) -> int:
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
+
+
+def template(fd: int, tmpdir: str) -> int:
+    """Be the template isolated slots are forked from: warm (its imports are done) and
+    never used (it runs no job, opens no capture, takes no snapshot). Each request on
+    the pipe ``fd`` (a SOCK_SEQPACKET pair) is a JSON header ``{"capture", "groups"}``
+    with the new slot's end of its pipe attached; the template forks, the child forks
+    the slot and exits, so that the slot is adopted by the monitor (a subreaper) as a
+    child of its own; the answer is ``{"pid": N}`` (0 when the fork failed)."""
+    monitor = os.getppid()
+    sock = socket.socket(fileno=fd)
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, MAX_HEADER, 1)
+        except OSError:
+            return 0
+        if not msg:
+            return 0  # the monitor is gone
+        pid = 0
+        try:
+            request = json.loads(msg)
+            if fds:
+                pid = _fork_slot(sock, fds[0], request["capture"], tmpdir,
+                                 [p for p in request["groups"].split(",") if p], monitor)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            pass
+        for f in fds:
+            os.close(f)
+        try:
+            sock.send(_to_json({"pid": pid}).encode())
+        except OSError:
+            return 0
+
+
+def _fork_slot(sock: socket.socket, fd: int, capture: str, tmpdir: str, groups: list[str],
+               monitor: int) -> int:
+    """Fork a slot off this template (see :func:`template`); its pid."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        code = 70
+        try:
+            os.close(r)
+            slot = os.fork()
+            if slot:
+                os.write(w, str(slot).encode())
+                code = 0
+            else:
+                os.close(w)
+                sock.close()
+                code = _adopted_slot(fd, capture, tmpdir, groups, monitor)
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.waitpid(middle, 0)  # once it is reaped, the slot is the monitor's child
+    with os.fdopen(r, "rb") as f:
+        return int(f.read() or 0)
+
+
+def _adopted_slot(fd: int, capture: str, tmpdir: str, groups: list[str], monitor: int) -> int:
+    """In a slot forked off the template: wait to be the monitor's child, then serve."""
+    os.setpgid(0, 0)  # a process group of its own, as a slot the monitor starts has
+    deadline = time.monotonic() + ADOPT_WAIT
+    while os.getppid() != monitor and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    _die_with_parent()
+    if os.getppid() != monitor:
+        return 1  # the monitor is gone (or did not adopt this slot)
+    return serve(fd, capture, tmpdir, groups)
 
 
 def remove_folder(path: str) -> None:

@@ -69,6 +69,13 @@ def daemon_job(tmp_path: Path, tail: str) -> tuple[str, Path]:
     return DAEMONS.format(path=str(path), tail=tail), path
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def kill_all(pids: list[int]) -> None:
     for p in pids:
         try:
@@ -114,57 +121,70 @@ def one_slot(procs: Procs) -> dsage.DSage:
     return d
 
 
+@pytest.fixture(params=["reused", "isolated"])
+def any_slot(request: pytest.FixtureRequest, procs: Procs) -> dsage.DSage:
+    """A one-slot monitor whose slot runs every job (started by the monitor), or
+    a fresh slot per job (``--isolate``: forked off the monitor's template)."""
+    procs.broker()
+    procs.worker(1, grace=0.5, isolate=request.param == "isolated")
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    return d
+
+
 # --- 1. every descendant of a job dies with it
 
 
-def test_descendants_die_when_the_job_returns(contained: str, one_slot: dsage.DSage,
+def test_descendants_die_when_the_job_returns(contained: str, any_slot: dsage.DSage,
                                               tmp_path: Path) -> None:
     code, path = daemon_job(tmp_path, "'done'")
-    j = one_slot(code).wait(60)
+    j = any_slot(code).wait(60)
     pids = started_pids(path)
     try:
         assert j.status == "completed", (j.status, j.error)
         all_gone(pids, 5)
-        assert one_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
 
-def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, any_slot: dsage.DSage,
                                                          tmp_path: Path) -> None:
     code, path = daemon_job(tmp_path, "time.sleep(300)")
     t0 = time.monotonic()
-    j = one_slot(code, timeout=2)
+    j = any_slot(code, timeout=2)
     pids = started_pids(path)
     try:
         j.wait(30)
         assert j.status == "failed" and "timed out" in (j.error or ""), (j.status, j.error)
         assert time.monotonic() - t0 < 20
         all_gone(pids)
-        assert one_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
 
-def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, any_slot: dsage.DSage,
                                                       tmp_path: Path) -> None:
     code, path = daemon_job(tmp_path, "time.sleep(300)")
-    j = one_slot(code, timeout=None)
+    j = any_slot(code, timeout=None)
     pids = started_pids(path)
     try:
         j.kill()
         wait_for(lambda: j.status == "killed", 20, "the kill")
         all_gone(pids)
-        assert one_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
 
+@pytest.mark.parametrize("isolate", [False, True])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_descendants_die_with_their_monitor(cgroups: contain.Backend, procs: Procs,
-                                            tmp_path: Path, sig: signal.Signals) -> None:
+                                            tmp_path: Path, sig: signal.Signals,
+                                            isolate: bool) -> None:
     procs.broker()
-    worker = procs.worker(1, grace=0.5)
+    worker = procs.worker(1, grace=0.5, isolate=isolate)
     d = procs.client()
     procs.wait_workers(d, 1)
     code, path = daemon_job(tmp_path, "time.sleep(300)")
@@ -356,6 +376,32 @@ def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) 
     results = [d(code).wait(30).result() for _ in range(3)]
     assert len({pid for pid, _ in results}) == 3, results
     assert not any(seen for _, seen in results), results
+
+
+def test_isolated_slots_are_forked_off_a_template_that_runs_no_job(contained: str,
+                                                                   procs: Procs) -> None:
+    """Each isolated job's slot is a fork (no exec) of the monitor's template, adopted
+    by the monitor, in cgroups of its own; the template itself runs no job."""
+    procs.broker()
+    worker = procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code = ("import os; (os.getpid(), os.getppid(), open('/proc/self/cmdline').read(), "
+            "open('/proc/self/cgroup').read())")
+    results: list[tuple[int, int, str, str]] = []
+    forked: list[set[int]] = []
+    for _ in range(3):
+        results.append(d(code).wait(30).result())
+        forked.append({p for p in contain.children(worker.pid) if "--template" in cmdline(p)})
+    templates = list(set.intersection(*forked))  # slots come and go; the template stays
+    assert len(templates) == 1, forked
+    template_cgroup = Path(f"/proc/{templates[0]}/cgroup").read_text()
+    assert len({pid for pid, _, _, _ in results}) == 3, results
+    for pid, parent, command, cgroup in results:
+        assert pid != templates[0] and parent == worker.pid
+        assert "--template" in command  # forked, not started afresh
+        if contained != "none":
+            assert "/s0-" in cgroup and cgroup != template_cgroup, (cgroup, template_cgroup)
 
 
 def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
