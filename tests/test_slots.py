@@ -178,6 +178,27 @@ def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, any_slot: 
         kill_all(pids)
 
 
+def test_descendants_die_when_an_isolated_slot_crashes(contained: str, procs: Procs,
+                                                     tmp_path: Path) -> None:
+    """A slot that dies first leaves its job's descendants to the monitor (the
+    subreaper of the slots it forks), which kills them, with or without cgroups."""
+    procs.broker()
+    worker = procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code, path = daemon_job(tmp_path, "os._exit(3)")
+    j = d(code).wait(60)
+    pids = started_pids(path)
+    try:
+        assert j.status == "failed" and "status 3" in (j.error or ""), (j.status, j.error)
+        all_gone(pids)
+        assert d("2+2").wait(30).result() == 4
+        wait_for(lambda: not [p for p in contain.children(worker.pid) if p in pids], 10,
+                 "the monitor to reap what it adopted")
+    finally:
+        kill_all(pids)
+
+
 @pytest.mark.parametrize("isolate", [False, True])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_descendants_die_with_their_monitor(cgroups: contain.Backend, procs: Procs,
