@@ -289,7 +289,7 @@ def kill_cgroup(path: str) -> None:
     state = os.path.join(path, "freezer.state")
     frozen = _write(state, "FROZEN")
     try:
-        for _ in range(50):
+        for _ in range(20):
             if frozen:
                 _wait_frozen(state)
             pids = cgroup_procs(path)
@@ -299,12 +299,19 @@ def kill_cgroup(path: str) -> None:
                 _signal(pid, signal.SIGKILL)
             if frozen:  # frozen processes exit only once thawed
                 _write(state, "THAWED")
+            _wait_empty(path)
+            if frozen:
                 _write(state, "FROZEN")
-            else:
-                time.sleep(0.001)
     finally:
         if frozen:
             _write(state, "THAWED")
+
+
+def _wait_empty(path: str, wait: float = 0.2) -> None:
+    """Wait (up to ``wait`` s) until no process is left in a cgroup tree."""
+    deadline = time.monotonic() + wait
+    while cgroup_procs(path) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def _write(path: str, text: str) -> bool:
@@ -316,7 +323,7 @@ def _write(path: str, text: str) -> bool:
         return False
 
 
-def _wait_frozen(state: str, wait: float = 1.0) -> None:
+def _wait_frozen(state: str, wait: float = 0.2) -> None:
     """Wait (up to ``wait`` s) until a v1 freezer group's state reads FROZEN."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@ cannot start steps back, and what a job changes does not reach the next job."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -423,6 +424,26 @@ def test_isolated_slots_are_forked_off_a_template_that_runs_no_job(contained: st
         assert "--template" in command  # forked, not started afresh
         if contained != "none":
             assert "/s0-" in cgroup and cgroup != template_cgroup, (cgroup, template_cgroup)
+
+
+def test_isolated_jobs_go_on_when_the_template_dies(procs: Procs) -> None:
+    """A template that is gone costs the slots it would have forked a start afresh,
+    and the monitor makes a new one: no job waits or fails for it."""
+    procs.broker()
+    worker = procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    assert d("1").wait(30).result() == 1
+    found = re.findall(r"template process \(pid (\d+)\)", worker.log.read_text())
+    assert len(found) == 1, worker.log.read_text()[-2000:]
+    os.kill(int(found[0]), signal.SIGKILL)
+    for i in range(3):
+        j = d(f"{i} + 1").wait(30)
+        assert j.status == "completed" and j.result() == i + 1, (j.status, j.error)
+    log = worker.log.read_text()
+    assert "could not fork a slot" in log, log[-2000:]
+    assert len(re.findall(r"template process \(pid (\d+)\)", log)) == 2, log[-2000:]
+    assert log.count("Traceback") == 0, log[-3000:]
 
 
 def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
