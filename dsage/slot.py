@@ -1,10 +1,13 @@
 """The child side of a worker slot: a long-lived process that runs one job at a time.
 
-The monitor runs :func:`main` with the arguments ``FD CAPTURE TMPDIR NICE`` (as
-``python -m dsage.slot`` would), with one end of a socket pair as FD. The slot's stdout and stderr (file descriptors 1 and 2,
-so child processes are captured too) go to the CAPTURE file, which is emptied
-before each job; the monitor can read it even after killing the slot. Each job
-runs in its own folder ``TMPDIR/<job id>``, which the monitor removes.
+The monitor runs :func:`main` with the arguments ``FD CAPTURE TMPDIR NICE GROUPS``
+(as ``python -m dsage.slot`` would), with one end of a socket pair as FD and the
+slot's cgroups, comma-separated, as GROUPS. The slot's stdout and stderr (file
+descriptors 1 and 2, so child processes are captured too) go to the CAPTURE file,
+which is emptied before each job; the monitor can read it even after killing the
+slot. Each job runs in its own folder ``TMPDIR/<job id>``, which the monitor
+removes. With ``--template`` as CAPTURE the process is instead the template that
+slots are forked from (:func:`template`).
 
 Messages on the pair are frames of our own (:func:`send_frame`,
 :func:`recv_frame`): a JSON header and two raw blobs. In: the run spec, with
