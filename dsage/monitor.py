@@ -10,6 +10,7 @@ the broker never runs one of them a second time.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
 from .seal import Sealer, binding
-from .slot import FrameError, recv_frame, remove_folder, send_frame
+from .slot import TEMPLATE, FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
     CHUNK_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, UPLOAD_BYTES,
@@ -44,6 +45,9 @@ log = logging.getLogger("dsage.monitor")
 
 #: why the monitor killed a slot that broke its pipe (closed it, or sent a malformed frame)
 PIPE_BROKEN = "its pipe to the monitor broke"
+#: why a job failed whose slot an OOM killer killed that was not its cap's
+OOM_KILLED = ("the job's process was killed by the OOM killer (SIGKILL): memory ran out on "
+              "the machine, or in a cgroup the monitor runs in, not at a cap of the slot's")
 #: how long a slot whose pipe ended may take to exit before it is killed
 REAP_WAIT = 1.0
 #: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
@@ -59,6 +63,9 @@ _SLOT_MAIN = ("import os, sys, types; sys.path[0] = sys.path[0] or os.getcwd(); 
               "sys.modules['dsage'] = p; from dsage.slot import main; "
               "del sys.modules['dsage']; sys.exit(main(sys.argv[1:]))")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: how long the monitor waits for the template to fork a slot (the first time, for
+#: the template to start)
+FORK_WAIT = 5.0
 #: spawn failures in a row after which a monitor stops taking jobs for a while
 SPAWN_FAILURES = 3
 #: the longest pause between tries to start slots that keep failing
@@ -75,13 +82,15 @@ class Slot:
     """A worker slot: its process, pipe and current job."""
 
     index: int
-    proc: subprocess.Popen[bytes]
+    #: a process the monitor started, or one forked off the template that it adopted
+    proc: subprocess.Popen[bytes] | contain.Adopted
     sock: socket.socket
     capture: Path
-    #: the slot's cgroup ('' without cgroups) and a pidfd that is readable once it exits
-    group: str = ""
+    #: the slot's cgroups, one per hierarchy, the one to kill first (none without
+    #: cgroups), and a pidfd that is readable once it exits
+    groups: tuple[str, ...] = ()
     pidfd: int = -1
-    #: its v1 memory cgroup ('' without --slot-memory)
+    #: its v1 memory cgroup, one of ``groups`` ('' without one)
     memory_group: str = ""
     ready: bool = False
     job: dict[str, Any] | None = None
@@ -101,8 +110,8 @@ class Slot:
     def kill(self) -> None:
         """Kill the slot process and every descendant of it: its cgroup at once, and
         (with or without one) its process tree, which holds the job's orphans too."""
-        if self.group:
-            contain.kill_cgroup(self.group)
+        if self.groups:
+            contain.kill_cgroup(self.groups[0])
         if self.proc.poll() is None:
             contain.kill_tree(self.proc.pid)
         try:
@@ -166,12 +175,16 @@ class Monitor:
         #: the monitor stepped back from taking jobs (its slots cannot start)
         self.paused = False
         self._generation = 0
+        #: the never-used slot process that slots are forked from (see :meth:`_template`)
+        self.template: Slot | None = None
         self._contain()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._connect()
+        if options.isolate:
+            self._start_template()
         for i in range(options.workers):
             self.slots.append(self._spawn(i))
         log.info("dsage-worker %s: %s, broker %s:%d%s", self.monitor_id[:8],
@@ -179,32 +192,35 @@ class Monitor:
                  " (anonymous)" if options.anonymous else "")
 
     def _contain(self) -> None:
-        """Make this monitor's cgroup (where cgroups v2 can be written), after killing
-        what is left in those of monitors that are gone, and start its watchdog."""
-        self.group = ""
+        """Make this monitor's cgroups (as :func:`contain.choose` finds, or
+        ``DSAGE_CGROUP`` asks), after killing what is left in those of monitors that
+        are gone, and start its watchdog."""
+        self.groups: list[str] = []
         self.memory_group = ""
         self.watchdog: subprocess.Popen[bytes] | None = None
         self._watchdog_pipe = -1
         self._oom_seen = contain.kernel_oom_kills()
-        if self.options.slot_memory:
-            mbase = contain.memory_cgroup_base()
-            if mbase is None:
-                log.warning("--slot-memory is ignored: no writable cgroup v1 memory hierarchy")
-            else:
-                contain.sweep_stale(mbase)
-                self.memory_group = os.path.join(mbase, contain.monitor_group_name())
-        base = contain.cgroup_base()
-        if base is None:
-            log.info("no writable cgroup v2 hierarchy: a job's descendants are tracked as "
-                     "its slot's process tree")
+        backend = contain.choose()
+        if backend is None:
+            log.warning("DSAGE_CGROUP=%s is not possible here; choosing another way",
+                        os.environ.get("DSAGE_CGROUP"))
+            backend = contain.choose("auto")
+            assert backend is not None  # 'none' always is
+        self.backend = backend
+        if self.options.slot_memory and backend.memory is None:
+            log.warning("--slot-memory is ignored: no writable cgroup v1 memory hierarchy")
+        if backend.kind == "none":
+            log.info("no cgroups: a job's descendants are tracked as its slot's process tree")
             return
-        stale = contain.sweep_stale(base)
+        stale = sum(contain.sweep_stale(base) for base in backend.bases)
         if stale:
-            log.warning("killed what was left in the cgroups of %d monitors that are gone",
-                        stale)
-        self.group = os.path.join(base, contain.monitor_group_name())
-        os.makedirs(self.group, exist_ok=True)
-        self.watchdog, self._watchdog_pipe = contain.start_watchdog(self.group)
+            log.warning("killed what was left in %d cgroups of monitors that are gone", stale)
+        name = contain.monitor_group_name()
+        self.groups = [g for g in backend.groups(name) if contain.make_cgroup(g)]
+        if backend.memory and os.path.join(backend.memory, name) in self.groups:
+            self.memory_group = os.path.join(backend.memory, name)
+        self.watchdog, self._watchdog_pipe = contain.start_watchdog(self.groups)
+        log.info("slots are contained by cgroups %s: %s", backend.kind, ", ".join(self.groups))
 
     # --- broker connection
 
@@ -418,28 +434,34 @@ class Monitor:
 
     # --- slots
 
-    def _spawn(self, index: int) -> Slot:
+    def _spawn(self, index: int, template: bool = False) -> Slot:
+        """Start slot ``index``: forked off the template when there is one (its imports
+        are paid once), else a process of its own; with ``template``, start the template
+        itself (never polled: it only answers :meth:`_fork`)."""
         try:
             self.tmpdir.mkdir(parents=True, exist_ok=True)  # again, if a job removed it
         except OSError:
             pass  # the slot says why it cannot start
-        parent, child = socket.socketpair()
+        parent, child = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET if template else socket.SOCK_STREAM)
         capture = self.tmpdir / f".slot-{self.monitor_id[:8]}-{index}.out"
         self._generation += 1
-        name = f"s{index}-{self._generation}"
-        group = os.path.join(self.group, name) if self.group else ""
-        memory_group = ""
-        if self.memory_group and self.options.slot_memory:
-            memory_group = os.path.join(self.memory_group, name)
-            if not contain.make_memory_cgroup(memory_group, self.options.slot_memory):
-                memory_group = ""
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
-             str(self.tmpdir), str(self.options.priority),
-             ",".join(g for g in (group, memory_group) if g), _PACKAGE_DIR],
-            pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
+        name = f"t{self._generation}" if template else f"s{index}-{self._generation}"
+        groups = tuple(os.path.join(g, name) for g in self.groups if contain.make_cgroup(
+            os.path.join(g, name), self.options.slot_memory if g == self.memory_group else None))
+        memory_group = next((g for g in groups if g.startswith(self.memory_group + "/")), "") \
+            if self.memory_group else ""
+        proc = None if template else self._fork(child, capture, groups)
+        if proc is None:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()),
+                 TEMPLATE if template else str(capture), str(self.tmpdir),
+                 str(self.options.priority), ",".join(groups), _PACKAGE_DIR],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
-        slot = Slot(index, proc, parent, capture, group, memory_group=memory_group)
+        slot = Slot(index, proc, parent, capture, groups, memory_group=memory_group)
+        if template:
+            return slot
         self.poller.register(parent.fileno(), zmq.POLLIN)
         try:
             slot.pidfd = os.pidfd_open(proc.pid)
@@ -447,6 +469,50 @@ class Monitor:
         except OSError:
             pass  # an old kernel: the slot's death shows as the end of its pipe only
         return slot
+
+    def _start_template(self) -> None:
+        """Start the template slots are forked from, and make this monitor the subreaper
+        that adopts them (the template's child that forks each exits at once)."""
+        if self.template is None and contain.set_subreaper():
+            self.template = self._spawn(-1, template=True)
+            log.info("slots are forked from a template process (pid %d)",
+                     self.template.proc.pid)
+
+    def _reap_strays(self) -> None:
+        """As the subreaper of the slots it forks, this monitor also adopts what a job
+        left behind a slot that died: kill and reap any child that is not its own."""
+        if self.template is not None:
+            known = {s.proc.pid for s in self.slots} | {self.template.proc.pid}
+            contain.reap_strays(known | ({self.watchdog.pid} if self.watchdog else set()))
+
+    def _stop_template(self) -> None:
+        if self.template is not None:
+            template, self.template = self.template, None
+            template.kill()
+            template.sock.close()
+            template.proc.wait()
+            self._bury(template)
+
+    def _fork(self, child: socket.socket, capture: Path, groups: tuple[str, ...]
+              ) -> contain.Adopted | None:
+        """A slot forked off the template, its end of the pipe ``child``; None without
+        a template, or when it fails (then it is stopped, and slots start afresh)."""
+        if self.template is None:
+            return None
+        sock = self.template.sock
+        sock.settimeout(FORK_WAIT)
+        try:
+            socket.send_fds(sock, [json.dumps({"capture": str(capture),
+                                               "groups": ",".join(groups)}).encode()],
+                            [child.fileno()])
+            pid = int(json.loads(sock.recv(4096) or b"{}").get("pid", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pid = 0
+        if pid > 0:
+            return contain.Adopted(pid)
+        log.warning("the template process could not fork a slot; starting slots afresh")
+        self._stop_template()
+        return None
 
     def _respawn(self, slot: Slot) -> None:
         self._close_pipe(slot)
@@ -466,9 +532,8 @@ class Monitor:
             slot.capture.unlink(missing_ok=True)
         except OSError:
             pass  # its folder is gone, or is not a folder any more
-        for group in (slot.group, slot.memory_group):
-            if group:
-                contain.remove_cgroup(group, wait=0.5)
+        for group in slot.groups:
+            contain.remove_cgroup(group, wait=0.5)
 
     def _spawn_due(self, now: float) -> None:
         for index, when in list(self.respawn_at.items()):
@@ -501,6 +566,8 @@ class Monitor:
                                or slot.owner not in (None, nxt["owner"])):
             # the job gets a process no earlier job ran in; and a process that ran one
             # owner's jobs never runs another's (a job could leave code for the next)
+            if nxt.get("isolate"):
+                self._start_template()
             self._respawn(slot)
             return
         _, (spec, payload) = self.pending.popitem(last=False)
@@ -542,7 +609,7 @@ class Monitor:
         self._finish(job, reply, result, output)
         if recycle:
             if self.options.isolate or job.get("isolate"):
-                pass  # every isolated job leaves its slot
+                self._start_template()  # every isolated job leaves its slot
             elif reply["replace"]:
                 log.info("replacing slot %d: job %s %s", slot.index, job["id"],
                          reply["replace"])
@@ -608,24 +675,21 @@ class Monitor:
             slot.proc.pid, ("Max address space",) if job and job.get("memory") else ())
         self._close_pipe(slot)
         rc = self._reap(slot)
-        if slot.group:
-            contain.kill_cgroup(slot.group)  # its descendants die with it
+        if slot.groups:
+            contain.kill_cgroup(slot.groups[0])  # its descendants die with it
+        self._reap_strays()
         if not slot.ready and not self.stopping:
             self._spawn_failed(slot, rc)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL:
             slot.cause = self._why_killed(slot, lowered)
         if job is not None and slot.kill_reason is None and rc == -signal.SIGKILL \
                 and not slot.cause:
-            # Killed from outside (the OOM killer, an admin): the worker was lost,
-            # not the job's fault. It goes back to the queue; the failure limit
-            # stops a job that keeps doing this.
-            oom = contain.kernel_oom_kills()
-            by = " by the kernel's out-of-memory killer" if oom > self._oom_seen else ""
-            self._oom_seen = oom
-            log.warning("slot %d was killed%s while running job %s; giving it back",
-                        slot.index, by or " from outside", job["id"])
-            self._release([job["id"]],
-                          f"its slot process on {self.host} was killed (SIGKILL){by}",
+            # Killed from outside (an admin): the worker was lost, not the job's
+            # fault. It goes back to the queue; the failure limit stops a job that
+            # keeps doing this.
+            log.warning("slot %d was killed from outside while running job %s; giving it "
+                        "back", slot.index, job["id"])
+            self._release([job["id"]], f"its slot process on {self.host} was killed (SIGKILL)",
                           count_failure=True)
             remove_folder(str(self.tmpdir / job["id"]))
         elif job is not None:
@@ -649,11 +713,20 @@ class Monitor:
 
     def _why_killed(self, slot: Slot, lowered: list[str]) -> str:
         """Why a slot died of a SIGKILL the monitor did not send, when the job caused it
-        (its cgroup's OOM killer, limits it lowered); '' when something outside did."""
+        (an OOM killer: its own cap's, or the kernel's or a parent cgroup's; limits it
+        lowered); '' when something outside did. The slot's memory cgroup counts the
+        OOM kills of its members whoever ordered them, and its ``failcnt`` whether its
+        own cap was reached; without one, the kernel's count rising says an OOM kill."""
+        oom = contain.kernel_oom_kills()
+        kernel_oom, self._oom_seen = oom > self._oom_seen, oom
         if slot.memory_group and contain.oom_kills(slot.memory_group) > 0:
-            return (f"the job's slot went past its memory cap of "
-                    f"{_size(self.options.slot_memory or 0)} (--slot-memory) and the "
-                    f"out-of-memory killer of its cgroup killed it (SIGKILL)")
+            if self.options.slot_memory and contain.cap_reached(slot.memory_group):
+                return (f"the job's slot went past its memory cap of "
+                        f"{_size(self.options.slot_memory)} (--slot-memory) and the "
+                        f"out-of-memory killer of its cgroup killed it (SIGKILL)")
+            return OOM_KILLED
+        if kernel_oom and not slot.memory_group:
+            return OOM_KILLED
         if lowered:
             return (f"the job's process died of SIGKILL after the job lowered its own "
                     f"limits: {', '.join(lowered)}")
@@ -773,6 +846,7 @@ class Monitor:
         if now - self.last_sent >= self.options.heartbeat:
             self._send(make(M.HEARTBEAT))
             self.last_sent = now  # also when not connected, so this is not retried at once
+            self._reap_strays()
         if now - self.last_heard > window:
             log.warning("no word from the broker for %.1f s; reconnecting", now - self.last_heard)
             self._connect()
@@ -869,9 +943,9 @@ class Monitor:
         for slot in self.slots:
             slot.proc.wait()
             self._bury(slot)
-        for group in (self.group, self.memory_group):
-            if group:
-                contain.remove_cgroup(group, wait=2.0)
+        self._stop_template()
+        for group in self.groups:
+            contain.remove_cgroup(group, wait=2.0)
         if self._watchdog_pipe >= 0:
             os.close(self._watchdog_pipe)  # its sweep finds nothing left
             self._watchdog_pipe = -1

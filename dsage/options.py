@@ -150,7 +150,7 @@ class MonitorOptions:
                                   "(needs a writable cgroup v1 memory hierarchy)",
                                   parse=positive_int)
     isolate: bool = opt(False, "run every job in a slot process no earlier job ran in (a "
-                        "fresh slot is started after each job)")
+                        "fresh slot, forked off a warm template, after each job)")
     exit_with_parent: int | None = opt(None, hidden=True)
 
 

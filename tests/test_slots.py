@@ -4,6 +4,7 @@ cannot start steps back, and what a job changes does not reach the next job."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -69,6 +70,13 @@ def daemon_job(tmp_path: Path, tail: str) -> tuple[str, Path]:
     return DAEMONS.format(path=str(path), tail=tail), path
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def kill_all(pids: list[int]) -> None:
     for p in pids:
         try:
@@ -77,15 +85,32 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
-@pytest.fixture(params=["cgroup", "tree"])
+def use_backend(kind: str, monkeypatch: pytest.MonkeyPatch) -> contain.Backend:
+    """Have the monitors this test starts contain their slots the way ``kind`` says
+    ('v2', 'v1' or 'none'); skip (fail in CI) where this machine does not allow it."""
+    backend = contain.choose(kind)
+    if backend is None:
+        skip_or_fail(f"no writable cgroup {kind} hierarchy (needs root and cgroup {kind})")
+    assert backend is not None
+    monkeypatch.setenv("DSAGE_CGROUP", kind)
+    return backend
+
+
+@pytest.fixture(params=["v2", "v1", "none"])
 def contained(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways of finding a job's descendants: its slot's cgroup, and (as on a
-    machine without cgroups) its slot's process tree."""
-    if request.param == "tree":
-        monkeypatch.setenv("DSAGE_CGROUPS", "0")
-    elif contain.cgroup_base() is None:
-        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+    """Every way of finding a job's descendants: its slot's cgroup v2, its slot's v1
+    freezer, pids and memory groups, and (as on a machine without cgroups) its slot's
+    process tree."""
+    use_backend(request.param, monkeypatch)
     return str(request.param)
+
+
+@pytest.fixture(params=["v2", "v1"])
+def cgroups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+            ) -> contain.Backend:
+    """Each cgroup backend in turn (what needs a cgroup: the slot outlived by its
+    descendants, a monitor killed -9)."""
+    return use_backend(request.param, monkeypatch)
 
 
 @pytest.fixture
@@ -97,59 +122,91 @@ def one_slot(procs: Procs) -> dsage.DSage:
     return d
 
 
+@pytest.fixture(params=["reused", "isolated"])
+def any_slot(request: pytest.FixtureRequest, procs: Procs) -> dsage.DSage:
+    """A one-slot monitor whose slot runs every job (started by the monitor), or
+    a fresh slot per job (``--isolate``: forked off the monitor's template)."""
+    procs.broker()
+    procs.worker(1, grace=0.5, isolate=request.param == "isolated")
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    return d
+
+
 # --- 1. every descendant of a job dies with it
 
 
-def test_descendants_die_when_the_job_returns(contained: str, one_slot: dsage.DSage,
+def test_descendants_die_when_the_job_returns(contained: str, any_slot: dsage.DSage,
                                               tmp_path: Path) -> None:
     code, path = daemon_job(tmp_path, "'done'")
-    j = one_slot(code).wait(60)
+    j = any_slot(code).wait(60)
     pids = started_pids(path)
     try:
         assert j.status == "completed", (j.status, j.error)
         all_gone(pids, 5)
-        assert one_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
 
-def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, any_slot: dsage.DSage,
                                                          tmp_path: Path) -> None:
     code, path = daemon_job(tmp_path, "time.sleep(300)")
     t0 = time.monotonic()
-    j = one_slot(code, timeout=2)
+    j = any_slot(code, timeout=2)
     pids = started_pids(path)
     try:
         j.wait(30)
         assert j.status == "failed" and "timed out" in (j.error or ""), (j.status, j.error)
         assert time.monotonic() - t0 < 20
         all_gone(pids)
-        assert one_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
 
-def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, one_slot: dsage.DSage,
+def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, any_slot: dsage.DSage,
                                                       tmp_path: Path) -> None:
     code, path = daemon_job(tmp_path, "time.sleep(300)")
-    j = one_slot(code, timeout=None)
+    j = any_slot(code, timeout=None)
     pids = started_pids(path)
     try:
         j.kill()
         wait_for(lambda: j.status == "killed", 20, "the kill")
         all_gone(pids)
-        assert one_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").wait(30).result() == 4
     finally:
         kill_all(pids)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_descendants_die_with_their_monitor(procs: Procs, tmp_path: Path,
-                                            sig: signal.Signals) -> None:
-    if contain.cgroup_base() is None:
-        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
+def test_descendants_die_when_an_isolated_slot_crashes(contained: str, procs: Procs,
+                                                     tmp_path: Path) -> None:
+    """A slot that dies first leaves its job's descendants to the monitor (the
+    subreaper of the slots it forks), which kills them, with or without cgroups."""
     procs.broker()
-    worker = procs.worker(1, grace=0.5)
+    worker = procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code, path = daemon_job(tmp_path, "os._exit(3)")
+    j = d(code).wait(60)
+    pids = started_pids(path)
+    try:
+        assert j.status == "failed" and "status 3" in (j.error or ""), (j.status, j.error)
+        all_gone(pids)
+        assert d("2+2").wait(30).result() == 4
+        wait_for(lambda: not [p for p in contain.children(worker.pid) if p in pids], 10,
+                 "the monitor to reap what it adopted")
+    finally:
+        kill_all(pids)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_descendants_die_with_their_monitor(cgroups: contain.Backend, procs: Procs,
+                                            tmp_path: Path, sig: signal.Signals,
+                                            isolate: bool) -> None:
+    procs.broker()
+    worker = procs.worker(1, grace=0.5, isolate=isolate)
     d = procs.client()
     procs.wait_workers(d, 1)
     code, path = daemon_job(tmp_path, "time.sleep(300)")
@@ -166,27 +223,32 @@ def test_descendants_die_with_their_monitor(procs: Procs, tmp_path: Path,
         kill_all(pids)
 
 
-def test_a_monitor_kills_what_is_left_in_the_cgroups_of_a_dead_one(tmp_path: Path) -> None:
-    base = contain.cgroup_base()
-    if base is None:
-        skip_or_fail("no writable cgroup v2 hierarchy (needs root and cgroup2)")
-        return
-    # a "monitor" that is gone: a pid that does not exist, with a process in its group
-    import subprocess
-
-    group = os.path.join(base, "m-999999999-1", "s0-1")
-    os.makedirs(group)
-    p = subprocess.Popen(["sleep", "41"])
+def test_a_monitor_kills_what_is_left_in_the_cgroups_of_a_dead_one(
+        cgroups: contain.Backend) -> None:
+    # a "monitor" that is gone: a pid that does not exist, with a process in its
+    # groups, and a process that forks all the time (each child forks again) in the
+    # group that is killed first
+    groups = cgroups.groups("m-999999999-1/s0-1")
+    procs = [subprocess.Popen(["sleep", "41"]),
+             subprocess.Popen(["sh", "-c", "while :; do sh -c 'sleep 0.01' & wait; done"])]
     try:
-        with open(os.path.join(group, "cgroup.procs"), "w") as f:
-            f.write(str(p.pid))
-        assert contain.sweep_stale(base) >= 1
-        assert p.wait(10) == -signal.SIGKILL
-        assert not os.path.exists(os.path.dirname(group))
+        for group in groups:
+            os.makedirs(group)
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(procs[0].pid))
+        with open(os.path.join(groups[0], "cgroup.procs"), "w") as f:
+            f.write(str(procs[1].pid))
+        assert sum(contain.sweep_stale(base) for base in cgroups.bases) >= len(groups)
+        for p in procs:
+            assert p.wait(10) == -signal.SIGKILL
+        for group in groups:
+            assert not os.path.exists(os.path.dirname(group))
     finally:
-        p.kill()
-        p.wait()
-        contain.remove_cgroup(os.path.dirname(group), wait=2)
+        for p in procs:
+            p.kill()
+            p.wait()
+        for group in groups:
+            contain.remove_cgroup(os.path.dirname(group), wait=2)
 
 
 def test_a_forked_child_does_not_hold_the_slot_pipe(one_slot: dsage.DSage) -> None:
@@ -246,6 +308,13 @@ def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
 LEAKS = {
     "builtins": ("import builtins; builtins.sum = lambda *a: 42", "sum([1, 2])", 3),
     "module": ("import math; math.pi = 3", "import math; math.pi", 3.141592653589793),
+    # modules the slot had not loaded: the job imports one, then changes it
+    "new_module": ("import colorsys; colorsys.rgb_to_hsv = lambda *a: 'x'",
+                   "import colorsys; colorsys.rgb_to_hsv(1, 0, 0)", (0.0, 1.0, 1.0)),
+    "new_module_class": ("import fractions; fractions.Fraction.__add__ = lambda a, b: 42",
+                         "from fractions import Fraction as F; str(F(1, 2) + F(1, 2))", "1"),
+    "class": ("import json; json.JSONEncoder.encode = lambda self, o: 'x'",
+              "import json; json.dumps([1])", "[1]"),
     "environ": ("import os; os.environ['DSAGE_LEAK'] = '1'; os.environ.pop('PATH', None)",
                 "import os; ('DSAGE_LEAK' in os.environ, 'PATH' in os.environ)",
                 (False, True)),
@@ -311,6 +380,8 @@ def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
             one_slot.eval_function(sorted, [[3, 1, 2]]),
             one_slot("raise ValueError('no')"),
             one_slot("import subprocess; subprocess.run(['true']).returncode"),
+            # modules that set their own names on first use
+            one_slot("import tempfile, platform; tempfile.gettempdir(); platform.system()"),
             one_slot("import os; os.getpid()")]
     for j in jobs:
         j.wait(30)
@@ -327,6 +398,52 @@ def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) 
     results = [d(code).wait(30).result() for _ in range(3)]
     assert len({pid for pid, _ in results}) == 3, results
     assert not any(seen for _, seen in results), results
+
+
+def test_isolated_slots_are_forked_off_a_template_that_runs_no_job(contained: str,
+                                                                   procs: Procs) -> None:
+    """Each isolated job's slot is a fork (no exec) of the monitor's template, adopted
+    by the monitor, in cgroups of its own; the template itself runs no job."""
+    procs.broker()
+    worker = procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code = ("import os; (os.getpid(), os.getppid(), open('/proc/self/cmdline').read(), "
+            "open('/proc/self/cgroup').read())")
+    results: list[tuple[int, int, str, str]] = []
+    forked: list[set[int]] = []
+    for _ in range(3):
+        results.append(d(code).wait(30).result())
+        forked.append({p for p in contain.children(worker.pid) if "--template" in cmdline(p)})
+    templates = list(set.intersection(*forked))  # slots come and go; the template stays
+    assert len(templates) == 1, forked
+    template_cgroup = Path(f"/proc/{templates[0]}/cgroup").read_text()
+    assert len({pid for pid, _, _, _ in results}) == 3, results
+    for pid, parent, command, cgroup in results:
+        assert pid != templates[0] and parent == worker.pid
+        assert "--template" in command  # forked, not started afresh
+        if contained != "none":
+            assert "/s0-" in cgroup and cgroup != template_cgroup, (cgroup, template_cgroup)
+
+
+def test_isolated_jobs_go_on_when_the_template_dies(procs: Procs) -> None:
+    """A template that is gone costs the slots it would have forked a start afresh,
+    and the monitor makes a new one: no job waits or fails for it."""
+    procs.broker()
+    worker = procs.worker(1, isolate=True)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    assert d("1").wait(30).result() == 1
+    found = re.findall(r"template process \(pid (\d+)\)", worker.log.read_text())
+    assert len(found) == 1, worker.log.read_text()[-2000:]
+    os.kill(int(found[0]), signal.SIGKILL)
+    for i in range(3):
+        j = d(f"{i} + 1").wait(30)
+        assert j.status == "completed" and j.result() == i + 1, (j.status, j.error)
+    log = worker.log.read_text()
+    assert "could not fork a slot" in log, log[-2000:]
+    assert len(re.findall(r"template process \(pid (\d+)\)", log)) == 2, log[-2000:]
+    assert log.count("Traceback") == 0, log[-3000:]
 
 
 def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
@@ -380,8 +497,9 @@ def test_a_job_that_lowers_its_limits_says_so(one_slot: dsage.DSage) -> None:
     assert j.result() is True, (j.status, j.error)
 
 
-def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
-    if contain.memory_cgroup_base() is None:
+def test_a_job_killed_by_its_slot_memory_cgroup_says_so(cgroups: contain.Backend,
+                                                      procs: Procs) -> None:
+    if cgroups.memory is None:
         skip_or_fail("no writable cgroup v1 memory hierarchy (needs root)")
     procs.broker()
     procs.worker(1, slot_memory=100 * 2**20)
@@ -392,6 +510,38 @@ def test_a_job_killed_by_its_slot_memory_cgroup_says_so(procs: Procs) -> None:
     assert "memory cap of 100 MiB" in (j.error or "") and "out-of-memory killer" in j.error, \
         j.error
     assert d("2+2").wait(30).result() == 4
+
+
+def test_a_job_killed_by_an_oom_killer_not_its_caps_says_so(contained: str, procs: Procs
+                                                         ) -> None:
+    """The monitor runs in a memory cgroup of the test's, capped at 200 MiB: a job that
+    goes past it is killed by that cgroup's OOM killer, not by a cap of dsage's, and
+    says so (the slot's own memory group counts the kill; without one, the kernel)."""
+    memory = next((b.memory for b in map(contain.choose, ("v1", "v2")) if b and b.memory),
+                  None)
+    if memory is None:
+        skip_or_fail("no writable cgroup v1 memory hierarchy (needs root)")
+        return
+    own, outer = os.path.dirname(memory), f"{memory}-oom-test-{os.getpid()}"
+    assert contain.make_cgroup(outer, 200 * 2**20)
+    try:
+        assert contain.join_cgroup(outer)  # the monitor starts in it, then the test leaves
+        try:
+            worker = procs.worker(1)
+        finally:
+            assert contain.join_cgroup(own)
+        procs.broker()
+        d = procs.client()
+        procs.wait_workers(d, 1)
+        j = d("b = bytearray(400 * 2**20); len(b)").wait(60)
+        assert j.status == "failed", (j.status, j.error)
+        assert "killed by the OOM killer" in (j.error or ""), j.error
+        assert "memory cap" not in (j.error or ""), j.error
+        assert d("2+2").wait(30).result() == 4
+    finally:
+        if "worker" in locals():
+            worker.stop(timeout=5)
+        contain.remove_cgroup(outer, wait=5)
 
 
 def test_a_signal_is_named(one_slot: dsage.DSage) -> None:
