@@ -647,3 +647,33 @@ def test_anonymous_peers_have_a_message_rate_and_a_count() -> None:
         state.lose_monitor(0.0, b"a1", "test")
         assert register(b"a2", "b", True).type is M.REGISTERED
         store.close()
+
+
+def test_a_run_lost_with_a_killed_broker_is_queued_again_when_its_monitor_registers(
+        tmp_path: Path) -> None:
+    """The broker committed a job's start on a monitor and died before the RUN left:
+    the monitor, registering with the restarted broker, does not hold it. The job
+    once stayed 'processing' on that monitor forever (only monitors that never came
+    back had their jobs re-queued)."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
+    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
+                    version="0")
+    state.on_monitor(0.0, b"m", "k" * 40, False, register)
+    specs = [_spec(f"{i:032x}") for i in range(2)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 2, req=1, jobs=specs))
+    state.flush(0.0)  # both are the monitor's now (one running, one prefetched)
+    store.close()  # the broker is killed; what it committed stays
+
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    assert set(state.sched.of_monitor("m")) == {s["id"] for s in specs}
+    # the monitor comes back holding only the first: the RUN of the second never came
+    state.on_monitor(1.0, b"m2", "k" * 40, False,
+                     make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[],
+                          running=[specs[0]["id"]], version="0"))
+    state.flush(1.0)
+    assert state.sched.of_monitor("m") == [specs[0]["id"]]
+    assert state.sched.jobs[specs[1]["id"]].where is Where.QUEUED
+    assert state.sched.jobs[specs[1]["id"]].failures == 0
+    store.close()
