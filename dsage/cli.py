@@ -16,6 +16,7 @@ from . import keys as keys_mod
 from .broker import BrokerFailed, PortInUse, run_broker
 from .monitor import run_monitor
 from .options import BrokerOptions, MonitorOptions, add_arguments, from_args, positive_int
+from .runas import RunAsError
 from .store import StoreLocked
 
 
@@ -70,7 +71,7 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "dsage-worker") -
     try:
         server_key = keys_mod.parse_public_key(a.server_key) if a.server_key else None
         run_monitor(from_args(MonitorOptions, a, server_key=server_key))
-    except keys_mod.KeyProblem as e:
+    except (keys_mod.KeyProblem, RunAsError) as e:
         return _fail(prog, str(e))
     return 0
 

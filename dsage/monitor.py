@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -27,7 +30,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, contain
+from . import __version__, contain, runas
 from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
@@ -116,6 +119,8 @@ class Monitor:
     def __init__(self, options: MonitorOptions) -> None:
         self.options = options
         self.home = keys_mod.home(options.home)
+        #: whom the slots run jobs as (None: this process's user)
+        self.run_as = runas.resolve(options.run_as, options.anonymous)
         if options.anonymous:
             if options.server_key is None:
                 raise keys_mod.BadKey("an anonymous worker needs the broker's public key "
@@ -129,6 +134,8 @@ class Monitor:
         #: most blob bytes per message, within the broker's per-message budget
         self._batch_bytes = batch_bytes(options.max_message_size)
         self.tmpdir = self.home / "tmp_worker_files"
+        if self.run_as is not None:  # a folder of the run-as user's, outside the home
+            self.tmpdir = Path(runas.working_folder(tempfile.gettempdir(), self.run_as))
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.monitor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
@@ -171,9 +178,10 @@ class Monitor:
         self._connect()
         for i in range(options.workers):
             self.slots.append(self._spawn(i))
-        log.info("dsage-worker %s: %d slots, broker %s:%d%s", self.monitor_id[:8],
+        log.info("dsage-worker %s: %d slots, broker %s:%d%s%s", self.monitor_id[:8],
                  options.workers, options.server, options.port + 1,
-                 " (anonymous)" if options.anonymous else "")
+                 " (anonymous)" if options.anonymous else "",
+                 f", jobs run as {self.run_as.name}" if self.run_as else "")
 
     def _contain(self) -> None:
         """Make this monitor's cgroup (where cgroups v2 can be written), after killing
@@ -432,7 +440,8 @@ class Monitor:
         proc = subprocess.Popen(
             [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()), str(capture),
              str(self.tmpdir), str(self.options.priority),
-             ",".join(g for g in (group, memory_group) if g), _PACKAGE_DIR],
+             ",".join(g for g in (group, memory_group) if g),
+             self.run_as.name if self.run_as else "", _PACKAGE_DIR],
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
         slot = Slot(index, proc, parent, capture, group, memory_group=memory_group)
@@ -626,11 +635,7 @@ class Monitor:
             remove_folder(str(self.tmpdir / job["id"]))
         elif job is not None:
             status, error = self._death_outcome(slot, rc, lowered)
-            output = b""
-            try:
-                output = slot.capture.read_bytes()[-(1 << 20):]
-            except OSError:
-                pass
+            output = _read_capture(slot.capture)[-(1 << 20):]
             if error:
                 output += f"\n[dsage] {error}\n".encode()
             remove_folder(str(self.tmpdir / job["id"]))  # the slot could not
@@ -866,6 +871,8 @@ class Monitor:
         if self._watchdog_pipe >= 0:
             os.close(self._watchdog_pipe)  # its sweep finds nothing left
             self._watchdog_pipe = -1
+        if self.run_as is not None:  # the run-as user's working folder, and root's around it
+            shutil.rmtree(self.tmpdir.parent, ignore_errors=True)
         if self.sock is not None:
             self.sock.close(linger=0)
         if self.events is not None:
@@ -874,6 +881,25 @@ class Monitor:
         self._wake_r.close()
         self._wake_w.close()
         log.info("dsage-worker stopped")
+
+
+def _read_capture(path: Path) -> bytes:
+    """What a dead slot's capture file holds. Its folder is the job's to change: the
+    file is read only if it is a regular file, never through a link or from a pipe
+    a job put in its place (the monitor may be root, and would read it for the job)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _exited(pid: int) -> bool:

@@ -149,6 +149,10 @@ class MonitorOptions:
                                   parse=positive_int)
     isolate: bool = opt(False, "run every job in a slot process no earlier job ran in (a "
                         "fresh slot is started after each job)")
+    run_as: str | None = opt(None, "run jobs as this unprivileged user, so that they cannot "
+                             "read the monitor's secret key or the dsage home (the monitor "
+                             "must run as root; default: nobody for an --anonymous monitor "
+                             "run as root, else the monitor's own user)", metavar="USER")
     exit_with_parent: int | None = opt(None, hidden=True)
 
 

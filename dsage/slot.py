@@ -33,7 +33,7 @@ import time
 import traceback
 from typing import Any
 
-from . import contain
+from . import contain, runas
 from .codec import encode_result
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
@@ -472,10 +472,18 @@ def _detach_pipe(fd: int) -> None:
 def main(argv: list[str]) -> int:
     fd, capture_path, tmpdir, nice = int(argv[0]), argv[1], argv[2], int(argv[3])
     group = argv[4] if len(argv) > 4 else ""
+    run_as = argv[5] if len(argv) > 6 else ""  # the last one is the package's folder
     _die_with_parent()
     contain.set_subreaper()  # orphaned descendants of a job become this slot's children
     for path in filter(None, group.split(",")):
         contain.join_cgroup(path)
+    if run_as:  # placed in its cgroups as root: now give root up, before any job
+        try:
+            runas.drop(run_as, tmpdir)
+        except (OSError, runas.RunAsError) as e:
+            send_frame(socket.socket(fileno=fd), {"failed": f"--run-as {run_as}: {e}"[:1000]})
+            return 3
+        _die_with_parent()  # a change of user clears it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the monitor decides when slots stop
     if nice:
         try:

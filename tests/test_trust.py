@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pwd
+import random
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from dsage.client import BrokerUnreachable, KeyRejected, SubmitRejected, Unknown
 from dsage.cluster import ManagedProcess
 from dsage.seal import Sealer, binding
 
-from .conftest import HEARTBEAT, LIVENESS, Procs, wait_for
+from .conftest import HEARTBEAT, LIVENESS, Procs, skip_or_fail, wait_for
 
 # --- helpers
 
@@ -980,3 +982,126 @@ def test_garbage_from_a_trusted_worker_fails_the_job_cleanly(
         pass
     assert isinstance(repr(j), str) and isinstance(j.output, str)
     assert D._io.is_alive()
+
+
+# --- jobs as an unprivileged user (--run-as)
+
+
+def _nobody() -> pwd.struct_passwd:
+    """The user 'nobody', for tests that need root to run jobs as it."""
+    if os.geteuid() != 0:
+        skip_or_fail("running jobs as another user needs a monitor run as root")
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        skip_or_fail("there is no user 'nobody' here")
+        raise
+
+
+_PEEK = """import os
+def peek(path):
+    try:
+        open(path, 'rb').read()
+        return 'read'
+    except PermissionError:
+        return 'PermissionError'
+print('running as', os.getuid(), flush=True)
+(os.getuid(), os.getgid(), os.getgroups(), peek({home!r}), peek({worker!r}), os.environ['HOME'],
+ os.getcwd().startswith(os.environ['HOME']))
+"""
+
+
+def _processes_with(arg: str) -> list[tuple[int, int]]:
+    """(pid, uid) of the processes whose command line holds ``arg``."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if arg.encode() not in f.read().split(b"\0"):
+                    continue
+            found.append((int(name), os.stat(f"/proc/{name}").st_uid))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_run_as_nobody_keeps_jobs_from_the_keys_and_still_contains_them(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    nobody = _nobody()
+    machine = other_home(tmp_path, "machine")  # a worker key of its own, as advised
+    keys.add_key("machine", keys.load_keypair(machine).public, home, role="worker")
+    procs.broker()
+    other_worker(procs, machine, 1, run_as="nobody", server_key=broker_key(home))
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    j = D(_PEEK.format(home=str(home / keys.SECRET_NAME),
+                       worker=str(machine / keys.SECRET_NAME)))
+    uid, gid, groups, home_key, worker_key, job_home, inside = j.wait(60).result()
+    assert (uid, gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert set(groups) <= {nobody.pw_gid}  # root's groups are gone too
+    assert (home_key, worker_key) == ("PermissionError", "PermissionError")
+    assert not job_home.startswith((str(home), str(machine))) and inside
+    assert j.output == f"running as {nobody.pw_uid}\n"
+    assert D.eval_function(os.getuid, ()).wait(60).result() == nobody.pw_uid  # a pickled call
+    # timeouts and kills still end the job and all it started
+    slow = D("import time; print('before', flush=True); time.sleep(60)", timeout=1).wait(60)
+    assert slow.status == "failed" and "timed out" in (slow.error or "")
+    assert slow.output.startswith("before\n")  # read from its capture file after the kill
+    mark = f"{random.randrange(10**6)}.{random.randrange(10**6)}"
+    k = D(f"import subprocess, time\np = subprocess.Popen(['sleep', '{mark}'])\n"
+          f"print('child', p.pid, flush=True)\ntime.sleep(60)")
+    [(child, child_uid)] = wait_for(lambda: _processes_with(mark), 30, "the job's child")
+    assert child_uid == nobody.pw_uid
+    k.kill()
+    assert k.wait(30).status == "killed"
+    wait_for(lambda: not _processes_with(mark), 10, "the job's child to die with it")
+    assert D("6 * 7").wait(60).result() == 42  # the monitor goes on
+
+
+def test_an_anonymous_monitor_run_by_root_runs_jobs_as_nobody_by_default(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    nobody = _nobody()
+    procs.broker(allow_anonymous=True)
+    other_worker(procs, tmp_path / "anon", 1, anonymous=True,
+                 server_key=str(keys.public_key_file(home)))
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    assert D("import os; os.getuid()", anonymous_ok=True).wait(60).result() == nobody.pw_uid
+    procs.worker(1)  # a trusted monitor without --run-as runs jobs as its own user
+    procs.wait_workers(D, 2)
+    assert D("import os; os.getuid()").wait(60).result() == os.getuid()
+
+
+def _worker_main_unprivileged(argv: list[str]) -> tuple[int, str]:
+    """``dsage-worker ARGV`` in a forked child that is not root (exit status, stderr)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            sys.stderr = open(w, "w", buffering=1)  # pytest replaced sys.stderr
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            from dsage.cli import worker_main
+
+            status = worker_main(argv)
+            sys.stderr.flush()
+            os._exit(status)
+        finally:
+            os._exit(70)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        err = f.read().decode(errors="replace")
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+def test_run_as_is_refused_clearly_unless_root_and_a_real_user(port: int, home: Path) -> None:
+    r = cli("worker", "--port", str(port), "--run-as", "no-such-user-of-dsage")
+    assert r.returncode == 2
+    assert "--run-as no-such-user-of-dsage: there is no such user" in r.stderr
+    assert "Traceback" not in r.stderr
+    other = "root" if os.geteuid() != 0 else "daemon"
+    status, err = _worker_main_unprivileged(["--port", str(port), "--run-as", other])
+    assert status == 2 and "only a monitor that runs as root" in err, err
