@@ -1058,6 +1058,25 @@ def test_run_as_nobody_keeps_jobs_from_the_keys_and_still_contains_them(
     assert D("6 * 7").wait(60).result() == 42  # the monitor goes on
 
 
+def test_a_job_cannot_make_the_monitor_read_a_file_for_it(procs: Procs, home: Path,
+                                                          tmp_path: Path) -> None:
+    """The monitor (root) reads a dead slot's captured output by path, in a folder the
+    job may change: a link planted there is not followed."""
+    _nobody()
+    procs.broker()
+    procs.worker(1, run_as="nobody")
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    secret = keys.load_keypair(home).secret.decode()
+    plant = (f"import glob, os\nfor c in glob.glob('../.slot-*.out'):\n"
+             f"    os.unlink(c)\n    os.symlink({str(home / keys.SECRET_NAME)!r}, c)\n"
+             f"print('planted', flush=True)\nos._exit(3)")
+    j = D(plant).wait(60)
+    assert j.status == "failed" and "exited with status 3" in (j.error or "")
+    assert secret not in j.output and "secret-key" not in j.output
+    assert D("1 + 1").wait(60).result() == 2
+
+
 def test_an_anonymous_monitor_run_by_root_runs_jobs_as_nobody_by_default(
         procs: Procs, home: Path, tmp_path: Path) -> None:
     nobody = _nobody()
