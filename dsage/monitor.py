@@ -145,6 +145,8 @@ class Monitor:
         self.events: zmq.Socket[bytes] | None = None
         self.registered = False
         self.registering = False
+        #: the broker's refusal of this anonymous worker was logged
+        self._busy_said = False
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
         #: set by SIGTERM/SIGINT; the loop then calls :meth:`begin_stop`
@@ -274,7 +276,15 @@ class Monitor:
                 return
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.info("connected to the broker; registering")
+                self._busy_said = False
                 self._register()
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.options.anonymous:
+                if not self._busy_said:  # said once: it is retried every second
+                    log.warning("the broker refused this anonymous worker (status %s): it "
+                                "does not allow anonymous workers (--allow-anonymous), or "
+                                "has as many anonymous connections as it takes "
+                                "(--max-anonymous-connections); trying again", ev["value"])
+                self._busy_said = True
             elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 log.error("the broker rejected this worker's key (status %s): add it with "
                           "`dsage keys add NAME KEY` on the broker, or start the broker with "

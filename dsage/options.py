@@ -103,6 +103,9 @@ class BrokerOptions:
                         "for a round trip (default 1)", parse=nonneg_int)
     max_anonymous: int = opt(64, "most anonymous monitors registered at once (default 64)",
                              parse=nonneg_int)
+    max_anonymous_connections: int = opt(
+        128, "most live connections from unknown keys on the monitor port; more "
+        "handshakes are refused until some close (default 128)", parse=nonneg_int)
     anonymous_rate: float = opt(200.0, "messages a second an anonymous monitor may send on "
                                 "average; more are dropped (default 200)",
                                 parse=positive_float)

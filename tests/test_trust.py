@@ -1124,3 +1124,128 @@ def test_run_as_is_refused_clearly_unless_root_and_a_real_user(port: int, home: 
     other = "root" if os.geteuid() != 0 else "daemon"
     status, err = _worker_main_unprivileged(["--port", str(port), "--run-as", other])
     assert status == 2 and "only a monitor that runs as root" in err, err
+
+
+# --- how many anonymous peers may be connected at once
+
+
+class Peer:
+    """A raw CURVE dealer on the monitor port that follows its own handshakes."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], port: int, server: bytes,
+                 kp: keys.Keypair | None = None) -> None:
+        public, secret = zmq.curve_keypair()
+        self.sock = ctx.socket(zmq.DEALER)
+        make_client(self.sock, kp or keys.Keypair(public, secret), server)
+        self.events = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_DISCONNECTED)
+        self.connected = False
+        self.refusals = 0
+        self.retry_at = 0.0
+        self.endpoint = f"tcp://127.0.0.1:{port + 1}"
+        self.sock.connect(self.endpoint)
+
+    def poll(self) -> bool:
+        """Take in the socket's events; whether it is connected now. A refused peer
+        connects again at once (libzmq gives up on a connection ZAP refused)."""
+        while self.events.poll(0):
+            ev = recv_monitor_message(self.events)
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refusals += 1
+                self.retry_at = time.monotonic() + 0.05
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+        if self.retry_at and time.monotonic() >= self.retry_at:
+            self.retry_at = 0.0
+            try:
+                self.sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass
+            self.sock.connect(self.endpoint)
+        return self.connected
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.events.close(linger=0)
+        self.sock.close(linger=0)
+
+
+def test_anonymous_connection_count_follows_connects_and_disconnects() -> None:
+    from dsage.limits import AnonymousConnections
+
+    c = AnonymousConnections(limit=2)
+    for fd, address in ((10, "10.0.0.1"), (11, "10.0.0.2"), (12, "10.0.0.1"), (13, "10.0.0.3")):
+        c.accepted(fd, address)
+    assert c.waiting("10.0.0.1") == [10, 12] and c.waiting("10.0.0.9") == []
+    c.claim(12, anonymous=True)
+    c.claim(11, anonymous=False)  # trusted: never counted
+    assert not c.full()
+    c.claim(10, anonymous=True)
+    assert c.full() and c.anonymous == {10, 12} and c.waiting("10.0.0.1") == []
+    c.claim(13, anonymous=False)  # refused
+    c.disconnected(13)  # and closed: nothing changes
+    assert c.full()
+    c.disconnected(10)
+    assert not c.full()
+    c.accepted(10, "10.0.0.4")  # the descriptor reused by a new connection
+    assert not c.full() and c.waiting("10.0.0.4") == [10]
+    c.claim(10, anonymous=True)
+    c.claim(10, anonymous=True)  # twice: counted once
+    assert c.anonymous == {10, 12} and not c.pending
+
+
+def test_live_anonymous_connections_are_capped_and_freed_when_they_close(
+        procs: Procs, home: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    procs.broker(allow_anonymous=True, max_anonymous_connections=3)
+    server = broker_key(home)
+    peers = [Peer(ctx, procs.port, server) for _ in range(7)]
+    try:
+        def settled(n: int, live: list[Peer]) -> bool:
+            """n connected, and each of the others refused twice since the last change."""
+            up = [p for p in live if p.poll()]
+            return len(up) == n and all(p.refusals >= 2 for p in live if not p.connected)
+
+        wait_for(lambda: settled(3, peers), 30, "3 anonymous peers in, 4 refused")
+        refused = [p for p in peers if not p.connected]
+        # trusted keys are admitted at the limit: a client, and a worker that runs a job
+        D = procs.client()
+        procs.worker(1)
+        procs.wait_workers(D, 1)
+        assert D("6 * 7").wait(60).result() == 42
+        trusted = Peer(ctx, procs.port, server, keys.load_keypair(home))
+        wait_for(trusted.poll, 20, "a trusted peer on the monitor port")
+        peers.append(trusted)
+        # two anonymous peers leave: two of those waiting get in, and no more
+        for p in [p for p in peers if p.connected and p is not trusted][:2]:
+            p.close()
+            peers.remove(p)
+        for p in refused:
+            p.refusals = 0
+        anonymous = [p for p in peers if p is not trusted]
+        wait_for(lambda: settled(3, anonymous), 30, "2 waiting anonymous peers admitted")
+        assert sum(p in refused and p.connected for p in anonymous) == 2
+        assert trusted.poll()
+    finally:
+        for p in peers:
+            p.close()
+
+
+def test_an_anonymous_worker_past_the_connection_limit_says_so_and_gets_in_later(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    procs.broker(allow_anonymous=True, max_anonymous_connections=1)
+    key = str(keys.public_key_file(home))
+    first = other_worker(procs, tmp_path / "first", 1, anonymous=True, server_key=key)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    second = other_worker(procs, tmp_path / "second", 2, anonymous=True, server_key=key)
+    wait_for(lambda: "refused this anonymous worker" in log_text(second), 20,
+             "the second worker to say it was refused")
+    assert "--max-anonymous-connections" in log_text(second)
+    assert [w.slots for w in D.workers()] == [1]
+    first.stop()
+    wait_for(lambda: [w.slots for w in D.workers()] == [2], 30,
+             "the second worker admitted once the first left")
+    assert second.alive()
