@@ -271,12 +271,14 @@ class Authenticator(ThreadAuthenticator):
             raise RuntimeError("the authentication thread did not start")
 
     def watch(self, sock: zmq.Socket[bytes]) -> None:
-        """Follow the connections of ``sock`` (call before it binds). libzmq stalls a
-        socket whose event reader falls behind, so the thread reads them at once."""
+        """Follow the connections of ``sock`` (call before it binds). libzmq's I/O
+        thread blocks on a full event pipe, and on one with no reader yet: the reader
+        is connected first, with no high-water mark, and the thread reads at once."""
         endpoint = f"inproc://dsage-connections-{id(sock)}"
         sock.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         reader = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
         reader.linger = 0
+        reader.rcvhwm = 0
         reader.connect(endpoint)
         self._new_readers.append(reader)
         self.pipe.send(b"WATCH")
