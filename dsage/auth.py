@@ -112,7 +112,7 @@ def _raw(key: str | bytes) -> bytes:
 #: INITIATE: a greeting (64 bytes) and HELLO (202); more means INITIATE came, and
 #: the connection waits for its ZAP answer
 _BEFORE_INITIATE = 64 + 202
-#: how long the ZAP thread looks for the connection it just admitted
+#: how long the ZAP thread looks for the connection it just answered
 _PLACE_WAIT = 0.5
 
 
