@@ -23,6 +23,8 @@ import pwd
 import sys
 from dataclasses import dataclass
 
+from .contain import monitor_group_name
+
 #: the user jobs of an anonymous-facing monitor run as when the monitor is root
 DEFAULT_ANONYMOUS_USER = "nobody"
 
@@ -71,16 +73,48 @@ def resolve(run_as: str | None, anonymous: bool) -> RunAs | None:
 
 def working_folder(base: str, user: RunAs) -> str:
     """A folder for the slots' files that ``user`` owns (mode 0700), inside a folder
-    of root's (0711) that it cannot rename or replace, made under ``base``. The
-    dsage home stays closed to the user."""
+    of root's (0711) that it cannot rename or replace, made under ``base`` and named
+    after this monitor. The dsage home stays closed to the user. Those that monitors
+    killed before they could remove theirs left are removed first: what jobs left in
+    them is no later job's to read."""
     import tempfile
 
-    outer = tempfile.mkdtemp(prefix=f"dsage-{user.name}-", dir=base)
+    sweep_stale(base)
+    outer = tempfile.mkdtemp(prefix=f"dsage-{user.name}-{monitor_group_name()}-", dir=base)
     os.chmod(outer, 0o711)
     inner = os.path.join(outer, "work")
     os.mkdir(inner, 0o700)
     os.chown(inner, user.uid, user.gid)
     return inner
+
+
+def sweep_stale(base: str) -> int:
+    """Remove the working folders (``dsage-USER-m-PID-START-XXXX``, root's) of
+    monitors that are gone; returns how many."""
+    import shutil
+    import stat
+
+    n = 0
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    for name in names:
+        head, sep, tail = name.partition("-m-")
+        parts = tail.split("-")
+        if not (head.startswith("dsage-") and sep and len(parts) == 3 and parts[0].isdigit()):
+            continue
+        if monitor_group_name(int(parts[0])) == f"m-{parts[0]}-{parts[1]}":
+            continue  # its monitor is alive
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == 0:  # made by a monitor, as root
+            shutil.rmtree(path, ignore_errors=True)
+            n += 1
+    return n
 
 
 def drop(name: str, home: str) -> None:

@@ -11,9 +11,11 @@ import os
 import pickle
 import pwd
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1028,14 +1030,19 @@ def _processes_with(arg: str) -> list[tuple[int, int]]:
 
 
 def test_run_as_nobody_keeps_jobs_from_the_keys_and_still_contains_them(
-        procs: Procs, home: Path, tmp_path: Path) -> None:
+        procs: Procs, home: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     nobody = _nobody()
     machine = other_home(tmp_path, "machine")  # a worker key of its own, as advised
     keys.add_key("machine", keys.load_keypair(machine).public, home, role="worker")
+    # what a monitor killed before it could clean up left (pid 2**22 + 1 exists nowhere)
+    stale = Path(tempfile.gettempdir()) / f"dsage-nobody-m-{2**22 + 1}-1-x"
+    (stale / "work" / "job").mkdir(parents=True)
+    request.addfinalizer(lambda: shutil.rmtree(stale, ignore_errors=True))
     procs.broker()
     other_worker(procs, machine, 1, run_as="nobody", server_key=broker_key(home))
     D = procs.client()
     procs.wait_workers(D, 1)
+    assert not stale.exists()  # removed at the monitor's start
     j = D(_PEEK.format(home=str(home / keys.SECRET_NAME),
                        worker=str(machine / keys.SECRET_NAME)))
     uid, gid, groups, home_key, worker_key, job_home, inside = j.wait(60).result()
