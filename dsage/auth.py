@@ -314,11 +314,11 @@ class Authenticator(ThreadAuthenticator):
             return
         address, counted = answer
         fds = connections.waiting(address)
-        sent = {}
-        for fd in fds if len(fds) > 1 else ():
-            counters = _tcp_bytes(fd)
+        sent: dict[int, int] = {}  # those waiting for their answer: bytes sent to them
+        for candidate in fds if len(fds) > 1 else ():
+            counters = _tcp_bytes(candidate)
             if counters is not None and counters[0] > _BEFORE_INITIATE:
-                sent[fd] = counters[1]
+                sent[candidate] = counters[1]
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
         fd = fds[0] if len(fds) == 1 else _answered(sent)
         if fd is None and fds:
