@@ -22,7 +22,7 @@ from . import keys as keys_mod
 from . import running
 from .auth import CLIENTS, EVENTS, MONITORS, KeyRing, ZapPolicy, make_server, start_authenticator
 from .brokerstate import BrokerConfig, BrokerState, Dest, Out
-from .limits import RateLimit
+from .limits import AnonymousConnections, RateLimit
 from .options import BrokerOptions
 from .protocol import (
     CLIENT_REQUESTS, MAX_FRAMES, MONITOR_REQUESTS, M, Message, ProtocolError, decode, encode, error,
@@ -63,8 +63,10 @@ class Broker:
         self.auth: Any = None
         self.stopping = False
         try:
+            connections = AnonymousConnections(options.max_anonymous_connections) \
+                if options.allow_anonymous else None
             self.auth = start_authenticator(
-                self.ctx, ZapPolicy(self.keyring, options.allow_anonymous))
+                self.ctx, ZapPolicy(self.keyring, options.allow_anonymous, connections))
             self.clients = self._bind(zmq.ROUTER, CLIENTS, options.port)
             self.monitors = self._bind(zmq.ROUTER, MONITORS, options.port + 1)
             self.events = self._bind(zmq.XPUB, EVENTS, options.port + 2)
@@ -113,6 +115,8 @@ class Broker:
             # Bounded: a subscriber that does not read loses events past this (sends
             # fail at once), and catches up by query, as it does for any gap.
             sock.setsockopt(zmq.SNDHWM, EVENTS_HWM)
+        if domain == MONITORS and self.options.allow_anonymous:
+            self.auth.watch(sock)  # anonymous connections are counted (before binding)
         try:
             sock.bind(f"tcp://{self.options.bind}:{port}")
         except zmq.ZMQError as e:

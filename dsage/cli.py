@@ -17,6 +17,7 @@ from . import shell
 from .broker import BrokerFailed, PortInUse, run_broker
 from .monitor import run_monitor
 from .options import BrokerOptions, MonitorOptions, add_arguments, from_args, positive_int
+from .runas import RunAsError
 from .store import StoreLocked
 
 
@@ -53,7 +54,11 @@ def worker_parser(prog: str = "dsage-worker") -> argparse.ArgumentParser:
 def _logging(a: argparse.Namespace, name: str) -> None:
     log_file = a.log_file
     home = keys_mod.home(a.home)
-    if log_file is None and home.is_dir():  # (without a home, the launcher says to set up)
+    try:
+        has_home = home.is_dir()
+    except OSError:
+        has_home = False  # not ours to read: the launcher says what is wrong
+    if log_file is None and has_home:  # (without a home, the launcher says to set up)
         log_file = logs.default_log_file(home, name)
     logs.setup(a.log_level, log_file)
 
@@ -79,7 +84,7 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "dsage-worker") -
     try:
         server_key = keys_mod.parse_public_key(a.server_key) if a.server_key else None
         run_monitor(from_args(MonitorOptions, a, server_key=server_key))
-    except keys_mod.KeyProblem as e:
+    except (keys_mod.KeyProblem, RunAsError) as e:
         return _fail(prog, str(e))
     return 0
 

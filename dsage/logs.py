@@ -75,10 +75,14 @@ def setup(level: str, log_file: str | os.PathLike[str] | None, to_stderr: bool =
         handlers.append(logging.StreamHandler(sys.stderr))
     if log_file not in (None, "-"):
         path = Path(str(log_file))
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
-        handlers.append(logging.FileHandler(path, encoding="utf-8"))
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            handlers.append(logging.FileHandler(path, encoding="utf-8"))
+        except OSError as e:  # logging to stderr is still worth running for
+            print(f"dsage: cannot write the log file {path} ({e.strerror or e}); "
+                  f"logging to stderr only", file=sys.stderr)
     for h in handlers:
         h.setFormatter(formatter)
         h.addFilter(RepeatFilter(h))

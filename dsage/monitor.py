@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -28,7 +31,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, contain
+from . import __version__, contain, runas
 from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
@@ -126,6 +129,8 @@ class Monitor:
     def __init__(self, options: MonitorOptions) -> None:
         self.options = options
         self.home = keys_mod.home(options.home)
+        #: whom the slots run jobs as (None: this process's user)
+        self.run_as = runas.resolve(options.run_as, options.anonymous)
         if options.anonymous:
             if options.server_key is None:
                 raise keys_mod.BadKey("an anonymous worker needs the broker's public key "
@@ -139,6 +144,8 @@ class Monitor:
         #: most blob bytes per message, within the broker's per-message budget
         self._batch_bytes = batch_bytes(options.max_message_size)
         self.tmpdir = self.home / "tmp_worker_files"
+        if self.run_as is not None:  # a folder of the run-as user's, outside the home
+            self.tmpdir = Path(runas.working_folder(tempfile.gettempdir(), self.run_as))
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.monitor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
@@ -148,6 +155,8 @@ class Monitor:
         self.events: zmq.Socket[bytes] | None = None
         self.registered = False
         self.registering = False
+        #: the broker's refusal of this anonymous worker was logged
+        self._busy_said = False
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
         #: set by SIGTERM/SIGINT; the loop then calls :meth:`begin_stop`
@@ -187,9 +196,10 @@ class Monitor:
             self._start_template()
         for i in range(options.workers):
             self.slots.append(self._spawn(i))
-        log.info("dsage-worker %s: %s, broker %s:%d%s", self.monitor_id[:8],
+        log.info("dsage-worker %s: %s, broker %s:%d%s%s", self.monitor_id[:8],
                  plural(options.workers, "slot"), options.server, options.port + 1,
-                 " (anonymous)" if options.anonymous else "")
+                 " (anonymous)" if options.anonymous else "",
+                 f", jobs run as {self.run_as.name}" if self.run_as else "")
 
     def _contain(self) -> None:
         """Make this monitor's cgroups (as :func:`contain.choose` finds, or
@@ -285,7 +295,15 @@ class Monitor:
                 return
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.info("connected to the broker; registering")
+                self._busy_said = False
                 self._register()
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.options.anonymous:
+                if not self._busy_said:  # said once: it is retried every second
+                    log.warning("the broker refused this anonymous worker (status %s): it "
+                                "does not allow anonymous workers (--allow-anonymous), or "
+                                "has as many anonymous connections as it takes "
+                                "(--max-anonymous-connections); trying again", ev["value"])
+                self._busy_said = True
             elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 log.error("the broker rejected this worker's key (status %s): add it with "
                           "`dsage keys add NAME '%s' --role worker` on the broker, or start "
@@ -456,7 +474,8 @@ class Monitor:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()),
                  TEMPLATE if template else str(capture), str(self.tmpdir),
-                 str(self.options.priority), ",".join(groups), _PACKAGE_DIR],
+                 str(self.options.priority), ",".join(groups),
+                 self.run_as.name if self.run_as else "", _PACKAGE_DIR],
                 pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         child.close()
         slot = Slot(index, proc, parent, capture, groups, memory_group=memory_group)
@@ -694,11 +713,7 @@ class Monitor:
             remove_folder(str(self.tmpdir / job["id"]))
         elif job is not None:
             status, error = self._death_outcome(slot, rc, lowered)
-            output = b""
-            try:
-                output = slot.capture.read_bytes()[-(1 << 20):]
-            except OSError:
-                pass
+            output = _read_capture(slot.capture)[-(1 << 20):]
             if error:
                 output += f"\n[dsage] {error}\n".encode()
             remove_folder(str(self.tmpdir / job["id"]))  # the slot could not
@@ -949,6 +964,8 @@ class Monitor:
         if self._watchdog_pipe >= 0:
             os.close(self._watchdog_pipe)  # its sweep finds nothing left
             self._watchdog_pipe = -1
+        if self.run_as is not None:  # the run-as user's working folder, and root's around it
+            shutil.rmtree(self.tmpdir.parent, ignore_errors=True)
         if self.sock is not None:
             # a moment for what is queued (jobs given back on a stop) to leave
             self.sock.close(linger=500)
@@ -958,6 +975,25 @@ class Monitor:
         self._wake_r.close()
         self._wake_w.close()
         log.info("dsage-worker stopped")
+
+
+def _read_capture(path: Path) -> bytes:
+    """What a dead slot's capture file holds. Its folder is the job's to change: the
+    file is read only if it is a regular file, never through a link or from a pipe
+    a job put in its place (the monitor may be root, and would read it for the job)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _exited(pid: int) -> bool:

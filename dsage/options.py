@@ -103,6 +103,9 @@ class BrokerOptions:
                         "for a round trip (default 1)", parse=nonneg_int)
     max_anonymous: int = opt(64, "most anonymous monitors registered at once (default 64)",
                              parse=nonneg_int)
+    max_anonymous_connections: int = opt(
+        128, "most live connections from unknown keys on the monitor port; more "
+        "handshakes are refused until some close (default 128)", parse=nonneg_int)
     anonymous_rate: float = opt(200.0, "messages a second an anonymous monitor may send on "
                                 "average; more are dropped (default 200)",
                                 parse=positive_float)
@@ -151,6 +154,10 @@ class MonitorOptions:
                                   parse=positive_int)
     isolate: bool = opt(False, "run every job in a slot process no earlier job ran in (a "
                         "fresh slot, forked off a warm template, after each job)")
+    run_as: str | None = opt(None, "run jobs as this unprivileged user, so that they cannot "
+                             "read the monitor's secret key or the dsage home (the monitor "
+                             "must run as root; default: nobody for an --anonymous monitor "
+                             "run as root, else the monitor's own user)", metavar="USER")
     exit_with_parent: int | None = opt(None, hidden=True)
 
 

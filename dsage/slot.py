@@ -38,7 +38,7 @@ import time
 import traceback
 from typing import Any
 
-from . import contain
+from . import contain, runas
 from .codec import encode_result
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
@@ -599,6 +599,7 @@ ADOPT_WAIT = 5.0
 def main(argv: list[str]) -> int:
     fd, capture_path, tmpdir, nice = int(argv[0]), argv[1], argv[2], int(argv[3])
     groups = [p for p in (argv[4] if len(argv) > 4 else "").split(",") if p]
+    run_as = argv[5] if len(argv) > 6 else ""  # the last one is the package's folder
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the monitor decides when slots stop
     if nice:
@@ -609,15 +610,23 @@ def main(argv: list[str]) -> int:
     if capture_path == TEMPLATE:
         for path in groups:
             contain.join_cgroup(path)
-        return template(fd, tmpdir)
-    return serve(fd, capture_path, tmpdir, groups)
+        return template(fd, tmpdir, run_as)
+    return serve(fd, capture_path, tmpdir, groups, run_as)
 
 
-def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str]) -> int:
-    """Be a slot: run the jobs that come on the pipe ``fd``, one at a time."""
+def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: str = "") -> int:
+    """Be a slot: run the jobs that come on the pipe ``fd``, one at a time (as user
+    ``run_as``, if given, once placed in its cgroups as root)."""
     contain.set_subreaper()  # orphaned descendants of a job become this slot's children
     for path in groups:
         contain.join_cgroup(path)
+    if run_as:  # placed in its cgroups as root: now give root up, before any job
+        try:
+            runas.drop(run_as, tmpdir)
+        except (OSError, runas.RunAsError) as e:
+            send_frame(socket.socket(fileno=fd), {"failed": f"--run-as {run_as}: {e}"[:1000]})
+            return 3
+        _die_with_parent()  # a change of user clears it
     os.set_inheritable(fd, False)  # the job's own child processes do not get the pipe
     os.register_at_fork(after_in_child=lambda: _detach_pipe(fd))  # nor its forks
     sock = socket.socket(fileno=fd)
@@ -641,7 +650,7 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str]) -> int:
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
 
 
-def template(fd: int, tmpdir: str) -> int:
+def template(fd: int, tmpdir: str, run_as: str = "") -> int:
     """Be the template isolated slots are forked from: warm (its imports are done) and
     never used (it runs no job, opens no capture, takes no snapshot). Each request on
     the pipe ``fd`` (a SOCK_SEQPACKET pair) is a JSON header ``{"capture", "groups"}``
@@ -662,7 +671,7 @@ def template(fd: int, tmpdir: str) -> int:
             request = json.loads(msg)
             if fds:
                 pid = _fork_slot(sock, fds[0], request["capture"], tmpdir,
-                                 [p for p in request["groups"].split(",") if p], monitor)
+                                 [p for p in request["groups"].split(",") if p], monitor, run_as)
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             pass
         for f in fds:
@@ -674,7 +683,7 @@ def template(fd: int, tmpdir: str) -> int:
 
 
 def _fork_slot(sock: socket.socket, fd: int, capture: str, tmpdir: str, groups: list[str],
-               monitor: int) -> int:
+               monitor: int, run_as: str) -> int:
     """Fork a slot off this template (see :func:`template`); its pid."""
     r, w = os.pipe()
     middle = os.fork()
@@ -689,7 +698,7 @@ def _fork_slot(sock: socket.socket, fd: int, capture: str, tmpdir: str, groups: 
             else:
                 os.close(w)
                 sock.close()
-                code = _adopted_slot(fd, capture, tmpdir, groups, monitor)
+                code = _adopted_slot(fd, capture, tmpdir, groups, monitor, run_as)
         finally:
             os._exit(code)
     os.close(w)
@@ -698,7 +707,8 @@ def _fork_slot(sock: socket.socket, fd: int, capture: str, tmpdir: str, groups: 
         return int(f.read() or 0)
 
 
-def _adopted_slot(fd: int, capture: str, tmpdir: str, groups: list[str], monitor: int) -> int:
+def _adopted_slot(fd: int, capture: str, tmpdir: str, groups: list[str], monitor: int,
+                  run_as: str) -> int:
     """In a slot forked off the template: wait to be the monitor's child, then serve."""
     os.setpgid(0, 0)  # a process group of its own, as a slot the monitor starts has
     deadline = time.monotonic() + ADOPT_WAIT
@@ -707,7 +717,7 @@ def _adopted_slot(fd: int, capture: str, tmpdir: str, groups: list[str], monitor
     _die_with_parent()
     if os.getppid() != monitor:
         return 1  # the monitor is gone (or did not adopt this slot)
-    return serve(fd, capture, tmpdir, groups)
+    return serve(fd, capture, tmpdir, groups, run_as)
 
 
 def remove_folder(path: str) -> None:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pwd
+import random
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +34,7 @@ from dsage.client import BrokerUnreachable, KeyRejected, SubmitRejected, Unknown
 from dsage.cluster import ManagedProcess
 from dsage.seal import Sealer, binding
 
-from .conftest import HEARTBEAT, LIVENESS, Procs, wait_for
+from .conftest import HEARTBEAT, LIVENESS, Procs, skip_or_fail, wait_for
 
 # --- helpers
 
@@ -980,3 +984,282 @@ def test_garbage_from_a_trusted_worker_fails_the_job_cleanly(
         pass
     assert isinstance(repr(j), str) and isinstance(j.output, str)
     assert D._io.is_alive()
+
+
+# --- jobs as an unprivileged user (--run-as)
+
+
+def _nobody() -> pwd.struct_passwd:
+    """The user 'nobody', for tests that need root to run jobs as it."""
+    if os.geteuid() != 0:
+        skip_or_fail("running jobs as another user needs a monitor run as root")
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        skip_or_fail("there is no user 'nobody' here")
+        raise
+
+
+_PEEK = """import os
+def peek(path):
+    try:
+        open(path, 'rb').read()
+        return 'read'
+    except PermissionError:
+        return 'PermissionError'
+print('running as', os.getuid(), flush=True)
+import fractions  # imports work, also where Python's folders are closed to nobody
+assert b'\\xe9'.decode('cp1252') == '\\xe9' and fractions.Fraction(1, 2) * 2 == 1
+(os.getuid(), os.getgid(), os.getgroups(), peek({home!r}), peek({worker!r}), os.environ['HOME'],
+ os.getcwd().startswith(os.environ['HOME']))
+"""
+
+
+def _processes_with(arg: str) -> list[tuple[int, int]]:
+    """(pid, uid) of the processes whose command line holds ``arg``."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if arg.encode() not in f.read().split(b"\0"):
+                    continue
+            found.append((int(name), os.stat(f"/proc/{name}").st_uid))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_run_as_nobody_keeps_jobs_from_the_keys_and_still_contains_them(
+        procs: Procs, home: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    nobody = _nobody()
+    machine = other_home(tmp_path, "machine")  # a worker key of its own, as advised
+    keys.add_key("machine", keys.load_keypair(machine).public, home, role="worker")
+    # what a monitor killed before it could clean up left (pid 2**22 + 1 exists nowhere)
+    stale = Path(tempfile.gettempdir()) / f"dsage-nobody-m-{2**22 + 1}-1-x"
+    (stale / "work" / "job").mkdir(parents=True)
+    request.addfinalizer(lambda: shutil.rmtree(stale, ignore_errors=True))
+    procs.broker()
+    other_worker(procs, machine, 1, run_as="nobody", server_key=broker_key(home))
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    assert not stale.exists()  # removed at the monitor's start
+    j = D(_PEEK.format(home=str(home / keys.SECRET_NAME),
+                       worker=str(machine / keys.SECRET_NAME)))
+    uid, gid, groups, home_key, worker_key, job_home, inside = j.wait(60).result()
+    assert (uid, gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert set(groups) <= {nobody.pw_gid}  # root's groups are gone too
+    assert (home_key, worker_key) == ("PermissionError", "PermissionError")
+    assert not job_home.startswith((str(home), str(machine))) and inside
+    assert j.output == f"running as {nobody.pw_uid}\n"
+    assert D.eval_function(os.getuid, ()).wait(60).result() == nobody.pw_uid  # a pickled call
+    # a slot forked off the isolate template (which stays root) gives root up as well
+    isolated = D(_PEEK.format(home=str(home / keys.SECRET_NAME),
+                              worker=str(machine / keys.SECRET_NAME)), isolate=True)
+    assert isolated.wait(60).result()[:2] == (nobody.pw_uid, nobody.pw_gid), isolated.output
+    assert isolated.result()[3:5] == ("PermissionError", "PermissionError")
+    # timeouts and kills still end the job and all it started
+    slow = D("import time; print('before', flush=True); time.sleep(60)", timeout=1).wait(60)
+    assert slow.status == "failed" and "timed out" in (slow.error or "")
+    assert slow.output.startswith("before\n")  # read from its capture file after the kill
+    mark = f"{random.randrange(10**6)}.{random.randrange(10**6)}"
+    k = D(f"import subprocess, time\np = subprocess.Popen(['sleep', '{mark}'])\n"
+          f"print('child', p.pid, flush=True)\ntime.sleep(60)")
+    [(child, child_uid)] = wait_for(lambda: _processes_with(mark), 30, "the job's child")
+    assert child_uid == nobody.pw_uid
+    k.kill()
+    assert k.wait(30).status == "killed"
+    wait_for(lambda: not _processes_with(mark), 10, "the job's child to die with it")
+    assert D("6 * 7").wait(60).result() == 42  # the monitor goes on
+
+
+def test_a_job_cannot_make_the_monitor_read_a_file_for_it(procs: Procs, home: Path,
+                                                          tmp_path: Path) -> None:
+    """The monitor (root) reads a dead slot's captured output by path, in a folder the
+    job may change: a link planted there is not followed."""
+    _nobody()
+    procs.broker()
+    procs.worker(1, run_as="nobody")
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    secret = keys.load_keypair(home).secret.decode()
+    plant = (f"import glob, os\nfor c in glob.glob('../.slot-*.out'):\n"
+             f"    os.unlink(c)\n    os.symlink({str(home / keys.SECRET_NAME)!r}, c)\n"
+             f"print('planted', flush=True)\nos._exit(3)")
+    j = D(plant).wait(60)
+    assert j.status == "failed" and "exited with status 3" in (j.error or "")
+    assert secret not in j.output and "secret-key" not in j.output
+    assert D("1 + 1").wait(60).result() == 2
+
+
+def test_an_anonymous_monitor_run_by_root_runs_jobs_as_nobody_by_default(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    nobody = _nobody()
+    procs.broker(allow_anonymous=True)
+    other_worker(procs, tmp_path / "anon", 1, anonymous=True,
+                 server_key=str(keys.public_key_file(home)))
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    assert D("import os; os.getuid()", anonymous_ok=True).wait(60).result() == nobody.pw_uid
+    procs.worker(1)  # a trusted monitor without --run-as runs jobs as its own user
+    procs.wait_workers(D, 2)
+    assert D("import os; os.getuid()").wait(60).result() == os.getuid()
+
+
+def _worker_main_unprivileged(argv: list[str]) -> tuple[int, str]:
+    """``dsage-worker ARGV`` in a forked child that is not root (exit status, stderr)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            sys.stderr = open(w, "w", buffering=1)  # pytest replaced sys.stderr
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            from dsage.cli import worker_main
+
+            status = worker_main(argv)
+            sys.stderr.flush()
+            os._exit(status)
+        finally:
+            os._exit(70)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        err = f.read().decode(errors="replace")
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+def test_run_as_is_refused_clearly_unless_root_and_a_real_user(port: int, home: Path) -> None:
+    r = cli("worker", "--port", str(port), "--run-as", "no-such-user-of-dsage")
+    assert r.returncode == 2
+    assert "--run-as no-such-user-of-dsage: there is no such user" in r.stderr
+    assert "Traceback" not in r.stderr
+    other = "root" if os.geteuid() != 0 else "daemon"
+    status, err = _worker_main_unprivileged(["--port", str(port), "--run-as", other])
+    assert status == 2 and "only a monitor that runs as root" in err, err
+
+
+# --- how many anonymous peers may be connected at once
+
+
+class Peer:
+    """A raw CURVE dealer on the monitor port that follows its own handshakes."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], port: int, server: bytes,
+                 kp: keys.Keypair | None = None) -> None:
+        public, secret = zmq.curve_keypair()
+        self.sock = ctx.socket(zmq.DEALER)
+        make_client(self.sock, kp or keys.Keypair(public, secret), server)
+        self.events = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_DISCONNECTED)
+        self.connected = False
+        self.refusals = 0
+        self.retry_at = 0.0
+        self.endpoint = f"tcp://127.0.0.1:{port + 1}"
+        self.sock.connect(self.endpoint)
+
+    def poll(self) -> bool:
+        """Take in the socket's events; whether it is connected now. A refused peer
+        connects again at once (libzmq gives up on a connection ZAP refused)."""
+        while self.events.poll(0):
+            ev = recv_monitor_message(self.events)
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refusals += 1
+                self.retry_at = time.monotonic() + 0.05
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+        if self.retry_at and time.monotonic() >= self.retry_at:
+            self.retry_at = 0.0
+            try:
+                self.sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass
+            self.sock.connect(self.endpoint)
+        return self.connected
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.events.close(linger=0)
+        self.sock.close(linger=0)
+
+
+def test_anonymous_connection_count_follows_connects_and_disconnects() -> None:
+    from dsage.limits import AnonymousConnections
+
+    c = AnonymousConnections(limit=2)
+    for fd, address in ((10, "10.0.0.1"), (11, "10.0.0.2"), (12, "10.0.0.1"), (13, "10.0.0.3")):
+        c.accepted(fd, address)
+    assert c.waiting("10.0.0.1") == [10, 12] and c.waiting("10.0.0.9") == []
+    c.claim(12, anonymous=True)
+    c.claim(11, anonymous=False)  # trusted: never counted
+    assert not c.full()
+    c.claim(10, anonymous=True)
+    assert c.full() and c.anonymous == {10, 12} and c.waiting("10.0.0.1") == []
+    c.claim(13, anonymous=False)  # refused
+    c.disconnected(13)  # and closed: nothing changes
+    assert c.full()
+    c.disconnected(10)
+    assert not c.full()
+    c.accepted(10, "10.0.0.4")  # the descriptor reused by a new connection
+    assert not c.full() and c.waiting("10.0.0.4") == [10]
+    c.claim(10, anonymous=True)
+    c.claim(10, anonymous=True)  # twice: counted once
+    assert c.anonymous == {10, 12} and not c.pending
+
+
+def test_live_anonymous_connections_are_capped_and_freed_when_they_close(
+        procs: Procs, home: Path, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    procs.broker(allow_anonymous=True, max_anonymous_connections=3)
+    server = broker_key(home)
+    peers = [Peer(ctx, procs.port, server) for _ in range(7)]
+    try:
+        def settled(n: int, live: list[Peer]) -> bool:
+            """n connected, and each of the others refused twice since the last change."""
+            up = [p for p in live if p.poll()]
+            return len(up) == n and all(p.refusals >= 2 for p in live if not p.connected)
+
+        wait_for(lambda: settled(3, peers), 30, "3 anonymous peers in, 4 refused")
+        refused = [p for p in peers if not p.connected]
+        # trusted keys are admitted at the limit: a client, and a worker that runs a job
+        D = procs.client()
+        procs.worker(1)
+        procs.wait_workers(D, 1)
+        assert D("6 * 7").wait(60).result() == 42
+        trusted = Peer(ctx, procs.port, server, keys.load_keypair(home))
+        wait_for(trusted.poll, 20, "a trusted peer on the monitor port")
+        peers.append(trusted)
+        # two anonymous peers leave: two of those waiting get in, and no more
+        for p in [p for p in peers if p.connected and p is not trusted][:2]:
+            p.close()
+            peers.remove(p)
+        for p in refused:
+            p.refusals = 0
+        anonymous = [p for p in peers if p is not trusted]
+        wait_for(lambda: settled(3, anonymous), 30, "2 waiting anonymous peers admitted")
+        assert sum(p in refused and p.connected for p in anonymous) == 2
+        assert trusted.poll()
+    finally:
+        for p in peers:
+            p.close()
+
+
+def test_an_anonymous_worker_past_the_connection_limit_says_so_and_gets_in_later(
+        procs: Procs, home: Path, tmp_path: Path) -> None:
+    procs.broker(allow_anonymous=True, max_anonymous_connections=1)
+    key = str(keys.public_key_file(home))
+    first = other_worker(procs, tmp_path / "first", 1, anonymous=True, server_key=key)
+    D = procs.client()
+    procs.wait_workers(D, 1)
+    second = other_worker(procs, tmp_path / "second", 2, anonymous=True, server_key=key)
+    wait_for(lambda: "refused this anonymous worker" in log_text(second), 20,
+             "the second worker to say it was refused")
+    assert "--max-anonymous-connections" in log_text(second)
+    assert [w.slots for w in D.workers()] == [1]
+    first.stop()
+    wait_for(lambda: [w.slots for w in D.workers()] == [2], 30,
+             "the second worker admitted once the first left")
+    assert second.alive()
