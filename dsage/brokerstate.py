@@ -24,8 +24,9 @@ from typing import Any, Literal
 
 from . import __version__
 from .protocol import (
-    CHUNK_BYTES, M, Message, Status, batches, clip, error, make,
+    CHUNK_BYTES, LIVE_BYTES, M, Message, Status, batches, clip, error, make,
 )
+from .seal import OVERHEAD as SEAL_OVERHEAD
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
 from .store import Outcome, Record, Store, WorkerRef
 from .words import plural
@@ -395,6 +396,8 @@ class BrokerState:
             self._results(entry, msg)
         elif msg.type is M.PUT:
             self._put(entry, msg.header, msg.blobs[0])
+        elif msg.type is M.OUTPUT:
+            self._live_output(entry, msg)
         elif msg.type is M.STOPPING:
             entry.stopping = True
         elif msg.type is M.RELEASE:
@@ -458,6 +461,16 @@ class BrokerState:
                  plural(entry.slots, "slot"), ", anonymous" if anonymous else "", len(adopted))
         self._send("monitor", rid, make(M.REGISTERED, heartbeat=self.config.heartbeat,
                                         liveness=self.config.liveness, cancel=cancel))
+
+    def _live_output(self, entry: MonitorEntry, msg: Message) -> None:
+        """What a running job printed lately: passed on to its owner's events, not
+        kept (the whole output comes with the result). Only from the job's monitor,
+        and at most LIVE_BYTES (and the seal) at once."""
+        job = self.sched.jobs.get(msg.header["id"])
+        if job is None or job.monitor != entry.monitor_id or job.where is not Where.ASSIGNED \
+                or len(msg.blobs[0]) > LIVE_BYTES + SEAL_OVERHEAD:
+            return
+        self.outbox.append(Out("event", job.owner.encode(), msg))
 
     def _adoptable(self, entry: MonitorEntry, jid: str) -> Job | None:
         """The job a (re)registering monitor says it holds, if it may keep it."""

@@ -44,8 +44,9 @@ from .auth import make_client
 from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
 from .job import JobWrapper
 from .protocol import (
-    BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
-    MAX_HEADER, MAX_INT, MAX_LIST, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
+    BATCH_BYTES, CLIENT_REPLIES, EVENTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
+    MAX_HEADER, MAX_INT, MAX_LIST, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message,
+    ProtocolError,
     Status, batches, decode, encode, make, text_problem,
 )
 from .protocol import batch_bytes
@@ -349,6 +350,13 @@ class _Host:
                  rec["result_from"])
         return (opener.open(result, binding(*bound, "result"), sender),
                 opener.open(output, binding(*bound, "output"), sender))
+
+    def open_live(self, job_id: str, sender: str | None, offset: int, sealed: bytes) -> bytes:
+        """Open a chunk of a running job's output, sealed to this client for that job
+        and offset (by its worker, when the client knows which)."""
+        bound = binding(job_id, self._client.keys.public.decode(), "processing", "none", "none",
+                        f"live:{offset}")
+        return self._client._opener.open(sealed, bound, sender)
 
 
 #: one item of the send queue: a job (by id, its spec in ``_IO.unacked``) or a message
@@ -880,15 +888,33 @@ class _IO(threading.Thread):
         if len(frames) < 2 or frames[0] != self.keys.public:
             return
         try:
-            msg = decode(frames[1:], frozenset({M.EVENT}))
+            msg = decode(frames[1:], EVENTS)
         except ProtocolError:
             return
         h = msg.header
+        if msg.type is M.OUTPUT:
+            self._on_output(h["id"], h["offset"], msg.blobs[0])
+            return
         gap = h["epoch"] != self.conn.epoch or h["seq"] != self.last_seq + 1
         self.conn.epoch, self.last_seq = h["epoch"], h["seq"]
         self._apply(h["jobs"], msg.blobs)
         if gap:
             self._resync()
+
+    def _on_output(self, jid: str, offset: int, sealed: bytes) -> None:
+        """What a running job printed lately (not kept by the broker: a chunk lost on
+        the way leaves a gap until the whole output comes with the result)."""
+        w = self.jobs.get(jid)
+        if w is None or w.done() or self.wrapper_host is None:
+            return
+        try:
+            data = self.wrapper_host.open_live(jid, w.worker.key if w.worker else None,
+                                               offset, sealed)
+        except ValueError:
+            return  # not sealed to this key by the job's worker, for this job: dropped
+        if w._add_live(offset, data):
+            self.to_notify = True
+            self._touch(w)
 
     def _apply(self, records: list[dict[str, Any]], blobs: list[bytes],
                adopt: bool = False) -> list[JobWrapper]:

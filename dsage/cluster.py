@@ -226,8 +226,9 @@ def start_all(workers: int = 2, port: int | None = None,
     Runs ``dsage setup`` first when there is no keypair yet. The broker uses three
     free ports (``dsage status`` and the other shell commands find it), or ``port``
     and the two after it when given. Jobs an earlier session on this home left
-    unfinished are in the store and run first: it says how many, and how to drop them. When another broker (another script's ``start_all``)
-    has the home's job store open, this cluster keeps its jobs in a store of its
+    unfinished are in the store and run first: it says how many, and how to drop
+    them. When another broker (another script's ``start_all``) has the home's job
+    store open, this cluster keeps its jobs in a store of its
     own, and says so. ``D.close()`` (or leaving a ``with`` block, or the interpreter
     exiting) stops everything started here. Other options go to the broker and the
     monitor by name (``heartbeat=0.5``, ``max_jobs_per_slot=100``).

@@ -32,7 +32,8 @@ DSAGE_RESULT = (n, factor(n))
 def run_demo(workers: int = 2, home: str | os.PathLike[str] | None = None) -> int:
     console = Console()
     t0 = time.perf_counter()
-    console.print(f"[bold]dsage demo[/]: starting a broker and a monitor with {plural(workers, 'slot')}")
+    console.print(f"[bold]dsage demo[/]: starting a broker and a monitor with "
+                  f"{plural(workers, 'slot')}")
     with start_all(workers=workers, port=0, home=home) as D:
         console.print(f"cluster up in {time.perf_counter() - t0:.2f} s: {D!r}")
         console.print("\n[bold]>>> j = D('2+2'); j.wait(); j[/]")

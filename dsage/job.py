@@ -8,10 +8,12 @@ I/O thread notifies when jobs reach a final state.
 from __future__ import annotations
 
 import re
+import sys
 import threading
-from dataclasses import dataclass
+import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, TextIO
 
 from . import codec
 from .errors import DSageError, JobError, SubmitRejected, UnknownJob, UntrustedResultError
@@ -29,6 +31,9 @@ def strip_control(text: str) -> str:
     """``text`` without terminal escape sequences and control characters (newlines
     and tabs stay)."""
     return _CONTROL.sub("", text)
+
+#: how much of a running job's output a wrapper keeps (its end)
+LIVE_KEEP = 1 << 20
 
 #: the condition of wrappers without a client (made by hand, as tests do)
 _HOSTLESS = threading.Condition()
@@ -102,6 +107,10 @@ class JobWrapper:
         self._result_from = ResultFrom.NONE.value
         self._result_blob = b""
         self._output_blob = b""
+        #: what the job printed while running (its last LIVE_KEEP bytes), from offset
+        #: ``_live_base`` of its output
+        self._live = bytearray()
+        self._live_base = 0
         self._result: Any = _UNSET
         #: final: set once by the I/O thread, before it notifies ``host.changed``
         self._final = False
@@ -162,6 +171,18 @@ class JobWrapper:
         self._final = True
         return True
 
+    def _add_live(self, offset: int, data: bytes) -> bool:
+        """More of the running job's output (from the I/O thread); whether it added any."""
+        end = self._live_base + len(self._live)
+        if self._final or offset > end or offset + len(data) <= end:
+            return False  # final, a gap (a chunk was lost: the result has it all), or seen
+        self._live += data[end - offset:]
+        if len(self._live) > LIVE_KEEP:
+            cut = len(self._live) - LIVE_KEEP
+            del self._live[:cut]
+            self._live_base += cut
+        return True
+
     def _abandon(self, why: str) -> None:
         """The client closed before the job ended: its state stays as last known, and
         ``wait()``/``result()`` raise DSageError(``why``). The caller notifies waiters."""
@@ -205,11 +226,45 @@ class JobWrapper:
 
     @property
     def output(self) -> str:
-        """What the job printed (stdout and stderr), with the traceback if it raised.
-        From an anonymous worker, terminal control sequences are removed (it could
-        otherwise rewrite what your terminal shows)."""
-        text = self._output_blob.decode("utf-8", errors="replace")
+        """What the job printed (stdout and stderr), with the traceback if it raised;
+        while it runs, what it printed so far (its last MiB, updated about twice a
+        second). From an anonymous worker, terminal control sequences are removed (it
+        could otherwise rewrite what your terminal shows)."""
+        blob = self._output_blob if self._final else bytes(self._live)
+        text = blob.decode("utf-8", errors="replace")
         return text if self.trusted else strip_control(text)
+
+    def tail(self, file: TextIO | None = None, callback: Callable[[str], None] | None = None,
+             timeout: float | None = None) -> None:
+        """Follow the job's output until it ends: each new piece goes to ``callback``,
+        or is written to ``file`` (stdout by default) as it arrives. Returns when the
+        job is final (TimeoutError after ``timeout`` seconds)."""
+        out = sys.stdout if file is None else file
+        emit = callback or (lambda text: (out.write(text), out.flush()))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        shown = self._live_base  # what came before is not kept: start where it is
+        host = self._host
+        changed = _HOSTLESS if host is None else host.changed
+        while True:
+            with changed:
+                final = self._final
+                blob = self._output_blob if final else bytes(self._live)
+                base = 0 if final else self._live_base
+            if shown < base:
+                shown = base
+            if base + len(blob) > shown:
+                piece = blob[shown - base:].decode("utf-8", errors="replace")
+                emit(piece if self.trusted else strip_control(piece))
+                shown = base + len(blob)
+            if final:
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"job {self.job_id} is still {self.status} after {timeout} s")
+            if host is not None:
+                host.check_usable()
+            with changed:
+                changed.wait(0.5 if left is None else min(0.5, left))
 
     @property
     def trusted(self) -> bool:

@@ -39,8 +39,9 @@ from .seal import Sealer, binding
 from .slot import TEMPLATE, FrameError, recv_frame, remove_folder, send_frame
 from .sockets import send_frames
 from .protocol import (
-    CHUNK_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES, UPLOAD_BYTES,
-    M, Message, ProtocolError, Status, batch_bytes, batches, clip, decode, encode, make,
+    CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES,
+    UPLOAD_BYTES, M, Message, ProtocolError, Status, batch_bytes, batches, clip, decode,
+    encode, make,
 )
 from .words import plural
 
@@ -53,6 +54,8 @@ OOM_KILLED = ("the job's process was killed by the OOM killer (SIGKILL): memory 
               "the machine, or in a cgroup the monitor runs in, not at a cap of the slot's")
 #: how long a slot whose pipe ended may take to exit before it is killed
 REAP_WAIT = 1.0
+#: how often what running jobs print is sent on (seconds)
+LIVE_INTERVAL = 0.5
 #: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
 #: ``__main__``, after the package's imports had loaded it (and warn about it). ``-c``
 #: puts '' (the current folder) first on sys.path; it is made absolute, as ``-m``
@@ -109,6 +112,10 @@ class Slot:
     cause: str = ""
     #: the key whose jobs this slot process runs: it never runs another owner's
     owner: str | None = None
+    #: the capture file, open to read what the running job printed so far, and how
+    #: much of it was sent
+    live_fd: int = -1
+    live_offset: int = 0
 
     def kill(self) -> None:
         """Kill the slot process and every descendant of it: its cgroup at once, and
@@ -159,6 +166,7 @@ class Monitor:
         self._busy_said = False
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
+        self.last_live = 0.0
         #: set by SIGTERM/SIGINT; the loop then calls :meth:`begin_stop`
         self.stop_requested = False
         #: a second stop request (SIGTERM or Ctrl-C again): no grace, give jobs back now
@@ -547,6 +555,9 @@ class Monitor:
 
     def _bury(self, slot: Slot) -> None:
         """Remove what a dead slot leaves: its capture file, its cgroup."""
+        if slot.live_fd >= 0:
+            os.close(slot.live_fd)
+            slot.live_fd = -1
         try:
             slot.capture.unlink(missing_ok=True)
         except OSError:
@@ -591,6 +602,7 @@ class Monitor:
             return
         _, (spec, payload) = self.pending.popitem(last=False)
         slot.job, slot.started, slot.owner = spec, time.time(), spec["owner"]
+        slot.live_offset = 0  # (the slot emptied its capture file before its last reply)
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
         slot.kill_reason = None
         try:
@@ -852,9 +864,51 @@ class Monitor:
                 slot.kill()
         self._start_jobs()
         self._flush_results()
+        if now - self.last_live >= LIVE_INTERVAL:
+            self.last_live = now
+            self._stream_output()
         if self.stalled_uploads:
             self._retry_uploads(now)
         self._keepalive(now)
+
+    def _stream_output(self) -> None:
+        """Send what running jobs printed since last time (LIVE_BYTES per job at most),
+        sealed to their owners; their clients show it while the job runs."""
+        for slot in self.slots:
+            job = slot.job
+            if job is None or not self.registered:
+                continue
+            fd = self._live_fd(slot)
+            if fd < 0:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                if size <= slot.live_offset:
+                    slot.live_offset = min(slot.live_offset, size)
+                    continue
+                data = os.pread(fd, min(LIVE_BYTES, size - slot.live_offset), slot.live_offset)
+            except OSError:
+                continue
+            bound = binding(job["id"], job["owner"], "processing", "none", "none",
+                            f"live:{slot.live_offset}")
+            self._send(make(M.OUTPUT, [self.sealer.seal(job["owner"], data, bound)],
+                            id=job["id"], offset=slot.live_offset))
+            slot.live_offset += len(data)
+
+    def _live_fd(self, slot: Slot) -> int:
+        """The slot's capture file, opened once to read (a regular file only: its
+        folder is the job's to change, and the monitor may be root)."""
+        if slot.live_fd < 0:
+            try:
+                fd = os.open(slot.capture, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC)
+            except OSError:
+                return -1
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                return -1
+            slot.live_fd = fd
+        return slot.live_fd
 
     def _keepalive(self, now: float) -> None:
         window = self.options.heartbeat * self.options.liveness

@@ -29,6 +29,8 @@ VERSION = b"DSG1"
 #: Most items (jobs, results, records, ids) in one message; senders split larger
 #: batches with :func:`batches`.
 MAX_BATCH = 1000
+#: most bytes of a running job's output in one OUTPUT message (before sealing)
+LIVE_BYTES = 64 * 1024
 #: most jobs one LIST page may ask for (the reply comes in MAX_BATCH-sized messages)
 MAX_LIST = 10_000
 MAX_FRAMES = 3 + 2 * MAX_BATCH
@@ -137,6 +139,8 @@ class M(enum.StrEnum):
     STOPPING = "stopping"
     RELEASE = "release"
     PUT = "put"
+    # monitor -> broker -> subscribers: what a running job printed lately
+    OUTPUT = "output"
     # broker -> monitor
     REGISTERED = "registered"
     RUN = "run"
@@ -475,6 +479,8 @@ SCHEMAS: dict[M, Schema] = {
     # more), so the rest need not be sent
     M.PUT_ACK: Schema({"id": _job_id, "part": _part, "next": _nonneg_int, "gone": _bool}),
     M.EVENT: Schema({"seq": _nonneg_int, "epoch": _short_str}, "jobs", RECORD, 2),
+    # bytes ``offset``.. of a running job's output, sealed to its owner (LIVE_BYTES at most)
+    M.OUTPUT: Schema({"id": _job_id, "offset": _nonneg_int}, blobs=1),
 }
 
 CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKERS, M.PING,
@@ -482,7 +488,9 @@ CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKE
 CLIENT_REPLIES = frozenset({M.WELCOME, M.ACK, M.JOBS, M.WORKER_LIST, M.PONG, M.CHUNK,
                             M.STATE, M.PURGED, M.ERROR})
 MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.RELEASE,
-                              M.PUT})
+                              M.PUT, M.OUTPUT})
+#: what comes on the events socket
+EVENTS = frozenset({M.EVENT, M.OUTPUT})
 MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK,
                              M.PUT_ACK, M.ERROR})
 _BY_WIRE = {m.value.encode(): m for m in M}

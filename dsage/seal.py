@@ -41,6 +41,8 @@ from .keys import Keypair
 VERSION = b"\x02"
 _KEY_LEN = 32
 _HEADER = len(VERSION) + _KEY_LEN
+#: at most how many bytes sealing adds to a blob bound to at most 512 bytes
+OVERHEAD = _HEADER + 24 + 16 + 2 + 512
 #: most shared keys one side keeps (one X25519 multiplication each to remake)
 CACHE_SIZE = 1024
 

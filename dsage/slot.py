@@ -645,6 +645,7 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
         except (EOFError, OSError):
             return 0
         reply, result, output = run_job(spec, payload, capture, tmpdir)
+        capture.reset()  # before the reply: what the monitor reads next is the next job's
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path

@@ -434,3 +434,60 @@ def test_progress_on_a_live_cluster_and_in_a_pty(home: Path, tmp_path: Path) -> 
     text = strip_control(raw)
     assert "doubling" in text and "41/41 done, 1 failed" in text, text[-2000:]
     assert "\x1b[" in raw  # drawn as a live terminal view, not plain lines
+
+
+# --- live output
+
+
+TICKER = ("import time\n"
+          "for i in range(8):\n"
+          "    print('tick', i, flush=True)\n"
+          "    time.sleep(0.3)\n"
+          "'done'")
+
+
+def test_a_running_jobs_output_streams_to_its_wrapper(procs: Procs) -> None:
+    """2.5 s into a job that printed every second, j.output was once ''."""
+    procs.broker()
+    procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    first = d("print('from the job before')")
+    first.wait(60)
+    j = d(TICKER)
+    seen: list[str] = []
+    wait_for(lambda: seen.append(j.output) or "tick 2" in j.output, 60,
+             "the first ticks while the job runs")
+    assert j.status == "processing"
+    assert all("from the job before" not in s for s in seen)  # a fresh capture per job
+    pieces: list[str] = []
+    j.tail(callback=pieces.append, timeout=60)
+    assert j.status == "completed" and j.result() == "done"
+    assert "".join(pieces).startswith("tick 0\n")  # all of it, in order, no repeats
+    assert "".join(pieces) == j.output == "".join(f"tick {i}\n" for i in range(8))
+
+
+def test_live_output_only_from_the_jobs_own_monitor(tmp_path: Path) -> None:
+    from dsage.scheduler import Where
+
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    for mid in ("m1", "m2"):
+        state.on_monitor(0.0, mid.encode(), "k" * 40, False,
+                         make(M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[],
+                              running=[], version="0"))
+    owner = "o" * 40
+    spec = {"id": "a" * 32, "name": None, "kind": "python", "timeout": None, "priority": 5,
+            "memory": None, "anonymous_ok": False, "requires": [], "isolate": False}
+    state.on_client(0.0, b"c", owner, make(M.SUBMIT, [b"x"], req=1, jobs=[spec]))
+    state.flush(0.0)
+    job = state.sched.jobs[spec["id"]]
+    assert job.where is Where.ASSIGNED
+    runner = job.monitor
+    other = "m2" if runner == "m1" else "m1"
+    for mid in (other, runner):
+        state.on_monitor(0.0, mid.encode(), "k" * 40, False,
+                         make(M.OUTPUT, [b"sealed"], id=spec["id"], offset=0))
+    outs = [o for o in state.flush(0.0) if o.msg.type is M.OUTPUT]
+    assert len(outs) == 1 and outs[0].dest == "event" and outs[0].to == owner.encode()
+    store.close()
