@@ -84,7 +84,7 @@ def test_soak_random_kills_lose_nothing(procs: Procs) -> None:
     for i, j in jobs.items():
         assert j.status == "completed", (i, j.status, j.error)
         assert j.result() == i * i
-    stored = D.get_my_jobs()
+    stored = D.get_my_jobs(limit=None)
     assert len(stored) == JOBS
     assert len({w.job_id for w in stored}) == JOBS
     assert all(w.status == "completed" for w in stored)
