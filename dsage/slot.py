@@ -35,6 +35,7 @@ from typing import Any
 
 from . import contain
 from .codec import encode_result
+from .functions import LoadError
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
 #: the most captured output returned per job (the end is kept)
@@ -158,9 +159,11 @@ def run_code(code: str, filename: str, kind: str) -> tuple[Any, ResultFrom]:
 
 
 def run_function(payload: bytes) -> Any:
-    import dill
+    """Run a pickled call; a pickle that cannot be loaded here raises
+    :class:`dsage.functions.LoadError` naming what is missing."""
+    from .functions import load
 
-    func, args, kwargs = dill.loads(payload)
+    func, args, kwargs = load(payload, "the call")
     return func(*args, **kwargs)
 
 
@@ -288,6 +291,8 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
                                           spec["kind"])
     except SystemExit as e:
         status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
+    except LoadError as e:  # one line says it all: no traceback through the unpickler
+        status, error = Status.FAILED, str(e)[:2000]
     except BaseException as e:  # noqa: BLE001 - the job's own failure, reported in full
         status = Status.FAILED
         error = f"{type(e).__name__}: {e}"[:2000] + _explain(e, spec)
