@@ -2,8 +2,8 @@
 
 Calls and results between the client and trusted workers are pickles: the
 standard pickler's where it can, cloudpickle's by-value pickles for what only
-exists in the sending process (``__main__``, a notebook or a REPL), dill's as a
-last resort; every one loads with dill. Anything from an anonymous worker is
+exists in the sending process (``__main__``, a notebook or a REPL); both load
+with dill. Anything from an anonymous worker is
 untrusted: it travels in the data-only encoding below, which decodes to plain
 values and can never run code. Unpickling is kept to :func:`load_trusted`.
 """
@@ -36,18 +36,16 @@ def dump_trusted(value: Any) -> bytes:
     when it fails (lambdas, closures, local classes) or refers to ``__main__``,
     whose functions and classes only exist in this process: it pickles them by
     value with just the globals they use (modules by reference, constants,
-    helpers and classes beside them by value). dill is the last resort, for the
-    few objects only it knows. Raises if none can pickle the value."""
+    helpers and classes beside them by value). Raises if neither can pickle the
+    value. (dill is not tried: it pickles a ``__main__`` function's globals as a
+    reference to the worker's own ``__main__``, where they are missing.)"""
     try:
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - cloudpickle may manage what pickle cannot
         data = b"__main__"
     if b"__main__" not in data:
         return data
-    try:
-        return _by_value(value)
-    except Exception:  # noqa: BLE001 - raise dill's error if it fails too
-        return dill.dumps(value, protocol=dill.HIGHEST_PROTOCOL)
+    return _by_value(value)
 
 
 _pickler: Any = None

@@ -64,13 +64,15 @@ def _unpicklable(parts: list[tuple[str, Any]], error: Exception) -> TypeError:
         where = culprit(part)
         if where is not None:
             path, inner = where
-            return TypeError(f"cannot send {label}: {path}cannot be pickled ({inner})")
+            what = " -> ".join(path) if path else f"it ({type(part).__name__})"
+            return TypeError(f"cannot send {label}: {what} cannot be pickled ({inner})")
     return TypeError(f"cannot pickle the call: {type(error).__name__}: {error}")
 
 
-def culprit(obj: Any, depth: int = _DEPTH) -> tuple[str, str] | None:
-    """None if ``obj`` pickles; else where inside it the failure is (``"its global
-    'lock' (RLock) "``, empty for ``obj`` itself) and the pickler's message."""
+def culprit(obj: Any, depth: int = _DEPTH) -> tuple[list[str], str] | None:
+    """None if ``obj`` pickles; else where inside it the failure is (a path such as
+    ``["its global 'helper' (function)", "its global 'LOCK' (lock)"]``, empty for
+    ``obj`` itself) and the pickler's message."""
     try:
         codec.dump_trusted(obj)
         return None
@@ -80,8 +82,8 @@ def culprit(obj: Any, depth: int = _DEPTH) -> tuple[str, str] | None:
         for label, part in _parts(obj):
             inner = culprit(part, depth - 1)
             if inner is not None:
-                return f"{label} ({type(part).__name__}) " + inner[0], inner[1]
-    return "", error
+                return [f"{label} ({type(part).__name__})"] + inner[0], inner[1]
+    return [], error
 
 
 def _parts(obj: Any) -> Iterator[tuple[str, Any]]:

@@ -88,7 +88,9 @@ class MapRun:
             slots = 1  # the broker is not answering yet: jobs wait for it anyway
         self.sizer = ChunkSizer(slots, chunksize)
         #: chunks of the function's first wave carry it; later ones name it by digest
-        self.with_function = 0 if self.digest in client._functions_sent else slots
+        #: (every chunk when each runs in a fresh process, with ``isolate``)
+        self.with_function = (1 << 62 if self.template["isolate"] else
+                              0 if self.digest in client._functions_sent else slots)
         #: chunks submitted and not yet handed out, in submission order
         self.chunks: deque[_Chunk] = deque()
         #: chunks whose jobs are not final yet
