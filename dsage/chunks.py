@@ -36,6 +36,10 @@ TARGET_SECONDS = 0.1
 MAX_ITEMS = 100_000
 MAX_ITEM_BYTES = 1024 * 1024
 MAX_RESULT_BYTES = 192 * 1024
+#: chunks shorter than the target by this factor are not cut smaller at a map's end
+BALANCE_FLOOR = 10
+#: how many times larger than the largest chunk measured the next may be
+GROWTH = 8
 #: most chunks of one map in flight at once
 MAX_IN_FLIGHT = 1000
 
@@ -119,16 +123,21 @@ class ChunkSizer:
 
     With ``given`` the size is fixed. Otherwise the first chunks have one item
     each; from then on a chunk gets as many items as take ``target`` seconds by
-    the item times measured so far, bounded by :data:`MAX_ITEMS`, by the bytes
+    the item times measured so far (growing at most :data:`GROWTH` times past the
+    largest chunk measured, so a few quick items do not make a huge chunk of slow
+    ones, nor read far ahead in the input), bounded by :data:`MAX_ITEMS`, by the bytes
     its items and results take per item, and, when the number of items left is
     known, by a quarter of each slot's share of them, so the last chunks are
-    small and every slot stays busy to the end."""
+    small and every slot stays busy to the end (but not below a tenth of the
+    target time, where the end is near anyway)."""
 
     slots: int
     given: int | None = None
     target: float = TARGET_SECONDS
     measured_items: int = 0
     measured_seconds: float = 0.0
+    #: the most items a chunk measured so far had: the next may have GROWTH times more
+    largest: int = 0
     result_bytes: int = 0
     sent_items: int = 0
     sent_bytes: int = 0
@@ -141,6 +150,7 @@ class ChunkSizer:
         self.measured_items += items
         self.measured_seconds += seconds
         self.result_bytes += result_bytes
+        self.largest = max(self.largest, items)
 
     def size(self, remaining: int | None) -> int:
         """Items for the next chunk, ``remaining`` items being left (None: unknown)."""
@@ -154,19 +164,19 @@ class ChunkSizer:
             size = min(size, MAX_ITEM_BYTES * self.sent_items // self.sent_bytes)
         if self.result_bytes:
             size = min(size, MAX_RESULT_BYTES * self.measured_items // self.result_bytes)
-        if remaining is not None:
-            size = min(size, math.ceil(remaining / (4 * self.slots)))
-        return max(1, min(size, MAX_ITEMS))
+        if remaining is not None:  # small chunks at the end, unless they are short anyway
+            floor = MAX_ITEMS if per_item <= 0 else int(self.target / BALANCE_FLOOR / per_item)
+            size = min(size, max(math.ceil(remaining / (4 * self.slots)), floor), remaining)
+        return max(1, min(size, GROWTH * self.largest, MAX_ITEMS))
 
     def in_flight(self, size: int) -> int:
         """How many chunks of ``size`` items to keep in flight: two per slot and one
-        more, or as many as hold two target times of work per slot (short chunks
-        of a given size), at most :data:`MAX_IN_FLIGHT`."""
+        more; for chunks of a given size that are short, as many as hold two
+        target times of work per slot, at most :data:`MAX_IN_FLIGHT`."""
         least = 2 * self.slots + 1
-        if not self.measured_items:
+        if self.given is None or not self.measured_items:
             return least
         chunk_seconds = size * self.measured_seconds / self.measured_items
-        wanted = least if chunk_seconds <= 0 and self.given is None else (
-            MAX_IN_FLIGHT if chunk_seconds <= 0
-            else math.ceil(2 * self.slots * self.target / chunk_seconds))
+        wanted = (MAX_IN_FLIGHT if chunk_seconds <= 0
+                  else math.ceil(2 * self.slots * self.target / chunk_seconds))
         return max(least, min(wanted, MAX_IN_FLIGHT))
