@@ -183,6 +183,8 @@ class MapRun:
                                             f"{type(e).__name__}: {e}")
                 value = None
             if value is not None and value[0] == NEED_FUNCTION:
+                # new slots: the next chunks carry the function too, not only this one
+                self.with_function = max(self.with_function, self.sizer.slots)
                 c.resends += 1
                 if c.resends <= MAX_RESENDS:
                     return False
