@@ -14,6 +14,8 @@ import gc
 import itertools
 import math
 import operator
+import sys
+import threading
 import time
 import weakref
 from collections import Counter
@@ -137,6 +139,17 @@ def test_a_failing_item_raises_job_error_naming_its_index_with_the_remote_traceb
     assert out[:40] == [1.0] * 40 and out[41:] == [0.5] * 9
     assert isinstance(out[40], ZeroDivisionError)
     assert "return 1 / x" in str(out[40].__cause__)
+
+    # a chunk that fails as a whole (its process exits) fails each of its items
+    out = cluster.map(sys.exit, [3, 4], chunksize=2, return_exceptions=True)
+    assert [type(x) for x in out] == [dsage.ItemError, dsage.ItemError]
+    assert [x.index for x in out] == [0, 1]
+    assert "the job exited: sys.exit(3)" in str(out[1]) and out[1].job.status == "failed"
+    with pytest.raises(dsage.JobError, match=r"item 0 failed: its job .* the job exited"):
+        cluster.map(sys.exit, [3])
+    # an item that cannot be sent is named in the call
+    with pytest.raises(TypeError, match=r"cannot send item 1: it \(lock\) cannot be pickled"):
+        cluster.map(abs, [1, threading.Lock()])
 
     # imap hands out every result before the failing one
     it = cluster.imap(inverse, [1, 2, 0, 4], chunksize=1)
