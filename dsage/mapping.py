@@ -23,7 +23,7 @@ from .chunks import NEED_FUNCTION, ChunkSizer, ItemFailure, run_chunk
 from .errors import DSageError, ItemError, JobError, RemoteTraceback
 from .functions import dump_function, dump_items
 from .job import JobWrapper
-from .protocol import Kind, Status
+from .protocol import MAX_TEXT, Kind, Status
 
 if TYPE_CHECKING:
     from .client import DSage
@@ -74,7 +74,7 @@ class MapRun:
         options = dict(job_options)
         self.template = client._spec(
             Kind.FUNCTION.value, options.pop("job_timeout", None),
-            options.pop("priority", 5), options.pop("name", None) or self.fname,
+            options.pop("priority", 5), (options.pop("name", None) or self.fname)[:MAX_TEXT - 50],
             options.pop("memory", None), options.pop("anonymous_ok", False),
             options.pop("requires", ()), options.pop("isolate", False), **options)
         self.star = len(iterables) != 1
@@ -87,10 +87,12 @@ class MapRun:
         except DSageError:
             slots = 1  # the broker is not answering yet: jobs wait for it anyway
         self.sizer = ChunkSizer(slots, chunksize)
-        #: chunks of the function's first wave carry it; later ones name it by digest
-        #: (every chunk when each runs in a fresh process, with ``isolate``)
+        #: chunks of the function's first wave (as many as are in flight before any
+        #: result) carry it; later ones name it by digest (every chunk carries it when
+        #: each runs in a fresh process, with ``isolate``)
         self.with_function = (1 << 62 if self.template["isolate"] else
-                              0 if self.digest in client._functions_sent else slots)
+                              0 if self.digest in client._functions_sent
+                              else self.sizer.in_flight(1))
         #: chunks submitted and not yet handed out, in submission order
         self.chunks: deque[_Chunk] = deque()
         #: chunks whose jobs are not final yet
@@ -136,6 +138,8 @@ class MapRun:
                                    protocol=pickle.HIGHEST_PROTOCOL)
             spec = dict(self.template, id=os.urandom(16).hex(),
                         name=f"{self.template['name']} [{c.start}:{c.start + c.count}]")
+            if c.resends:  # ahead of the map's later chunks, whose turn it had come before
+                spec["priority"] = max(0, spec["priority"] - 1)
             jobs.append((spec, payload))
         for c, job in zip(chunks, self.client._submit_specs(jobs)):
             c.job = job
@@ -160,8 +164,11 @@ class MapRun:
                                    f"({len(self.in_flight)} chunks still running)")
             with changed:
                 changed.wait_for(some_done, left)
-        done = [c for c in self.in_flight if c.job.done()]  # type: ignore[union-attr]
-        self.in_flight = [c for c in self.in_flight if not c.job.done()]  # type: ignore[union-attr]
+        done: list[_Chunk] = []
+        running: list[_Chunk] = []
+        for c in self.in_flight:  # one look at each: a job may become final meanwhile
+            (done if c.job.done() else running).append(c)  # type: ignore[union-attr]
+        self.in_flight = running
         resend = [c for c in done if not self._take(c)]
         self._submit(resend)
         self._fill()
