@@ -282,6 +282,10 @@ def test_executor_shutdown_waits_or_cancels_queued_jobs(cluster: dsage.DSage) ->
     states = Counter(f.status for f in fs)
     assert states["completed"] >= 2 and states["killed"] >= 6, states
 
+    ex = cluster.executor()  # a map left unread does not keep shutdown waiting
+    ex.map(str, [2] * 5)
+    ex.shutdown()
+
     ex = cluster.executor()
     f = ex.submit(nap, 1.0)
     t = time.monotonic()
