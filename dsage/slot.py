@@ -34,8 +34,9 @@ import traceback
 from typing import Any
 
 from . import contain
+from . import chunks
 from .codec import encode_result
-from .functions import LoadError
+from .functions import LoadError, preload
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
 #: the most captured output returned per job (the end is kept)
@@ -156,6 +157,9 @@ def run_code(code: str, filename: str, kind: str) -> tuple[Any, ResultFrom]:
     if "DSAGE_RESULT" in namespace:
         return namespace["DSAGE_RESULT"], ResultFrom.DSAGE_RESULT
     return value, (ResultFrom.EXPRESSION if last is not None else ResultFrom.NONE)
+
+
+preload(chunks)  # a map's chunks call chunks.run_chunk
 
 
 def run_function(payload: bytes) -> Any:
