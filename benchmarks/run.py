@@ -40,6 +40,8 @@ TARGETS = {
     "start_s": 1.0,        # start to first result under 1 s
     "owed_mb": 300.0,      # broker RSS while a stopped client is owed 12 x 25 MB
     "million_mb": 1024.0,  # a million queued jobs under 1 GB of broker RSS
+    "map_vs_pool1": 5.0,   # D.map of tiny items at least 5x the pool's map(chunksize=1)
+    "example2": 1.10,      # the seed's Example 2 within 1.10x the pool's map(chunksize=1)
 }
 
 
@@ -55,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-owed", action="store_true",
                    help="skip the broker's memory while a stopped client is owed 12 x 25 MB "
                         "(run by default with dsage)")
+    p.add_argument("--no-many", action="store_true",
+                   help="skip D.map and the seed's Example 2 against the pool (run by default "
+                        "when dsage and pool are both among the systems)")
     p.add_argument("--latency-jobs", type=int, help="sequential round trips (default 1000)")
     p.add_argument("--tiny-jobs", type=int, help="tiny jobs for throughput (default 20000)")
     p.add_argument("--cpu-jobs", type=int, help="tiny jobs for CPU per job (default 10000)")
@@ -74,6 +79,10 @@ def child_main(args: argparse.Namespace) -> int:
         from benchmarks.million import bench_million
 
         result = bench_million(json.loads(args.config)["count"])
+    elif args.child == "many":
+        from benchmarks.many import bench_many
+
+        result = bench_many(**json.loads(args.config))
     elif args.child == "owed":
         from benchmarks.owed import bench_owed
 
@@ -130,7 +139,7 @@ def _pair(r: dict[str, Any], prefix: str) -> str:
 
 
 def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | None,
-                owed: dict[str, Any] | None = None) -> None:
+                owed: dict[str, Any] | None = None, many: dict[str, Any] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -172,6 +181,21 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
                 f"{owed['owed_broker_idle_mb']:.0f} MB), all completed "
                 f"{owed['owed_completed_s']:.1f} s after the client started "
                 f"({owed['owed_done_before_stop']} done before it stopped)")
+    if many is not None:
+        if "error" in many:
+            console.print(f"many jobs: [red]{many['error']}[/]")
+        else:
+            console.print(
+                f"D.map of {many['map_items']:,} tiny items {many['map_s']:.3f} s: "
+                f"{many['map_vs_pool1']:.1f}x the pool's map(chunksize=1) "
+                f"({many['map_pool1_s']:.2f} s), {many['map_vs_pool_best']:.2f}x its best chunked "
+                f"map (chunksize={many['map_pool_best_chunksize']:,}, "
+                f"{many['map_pool_best_s']:.3f} s)")
+            console.print(
+                f"Example 2, {many['example2_numbers']:,} factorings: pool map(chunksize=1) "
+                f"{many['example2_pool_s']:.2f} s; D.eval_function jobs "
+                f"{many['example2_jobs_s']:.2f} s ({many['example2_jobs_vs_pool']:.3f}x); "
+                f"D.map {many['example2_map_s']:.2f} s ({many['example2_map_vs_pool']:.3f}x)")
     if million is not None:
         if "error" in million:
             console.print(f"million queued jobs: [red]{million['error']}[/]")
@@ -182,7 +206,7 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
                 f"idle {million['broker_rss_idle_mb']:.0f} MB), store "
                 f"{million['store_mb']:.0f} MB on disk, submitted at "
                 f"{million['million_submit_per_s']:,.0f} jobs/s")
-    checks = targets(results, million, owed)
+    checks = targets(results, million, owed, many)
     if checks:
         tt = Table(title="dsage against its targets (measured in this run)")
         for col in ("target", "measured", ""):
@@ -195,7 +219,8 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
 
 
 def targets(results: dict[str, dict[str, Any]], million: dict[str, Any] | None,
-            owed: dict[str, Any] | None = None) -> list[tuple[str, str, bool | None]]:
+            owed: dict[str, Any] | None = None,
+            many: dict[str, Any] | None = None) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for dsage against the others of the same run; met is
     None when the system to compare with was not measured."""
     T = TARGETS
@@ -239,6 +264,14 @@ def targets(results: dict[str, dict[str, Any]], million: dict[str, Any] | None,
                     f"{owed['owed_bytes_each'] / 1e6:g} MB <= {T['owed_mb']:g} MB",
                     f"{owed['owed_broker_rss_mb']:.0f} MB (peak {owed['owed_broker_hwm_mb']:.0f})",
                     owed["owed_broker_rss_mb"] <= T["owed_mb"]))
+    if many is not None and "map_s" in many:
+        out.append((f"D.map of tiny items >= {T['map_vs_pool1']:g}x the pool's "
+                    f"map(chunksize=1)", f"{many['map_vs_pool1']:.1f}x",
+                    many["map_vs_pool1"] >= T["map_vs_pool1"]))
+        for key, what in (("example2_jobs_vs_pool", "D.eval_function jobs"),
+                          ("example2_map_vs_pool", "D.map")):
+            out.append((f"Example 2 ({what}) within {T['example2']:.2f}x the pool's "
+                        f"map(chunksize=1)", f"{many[key]:.3f}x", many[key] <= T["example2"]))
     if million is not None and "broker_rss_mb" in million:
         out.append((f"{million['million_jobs']:,} queued jobs < 1 GB",
                     f"{million['broker_rss_mb']:.0f} MB",
@@ -302,20 +335,31 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in owed:
             print(f"  failed: {owed['error']}", file=sys.stderr)
         print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+    many = None
+    if "dsage" in names and "pool" in names and not args.no_many \
+            and "skipped" not in results["dsage"]:
+        print("dsage and pool, many jobs (D.map, Example 2):", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        many = run_child("many", {"items": 10_000 if quick else 50_000,
+                                  "numbers": 200 if quick else 1000,
+                                  "rounds": 1 if quick else 2}, args.timeout)
+        if "error" in many:
+            print(f"  failed: {many['error']}", file=sys.stderr)
+        print(f"  ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     million = None
     if args.million:
         print("dsage, million queued jobs:", file=sys.stderr, flush=True)
         million = run_child("million", {"count": args.million_count}, max(args.timeout, 1800))
     total = time.perf_counter() - t_all
-    print_table(results, million, owed)
+    print_table(results, million, owed, many)
     print(f"total {total:.0f} s; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
                "cpus": os.cpu_count(), "revision": revision, "python": platform.python_version(),
                "config": dataclasses.asdict(cfg), "cpu_task_seconds": cpu_seconds,
-               "results": results, "owed": owed, "million": million,
+               "results": results, "owed": owed, "million": million, "many": many,
                "targets": [{"target": n, "measured": m, "met": ok}
-                           for n, m, ok in targets(results, million, owed)],
+                           for n, m, ok in targets(results, million, owed, many)],
                "total_s": total}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -27,20 +27,21 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, codec
+from . import __version__
 from . import keys as keys_mod
 from .auth import make_client
+from .functions import dump_call
 from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
 from .job import JobWrapper
 from .protocol import (
@@ -53,6 +54,9 @@ from .protocol import batch_bytes
 from .seal import Opener, binding
 from .sockets import send_frames
 from .words import plural
+
+if TYPE_CHECKING:
+    from .executor import DSageExecutor
 
 __all__ = [
     "BrokerUnreachable", "DSage", "DSageError", "KeyRejected", "MonitorInfo", "SubmitRejected",
@@ -422,6 +426,8 @@ class _IO(threading.Thread):
         self.touched: list[JobWrapper] = []
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        #: messages sent to the broker, by type (``b"submit"``...): what tests count
+        self.sent_messages: Counter[bytes] = Counter()
         self.ready = threading.Event()
         self.failure: BaseException | None = None
 
@@ -551,12 +557,12 @@ class _IO(threading.Thread):
             except queue.Empty:
                 return
             if cmd[0] == "submit":
-                job, wrapper = cmd[1:]
-                jid = job.spec["id"]
-                # registered before it is sent, so no event about it can come first
-                self.jobs[jid] = wrapper
-                self.open.add(jid)
-                self._queue_job(jid, job)
+                for job, wrapper in zip(cmd[1], cmd[2]):
+                    jid = job.spec["id"]
+                    # registered before it is sent, so no event about it can come first
+                    self.jobs[jid] = wrapper
+                    self.open.add(jid)
+                    self._queue_job(jid, job)
             elif cmd[0] == "request":
                 type_, header, fut, wrap = cmd[1:]
                 if fut.set_running_or_notify_cancel():
@@ -565,6 +571,8 @@ class _IO(threading.Thread):
                     self._send(make(type_, req=req, **header))
             elif cmd[0] == "query":
                 self._send_ids(M.QUERY, [i for i in cmd[1] if i not in self.unacked])
+            elif cmd[0] == "kill":  # no reply awaited: the jobs' records update their wrappers
+                self._send_ids(M.KILL, cmd[1])
             elif cmd[0] == "close":
                 self.running = False
 
@@ -614,6 +622,7 @@ class _IO(threading.Thread):
             send_frames(self.dealer, frames)
         except zmq.Again:
             return False
+        self.sent_messages[frames[1]] += 1
         return True
 
     def _send_jobs(self) -> bool:
@@ -1007,6 +1016,8 @@ class DSage:
         self.server_key = (keys_mod.parse_public_key(server_key) if server_key is not None
                            else self.keys.public)
         self._cluster: Any = None
+        #: content addresses of the map functions sent so far (slots cache them)
+        self._functions_sent: set[str] = set()
         self._closed = False
         self._pid = os.getpid()
         self._opener = Opener(self.keys)
@@ -1131,7 +1142,7 @@ class DSage:
         """Run ``func(*args, **kwargs)`` on a worker; the result is its return value."""
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
-        payload = _pickle_call(func, tuple(args), dict(kwargs or {}))
+        payload = dump_call(func, tuple(args), dict(kwargs or {}))
         options.setdefault("name", getattr(func, "__name__", None))
         return self._submit(payload, Kind.FUNCTION.value, options.pop("timeout", 600),
                             options.pop("priority", DEFAULT_PRIORITY), options.pop("name"),
@@ -1145,19 +1156,93 @@ class DSage:
                 **unknown: Any) -> JobWrapper:
         """Check the options, wait for room (see :class:`_Window`) and hand the job to
         the I/O thread, which registers its wrapper before sending it."""
+        spec = self._spec(kind, timeout, priority, name, memory, anonymous_ok, requires,
+                          isolate, **unknown)
+        return self._submit_specs([(spec, payload)])[0]
+
+    def _spec(self, kind: str, timeout: float | None, priority: int, name: str | None,
+              memory: int | str | None, anonymous_ok: bool, requires: Iterable[str],
+              isolate: bool = False, **unknown: Any) -> dict[str, Any]:
+        """A new job's spec (with a fresh id) from checked options."""
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
-        self._check_usable()
-        job_id = os.urandom(16).hex()
-        spec = {"id": job_id, "name": _check_name(name), "kind": kind,
+        return {"id": os.urandom(16).hex(), "name": _check_name(name), "kind": kind,
                 "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": _check_tags(requires), "isolate": bool(isolate)}
-        job = _Outgoing(spec, payload, _spec_bytes(spec))
-        self._window.take(len(payload), self._check_can_wait)
-        wrapper = JobWrapper(self._host, job_id, name, kind, priority)
-        self._io.command("submit", job, wrapper)
-        return wrapper
+
+    def _submit_specs(self, jobs: Sequence[tuple[dict[str, Any], bytes]]) -> list[JobWrapper]:
+        """Submit jobs (spec and payload each) in one command to the I/O thread, so
+        that they leave in as few messages as the batch limits allow."""
+        self._check_usable()
+        out = [_Outgoing(spec, payload, _spec_bytes(spec)) for spec, payload in jobs]
+        wrappers: list[JobWrapper] = []
+        try:
+            for job in out:
+                self._window.take(len(job.payload), self._check_can_wait)
+                spec = job.spec
+                wrappers.append(JobWrapper(self._host, spec["id"], spec["name"], spec["kind"],
+                                           spec["priority"]))
+        except BaseException:
+            taken = out[:len(wrappers)]
+            self._window.give(len(taken), sum(len(j.payload) for j in taken))
+            raise
+        self._io.command("submit", out, wrappers)
+        return wrappers
+
+    def _kill_quietly(self, ids: Sequence[str]) -> None:
+        """Ask the broker to kill jobs without waiting for its answer (their wrappers
+        follow its records, as for any kill)."""
+        if ids and not self._closed and os.getpid() == self._pid:
+            self._io.command("kill", list(ids))
+
+    def _slots(self, anonymous_ok: bool = False, timeout: float = 10.0) -> int:
+        """How many worker slots could run this client's jobs now (at least 1)."""
+        return max(1, sum(w.slots for w in self.workers(timeout)
+                          if anonymous_ok or not w.anonymous))
+
+    # --- many jobs
+
+    def map(self, func: Callable[..., Any], *iterables: Iterable[Any],
+            chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
+            progress: bool = False, return_exceptions: bool = False,
+            **job_options: Any) -> list[Any]:
+        """``[func(*args) for args in zip(*iterables)]``, run on the workers.
+
+        The function is sent once; the items go many per job (``chunksize`` of
+        them, or as many as make ~0.1 s of work, measured as the map goes) and
+        many jobs per message. A failing item raises :class:`JobError` naming its
+        index, with the worker's traceback (or, with ``return_exceptions``, its
+        exception takes its place in the list). ``timeout`` counts from this call
+        (TimeoutError after). With ``ordered=False`` the list is in the order
+        results came. ``progress`` shows a progress bar. ``job_options`` (priority,
+        requires, memory, job_timeout for each chunk...) apply to every job of the map.
+        """
+        return list(self.imap(func, *iterables, chunksize=chunksize, ordered=ordered,
+                              timeout=timeout, progress=progress,
+                              return_exceptions=return_exceptions, **job_options))
+
+    def imap(self, func: Callable[..., Any], *iterables: Iterable[Any],
+             chunksize: int | None = None, ordered: bool = True, timeout: float | None = None,
+             progress: bool = False, return_exceptions: bool = False,
+             **job_options: Any) -> Iterator[Any]:
+        """As :meth:`map`, yielding results as they come: in the order of the items,
+        or with ``ordered=False`` as each chunk completes. Items are read from the
+        iterables as chunks are sent, not all at once. Closing the iterator early
+        kills the jobs still running."""
+        from .mapping import MapRun
+
+        run = MapRun(self, func, iterables, chunksize=chunksize, ordered=ordered,
+                     timeout=timeout, return_exceptions=return_exceptions,
+                     job_options=job_options)
+        return run.results(progress)
+
+    def executor(self, **job_options: Any) -> DSageExecutor:
+        """A :class:`concurrent.futures.Executor` whose jobs run on this client's
+        workers, each with ``job_options``."""
+        from .executor import DSageExecutor
+
+        return DSageExecutor(self, **job_options)
 
     # --- looking at jobs
 
@@ -1319,21 +1404,3 @@ class DSage:
         state = "closed" if self._closed else (
             "connected" if self._io.conn.welcomed.is_set() else "connecting")
         return f"<DSage {self.server}:{self.port} {state}>"
-
-
-def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle a call (with dill where needed), saying which part cannot be pickled."""
-    import dill
-
-    try:
-        return codec.dump_trusted((func, args, kwargs))
-    except Exception as e:  # noqa: BLE001 - find the culprit for a clear message
-        parts: list[tuple[str, Any]] = [("the function", func)]
-        parts += [(f"argument {i}", a) for i, a in enumerate(args)]
-        parts += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
-        for label, part in parts:
-            try:
-                dill.dumps(part)
-            except Exception as inner:  # noqa: BLE001
-                raise TypeError(f"cannot send {label} ({type(part).__name__}): {inner}") from None
-        raise TypeError(f"cannot pickle the call: {e}") from None

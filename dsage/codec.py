@@ -1,6 +1,9 @@
 """Result encodings.
 
-Trusted workers return dill pickles. Anything from an anonymous worker is
+Calls and results between the client and trusted workers are pickles: the
+standard pickler's where it can, cloudpickle's by-value pickles for what only
+exists in the sending process (``__main__``, a notebook or a REPL); both load
+with dill. Anything from an anonymous worker is
 untrusted: it travels in the data-only encoding below, which decodes to plain
 values and can never run code. Unpickling is kept to :func:`load_trusted`.
 """
@@ -8,6 +11,7 @@ values and can never run code. Unpickling is kept to :func:`load_trusted`.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import pickle
@@ -27,22 +31,60 @@ class UntrustedResult(str):
 def dump_trusted(value: Any) -> bytes:
     """Pickle a value (a call or a result) for a trusted peer, who loads it with dill.
 
-    The standard pickler goes first: it is ~15x faster than dill's and its output
-    is what dill would write for anything importable. dill is used when the
-    standard one fails (lambdas, closures, local classes) or refers to
-    ``__main__``, whose functions and classes only exist in this process and
-    must travel by value. Raises if neither can pickle the value."""
+    The standard pickler goes first: it is ~15x faster than the others and its
+    output is what they would write for anything importable. cloudpickle is used
+    when it fails (lambdas, closures, local classes) or refers to ``__main__``,
+    whose functions and classes only exist in this process: it pickles them by
+    value with just the globals they use (modules by reference, constants,
+    helpers and classes beside them by value). Raises if neither can pickle the
+    value. (dill is not tried: it pickles a ``__main__`` function's globals as a
+    reference to the worker's own ``__main__``, where they are missing.)"""
     try:
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # noqa: BLE001 - dill may manage what pickle cannot
+    except Exception:  # noqa: BLE001 - cloudpickle may manage what pickle cannot
         data = b"__main__"
     if b"__main__" not in data:
         return data
-    return dill.dumps(value, protocol=dill.HIGHEST_PROTOCOL)
+    return _by_value(value)
+
+
+_pickler: Any = None
+
+
+def _by_value(value: Any) -> bytes:
+    """cloudpickle's pickle of ``value``, keeping the file names of code it sends by
+    value (cloudpickle writes ``<dynamic-code>``), so that a worker's traceback
+    says where the code was written, with its lines when the file is there too."""
+    global _pickler
+    if _pickler is None:
+        _pickler = _make_pickler()  # here: a slot that never meets such a value never imports it
+    buf = io.BytesIO()
+    _pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buf.getvalue()
+
+
+def _make_pickler() -> Any:
+    import types
+    from collections import ChainMap
+
+    import cloudpickle
+    from cloudpickle import cloudpickle as impl
+
+    reduce_code = impl._code_reduce
+
+    def code_keeping_filename(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+        make, args = reduce_code(code)
+        return make, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = ChainMap({types.CodeType: code_keeping_filename},
+                                  cloudpickle.Pickler.dispatch_table)
+
+    return Pickler
 
 
 def load_trusted(blob: bytes) -> Any:
-    """Unpickle a result; only ever called for results from trusted workers."""
+    """Unpickle a call or a result; only ever called for trusted peers' pickles."""
     return dill.loads(blob)
 
 

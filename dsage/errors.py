@@ -4,7 +4,7 @@ each other)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .job import JobWrapper
@@ -62,3 +62,41 @@ class JobError(Exception):
 
 class UntrustedResultError(Exception):
     """A result from an anonymous worker was not in the data-only encoding."""
+
+
+class RemoteTraceback(Exception):
+    """The worker's traceback of an exception, set as its ``__cause__`` (as
+    ``concurrent.futures.ProcessPoolExecutor`` does), so a traceback printed here
+    shows where it was raised there."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'
+
+
+class ItemError(JobError):
+    """An item of a map failed. ``index`` is its position in the map; ``exception``
+    what it raised on the worker (with the worker's traceback as its ``__cause__``),
+    or the :class:`JobError` of its chunk when the chunk as a whole failed (killed,
+    lost too often, out of memory); ``output`` holds the worker's traceback."""
+
+    def __init__(self, index: int, exception: BaseException, output: str,
+                 job: JobWrapper | None = None) -> None:
+        self.index = index
+        self.exception = exception
+        self.job = job  # type: ignore[assignment]  # the chunk's job, when known
+        self.status = "failed" if job is None else job.status
+        self.error = (exception.error if isinstance(exception, JobError)
+                      else f"{type(exception).__name__}: {exception}")
+        self.output = output
+        if isinstance(exception, JobError):  # the chunk failed: say which job, and how
+            Exception.__init__(self, f"item {index} failed: its {exception}")
+            return
+        tail = output[-MESSAGE_TAIL:]
+        Exception.__init__(self, f"item {index} failed: {self.error}" + (f"\n{tail}" if tail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ItemError, (self.index, self.exception, self.output)

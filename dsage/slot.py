@@ -38,8 +38,9 @@ import time
 import traceback
 from typing import Any
 
-from . import contain, runas
+from . import chunks, contain, runas
 from .codec import encode_result
+from .functions import LoadError, preload
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
 
 #: the most captured output returned per job (the end is kept)
@@ -162,10 +163,15 @@ def run_code(code: str, filename: str, kind: str) -> tuple[Any, ResultFrom]:
     return value, (ResultFrom.EXPRESSION if last is not None else ResultFrom.NONE)
 
 
-def run_function(payload: bytes) -> Any:
-    import dill
+preload(chunks)  # a map's chunks call chunks.run_chunk
 
-    func, args, kwargs = dill.loads(payload)
+
+def run_function(payload: bytes) -> Any:
+    """Run a pickled call; a pickle that cannot be loaded here raises
+    :class:`dsage.functions.LoadError` naming what is missing."""
+    from .functions import load
+
+    func, args, kwargs = load(payload, "the call")
     return func(*args, **kwargs)
 
 
@@ -294,6 +300,8 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
                                           spec["kind"])
     except SystemExit as e:
         status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
+    except LoadError as e:  # one line says it all: no traceback through the unpickler
+        status, error = Status.FAILED, str(e)[:2000]
     except BaseException as e:  # noqa: BLE001 - the job's own failure, reported in full
         status = Status.FAILED
         error = f"{type(e).__name__}: {e}"[:2000] + _explain(e, spec)
