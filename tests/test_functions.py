@@ -95,10 +95,11 @@ SCRIPT_MAIN = textwrap.dedent('''
 
 def test_functions_from_a_script_run_with_what_they_use(cluster: dsage.DSage, procs: Procs,
                                                         tmp_path: Path) -> None:
-    script = tmp_path / "script.py"
+    (tmp_path / "scripts").mkdir()  # not beside the home folder 'dsage', which would shadow
+    script = tmp_path / "scripts" / "script.py"  # the package on the script's sys.path
     script.write_text(USER_CODE + SCRIPT_MAIN)
     run = subprocess.run([sys.executable, str(script), str(procs.port)], capture_output=True,
-                         text=True, timeout=90, cwd=tmp_path)
+                         text=True, timeout=90, cwd=tmp_path / "scripts")
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, run.stdout + run.stderr
     assert json.loads(lines[0][7:]) == EXPECTED
@@ -149,7 +150,8 @@ class Repl:
 
 def test_functions_typed_into_a_repl_run_with_what_they_use(cluster: dsage.DSage, procs: Procs,
                                                             tmp_path: Path) -> None:
-    repl = Repl(tmp_path)
+    (tmp_path / "repl").mkdir()  # its cwd is on its sys.path: not beside the home 'dsage'
+    repl = Repl(tmp_path / "repl")
     try:
         repl.type(_interactive(USER_CODE))
         repl.type(textwrap.dedent(f'''
