@@ -23,6 +23,7 @@ from .chunks import NEED_FUNCTION, ChunkSizer, ItemFailure, run_chunk
 from .errors import DSageError, ItemError, JobError, RemoteTraceback
 from .functions import dump_function, dump_items
 from .job import JobWrapper
+from .progress import JobProgress
 from .protocol import MAX_TEXT, Kind, Status
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class MapRun:
         #: chunks done (unordered mode: waiting to be handed out)
         self.ready: deque[_Chunk] = deque()
         self.on_done: Callable[[int], None] | None = None
+        #: the live view of the map's items (progress=True), fed as chunks go out
+        self.progress: JobProgress | None = None
         self._fill()
 
     # --- sending
@@ -144,6 +147,9 @@ class MapRun:
         for c, job in zip(chunks, self.client._submit_specs(jobs)):
             c.job = job
             self.in_flight.append(c)
+        if self.progress is not None:
+            self.progress.add([c.job for c in chunks if c.job is not None],
+                              [c.count for c in chunks])
         self.client._functions_sent.add(self.digest)
 
     # --- receiving
@@ -194,6 +200,8 @@ class MapRun:
                 self.with_function = max(self.with_function, self.sizer.slots)
                 c.resends += 1
                 if c.resends <= MAX_RESENDS:
+                    if self.progress is not None:
+                        self.progress.forget([job])  # counted again as the job it becomes
                     return False
                 c.error = _chunk_error(job, "the function was sent with it, yet the worker "
                                             "said it did not have it")
@@ -214,7 +222,11 @@ class MapRun:
         """The map's results (see ``D.imap``)."""
         if not progress:
             return self._iterate()
-        return _with_progress(self, self._iterate())
+        view = self.progress = JobProgress(title=f"map {self.fname}", total=self.total,
+                                           unit="items")
+        view.add([c.job for c in self.in_flight if c.job is not None],
+                 [c.count for c in self.in_flight if c.job is not None])
+        return _with_progress(view, self._iterate())
 
     def _iterate(self) -> Iterator[Any]:
         try:
@@ -283,12 +295,9 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None if iterables else 0
 
 
-def _with_progress(run: MapRun, results: Iterator[Any]) -> Iterator[Any]:
-    """``results`` with a rich progress bar on stderr, advanced as chunks complete."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(f"map {run.fname}", total=run.total)
-        run.on_done = lambda n: bar.advance(task, n)
+def _with_progress(view: JobProgress, results: Iterator[Any]) -> Iterator[Any]:
+    """``results``, ending the live view of the map's items when they end."""
+    try:
         yield from results
+    finally:
+        view.close()

@@ -62,7 +62,8 @@ class JobProgress:
 
     def __init__(self, jobs: Iterable[JobWrapper] = (), title: str = "dsage",
                  console: Console | None = None, enabled: bool = True,
-                 interval: float = 10.0) -> None:
+                 interval: float = 10.0, total: int | None = None,
+                 unit: str = "jobs") -> None:
         self.title = title
         self.console = console or Console(stderr=True)
         self.enabled = enabled
@@ -72,8 +73,15 @@ class JobProgress:
         self._lock = threading.Lock()
         self._all_done = threading.Event()
         self._state: dict[str, str] = {}
+        #: what each job counts for (a map's chunk: its items), 1 unless said
+        self._weight: dict[str, int] = {}
+        #: the total expected, before all its jobs were added (a map's items)
+        self._expected = total or 0
+        self.counts.total = self._expected
+        self.unit = unit
         self._hosts: list[JobHost] = []
         self._closed = False
+        self._closing = False
         self._live: Live | None = None
         self._ticker: threading.Thread | None = None
         self._wake = threading.Event()
@@ -84,9 +92,11 @@ class JobProgress:
 
     # --- jobs and their changes
 
-    def add(self, jobs: Iterable[JobWrapper]) -> None:
-        """Watch more jobs (a computation that submits as it goes)."""
-        for w in jobs:
+    def add(self, jobs: Iterable[JobWrapper], weights: Iterable[int] | None = None) -> None:
+        """Watch more jobs (a computation that submits as it goes); ``weights`` says
+        what each counts for (a map's chunk: its items), 1 by default."""
+        jobs = list(jobs)
+        for w, weight in zip(jobs, weights if weights is not None else [1] * len(jobs)):
             host = w._host
             if host is not None and not any(h is host for h in self._hosts):
                 host.watch(self._changed)
@@ -96,13 +106,24 @@ class JobProgress:
                     continue
                 state = _state(w)
                 self._state[w.job_id] = state
-                self.counts.total += 1
-                self._count(state, 1)
+                self._weight[w.job_id] = weight
+                self._count(state, weight)
                 self._all_done.clear()
+        self._check_done()
+
+    def forget(self, jobs: Iterable[JobWrapper]) -> None:
+        """Stop counting jobs (a map's chunk sent again as another job)."""
+        with self._lock:
+            for w in jobs:
+                state = self._state.pop(w.job_id, None)
+                if state is not None:
+                    self._count(state, -self._weight.pop(w.job_id))
         self._check_done()
 
     def _count(self, state: str, delta: int) -> None:
         setattr(self.counts, state, getattr(self.counts, state) + delta)
+        c = self.counts
+        c.total = max(self._expected, c.completed + c.failed + c.running + c.queued)
 
     def _changed(self, wrappers: list[JobWrapper]) -> None:
         """From a client's I/O thread: these wrappers changed."""
@@ -114,12 +135,13 @@ class JobProgress:
                 new = _state(w)
                 if new != old:
                     self._state[w.job_id] = new
-                    self._count(old, -1)
-                    self._count(new, 1)
+                    weight = self._weight[w.job_id]
+                    self._count(old, -weight)
+                    self._count(new, weight)
         self._check_done()
 
     def _check_done(self) -> None:
-        if self.counts.done == self.counts.total:
+        if self.counts.done >= self.counts.total:
             self._all_done.set()
             self._wake.set()
 
@@ -138,7 +160,7 @@ class JobProgress:
         left = c.total - c.done
         eta = _clock(left / rate) if rate > 0 and left else ("0:00" if not left else "?")
         return (f"{c.done}/{c.total} done, {c.failed} failed, {c.running} running, "
-                f"{c.queued} queued, {rate:.1f} jobs/s, {_clock(elapsed)} elapsed, ETA {eta}")
+                f"{c.queued} queued, {rate:.1f} {self.unit}/s, {_clock(elapsed)} elapsed, ETA {eta}")
 
     def __rich__(self) -> RenderableType:
         c = self.snapshot()
@@ -169,12 +191,12 @@ class JobProgress:
             self._wake.clear()
             if self._closed:
                 return
-            if self._all_done.is_set():
+            if self._all_done.is_set() or self._closing:
                 self._stop_display()
                 return
             if self._live is None:
                 self.console.print(f"{self.title}: {self.line()}", markup=False,
-                                   highlight=False)
+                                   highlight=False, soft_wrap=True)
 
     def _stop_display(self) -> None:
         with self._lock:
@@ -185,7 +207,8 @@ class JobProgress:
             live.update(self, refresh=True)
             live.stop()
         elif self.enabled and not printed_final:
-            self.console.print(f"{self.title}: {self.line()}", markup=False, highlight=False)
+            self.console.print(f"{self.title}: {self.line()}", markup=False, highlight=False,
+                               soft_wrap=True)
         for host in self._hosts:
             host.unwatch(self._changed)
 
@@ -197,9 +220,13 @@ class JobProgress:
 
     def close(self) -> None:
         """End the view now (a last line shows where the jobs stand)."""
+        self._closing = True
+        self._wake.set()
+        ticker = self._ticker
+        if ticker is not None and ticker is not threading.current_thread():
+            ticker.join(10)  # it draws the last state and stops
         if not self._closed:
             self._stop_display()
-        self._wake.set()
 
     def __enter__(self) -> JobProgress:
         return self
