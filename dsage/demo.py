@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .cluster import start_all
+from .progress import progress
 from .words import plural
 
 FILE_JOB = """\
@@ -27,6 +29,17 @@ def factor(n):
 n = random.randint(10**11, 10**13)
 DSAGE_RESULT = (n, factor(n))
 """
+
+
+def factor(n: int) -> list[int]:
+    """Trial division: the prime factors of ``n``, smallest first."""
+    out, d = [], 2
+    while d * d <= n:
+        while n % d == 0:
+            out.append(d)
+            n //= d
+        d += 1
+    return out + ([n] if n > 1 else [])
 
 
 def run_demo(workers: int = 2, home: str | os.PathLike[str] | None = None) -> int:
@@ -50,9 +63,21 @@ def run_demo(workers: int = 2, home: str | os.PathLike[str] | None = None) -> in
             console.print("[bold]>>> j.result()[/]")
             n, factors = j.result()
             console.print(f"{n} = {' * '.join(map(str, factors))}")
-        console.print("\n[bold]>>> jobs = [D(f'sum(range({n}))') for n in range(10)][/]")
-        jobs = [D(f"sum(range({n}))") for n in range(10)]
-        console.print([j.wait(60).result() for j in jobs])
+        numbers = [random.Random(i).randint(10**9, 10**11) for i in range(1000)]
+        console.print("\n[bold]>>> jobs = [D.eval_function(factor, (n,)) for n in numbers]"
+                      "[/]")
+        console.print("(Example 2: 1,000 factorings)")
+        console.print("[bold]>>> with dsage.progress(jobs) as p: p.wait()[/]")
+        jobs = [D.eval_function(factor, (n,)) for n in numbers]
+        with progress(jobs, title="factor", console=console) as p:
+            p.wait(300)
+        console.print(f"{numbers[0]} = {' * '.join(map(str, jobs[0].result()))}")
+        console.print("\n[bold]>>> D.map(factor, numbers, progress=True)[/]  (the same, "
+                      "many items per job)")
+        t = time.perf_counter()
+        factored = D.map(factor, numbers, progress=True)
+        console.print(f"{len(factored):,} factorings in {time.perf_counter() - t:.2f} s; "
+                      f"all agree: {factored == [j.result() for j in jobs]}")
         console.print("\n[bold]>>> D('1/0')[/]  (a failing job)")
         bad = D("1/0").wait(60)
         console.print(f"status: {bad.status}, error: {bad.error}")

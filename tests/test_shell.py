@@ -491,3 +491,13 @@ def test_live_output_only_from_the_jobs_own_monitor(tmp_path: Path) -> None:
     outs = [o for o in state.flush(0.0) if o.msg.type is M.OUTPUT]
     assert len(outs) == 1 and outs[0].dest == "event" and outs[0].to == owner.encode()
     store.close()
+
+
+def test_the_demo_runs_the_seeds_session_with_progress(home: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "dsage.cli", "demo", "--home", str(home)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DSAGE_HOME": str(home)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "demo passed" in out and "all agree: True" in out
+    assert "factor: 1000/1000 done" in out and "map factor: 1000/1000 done" in out
