@@ -36,7 +36,8 @@ def log(msg: str) -> None:
     print(f"  {msg}", file=sys.stderr, flush=True)
 
 
-def bench_many(items: int = 50_000, numbers: int = 1000, rounds: int = 2) -> dict[str, Any]:
+def bench_many(items: int = 50_000, numbers: int = 1000, rounds: int = 2,
+               listed: int = 10_000) -> dict[str, Any]:
     import dsage
 
     xs = list(range(items))
@@ -99,6 +100,16 @@ def bench_many(items: int = 50_000, numbers: int = 1000, rounds: int = 2) -> dic
                 f" D.eval_function jobs {out['example2_jobs_s']:.2f} s "
                 f"({out['example2_jobs_vs_pool']:.3f}x), D.map {out['example2_map_s']:.2f} s "
                 f"({out['example2_map_vs_pool']:.3f}x)")
+        # 3. listing: this key's jobs, topped up to `listed`, by a client that has
+        # none of them yet (every wrapper made anew), in pages
+        have = len(D.get_my_jobs(limit=None))
+        fill = [D("0") for _ in range(max(0, listed - have))]
+        for j in fill:
+            j.result(timeout=600)
+        with dsage.DSage("127.0.0.1", D.port, home=home) as reader:
+            s, jobs = _timed(lambda: reader.get_my_jobs(limit=None))
+        out.update(list_jobs=len(jobs), list_s=s)
+        log(f"listing {len(jobs):,} jobs (get_my_jobs(limit=None), a fresh client): {s:.2f} s")
     finally:
         if D is not None:
             D.close()

@@ -40,6 +40,7 @@ TARGETS = {
     "start_s": 1.0,        # start to first result under 1 s
     "owed_mb": 300.0,      # broker RSS while a stopped client is owed 12 x 25 MB
     "million_mb": 1024.0,  # a million queued jobs under 1 GB of broker RSS
+    "list_s": 1.0,         # 10,000 jobs listed (get_my_jobs) in under a second
     "map_vs_pool1": 5.0,   # D.map of tiny items at least 5x the pool's map(chunksize=1)
     "example2": 1.10,      # the seed's Example 2 within 1.10x the pool's map(chunksize=1)
 }
@@ -196,6 +197,9 @@ def print_table(results: dict[str, dict[str, Any]], million: dict[str, Any] | No
                 f"{many['example2_pool_s']:.2f} s; D.eval_function jobs "
                 f"{many['example2_jobs_s']:.2f} s ({many['example2_jobs_vs_pool']:.3f}x); "
                 f"D.map {many['example2_map_s']:.2f} s ({many['example2_map_vs_pool']:.3f}x)")
+            if "list_s" in many:
+                console.print(f"listing {many['list_jobs']:,} jobs with get_my_jobs(limit=None) "
+                              f"in a fresh client: {many['list_s']:.2f} s")
     if million is not None:
         if "error" in million:
             console.print(f"million queued jobs: [red]{million['error']}[/]")
@@ -272,6 +276,9 @@ def targets(results: dict[str, dict[str, Any]], million: dict[str, Any] | None,
                           ("example2_map_vs_pool", "D.map")):
             out.append((f"Example 2 ({what}) within {T['example2']:.2f}x the pool's "
                         f"map(chunksize=1)", f"{many[key]:.3f}x", many[key] <= T["example2"]))
+        if "list_s" in many:
+            out.append((f"listing {many['list_jobs']:,} jobs < {T['list_s']:g} s",
+                        f"{many['list_s']:.2f} s", many["list_s"] < T["list_s"]))
     if million is not None and "broker_rss_mb" in million:
         out.append((f"{million['million_jobs']:,} queued jobs < 1 GB",
                     f"{million['broker_rss_mb']:.0f} MB",
