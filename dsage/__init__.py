@@ -13,14 +13,14 @@ __version__ = "0.1.0"
 from .client import DSage, MonitorInfo  # noqa: E402
 from .cluster import ManagedProcess, StartError, server, start_all, worker  # noqa: E402
 from .errors import (  # noqa: E402
-    BrokerUnreachable, DSageError, JobError, KeyRejected, SubmitRejected, UnknownJob,
-    UntrustedResultError,
+    BrokerUnreachable, DSageError, JobCancelled, JobError, KeyRejected, SubmitRejected,
+    UnknownJob, UntrustedResultError,
 )
 from .job import JobWrapper, WorkerInfo  # noqa: E402
 from .keys import setup  # noqa: E402
 
 __all__ = [
-    "BrokerUnreachable", "DSage", "DSageError", "JobError", "JobWrapper", "KeyRejected",
-    "ManagedProcess", "MonitorInfo", "StartError", "SubmitRejected", "UnknownJob",
+    "BrokerUnreachable", "DSage", "DSageError", "JobCancelled", "JobError", "JobWrapper",
+    "KeyRejected", "ManagedProcess", "MonitorInfo", "StartError", "SubmitRejected", "UnknownJob",
     "UntrustedResultError", "WorkerInfo", "server", "setup", "start_all", "worker",
 ]

@@ -201,7 +201,7 @@ class BrokerState:
         elif msg.type is M.SUBMIT:
             self._submit(rid, key, h, msg.blobs)
         elif msg.type is M.KILL:
-            self._kill(key, h["ids"])
+            self._kill(key, h["ids"], h["queued_only"])
             self._reply_records(rid, key, h["req"], h["ids"])
         elif msg.type is M.QUERY:
             self._reply_records(rid, key, h["req"], h["ids"])
@@ -306,12 +306,16 @@ class BrokerState:
         else:
             errors.append({"id": jid, "code": "exists", "message": "job id in use"})
 
-    def _kill(self, key: str, ids: list[str]) -> None:
+    def _kill(self, key: str, ids: list[str], queued_only: bool = False) -> None:
+        """Kill the owner's jobs; with ``queued_only`` (a cancel) only those still queued."""
         for jid in ids:
             job = self.sched.jobs.get(jid)
             if job is None or job.owner != key:
                 continue  # final already, or another client's job: invisible to this one
-            outcome = Outcome(Status.KILLED, "killed by its owner", "none", "none", False,
+            if queued_only and job.where is not Where.QUEUED:
+                continue  # a worker has it: a cancel leaves it running
+            why = "cancelled by its owner before it ran" if queued_only else "killed by its owner"
+            outcome = Outcome(Status.KILLED, why, "none", "none", False,
                               None, time.time(), b"", b"")
             done = self.store.finish(jid, outcome)
             if job.where is Where.ASSIGNED:

@@ -17,6 +17,7 @@ broker for the state of every unfinished job, so no result is ever missed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import queue
@@ -26,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from decimal import Decimal
@@ -282,6 +283,9 @@ class _Host:
     def kill(self, job_id: str) -> None:
         self._client.kill(job_id)
 
+    def cancel(self, job_id: str) -> None:
+        self._client._kill(job_id, queued_only=True)
+
     def query(self, job_id: str) -> None:
         self._client._io.command("query", [job_id])
 
@@ -351,8 +355,8 @@ class _IO(threading.Thread):
         self.resync_wanted = False
         #: an event sequence number the broker sent that had not arrived yet
         self.expected_seq: int | None = None
-        #: some wrapper became final since waiters were last notified
-        self.to_notify = False
+        #: wrappers that became final since waiters were last notified
+        self.settled: list[JobWrapper] = []
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ready = threading.Event()
@@ -447,6 +451,7 @@ class _IO(threading.Thread):
         self._timers()
         if self.outq or self.polling_out:
             self._flush()
+            self._notify()  # jobs refused while sending
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
         for _ in range(10_000):
@@ -457,11 +462,21 @@ class _IO(threading.Thread):
             handle(frames)
 
     def _notify(self) -> None:
-        """Wake the threads waiting on wrappers, once for all jobs that became final."""
-        if self.to_notify:
-            self.to_notify = False
-            with self.changed:
-                self.changed.notify_all()
+        """Settle the wrappers that became final (their Future state, and the
+        ``concurrent.futures`` waiters on them) and wake the threads waiting on
+        wrappers, once for all of them; then call their done callbacks."""
+        if not self.settled:
+            return
+        settled, self.settled = self.settled, []
+        with self.changed:
+            callbacks = [w for w in settled if w._settle()]
+            self.changed.notify_all()
+        for w in callbacks:
+            w._run_callbacks()
+
+    def _became_final(self, w: JobWrapper) -> None:
+        """``w`` just became final: it is settled at the end of this loop turn."""
+        self.settled.append(w)
 
     def _run_commands(self) -> None:
         while True:
@@ -729,6 +744,7 @@ class _IO(threading.Thread):
                 if not self.resync_reqs and self.resync_wanted:
                     self._resync()
         if entry is not None and not entry[0].done():
+            self._notify()  # wrappers this reply ended are settled when the caller wakes
             if msg.type is M.ERROR:
                 kind = KeyRejected if h["code"] == "unauthorized" else DSageError
                 entry[0].set_exception(kind(f"broker error ({h['code']}): {h['message']}"))
@@ -758,7 +774,7 @@ class _IO(threading.Thread):
         self.open.discard(jid)
         w = self.jobs.get(jid)
         if w is not None and w._end(error, refused, unknown):
-            self.to_notify = True
+            self._became_final(w)
 
     def _fetch(self, rec: dict[str, Any]) -> None:
         """Start fetching a final job's large result and output (one chunk in flight
@@ -783,7 +799,7 @@ class _IO(threading.Thread):
             w = self.jobs.get(h["id"])
             if w is not None and w._update({**f.record, "by_ref": False},
                                            [bytes(f.parts["result"]), bytes(f.parts["output"])]):
-                self.to_notify = True
+                self._became_final(w)
             self.open.discard(h["id"])
 
     def _refetch(self) -> None:
@@ -830,8 +846,8 @@ class _IO(threading.Thread):
             if rec.get("by_ref") and rec["status"] in FINAL:
                 self._fetch(rec)  # the wrapper is final once its result is here
             elif w._update(rec, blobs[2 * i:2 * i + 2]):
-                self.to_notify = True
-            if w.done():
+                self._became_final(w)
+            if w._final:
                 self.open.discard(jid)
             elif adopt:
                 self.open.add(jid)
@@ -1064,11 +1080,50 @@ class DSage:
 
     def kill(self, job_id: str, timeout: float = 10.0) -> None:
         """Kill a job of this key: queued ones are removed, running ones killed."""
+        self._kill(job_id, timeout)
+
+    def _kill(self, job_id: str, timeout: float = 10.0, queued_only: bool = False) -> None:
+        """Kill a job (with ``queued_only``, only if it is still queued); its wrapper,
+        if any, is updated before this returns."""
         check_job_id(job_id)
         self._check_usable()
-        reply = self._io.request(M.KILL, timeout, ids=[job_id])
+        reply = self._io.request(M.KILL, timeout, ids=[job_id], queued_only=queued_only)
         if reply.header["missing"]:
             raise UnknownJob(f"no job {job_id} belongs to this key", job_id)
+
+    # --- many jobs
+
+    def as_completed(self, jobs: Iterable[JobWrapper],
+                     timeout: float | None = None) -> Iterator[JobWrapper]:
+        """Yield the jobs as they become final (those final already first), as
+        ``concurrent.futures.as_completed`` does; TimeoutError if ``timeout``
+        seconds pass (from this call) before all are."""
+        jobs = list(dict.fromkeys(jobs))
+        self._check_usable()
+        try:
+            yield from concurrent.futures.as_completed(jobs, timeout)
+        except TimeoutError:
+            left = [j for j in jobs if not j.done()]
+            self._io.command("query", [j.job_id for j in left])  # the truth, should an
+            # event have been lost
+            raise TimeoutError(f"{len(left)} of {len(jobs)} jobs are not finished after "
+                               f"{timeout} s") from None
+
+    def block_on_jobs(self, jobs: Iterable[JobWrapper],
+                      timeout: float | None = None) -> list[JobWrapper]:
+        """Block until every job is final (TimeoutError after ``timeout`` seconds);
+        return them, in the order given."""
+        jobs = list(jobs)
+        for _ in self.as_completed(jobs, timeout):
+            pass
+        return jobs
+
+    def job_results_iter(self, jobs: Iterable[JobWrapper],
+                         timeout: float | None = None) -> Iterator[Any]:
+        """Yield the jobs' results as they become final (in that order); a failed job
+        raises its :class:`JobError` at its turn. TimeoutError as :meth:`as_completed`."""
+        for job in self.as_completed(jobs, timeout):
+            yield job.result()
 
     # --- lifetime
 

@@ -407,7 +407,8 @@ _req = {"req": _nonneg_int}
 SCHEMAS: dict[M, Schema] = {
     M.HELLO: Schema({**_req, "client": _short_str, "version": _short_str}),
     M.SUBMIT: Schema({**_req}, "jobs", JOB_SPEC, 1),
-    M.KILL: Schema({**_req, "ids": _ids}),
+    # ``queued_only``: cancel, not kill: only jobs still in the broker's queue end
+    M.KILL: Schema({**_req, "ids": _ids, "queued_only": _bool}),
     M.QUERY: Schema({**_req, "ids": _ids}),
     M.LIST: Schema({**_req, "status": _optional(_one_of(Status))}),
     M.WORKERS: Schema({**_req}),
