@@ -128,7 +128,8 @@ class BrokerState:
             self.sched.add(Job(
                 o.id, o.owner, o.name, self._shared(o.kind), o.priority, self._shared(o.timeout),
                 o.memory, o.anonymous_ok, self._tags(o.requires), o.created, o.failures, o.seq,
-                o.payload, isolate=o.isolate,
+                o.payload, isolate=o.isolate, retries=o.retries,
+                retry_on=self._names(o.retry_on), attempt=o.attempt,
                 monitor=o.worker_id if processing else None, started=o.started))
             self.payload_bytes += len(o.payload or b"")
         self.orphan_deadline: float | None = (
@@ -166,6 +167,13 @@ class BrokerState:
             if len(self._tag_sets) < 10_000:
                 self._tag_sets[key] = tags
         return tags
+
+    def _names(self, names: Any) -> tuple[str, ...]:
+        """One tuple per list of exception names (most jobs share one, or none)."""
+        key = tuple(names)
+        if not key:
+            return ()
+        return self._values.setdefault(key, key) if len(self._values) < 10_000 else key
 
     def _send(self, dest: Dest, to: bytes, msg: Message) -> None:
         self.outbox.append(Out(dest, to, msg))
@@ -283,7 +291,8 @@ class BrokerState:
             job = Job(jid, key, spec["name"], self._shared(spec["kind"]), spec["priority"],
                       self._shared(spec["timeout"]), spec["memory"], spec["anonymous_ok"],
                       self._tags(spec["requires"]), wall, 0, seq, payload if keep else None,
-                      isolate=spec["isolate"])
+                      isolate=spec["isolate"], retries=spec["retries"],
+                      retry_on=self._names(spec["retry_on"]))
             self.sched.add(job)
             ids.append(jid)
             reason = waiting_reason(job, takers)
@@ -455,13 +464,27 @@ class BrokerState:
         return job
 
     def _results(self, entry: MonitorEntry, msg: Message) -> None:
-        acked: list[str] = []
+        acked: list[tuple[str, int]] = []
         for i, r in enumerate(msg.header["results"]):
             jid = r["id"]
             job = self.sched.jobs.get(jid)
             if job is None or not (job.monitor == entry.monitor_id
                                    or entry.monitor_id in (job.lost_from or ())):
-                acked.append(jid)  # not this monitor's job (any more): drop it
+                acked.append((jid, r["attempt"]))  # not this monitor's job (any more): drop it
+                continue
+            if r["attempt"] != job.attempt:
+                self._stale_result(entry, job)
+                acked.append((jid, r["attempt"]))
+                continue
+            if r["retry"] and r["status"] == Status.FAILED and job.retries_left:
+                if job.monitor == entry.monitor_id:
+                    try:
+                        self._retry(job)
+                    except sqlite3.Error as e:
+                        log.error("could not re-queue job %s for a retry: %s", jid, e)
+                        continue  # not acknowledged: the monitor sends it again
+                # else: a late result of a lost run; the run going on elsewhere decides
+                acked.append((jid, r["attempt"]))
                 continue
             outcome = Outcome(Status(r["status"]), r["error"], r["encoding"], r["result_from"],
                               r["sealed"], r["started"], r["finished"],
@@ -471,7 +494,7 @@ class BrokerState:
             except sqlite3.Error as e:
                 log.error("could not store the result of job %s: %s", jid, e)
                 continue  # not acknowledged: the monitor sends it again
-            acked.append(jid)
+            acked.append((jid, r["attempt"]))
             if job.where is Where.ASSIGNED and job.monitor != entry.monitor_id:
                 self._cancel_on(job.monitor, jid, "finished elsewhere")
             self._forget(job)
@@ -480,7 +503,26 @@ class BrokerState:
         # always answered, also when empty: a stopping monitor waits for that answer,
         # which comes after any RUN sent before its STOPPING was read
         for part in batches([0] * len(acked)) or [range(0)]:
-            self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=acked[part.start:part.stop]))
+            done_part = acked[part.start:part.stop]
+            self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=[i for i, _ in done_part],
+                                                  attempts=[a for _, a in done_part]))
+
+    def _retry(self, job: Job) -> None:
+        """The job's code raised an exception it may be re-run for: back to its queue,
+        for its next attempt (the failure limit, for lost workers, is not touched)."""
+        self.store.retry(job.id, job.attempt + 1)
+        self.sched.retry(job.id)
+        self._announce(job.owner, _open_record(job, waiting_reason(job, self._takers())))
+
+    def _stale_result(self, entry: MonitorEntry, job: Job) -> None:
+        """A result of an earlier attempt of a job that went on (sent again after a
+        reconnection). If the job is assigned to that same monitor, the monitor held
+        only that old result when it registered and runs nothing of the job: the job
+        goes back to the queue (no failure counted; a result of the monitor is still
+        welcome, should it run the job after all)."""
+        if job.where is Where.ASSIGNED and job.monitor == entry.monitor_id:
+            self._requeue(job, False, "its monitor held only an earlier attempt's result",
+                          entry.monitor_id)
 
     def _put(self, entry: MonitorEntry, h: dict[str, Any], data: bytes) -> None:
         """A chunk of a large result; answered after the commit that keeps it."""
@@ -631,7 +673,9 @@ class BrokerState:
                     j.started = wall
                     specs.append({"id": j.id, "name": j.name, "kind": j.kind,
                                   "timeout": j.timeout, "memory": j.memory, "owner": j.owner,
-                                  "trusted": not m.anonymous, "isolate": j.isolate})
+                                  "trusted": not m.anonymous, "isolate": j.isolate,
+                                  "attempt": j.attempt,
+                                  "retry_on": list(j.retry_on) if j.retries_left else []})
                     self._announce(j.owner, _open_record(j, None, worker))
                 self._send("monitor", m.rid, make(M.RUN, payloads[part.start:part.stop],
                                                   jobs=specs))
@@ -682,7 +726,7 @@ def _open_record(job: Job, reason: str | None, worker: WorkerRef | None = None) 
              "status": (Status.NEW if queued else Status.PROCESSING).value,
              "priority": job.priority, "created": job.created,
              "started": None if queued else job.started, "finished": None,
-             "failures": job.failures, "error": None,
+             "failures": job.failures, "attempt": job.attempt, "error": None,
              "worker": None if worker is None else {"id": worker.id, "host": worker.host,
                                                     "key": worker.key,
                                                     "anonymous": worker.anonymous},

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from decimal import Decimal
@@ -37,15 +37,15 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, codec
+from . import __version__, attach, codec
 from . import keys as keys_mod
 from .auth import make_client
 from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
 from .job import JobWrapper
 from .protocol import (
     BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
-    MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message, ProtocolError,
-    Status, batches, decode, encode, make, text_problem,
+    MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_RETRIES, MAX_TAGS, MAX_TEXT, Kind, M, Message,
+    ProtocolError, Status, batches, decode, encode, exception_name, make, text_problem,
 )
 from .protocol import batch_bytes
 from .seal import Opener, binding
@@ -64,10 +64,10 @@ MAX_UNACKED_BYTES = 256 * 1024 * 1024
 #: Heartbeats a job must have been unacknowledged, besides the broker having
 #: answered a ping sent after it, before it is sent again.
 RESEND_HEARTBEATS = 3
-#: Upper bound on a job spec's JSON bytes apart from its name and tags (the
-#: longest id, kind, float, and 64-bit integer), and the bytes a submit header
-#: needs besides its specs.
-_SPEC_FIXED_BYTES = 200
+#: Upper bound on a job spec's JSON bytes apart from its name, tags and retry_on
+#: names (the longest id, kind, float, and 64-bit integer: 226 bytes), and the
+#: bytes a submit header needs besides its specs.
+_SPEC_FIXED_BYTES = 240
 _HEADER_SLACK = 64
 _SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
 #: JSON bytes of one job id in a list of ids (quotes and comma)
@@ -163,6 +163,30 @@ def _check_name(name: str | None) -> str | None:
     return name
 
 
+def _check_retries(retries: int, retry_on: Iterable[type[BaseException] | str] | None
+                   ) -> tuple[int, list[str]]:
+    """``retries`` and the names of the exception classes of ``retry_on`` (any
+    ``Exception`` when None; none when there are no retries)."""
+    if isinstance(retries, bool) or not isinstance(retries, int) \
+            or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries={retries!r}: give an int from 0 to {MAX_RETRIES}")
+    if retry_on is None:
+        retry_on = (Exception,)
+    elif isinstance(retry_on, (str, type)):
+        retry_on = (retry_on,)
+    names = []
+    for e in retry_on:
+        if isinstance(e, type) and issubclass(e, BaseException):
+            names.append(exception_name(e))
+        elif isinstance(e, str) and e and not text_problem(e, MAX_TEXT):
+            names.append(e)
+        else:
+            raise TypeError(f"retry_on: {e!r} is not an exception class (or its name)")
+    if len(names) > MAX_TAGS:
+        raise ValueError(f"retry_on: at most {MAX_TAGS} exception classes")
+    return retries, names if retries else []
+
+
 def _check_tags(requires: Iterable[str]) -> list[str]:
     """The job's required tags as a list, within the limits the broker accepts."""
     if isinstance(requires, (str, bytes)):
@@ -187,14 +211,14 @@ def _json_text_bytes(s: str) -> int:
 def _spec_bytes(spec: dict[str, Any]) -> int:
     """The JSON bytes of a job spec in a submit header (an upper bound, exact for
     the rare spec near the limit); ValueError if it cannot fit in one header."""
-    name, tags = spec["name"], spec["requires"]
+    name, tags = spec["name"], spec["requires"] + spec["retry_on"]
     size = _SPEC_FIXED_BYTES + (0 if name is None else _json_text_bytes(name)) \
         + sum(_json_text_bytes(t) + 1 for t in tags)
     if size > _SPEC_BUDGET:
         size = len(json.dumps(spec, separators=(",", ":")))
         if size > _SPEC_BUDGET:
-            raise ValueError(f"the job's name and tags take {size} bytes of message header; "
-                             f"at most {_SPEC_BUDGET} fit (shorten the name or the tags)")
+            raise ValueError(f"the job's name, tags and retry_on take {size} bytes of message "
+                             f"header; at most {_SPEC_BUDGET} fit (shorten them)")
     return size
 
 
@@ -984,7 +1008,11 @@ class DSage:
     def eval(self, code: str, timeout: float | None = 600, priority: int = DEFAULT_PRIORITY,
              name: str | None = None, kind: str = "python", memory: int | str | None = None,
              anonymous_ok: bool = False, requires: Iterable[str] = (),
-             isolate: bool = False) -> JobWrapper:
+             isolate: bool = False, retries: int = 0,
+             retry_on: Iterable[type[BaseException] | str] | None = None,
+             files: Iterable[str | os.PathLike[str]] = (),
+             user_vars: Mapping[str, Any] | None = None,
+             load_files: Iterable[str | os.PathLike[str]] = ()) -> JobWrapper:
         """Run ``code`` on a worker. The result is ``DSAGE_RESULT`` if the code sets it,
         otherwise the value of its final expression.
 
@@ -992,20 +1020,27 @@ class DSage:
         and ``memory`` (bytes or ``'2GB'``) are hard limits; ``priority`` runs from 0
         (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job;
         ``requires`` lists tags a worker must offer; ``isolate`` runs the job in a
-        process no earlier job has run in. Blocks while the broker has
-        not acknowledged ``max_unacked_jobs`` jobs (see :class:`DSage`).
+        process no earlier job has run in. ``retries`` re-runs the job up to that
+        many times when its code raises one of ``retry_on`` (exception classes or
+        their names; any ``Exception`` by default). ``files`` are copied into the
+        job's working folder, ``user_vars`` are bound before the code runs, and
+        ``load_files`` run first. Blocks while the broker has not acknowledged
+        ``max_unacked_jobs`` jobs (see :class:`DSage`).
         """
         if not isinstance(code, str):
             raise TypeError(f"code must be a string, not {type(code).__name__}")
         if kind not in (Kind.PYTHON, Kind.SAGE):
             raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
                              f"(use D.eval_function for functions)")
-        return self._submit(code.encode(), kind, timeout, priority, name, memory,
-                            anonymous_ok, requires, isolate)
+        att = attach.collect(files, user_vars, load_files)
+        return self._submit(attach.wrap(code.encode(), att), kind, timeout, priority, name,
+                            memory, anonymous_ok, requires, isolate, retries, retry_on,
+                            attached=bool(att))
 
     def eval_file(self, path: str | os.PathLike[str], name: str | None = None,
                   **options: Any) -> JobWrapper:
-        """Run a file's code; its ``DSAGE_RESULT`` is the result. ``.sage`` files run as Sage."""
+        """Run a file's code; its ``DSAGE_RESULT`` is the result. ``.sage`` files run as
+        Sage. Takes :meth:`eval`'s options."""
         p = Path(path)
         try:
             code = p.read_text()
@@ -1016,36 +1051,57 @@ class DSage:
 
     def eval_function(self, func: Callable[..., Any], args: Iterable[Any] = (),
                       kwargs: dict[str, Any] | None = None, **options: Any) -> JobWrapper:
-        """Run ``func(*args, **kwargs)`` on a worker; the result is its return value."""
+        """Run ``func(*args, **kwargs)`` on a worker; the result is its return value.
+        Takes :meth:`eval`'s options but ``kind``, ``user_vars`` and ``load_files``
+        (pass values as arguments)."""
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
+        for option in ("kind", "user_vars", "load_files"):
+            if option in options:
+                raise TypeError(f"eval_function takes no {option}= (a function's values "
+                                f"are its arguments)")
         payload = _pickle_call(func, tuple(args), dict(kwargs or {}))
+        att = attach.collect(options.pop("files", ()))
         options.setdefault("name", getattr(func, "__name__", None))
-        return self._submit(payload, Kind.FUNCTION.value, options.pop("timeout", 600),
-                            options.pop("priority", DEFAULT_PRIORITY), options.pop("name"),
-                            options.pop("memory", None), options.pop("anonymous_ok", False),
-                            options.pop("requires", ()), options.pop("isolate", False),
-                            **options)
+        return self._submit(attach.wrap(payload, att), Kind.FUNCTION.value,
+                            attached=bool(att), **options)
 
-    def _submit(self, payload: bytes, kind: str, timeout: float | None, priority: int,
-                name: str | None, memory: int | str | None, anonymous_ok: bool,
-                requires: Iterable[str], isolate: bool = False,
-                **unknown: Any) -> JobWrapper:
+    def _submit(self, payload: bytes, kind: str, timeout: float | None = 600,
+                priority: int = DEFAULT_PRIORITY, name: str | None = None,
+                memory: int | str | None = None, anonymous_ok: bool = False,
+                requires: Iterable[str] = (), isolate: bool = False, retries: int = 0,
+                retry_on: Iterable[type[BaseException] | str] | None = None,
+                attached: bool = False, **unknown: Any) -> JobWrapper:
         """Check the options, wait for room (see :class:`_Window`) and hand the job to
         the I/O thread, which registers its wrapper before sending it."""
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
         self._check_usable()
+        if attached:
+            self._check_fits(len(payload))
         job_id = os.urandom(16).hex()
+        retries, names = _check_retries(retries, retry_on)
         spec = {"id": job_id, "name": _check_name(name), "kind": kind,
                 "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
-                "requires": _check_tags(requires), "isolate": bool(isolate)}
+                "requires": _check_tags(requires), "isolate": bool(isolate),
+                "retries": retries, "retry_on": names}
         job = _Outgoing(spec, payload, _spec_bytes(spec))
         self._window.take(len(payload), self._check_can_wait)
         wrapper = JobWrapper(self._host, job_id, name, kind, priority)
         self._io.command("submit", job, wrapper)
         return wrapper
+
+    def _check_fits(self, size: int) -> None:
+        """ValueError, in the call, for a job with attachments larger than a message
+        may be (this client's limit, or the broker's once it is known)."""
+        limit = min(self._io.max_message_size,
+                    self._io.conn.max_message_size or self._io.max_message_size)
+        if size > limit:
+            raise ValueError(f"the job with its attachments is {size} bytes, more than the "
+                             f"largest message allowed ({limit} bytes, --max-message-size): "
+                             f"attach less, or put large files where the workers can read "
+                             f"them")
 
     # --- looking at jobs
 

@@ -66,7 +66,7 @@ MAX_BACKOFF = 30.0
 _READY_KEYS = frozenset({"ready", "rss"})
 _FAILED_KEYS = frozenset({"failed"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
-                         "finished", "rss", "replace"})
+                         "finished", "rss", "replace", "retry"})
 
 
 @dataclass
@@ -312,9 +312,11 @@ class Monitor:
         elif msg.type is M.PUT_ACK:
             self._on_put_ack(h)
         elif msg.type is M.RESULT_ACK:
-            for jid in h["ids"]:
-                self.unacked.pop(jid, None)
-                self.uploads.pop(jid, None)
+            for jid, attempt in zip(h["ids"], h["attempts"]):
+                held = self.unacked.get(jid)
+                if held is not None and held[0]["attempt"] == attempt:  # not a later run's
+                    del self.unacked[jid]
+                    self.uploads.pop(jid, None)
             if not h["ids"] and self.stopping:
                 self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
@@ -336,7 +338,13 @@ class Monitor:
         give_back = []
         for spec, payload in zip(specs, payloads):
             jid = spec["id"]
-            if jid in self.unacked:
+            held = self.unacked.get(jid)
+            if held is not None and held[0]["attempt"] != spec["attempt"]:
+                # the broker had that result and re-queued the job for another attempt
+                del self.unacked[jid]
+                self.uploads.pop(jid, None)
+                held = None
+            if held is not None:
                 self.outgoing[jid] = None
             elif jid in self.pending or jid in running:
                 continue
@@ -685,7 +693,8 @@ class Monitor:
                 "error": None if error is None else clip(error, MAX_LONG_TEXT),
                 "encoding": reply["encoding"], "result_from": reply["result_from"],
                 "sealed": True, "started": reply["started"],
-                "finished": reply["finished"], "staged": False}
+                "finished": reply["finished"], "staged": False, "attempt": job["attempt"],
+                "retry": bool(reply.get("retry")) and reply["status"] == Status.FAILED}
         result, output = self._fit(item, result, output)
         if item["error"] and not result and item["encoding"] == "none":
             # the error text may hold the job's data (KeyError: 'PASSWORD-...'): it

@@ -62,6 +62,8 @@ DEFAULT_PRIORITY = 5
 MAX_TEXT = 4096
 MAX_LONG_TEXT = 64 * 1024
 MAX_TAGS = 64
+#: Most re-runs a job may ask for after its code raised (``retries=``).
+MAX_RETRIES = 100
 #: Integers must fit SQLite's signed 64-bit INTEGER.
 MAX_INT = 2**63 - 1
 
@@ -305,6 +307,21 @@ def _obj(fields: Mapping[str, Validator]) -> Validator:
 
 
 _tags = _list_of(_short_str, MAX_TAGS)
+#: names of exception classes ('ValueError', 'mymodule.MyError')
+_exception_names = _list_of(_short_str, MAX_TAGS)
+
+
+def exception_name(cls: type) -> str:
+    """How ``retry_on`` names an exception class: ``ValueError`` for builtins,
+    ``module.QualName`` otherwise (``__main__.MyError`` for a script's own)."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else \
+        f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _retries(v: Any) -> int:
+    if not 0 <= _int(v) <= MAX_RETRIES:
+        raise ValueError(f"retries must be 0..{MAX_RETRIES}")
+    return v
 
 
 def _part(v: Any) -> str:
@@ -324,6 +341,9 @@ JOB_SPEC = {
     "requires": _tags,
     #: run in a slot process no earlier job has run in
     "isolate": _bool,
+    #: re-run the job up to this many times when its code raises one of ``retry_on``
+    "retries": _retries,
+    "retry_on": _exception_names,
 }
 RUN_SPEC = {
     "id": _job_id,
@@ -334,6 +354,10 @@ RUN_SPEC = {
     "owner": _key,
     "trusted": _bool,
     "isolate": _bool,
+    #: which run of the job this is (1, then 2 after a retry): DSAGE_ATTEMPT
+    "attempt": _pos_int,
+    #: exceptions that make the slot say ``retry``; empty when no retry is left
+    "retry_on": _exception_names,
 }
 RESULT_SPEC = {
     "id": _job_id,
@@ -346,6 +370,10 @@ RESULT_SPEC = {
     "finished": _float,
     #: the result and output were uploaded with PUT (the blob frames are empty)
     "staged": _bool,
+    #: the run this is the outcome of (a result of an earlier run is stale)
+    "attempt": _pos_int,
+    #: the code raised an exception named in the run's ``retry_on``
+    "retry": _bool,
 }
 WORKER_INFO = {
     "id": _short_str,
@@ -363,6 +391,8 @@ RECORD = {
     "started": _optional(_float),
     "finished": _optional(_float),
     "failures": _nonneg_int,
+    #: the job's run: 1, then one more after each retry
+    "attempt": _pos_int,
     "error": _optional(_str),
     "worker": _optional(_obj(WORKER_INFO)),
     "encoding": _one_of(Encoding),
@@ -437,7 +467,8 @@ SCHEMAS: dict[M, Schema] = {
     M.REGISTERED: Schema({"heartbeat": _pos_float, "liveness": _pos_int, "cancel": _ids}),
     M.RUN: Schema({}, "jobs", RUN_SPEC, 1),
     M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),
-    M.RESULT_ACK: Schema({"ids": _ids}),
+    # ``attempts``: of each acknowledged result, in the order of ``ids``
+    M.RESULT_ACK: Schema({"ids": _ids, "attempts": _list_of(_pos_int)}),
     M.PUT: Schema({"id": _job_id, "part": _part, "offset": _nonneg_int, "total": _nonneg_int},
                   blobs=1),
     # ``next``: the offset to send next; ``gone``: the job is not the monitor's (any

@@ -37,6 +37,7 @@ OWNER = "o" * 40
 def _spec(job_id: str, **change: Any) -> dict[str, Any]:
     return {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
             "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
+            "retries": 0, "retry_on": [],
             **change}
 
 
@@ -88,7 +89,7 @@ def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path
         wait_for(lambda: j.status == "processing" or j.done(), 30, "the job dispatched")
         item = {"id": j.job_id, "status": "failed", "error": "KeyError: '\udcff'",
                 "encoding": "none", "result_from": "none", "sealed": False, "started": None,
-                "finished": 1.0, "staged": False}
+                "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
         mon.send_multipart(_raw("result", {"results": [item]}, b"", b""))
         assert _replies(mon, M.ERROR).header["code"] == "header"
         assert broker.alive()
@@ -227,12 +228,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._flush()
 
     @rule(count=st.integers(1, 5), owner=st.sampled_from(["a" * 40, "b" * 40]),
-          tags=st.sampled_from([[], ["gpu"]]))
-    def submit(self, count: int, owner: str, tags: list[str]) -> None:
+          tags=st.sampled_from([[], ["gpu"]]), retries=st.integers(0, 2))
+    def submit(self, count: int, owner: str, tags: list[str], retries: int) -> None:
         specs = []
         for _ in range(count):
             self.n += 1
-            specs.append(_spec(f"{self.n:032x}", requires=tags))
+            specs.append(_spec(f"{self.n:032x}", requires=tags, retries=retries,
+                               retry_on=["Exception"] if retries else []))
         msg = make(M.SUBMIT, [b"1"] * count, req=1, jobs=specs)
         self.state.on_client(self.now, b"c", owner, msg)
         self._flush()
@@ -249,9 +251,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not known or self.rids[mid] not in self.state.monitors:
             return
         jid = data.draw(st.sampled_from(known))  # its own, another's, or a final one
-        item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
-                "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
+        job = self.state.sched.jobs.get(jid)
+        current = job.attempt if job is not None else 1
+        # a failure the job may be retried for, or any other outcome; of this attempt
+        # or (sent again after a reconnection) an earlier one
+        failed, retry = data.draw(st.sampled_from([(False, False), (True, False), (True, True)]))
+        attempt = data.draw(st.sampled_from(sorted({current, max(1, current - 1)})))
+        item = {"id": jid, "status": "failed" if failed else "completed", "error": None,
+                "encoding": "data", "result_from": "expression", "sealed": False,
+                "started": None, "finished": 1.0, "staged": False, "attempt": attempt,
+                "retry": retry}
+        mine = job is not None and job.monitor == mid and job.where is Where.ASSIGNED
+        left = job.retries_left if job is not None else 0
         self._monitor(mid, make(M.RESULT, [b"1", b""], results=[item]))
+        # (a job back in the queue may at once be dispatched again)
+        if mine and attempt == current and retry and left:
+            assert self.state.sched.jobs.get(jid) is job and job.attempt == current + 1
+        elif mine and attempt == current:
+            assert jid not in self.state.sched.jobs  # final
+        elif mine:  # a stale result from the monitor that has the job: it goes on
+            assert self.state.sched.jobs.get(jid) is job and job.attempt == current
 
     @rule(mid=st.sampled_from(["m1", "m2"]), count_failure=st.booleans())
     def release(self, mid: str, count_failure: bool) -> None:
@@ -269,7 +288,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if self.state.sched.jobs:
             jid = data.draw(st.sampled_from(sorted(self.state.sched.jobs)))
             owner = self.state.sched.jobs[jid].owner
-            self.state.on_client(self.now, b"c", owner, make(M.KILL, req=2, ids=[jid]))
+            self.state.on_client(self.now, b"c", owner, make(M.KILL, req=2, ids=[jid], queued_only=False))
             self._flush()
 
     @rule()
@@ -286,8 +305,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(rows) == set(sched.jobs)
         queued = [j for j in sched.jobs.values() if j.where is Where.QUEUED]
         assert sched.queued == len(queued) == sum(sched.queued_by_owner.values())
+        attempts = dict(self.store.db.execute(
+            "SELECT id, attempt FROM jobs WHERE status IN ('new', 'processing')").fetchall())
         for j in sched.jobs.values():
             assert rows[j.id] == ("new" if j.where is Where.QUEUED else "processing")
+            # retries are counted apart from lost workers, kept, and bounded
+            assert attempts[j.id] == j.attempt and 1 <= j.attempt <= j.retries + 1
             # each job in at most one place
             holders = [m for m, ids in sched.assigned.items() if j.id in ids]
             assert holders == ([] if j.where is Where.QUEUED else [j.monitor])
@@ -415,7 +438,7 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * n, req=1, jobs=specs))
     sent = state.flush(0.0)
     items = [{"id": s["id"], "status": "completed", "error": None, "encoding": "data",
-              "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
+              "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
              for s in specs]
     state.on_monitor(0.0, b"m", "k" * 40, False,
                      decode(encode(make(M.RESULT, [b"1", b""] * n, results=items)), ALL))
@@ -444,7 +467,7 @@ def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path
     state.flush(0.0)
     big = os.urandom(3 * 1024 * 1024 + 5)
     item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
-            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
+            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
     state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [big, b"out"], results=[item]))
     [event] = [o.msg for o in state.flush(0.0) if o.dest == "event"]
     [rec] = event.header["jobs"]
@@ -523,7 +546,7 @@ def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) ->
     assert put(rid, 2_000_000, big[2_000_000:])["next"] == len(big)
     item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
             "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
-            "staged": True}
+            "staged": True, "attempt": 1, "retry": False}
     state.on_monitor(0.0, rid, "k" * 40, False, make(M.RESULT, [b"", b""], results=[item]))
     [event] = [o.msg for o in state.flush(0.0) if o.dest == "event"]
     assert event.header["jobs"][0]["by_ref"]
@@ -554,7 +577,7 @@ def test_a_message_is_capped_as_a_whole_not_only_per_frame(procs: Procs, home: P
         anon = _dealer(ctx, home, procs.port + 1, keys.Keypair(*zmq.curve_keypair()))
         items = [{"id": f"{i:032x}", "status": "completed", "error": None, "encoding": "data",
                   "result_from": "expression", "sealed": False, "started": None,
-                  "finished": 1.0, "staged": False} for i in range(30)]
+                  "finished": 1.0, "staged": False, "attempt": 1, "retry": False} for i in range(30)]
         blob = b"z" * (1024 * 1024 - 100)
         anon.send_multipart(_raw("result", {"results": items}, *[blob] * 60))
         assert _replies(anon, M.ERROR).header["code"] == "size"
@@ -646,3 +669,68 @@ def test_anonymous_peers_have_a_message_rate_and_a_count() -> None:
         state.lose_monitor(0.0, b"a1", "test")
         assert register(b"a2", "b", True).type is M.REGISTERED
         store.close()
+
+
+# --- retries: the attempt is kept in the store
+
+
+def test_a_retried_job_keeps_its_attempt_across_a_broker_restart(tmp_path: Path) -> None:
+    """A job whose code raised goes back to the queue for attempt 2, counting no
+    failure; the store keeps the attempt, so after a restart the next RUN says 2
+    and, its one retry used, asks the slot to match no exception."""
+    path = tmp_path / "dsage.db"
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    spec = _spec("a" * 32, retries=1, retry_on=["KeyError"])
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[spec]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+    runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [r.header["jobs"][0]["attempt"] for r in runs] == [1]
+    assert runs[0].header["jobs"][0]["retry_on"] == ["KeyError"]
+    item = {"id": "a" * 32, "status": "failed", "error": "KeyError", "encoding": "error",
+            "result_from": "none", "sealed": False, "started": 0.0, "finished": 1.0,
+            "staged": False, "attempt": 1, "retry": True}
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [b"", b""], results=[item]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(M.STOPPING))  # no credit: stays queued
+    outs = state.flush(0.0)
+    acks = [o.msg.header for o in outs if o.msg.type is M.RESULT_ACK]
+    assert acks == [{"ids": ["a" * 32], "attempts": [1]}]
+    events = [r for o in outs if o.dest == "event" for r in o.msg.header["jobs"]]
+    assert [(r["status"], r["attempt"], r["failures"]) for r in events] == [("new", 2, 0)]
+    store.close()
+
+    store = Store(path)  # a restart
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    assert state.sched.jobs["a" * 32].attempt == 2
+    state.on_monitor(0.0, b"m2", "k" * 40, False, make(
+        M.REGISTER, monitor="m2", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+    runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [(r.header["jobs"][0]["attempt"], r.header["jobs"][0]["retry_on"])
+            for r in runs] == [(2, [])]
+    assert store.records(["a" * 32])["a" * 32][0]["attempt"] == 2
+    store.close()
+
+
+def test_a_store_made_before_retries_and_isolate_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dsage.store import _ADDED_COLUMNS, _SCHEMA
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    table = _SCHEMA.split(";")[0]
+    for column, kind in _ADDED_COLUMNS:  # the first schema had none of them
+        table = table.replace(f",\n    {column} {kind}", "")
+    assert "isolate" not in table and "attempt" not in table
+    db.execute(table)
+    db.execute("INSERT INTO jobs (id, owner, kind, status, priority, anonymous_ok, created,"
+               " payload) VALUES (?, ?, 'python', 'new', 5, 0, 1.0, x'31')", ("b" * 32, OWNER))
+    db.commit()
+    db.close()
+    store = Store(path)
+    [job] = store.open_jobs(1 << 20)
+    assert (job.attempt, job.retries, job.retry_on, job.isolate) == (1, 0, (), False)
+    store.retry(job.id, 2)
+    assert store.records([job.id])[job.id][0]["attempt"] == 2
+    store.close()

@@ -130,7 +130,7 @@ def record(job_id: str, status: str, result_from: str = "none") -> dict[str, Any
     final = status in ("completed", "failed", "killed")
     return {"id": job_id, "name": None, "kind": "python", "status": status, "priority": 5,
             "created": 1.0, "started": 1.0, "finished": 2.0 if final else None,
-            "failures": 0, "error": None, "worker": None, "encoding": "none",
+            "failures": 0, "attempt": 1, "error": None, "worker": None, "encoding": "none",
             "result_from": result_from, "sealed": False, "reason": None, "by_ref": False}
 
 

@@ -1,0 +1,133 @@
+"""A job's attachments: files copied into its working folder (``files=``), names
+bound before its code runs (``user_vars=``) and files run before it
+(``load_files=``).
+
+They travel inside the job's payload, which the broker never opens, in an
+envelope: :data:`MAGIC`, the length of the pickled attachments (8 bytes), that
+pickle, then the job's own payload (code, or a pickled call). No Python source
+and no pickle starts with a NUL byte, so a payload without attachments is never
+taken for one. The client reads each file once per call and refuses, in the
+call, a missing file, two different files of one name, and attachments larger
+than a message may be.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import codec
+
+MAGIC = b"\0dsage-attachments\0"
+_LENGTH = struct.Struct("<Q")
+
+
+@dataclass
+class Attachments:
+    #: base name -> content, written into the job's folder before it runs
+    files: dict[str, bytes] = field(default_factory=dict)
+    #: names bound in the job's namespace before its code (and load_files) run
+    user_vars: dict[str, Any] = field(default_factory=dict)
+    #: (file name, source) run in the job's namespace, in order, before its code
+    load_files: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.files or self.user_vars or self.load_files)
+
+    def size(self) -> int:
+        return sum(map(len, self.files.values())) + sum(len(s) for _, s in self.load_files)
+
+
+def _paths(paths: Iterable[str | os.PathLike[str]], option: str) -> list[Path]:
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"{option}={paths!r}: give a list of paths, such as ['data.csv']")
+    return [Path(p) for p in paths]
+
+
+def _read(path: Path, option: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{option}: {path} is a folder; attach files") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option}: no file {path}") from None
+    except OSError as e:
+        raise OSError(f"{option}: cannot read {path}: {e.strerror}") from None
+
+
+def collect(files: Iterable[str | os.PathLike[str]] = (),
+            user_vars: Mapping[str, Any] | None = None,
+            load_files: Iterable[str | os.PathLike[str]] = ()) -> Attachments:
+    """Read and check what a job call attaches (ValueError, TypeError or OSError
+    naming the problem)."""
+    att = Attachments()
+    origin: dict[str, Path] = {}
+    for path in _paths(files, "files"):
+        data = _read(path, "files")
+        name = path.name
+        if name in att.files and att.files[name] != data:
+            raise ValueError(f"files: {origin[name]} and {path} are both named {name!r} in "
+                             f"the job's folder; rename one")
+        att.files[name], origin[name] = data, path
+    for path in _paths(load_files, "load_files"):
+        data = _read(path, "load_files")
+        try:
+            att.load_files.append((str(path), data.decode()))
+        except UnicodeDecodeError:
+            raise ValueError(f"load_files: {path} is not UTF-8 text (code to run)") from None
+    if user_vars is not None:
+        if not isinstance(user_vars, Mapping):
+            raise TypeError(f"user_vars must be a dict of names to values, not "
+                            f"{type(user_vars).__name__}")
+        for k in user_vars:
+            if not isinstance(k, str) or not k.isidentifier():
+                raise ValueError(f"user_vars: {k!r} is not a Python name")
+        att.user_vars = dict(user_vars)
+    return att
+
+
+def wrap(payload: bytes, att: Attachments) -> bytes:
+    """The job's payload with its attachments (the payload itself if there are none)."""
+    if not att:
+        return payload
+    try:
+        packed = codec.dump_trusted((att.files, att.user_vars, att.load_files))
+    except Exception as e:  # noqa: BLE001 - name the value that cannot travel
+        for k, v in att.user_vars.items():
+            try:
+                codec.dump_trusted(v)
+            except Exception as inner:  # noqa: BLE001
+                raise TypeError(f"user_vars: cannot send {k!r} ({type(v).__name__}): "
+                                f"{inner}") from None
+        raise TypeError(f"cannot pickle the attachments: {e}") from None
+    return b"".join((MAGIC, _LENGTH.pack(len(packed)), packed, payload))
+
+
+def unwrap(payload: bytes) -> tuple[bytes, Attachments | None]:
+    """The job's own payload and its attachments (None if it has none); ValueError if
+    the envelope is malformed. Only ever called in a slot, which runs the job anyway."""
+    if not payload.startswith(MAGIC):
+        return payload, None
+    start = len(MAGIC) + _LENGTH.size
+    if len(payload) < start:
+        raise ValueError("a job's attachments are cut short")
+    (n,) = _LENGTH.unpack_from(payload, len(MAGIC))
+    if start + n > len(payload):
+        raise ValueError("a job's attachments are cut short")
+    files, user_vars, load_files = codec.load_trusted(payload[start:start + n])
+    return payload[start + n:], Attachments(files, user_vars, load_files)
+
+
+def place(att: Attachments, folder: str) -> None:
+    """Write the attached files into the job's folder."""
+    for name, data in att.files.items():
+        if name in ("", ".", "..") or os.sep in name:
+            raise ValueError(f"an attached file is named {name!r}: not a file name")
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb") as f:
+            f.write(data)
