@@ -336,7 +336,10 @@ class JobWrapper(Future[Any]):
         """The error :meth:`result` raises, or None if it returns a value (waiting as
         it does); raises :class:`JobCancelled` for a cancelled job, as
         ``Future.exception`` does."""
-        self.wait(timeout)
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or a number of seconds >= 0")
+        if not self.done():
+            self._wait(timeout)
         if self._value is _UNSET and self._failure is None:
             self._outcome()
         if isinstance(self._failure, JobCancelled):
@@ -346,6 +349,8 @@ class JobWrapper(Future[Any]):
     def _outcome(self) -> None:
         """Decide, once, what :meth:`result` gives: a value, or an error."""
         try:
+            if self._unknown is not None:
+                raise UnknownJob(f"job {self.job_id}: {self._unknown}", self.job_id)
             if self.refused is not None:
                 raise SubmitRejected(f"job {self.job_id}: {self.error}")
             if self._removed_unrun():
@@ -353,7 +358,7 @@ class JobWrapper(Future[Any]):
             if self.status != Status.COMPLETED:
                 raise JobError(self)
             self._value = self._decode()
-        except (JobError, SubmitRejected, UntrustedResultError) as e:
+        except (JobError, SubmitRejected, UnknownJob, UntrustedResultError) as e:
             self._failure = e
 
     def _decode(self) -> Any:

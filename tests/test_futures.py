@@ -216,3 +216,26 @@ def test_a_wrapper_refuses_outside_state_changes(cluster: dsage.DSage) -> None:
         with pytest.raises(RuntimeError, match="comes from its job"):
             call()
     assert j.result(60) == 1
+
+
+def test_a_job_the_broker_forgot_or_refused_ends_awaits_and_waits_with_its_error() -> None:
+    """exception() gives the error result() raises (it never raises it: asyncio's
+    wrap_future calls it from the event loop, and a raise there would hang the await)."""
+    forgotten = dsage.JobWrapper(None, "0" * 32, None, "python")
+    forgotten._end("the broker no longer knows this job", unknown=True)
+    refused = dsage.JobWrapper(None, "1" * 32, None, "python")
+    refused._end("refused by the broker: too many", refused="quota")
+    assert isinstance(forgotten.exception(), dsage.UnknownJob)
+    assert isinstance(refused.exception(), dsage.SubmitRejected)
+    done, _ = cf.wait([forgotten, refused], 0)
+    assert done == {forgotten, refused}
+
+    async def awaited(j: dsage.JobWrapper) -> Any:
+        return await j
+
+    with pytest.raises(dsage.UnknownJob):
+        asyncio.run(asyncio.wait_for(awaited(forgotten), 10))
+    with pytest.raises(dsage.SubmitRejected):
+        asyncio.run(asyncio.wait_for(awaited(refused), 10))
+    with pytest.raises(dsage.UnknownJob):
+        forgotten.result()
