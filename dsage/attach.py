@@ -127,7 +127,7 @@ def place(att: Attachments, folder: str) -> None:
     for name, data in att.files.items():
         if name in ("", ".", "..") or os.sep in name:
             raise ValueError(f"an attached file is named {name!r}: not a file name")
-        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                      | os.O_NOFOLLOW, 0o600)
         with open(fd, "wb") as f:
             f.write(data)
