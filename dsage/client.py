@@ -32,7 +32,7 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -1157,7 +1157,7 @@ class DSage:
         jobs = list(dict.fromkeys(jobs))
         self._check_usable()
         try:
-            yield from concurrent.futures.as_completed(jobs, timeout)
+            yield from cast(Iterator[JobWrapper], concurrent.futures.as_completed(jobs, timeout))
         except TimeoutError:
             left = [j for j in jobs if not j.done()]
             self._io.command("query", [j.job_id for j in left])  # the truth, should an

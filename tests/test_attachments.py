@@ -6,6 +6,7 @@ Real processes throughout."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,9 +103,10 @@ def test_every_job_call_takes_every_option(procs: Procs, data: Path) -> None:
     procs.wait_workers(D, 1)
     script = data / "one.py"
     script.write_text("DSAGE_RESULT = 1\n")
-    common = {"priority": 2, "requires": ["gpu"], "timeout": 30, "memory": "1GB",
-              "anonymous_ok": False, "isolate": True, "retries": 1, "retry_on": [KeyError],
-              "files": [data / "data.txt"]}
+    common: dict[str, Any] = {
+        "priority": 2, "requires": ["gpu"], "timeout": 30, "memory": "1GB",
+        "anonymous_ok": False, "isolate": True, "retries": 1, "retry_on": [KeyError],
+        "files": [data / "data.txt"]}
     jobs = [D("1", name="eval", **common), D.eval_file(script, **common),
             D.eval_function(read_attached, args=("data.txt",), name="fn", **common)]
     for j in jobs:

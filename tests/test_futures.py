@@ -79,7 +79,7 @@ def test_cancel_removes_a_queued_job_and_leaves_a_running_one(one_slot: dsage.DS
     prefetched = D(gated(gate, "b"))  # the monitor holds it: a worker has it
     wait_for(prefetched.running, 60, "the second job to reach the monitor")
     queued = D(gated(gate, "c", tmp_path / "c-ran"))  # no credit left: it stays queued
-    called: list[tuple[dsage.JobWrapper, bool]] = []
+    called: list[tuple[cf.Future[Any], bool]] = []
     queued.add_done_callback(lambda f: called.append((f, f.cancelled())))
 
     assert running.running() and not running.cancel() and running.running()
