@@ -421,13 +421,14 @@ class BrokerState:
             self.lose_monitor(now, rid, "re-registered as another monitor", count=False)
         holds = set(h["running"])
         if old is not None:
-            # It reconnected. Jobs its old entry had that it no longer holds were lost in
-            # transit: re-queue them, but welcome their late results.
             self._drop_entry(old)
-            for jid in self.sched.of_monitor(monitor_id):
-                if jid not in holds:
-                    self._requeue(self.sched.jobs[jid], False,
-                                  "its monitor reconnected without it", monitor_id)
+        # It reconnected (to this broker, or to one restarted from the store). Jobs
+        # assigned to it that it does not hold were lost in transit (a RUN sent just
+        # before a broker crash, say): re-queue them, but welcome their late results.
+        for jid in self.sched.of_monitor(monitor_id):
+            if jid not in holds:
+                self._requeue(self.sched.jobs[jid], False,
+                              "its monitor reconnected without it", monitor_id)
         entry = MonitorEntry(rid, key, anonymous, monitor_id, h["host"], h["pid"],
                              h["slots"], h["tags"], now)
         self.monitors[rid] = entry

@@ -734,3 +734,29 @@ def test_a_store_made_before_retries_and_isolate_is_upgraded(tmp_path: Path) -> 
     store.retry(job.id, 2)
     assert store.records([job.id])[job.id][0]["attempt"] == 2
     store.close()
+
+
+def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
+        tmp_path: Path) -> None:
+    """The broker dispatched a job (committed as processing on monitor m) and died
+    before the RUN left. Restarted, it learns from m's registration that m does not
+    hold the job: the job goes back to the queue, counting no failure, and runs.
+    (It once stayed 'processing' on m for ever, as m was registered.)"""
+    path = tmp_path / "dsage.db"
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
+                    version="0")
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("f" * 32)]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, register)
+    assert [o.msg.type for o in state.flush(0.0) if o.msg.type is M.RUN] == [M.RUN]
+    store.close()  # the RUN is lost with the broker
+
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    assert state.sched.jobs["f" * 32].monitor == "m"
+    state.on_monitor(0.0, b"m2", "k" * 40, False, register)  # holds nothing
+    runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [r.header["jobs"][0]["id"] for r in runs] == ["f" * 32]
+    assert state.sched.jobs["f" * 32].failures == 0
+    store.close()
