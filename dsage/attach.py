@@ -2,17 +2,21 @@
 bound before its code runs (``user_vars=``) and files run before it
 (``load_files=``).
 
-They travel inside the job's payload, which the broker never opens, in an
-envelope: :data:`MAGIC`, the length of the pickled attachments (8 bytes), that
-pickle, then the job's own payload (code, or a pickled call). No Python source
-and no pickle starts with a NUL byte, so a payload without attachments is never
-taken for one. The client reads each file once per call and refuses, in the
-call, a missing file, two different files of one name, and attachments larger
-than a message may be.
+Files travel as *shared blobs*, by content (SHA-256): a message carries each
+content once however many of its jobs use it, and the broker keeps it once
+per owner (see ``shared`` in :mod:`dsage.protocol`). The rest travels inside
+the job's payload, which the broker never opens, in an envelope:
+:data:`MAGIC`, the length of the pickled attachments (8 bytes), that pickle
+(the files' names and hashes, user_vars, load_files), then the job's own
+payload (code, or a pickled call). No Python source and no pickle starts with
+a NUL byte, so a payload without attachments is never taken for one. The
+client refuses, in the call, a missing file, two different files of one
+name, and attachments larger than a message may be.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -90,12 +94,19 @@ def collect(files: Iterable[str | os.PathLike[str]] = (),
     return att
 
 
-def wrap(payload: bytes, att: Attachments) -> bytes:
-    """The job's payload with its attachments (the payload itself if there are none)."""
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wrap(payload: bytes, att: Attachments) -> tuple[bytes, dict[str, bytes]]:
+    """The job's payload with its attachments (the payload itself if there are none),
+    and the shared blobs it uses: its files' contents, by hash."""
     if not att:
-        return payload
+        return payload, {}
+    shared = {content_hash(data): data for data in att.files.values()}
+    refs = {name: content_hash(data) for name, data in att.files.items()}
     try:
-        packed = codec.dump_trusted((att.files, att.user_vars, att.load_files))
+        packed = codec.dump_trusted((refs, att.user_vars, att.load_files))
     except Exception as e:  # noqa: BLE001 - name the value that cannot travel
         for k, v in att.user_vars.items():
             try:
@@ -104,12 +115,15 @@ def wrap(payload: bytes, att: Attachments) -> bytes:
                 raise TypeError(f"user_vars: cannot send {k!r} ({type(v).__name__}): "
                                 f"{inner}") from None
         raise TypeError(f"cannot pickle the attachments: {e}") from None
-    return b"".join((MAGIC, _LENGTH.pack(len(packed)), packed, payload))
+    return b"".join((MAGIC, _LENGTH.pack(len(packed)), packed, payload)), shared
 
 
-def unwrap(payload: bytes) -> tuple[bytes, Attachments | None]:
-    """The job's own payload and its attachments (None if it has none); ValueError if
-    the envelope is malformed. Only ever called in a slot, which runs the job anyway."""
+def unwrap(payload: bytes, shared: Mapping[str, bytes]
+           ) -> tuple[bytes, Attachments | None]:
+    """The job's own payload and its attachments (None if it has none), its files
+    taken from the ``shared`` blobs that came with it; ValueError if the envelope is
+    malformed or a file's content did not come. Only ever called in a slot, which
+    runs the job anyway."""
     if not payload.startswith(MAGIC):
         return payload, None
     start = len(MAGIC) + _LENGTH.size
@@ -118,7 +132,12 @@ def unwrap(payload: bytes) -> tuple[bytes, Attachments | None]:
     (n,) = _LENGTH.unpack_from(payload, len(MAGIC))
     if start + n > len(payload):
         raise ValueError("a job's attachments are cut short")
-    files, user_vars, load_files = codec.load_trusted(payload[start:start + n])
+    refs, user_vars, load_files = codec.load_trusted(payload[start:start + n])
+    files = {}
+    for name, digest in refs.items():
+        if digest not in shared:
+            raise ValueError(f"the content of the attached file {name!r} did not arrive")
+        files[name] = shared[digest]
     return payload[start + n:], Attachments(files, user_vars, load_files)
 
 

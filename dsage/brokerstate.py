@@ -15,6 +15,7 @@ nothing is acknowledged that the store does not hold.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import time
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 from . import __version__
 from .protocol import (
-    CHUNK_BYTES, M, Message, Status, batches, clip, error, make,
+    CHUNK_BYTES, M, Message, Status, batches, clip, error, make, shared_batches,
 )
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
 from .store import Outcome, Record, Store, WorkerRef
@@ -129,7 +130,7 @@ class BrokerState:
                 o.id, o.owner, o.name, self._shared(o.kind), o.priority, self._shared(o.timeout),
                 o.memory, o.anonymous_ok, self._tags(o.requires), o.created, o.failures, o.seq,
                 o.payload, isolate=o.isolate, retries=o.retries,
-                retry_on=self._names(o.retry_on), attempt=o.attempt,
+                retry_on=self._names(o.retry_on), attempt=o.attempt, shared=self._names(o.shared),
                 monitor=o.worker_id if processing else None, started=o.started))
             self.payload_bytes += len(o.payload or b"")
         self.orphan_deadline: float | None = (
@@ -169,7 +170,8 @@ class BrokerState:
         return tags
 
     def _names(self, names: Any) -> tuple[str, ...]:
-        """One tuple per list of exception names (most jobs share one, or none)."""
+        """One tuple per list of names (exception classes, shared blob hashes): most
+        jobs share one, or have none."""
         key = tuple(names)
         if not key:
             return ()
@@ -258,7 +260,7 @@ class BrokerState:
         else:
             self._send("client", rid, error("unauthorized", text, msg.header.get("req")))
 
-    def _submit(self, rid: bytes, key: str, h: dict[str, Any], payloads: list[bytes]) -> None:
+    def _submit(self, rid: bytes, key: str, h: dict[str, Any], blobs: list[bytes]) -> None:
         wall = time.time()  # stored times are wall-clock; ``now`` is only for liveness
         cap = self.config.max_queued_per_client
         ids: list[str] = []
@@ -266,7 +268,14 @@ class BrokerState:
         queued: list[Record] = []
         takers = self._takers()
         unstored, why = 0, ""
-        for spec, payload in zip(h["jobs"], payloads):
+        n = len(h["jobs"])
+        # shared blobs (attached files), each sent once; one whose content does not
+        # match its hash is not taken (the jobs that use it are refused)
+        shared = {digest: data for digest, data in zip(h["shared"], blobs[n:])
+                  if hashlib.sha256(data).hexdigest() == digest}
+        kept: set[str] = set()
+        in_store: dict[str, bool] = {}
+        for spec, payload in zip(h["jobs"], blobs):
             jid = spec["id"]
             known = self.sched.jobs.get(jid)
             if known is not None:
@@ -277,7 +286,18 @@ class BrokerState:
                                f"this client already has {cap} queued jobs "
                                f"(the broker's --max-queued-per-client)"})
                 continue
+            if not all(d in shared or self._has_shared(key, d, in_store)
+                       for d in spec["shared"]):
+                # the client sends the job again with the content
+                errors.append({"id": jid, "code": "shared", "message":
+                               "an attached file's content is neither in this message nor "
+                               "kept by the broker, or does not match its hash"})
+                continue
             try:
+                for digest in spec["shared"]:
+                    if digest in shared and digest not in kept:
+                        self.store.put_shared(key, digest, shared[digest])
+                        kept.add(digest)
                 seq = self.store.insert(key, spec, payload, wall)
                 if seq is None:
                     self._resent(key, jid, self.store.owner_of([jid]).get(jid), ids, errors)
@@ -292,7 +312,7 @@ class BrokerState:
                       self._shared(spec["timeout"]), spec["memory"], spec["anonymous_ok"],
                       self._tags(spec["requires"]), wall, 0, seq, payload if keep else None,
                       isolate=spec["isolate"], retries=spec["retries"],
-                      retry_on=self._names(spec["retry_on"]))
+                      retry_on=self._names(spec["retry_on"]), shared=self._names(spec["shared"]))
             self.sched.add(job)
             ids.append(jid)
             reason = waiting_reason(job, takers)
@@ -306,6 +326,12 @@ class BrokerState:
         self._send("client", rid, make(M.ACK, req=h["req"], ids=ids, errors=errors))
         if queued:
             self._announce(key, *queued)
+
+    def _has_shared(self, key: str, digest: str, in_store: dict[str, bool]) -> bool:
+        """Whether the store keeps ``key``'s shared blob ``digest`` (asked once per message)."""
+        if digest not in in_store:
+            in_store[digest] = self.store.has_shared(key, digest)
+        return in_store[digest]
 
     @staticmethod
     def _resent(key: str, jid: str, owner: str | None, ids: list[str],
@@ -667,8 +693,12 @@ class BrokerState:
             self.store.start([j.id for j in jobs], worker, wall)
             payloads = [j.payload if j.payload is not None else self.store.payload(j.id)
                         for j in jobs]
-            for part in batches([len(p) for p in payloads]):
+            blobs = self._shared_blobs(jobs)
+            uses = [[(d, len(blobs[j.owner, d])) for d in j.shared if (j.owner, d) in blobs]
+                    for j in jobs]
+            for part in shared_batches([len(p) for p in payloads], uses):
                 specs = []
+                sent: dict[str, bytes] = {}
                 for i in part:
                     j = jobs[i]
                     j.started = wall
@@ -676,10 +706,26 @@ class BrokerState:
                                   "timeout": j.timeout, "memory": j.memory, "owner": j.owner,
                                   "trusted": not m.anonymous, "isolate": j.isolate,
                                   "attempt": j.attempt,
-                                  "retry_on": list(j.retry_on) if j.retries_left else []})
+                                  "retry_on": list(j.retry_on) if j.retries_left else [],
+                                  "shared": list(j.shared)})
+                    for d, _ in uses[i]:
+                        sent.setdefault(d, blobs[j.owner, d])
                     self._announce(j.owner, _open_record(j, None, worker))
-                self._send("monitor", m.rid, make(M.RUN, payloads[part.start:part.stop],
-                                                  jobs=specs))
+                self._send("monitor", m.rid, make(
+                    M.RUN, payloads[part.start:part.stop] + list(sent.values()), jobs=specs,
+                    shared=list(sent)))
+
+    def _shared_blobs(self, jobs: list[Job]) -> dict[tuple[str, str], bytes]:
+        """The shared blobs of ``jobs`` from the store, each read once. One that is
+        missing is left out: the job fails in its slot, saying which file did not come."""
+        out: dict[tuple[str, str], bytes] = {}
+        for j in jobs:
+            for digest in j.shared:
+                if (j.owner, digest) not in out:
+                    data = self.store.shared_blob(j.owner, digest)
+                    if data is not None:
+                        out[j.owner, digest] = data
+        return out
 
     def flush(self, now: float, send_early: Callable[[list[Out]], None] | None = None
               ) -> list[Out]:

@@ -29,7 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
@@ -45,7 +45,8 @@ from .job import JobWrapper
 from .protocol import (
     BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
     MAX_HEADER, MAX_INT, MAX_PRIORITY, MAX_RETRIES, MAX_TAGS, MAX_TEXT, Kind, M, Message,
-    ProtocolError, Status, batches, decode, encode, exception_name, make, text_problem,
+    ProtocolError, Status, batches, decode, encode, exception_name, make, shared_batches,
+    text_problem,
 )
 from .protocol import batch_bytes
 from .seal import Opener, binding
@@ -64,11 +65,13 @@ MAX_UNACKED_BYTES = 256 * 1024 * 1024
 #: Heartbeats a job must have been unacknowledged, besides the broker having
 #: answered a ping sent after it, before it is sent again.
 RESEND_HEARTBEATS = 3
-#: Upper bound on a job spec's JSON bytes apart from its name, tags and retry_on
-#: names (the longest id, kind, float, and 64-bit integer: 226 bytes), and the
-#: bytes a submit header needs besides its specs.
-_SPEC_FIXED_BYTES = 240
+#: Upper bound on a job spec's JSON bytes apart from its name, tags, retry_on
+#: names and shared hashes (the longest id, kind, float, and 64-bit integer: 238
+#: bytes), and the bytes a submit header needs besides its specs.
+_SPEC_FIXED_BYTES = 256
 _HEADER_SLACK = 64
+#: JSON bytes of one content hash in a list (quotes and comma)
+_HASH_BYTES = 67
 _SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
 #: JSON bytes of one job id in a list of ids (quotes and comma)
 _ID_BYTES = 35
@@ -212,8 +215,9 @@ def _spec_bytes(spec: dict[str, Any]) -> int:
     """The JSON bytes of a job spec in a submit header (an upper bound, exact for
     the rare spec near the limit); ValueError if it cannot fit in one header."""
     name, tags = spec["name"], spec["requires"] + spec["retry_on"]
+    # a shared blob's hash: in the spec, and at most once in the message's list
     size = _SPEC_FIXED_BYTES + (0 if name is None else _json_text_bytes(name)) \
-        + sum(_json_text_bytes(t) + 1 for t in tags)
+        + sum(_json_text_bytes(t) + 1 for t in tags) + 2 * _HASH_BYTES * len(spec["shared"])
     if size > _SPEC_BUDGET:
         size = len(json.dumps(spec, separators=(",", ":")))
         if size > _SPEC_BUDGET:
@@ -235,6 +239,15 @@ class _Outgoing:
     header_bytes: int
     #: when (monotonic) it was last handed to the socket; None while in the send queue
     sent: float | None = None
+    #: the shared blobs it uses (attached files), by content hash
+    shared: dict[str, bytes] = field(default_factory=dict)
+    #: send every shared blob with it, also those the broker has (it said it did not)
+    full: bool = False
+
+    @property
+    def size(self) -> int:
+        """Its bytes in a message of its own: payload and shared blobs."""
+        return len(self.payload) + sum(map(len, self.shared.values()))
 
 
 class _Window:
@@ -367,6 +380,9 @@ class _IO(threading.Thread):
         self.partial: dict[int, list[JobWrapper]] = {}
         #: large results being fetched, by job id
         self.fetches: dict[str, _Fetch] = {}
+        #: hashes of the shared blobs sent to the broker on this connection: jobs that
+        #: use them go without their content (the broker keeps it, see _refuse)
+        self.broker_shared: set[str] = set()
         self.next_req = 1
         self.last_seq = 0
         self.last_ping = 0.0
@@ -580,12 +596,16 @@ class _IO(threading.Thread):
         jobs = self._take_jobs()
         now = time.monotonic()
         limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
-        for r in _submit_ranges(jobs, batch_bytes(limit)):
+        for r in _submit_ranges(jobs, batch_bytes(limit), self.broker_shared):
             batch = jobs[r.start:r.stop]
-            msg = make(M.SUBMIT, [j.payload for j in batch], req=0, jobs=[j.spec for j in batch])
+            shared = {h: data for j in batch for h, data in j.shared.items()  # each once
+                      if j.full or h not in self.broker_shared}
+            msg = make(M.SUBMIT, [j.payload for j in batch] + list(shared.values()), req=0,
+                       jobs=[j.spec for j in batch], shared=list(shared))
             if not self._try_send(encode(msg)):
                 self.outq.extendleft(j.spec["id"] for j in reversed(jobs[r.start:]))
                 return False
+            self.broker_shared.update(shared)
             for j in batch:
                 j.sent = now
         return True
@@ -600,11 +620,11 @@ class _IO(threading.Thread):
             job = self.unacked.get(q.popleft())  # type: ignore[arg-type]  # a str, as checked
             if job is None:
                 continue  # acknowledged since it was queued
-            if len(job.payload) > limit:
+            if job.size > limit:
                 # the broker would drop the connection: refuse here, never send it
                 jid = job.spec["id"]
                 self._forget([jid])
-                self._end_job(jid, f"the job is {len(job.payload)} bytes, more than the "
+                self._end_job(jid, f"the job is {job.size} bytes, more than the "
                               f"largest message allowed ({limit} bytes, --max-message-size)",
                               refused="size")
                 continue
@@ -618,7 +638,7 @@ class _IO(threading.Thread):
             job = self.unacked.pop(jid, None)
             if job is not None:
                 count += 1
-                size += len(job.payload)
+                size += job.size
         if count:
             self.window.give(count, size)
 
@@ -672,6 +692,7 @@ class _IO(threading.Thread):
         """(Re)connected: resend what the lost connection may have dropped, and resync."""
         self.conn.epoch = h["epoch"]
         self.conn.max_message_size = h["max_message_size"]
+        self.broker_shared.clear()  # what a lost connection dropped is sent again
         self._resend_sent(self.disconnected_at)
         self._resync(force=True)
         self._refetch()
@@ -777,7 +798,19 @@ class _IO(threading.Thread):
 
     def _refuse(self, errors: list[dict[str, str]]) -> None:
         """Jobs the broker did not accept: each fails, and its ``result`` raises
-        :class:`SubmitRejected` with the broker's message."""
+        :class:`SubmitRejected` with the broker's message. A job sent without the
+        content of a shared blob the broker turned out not to have (it dropped it
+        once no open job used it) is sent again, once, with all its content."""
+        again = []
+        for err in errors:
+            job = self.unacked.get(err["id"])
+            if err["code"] == "shared" and job is not None and not job.full:
+                job.full = True
+                self.broker_shared.difference_update(job.shared)
+                again.append(err["id"])
+        for jid in again:
+            self._queue_job(jid, self.unacked[jid])
+        errors = [err for err in errors if err["id"] not in again]
         self._forget(err["id"] for err in errors)
         for err in errors:
             self._end_job(err["id"], f"refused by the broker: {err['message']}",
@@ -892,11 +925,15 @@ class _Fetch:
         self.part = "result"
 
 
-def _submit_ranges(jobs: Sequence[_Outgoing], max_bytes: int = BATCH_BYTES) -> list[range]:
+def _submit_ranges(jobs: Sequence[_Outgoing], max_bytes: int = BATCH_BYTES,
+                   known: set[str] | frozenset[str] = frozenset()) -> list[range]:
     """Split jobs into submit messages within the protocol's limits on items, blob
-    bytes (``max_bytes``, for the broker's size limit) and header bytes."""
+    bytes (``max_bytes``, for the broker's size limit) and header bytes; shared
+    blobs count once per message, and not at all when ``known`` to the broker."""
     out: list[range] = []
-    for r in batches([len(j.payload) for j in jobs], MAX_BATCH, max_bytes):
+    shared = [[(h, len(d)) for h, d in j.shared.items() if j.full or h not in known]
+              for j in jobs]
+    for r in shared_batches([len(j.payload) for j in jobs], shared, MAX_BATCH, max_bytes):
         sizes = [jobs[i].header_bytes + 1 for i in r]
         out.extend(range(r.start + h.start, r.start + h.stop)
                    for h in batches(sizes, MAX_BATCH, _SPEC_BUDGET))
@@ -1032,10 +1069,10 @@ class DSage:
         if kind not in (Kind.PYTHON, Kind.SAGE):
             raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
                              f"(use D.eval_function for functions)")
-        att = attach.collect(files, user_vars, load_files)
-        return self._submit(attach.wrap(code.encode(), att), kind, timeout, priority, name,
-                            memory, anonymous_ok, requires, isolate, retries, retry_on,
-                            attached=bool(att))
+        payload, shared = attach.wrap(code.encode(),
+                                      attach.collect(files, user_vars, load_files))
+        return self._submit(payload, kind, timeout, priority, name, memory, anonymous_ok,
+                            requires, isolate, retries, retry_on, shared=shared)
 
     def eval_file(self, path: str | os.PathLike[str], name: str | None = None,
                   **options: Any) -> JobWrapper:
@@ -1060,34 +1097,34 @@ class DSage:
             if option in options:
                 raise TypeError(f"eval_function takes no {option}= (a function's values "
                                 f"are its arguments)")
-        payload = _pickle_call(func, tuple(args), dict(kwargs or {}))
-        att = attach.collect(options.pop("files", ()))
+        payload, shared = attach.wrap(_pickle_call(func, tuple(args), dict(kwargs or {})),
+                                      attach.collect(options.pop("files", ())))
         options.setdefault("name", getattr(func, "__name__", None))
-        return self._submit(attach.wrap(payload, att), Kind.FUNCTION.value,
-                            attached=bool(att), **options)
+        return self._submit(payload, Kind.FUNCTION.value, shared=shared, **options)
 
     def _submit(self, payload: bytes, kind: str, timeout: float | None = 600,
                 priority: int = DEFAULT_PRIORITY, name: str | None = None,
                 memory: int | str | None = None, anonymous_ok: bool = False,
                 requires: Iterable[str] = (), isolate: bool = False, retries: int = 0,
                 retry_on: Iterable[type[BaseException] | str] | None = None,
-                attached: bool = False, **unknown: Any) -> JobWrapper:
+                shared: dict[str, bytes] | None = None, **unknown: Any) -> JobWrapper:
         """Check the options, wait for room (see :class:`_Window`) and hand the job to
         the I/O thread, which registers its wrapper before sending it."""
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
         self._check_usable()
-        if attached:
-            self._check_fits(len(payload))
+        shared = shared or {}
+        if payload.startswith(attach.MAGIC):
+            self._check_fits(len(payload) + sum(map(len, shared.values())))
         job_id = os.urandom(16).hex()
         retries, names = _check_retries(retries, retry_on)
         spec = {"id": job_id, "name": _check_name(name), "kind": kind,
                 "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": _check_tags(requires), "isolate": bool(isolate),
-                "retries": retries, "retry_on": names}
-        job = _Outgoing(spec, payload, _spec_bytes(spec))
-        self._window.take(len(payload), self._check_can_wait)
+                "retries": retries, "retry_on": names, "shared": list(shared)}
+        job = _Outgoing(spec, payload, _spec_bytes(spec), shared=shared)
+        self._window.take(job.size, self._check_can_wait)
         wrapper = JobWrapper(self._host, job_id, name, kind, priority)
         self._io.command("submit", job, wrapper)
         return wrapper

@@ -148,7 +148,9 @@ class Monitor:
         self.stop_deadline: float | None = None
         #: jobs received and not started yet, in order (the broker may send more
         #: jobs than there are free slots)
-        self.pending: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+        #: (run spec, payload, the shared blobs it uses as (hash, content))
+        self.pending: OrderedDict[str, tuple[dict[str, Any], bytes, list[tuple[str, bytes]]]] \
+            = OrderedDict()
         #: finished jobs whose result the broker has not acknowledged: (item, result, output)
         self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
         #: results to send at the end of this loop turn (an ordered set)
@@ -302,7 +304,8 @@ class Monitor:
                 self._send(make(M.STOPPING))
             self._resend_unacked()
         elif msg.type is M.RUN:
-            self._take_jobs(h["jobs"], msg.blobs)
+            n = len(h["jobs"])
+            self._take_jobs(h["jobs"], msg.blobs[:n], dict(zip(h["shared"], msg.blobs[n:])))
             if self.paused and self.pending:
                 self._release(list(self.pending), "its monitor cannot start worker slots")
                 self.pending.clear()
@@ -329,7 +332,8 @@ class Monitor:
                     self.registered = self.registering = False
                 log.warning("broker error: %s", h["message"])
 
-    def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes]) -> None:
+    def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes],
+                   shared: dict[str, bytes]) -> None:
         """Queue the jobs of a RUN. A job whose result is held here already gets that
         result again instead of a second run, one queued or running here is not
         queued twice, and jobs that reach a stopping monitor (sent before the broker
@@ -351,7 +355,8 @@ class Monitor:
             elif self.stopping:
                 give_back.append(jid)
             else:
-                self.pending[jid] = (spec, payload)
+                self.pending[jid] = (spec, payload, [(d, shared[d]) for d in spec["shared"]
+                                                     if d in shared])
         if give_back:
             self._release(give_back, "sent to a monitor that is stopping")
 
@@ -507,12 +512,13 @@ class Monitor:
             # owner's jobs never runs another's (a job could leave code for the next)
             self._respawn(slot)
             return
-        _, (spec, payload) = self.pending.popitem(last=False)
+        _, (spec, payload, blobs) = self.pending.popitem(last=False)
         slot.job, slot.started, slot.owner = spec, time.time(), spec["owner"]
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
         slot.kill_reason = None
+        header = {**spec, "blobs": [[d, len(b)] for d, b in blobs]} if blobs else spec
         try:
-            send_frame(slot.sock, spec, payload)
+            send_frame(slot.sock, header, payload, b"".join(b for _, b in blobs))
         except OSError:
             pass  # the slot died; its EOF is handled as a crash
 
@@ -726,7 +732,7 @@ class Monitor:
         already keeps it: that result is sent until acknowledged, and the broker,
         which keeps the first final outcome, drops it if the job is over."""
         if job_id in self.pending:
-            spec, _ = self.pending.pop(job_id)
+            spec = self.pending.pop(job_id)[0]
             self._finish(spec, {"status": "killed", "error": f"killed ({reason})",
                                 "encoding": "none", "result_from": "none",
                                 "started": None, "finished": time.time()}, b"", b"")

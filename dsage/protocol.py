@@ -64,6 +64,8 @@ MAX_LONG_TEXT = 64 * 1024
 MAX_TAGS = 64
 #: Most re-runs a job may ask for after its code raised (``retries=``).
 MAX_RETRIES = 100
+#: Most shared blobs (attached files) one job refers to.
+MAX_SHARED = 64
 #: Integers must fit SQLite's signed 64-bit INTEGER.
 MAX_INT = 2**63 - 1
 
@@ -237,6 +239,15 @@ def _bool(v: Any) -> bool:
     return v
 
 
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _hash(v: Any) -> str:
+    if not isinstance(v, str) or not _HASH.match(v):
+        raise ValueError("not a SHA-256 hash (64 lowercase hex digits)")
+    return v
+
+
 def _job_id(v: Any) -> str:
     if not isinstance(v, str) or not _JOB_ID.match(v):
         raise ValueError("not a job id (32 lowercase hex digits)")
@@ -329,6 +340,8 @@ def _part(v: Any) -> str:
         raise ValueError("not 'result' or 'output'")
     return str(v)
 _ids = _list_of(_job_id)
+#: the shared blobs a job uses, by content hash
+_job_shared = _list_of(_hash, MAX_SHARED)
 
 JOB_SPEC = {
     "id": _job_id,
@@ -344,6 +357,9 @@ JOB_SPEC = {
     #: re-run the job up to this many times when its code raises one of ``retry_on``
     "retries": _retries,
     "retry_on": _exception_names,
+    #: content hashes of the shared blobs (attached files) the job uses, each sent
+    #: once per message as a trailing blob (see :class:`Schema`)
+    "shared": _job_shared,
 }
 RUN_SPEC = {
     "id": _job_id,
@@ -358,6 +374,7 @@ RUN_SPEC = {
     "attempt": _pos_int,
     #: exceptions that make the slot say ``retry``; empty when no retry is left
     "retry_on": _exception_names,
+    "shared": _job_shared,
 }
 RESULT_SPEC = {
     "id": _job_id,
@@ -424,6 +441,8 @@ class Schema:
 
     ``items`` names the list in the header whose entries each own
     ``blobs_per_item`` blobs; otherwise the message has ``blobs`` blobs.
+    ``shared`` names a header list of content hashes, each owning one more blob
+    after those: content that several items use, sent once.
     """
 
     fields: dict[str, Validator]
@@ -431,12 +450,13 @@ class Schema:
     item_fields: dict[str, Validator] | None = None
     blobs_per_item: int = 0
     blobs: int = 0
+    shared: str | None = None
 
 
 _req = {"req": _nonneg_int}
 SCHEMAS: dict[M, Schema] = {
     M.HELLO: Schema({**_req, "client": _short_str, "version": _short_str}),
-    M.SUBMIT: Schema({**_req}, "jobs", JOB_SPEC, 1),
+    M.SUBMIT: Schema({**_req, "shared": _list_of(_hash)}, "jobs", JOB_SPEC, 1, shared="shared"),
     # ``queued_only``: cancel, not kill: only jobs still in the broker's queue end
     M.KILL: Schema({**_req, "ids": _ids, "queued_only": _bool}),
     M.QUERY: Schema({**_req, "ids": _ids}),
@@ -465,7 +485,7 @@ SCHEMAS: dict[M, Schema] = {
     M.STOPPING: Schema({}),
     M.RELEASE: Schema({"ids": _ids, "reason": _short_str, "count_failure": _bool}),
     M.REGISTERED: Schema({"heartbeat": _pos_float, "liveness": _pos_int, "cancel": _ids}),
-    M.RUN: Schema({}, "jobs", RUN_SPEC, 1),
+    M.RUN: Schema({"shared": _list_of(_hash)}, "jobs", RUN_SPEC, 1, shared="shared"),
     M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),
     # ``attempts``: of each acknowledged result, in the order of ``ids``
     M.RESULT_ACK: Schema({"ids": _ids, "attempts": _list_of(_pos_int)}),
@@ -533,6 +553,8 @@ def decode(frames: Sequence[bytes], allowed: frozenset[M]) -> Message:
             expected = schema.blobs_per_item * len(items)
         else:
             expected = schema.blobs
+        if schema.shared is not None:
+            expected += len(header[schema.shared])
     except ValueError as e:
         raise ProtocolError("header", f"bad '{type_}' header: {e}") from None
     if len(blobs) != expected:
@@ -557,6 +579,30 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
         text = text.encode("utf-8", "replace").decode("utf-8")
     marker = " [... cut ...]"
     return text if len(text) <= limit else text[:limit - len(marker)] + marker
+
+
+def shared_batches(sizes: Sequence[int], shared: Sequence[Sequence[tuple[str, int]]],
+                   max_items: int = MAX_BATCH, max_bytes: int = BATCH_BYTES) -> list[range]:
+    """As :func:`batches`, for items that also use shared blobs (``shared[i]``: the
+    (hash, size) of each distinct blob item ``i`` uses): a blob counts once per
+    batch, in its bytes and in its at most ``max_items`` shared blobs."""
+    out: list[range] = []
+    start, total = 0, 0
+    seen: set[str] = set()
+    for i, size in enumerate(sizes):
+        fresh = [(h, n) for h, n in shared[i] if h not in seen]
+        new = size + sum(n for _, n in fresh)
+        if i > start and (i - start >= max_items or total + new > max_bytes
+                          or len(seen) + len(fresh) > max_items):
+            out.append(range(start, i))
+            start, total, seen = i, 0, set()
+            fresh = list(shared[i])
+            new = size + sum(n for _, n in fresh)
+        total += new
+        seen.update(h for h, _ in fresh)
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
 
 
 def batches(sizes: Sequence[int], max_items: int = MAX_BATCH,

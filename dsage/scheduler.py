@@ -64,6 +64,8 @@ class Job:
     retry_on: tuple[str, ...] = ()
     #: which run this is: 1, then one more after each retry (a lost worker is not one)
     attempt: int = 1
+    #: content hashes of the shared blobs (attached files) it uses, kept in the store
+    shared: tuple[str, ...] = ()
 
     @property
     def retries_left(self) -> int:

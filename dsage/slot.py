@@ -266,10 +266,11 @@ def _explain(e: BaseException, spec: dict[str, Any]) -> str:
     return ""
 
 
-def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
-            ) -> tuple[dict[str, Any], bytes, bytes]:
+def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str,
+            blobs: bytes = b"") -> tuple[dict[str, Any], bytes, bytes]:
     """Run one job in its own folder; return its outcome fields for the monitor, the
-    encoded result and the captured output."""
+    encoded result and the captured output. ``blobs`` holds the shared blobs the
+    job uses, one after another, as its ``blobs`` field lists them."""
     job_dir = os.path.join(tmpdir, spec["id"])
     try:
         os.mkdir(job_dir, 0o700)
@@ -292,7 +293,7 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
     value: Any = None
     result_from = ResultFrom.NONE
     try:
-        payload, att = unwrap(payload)
+        payload, att = unwrap(payload, _split(blobs, spec.get("blobs") or ()))
         if att is not None:
             place(att, job_dir)
         if spec["kind"] == Kind.FUNCTION:
@@ -330,6 +331,15 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
     return ({"id": spec["id"], "status": status.value, "error": error,
              "encoding": encoding.value, "result_from": result_from.value, "started": started,
              "finished": time.time(), "rss": _rss(), "retry": retry}, blob, capture.read())
+
+
+def _split(blobs: bytes, sizes: Any) -> dict[str, bytes]:
+    """The shared blobs by hash, from their concatenation."""
+    out, at = {}, 0
+    for digest, size in sizes:
+        out[digest] = blobs[at:at + size]
+        at += size
+    return out
 
 
 def raised_one_of(exc: BaseException, names: Any) -> bool:
@@ -519,10 +529,10 @@ def main(argv: list[str]) -> int:
     send_frame(sock, {"ready": True, "rss": _rss()})
     while True:
         try:
-            spec, payload, _ = recv_frame(sock)
+            spec, payload, blobs = recv_frame(sock)
         except (EOFError, OSError):
             return 0
-        reply, result, output = run_job(spec, payload, capture, tmpdir)
+        reply, result, output = run_job(spec, payload, capture, tmpdir, blobs)
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path

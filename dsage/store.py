@@ -53,7 +53,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     isolate INTEGER NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
     retry_on TEXT NOT NULL DEFAULT '[]',
-    attempt INTEGER NOT NULL DEFAULT 1
+    attempt INTEGER NOT NULL DEFAULT 1,
+    shared TEXT NOT NULL DEFAULT '[]'
+);
+-- shared blobs (attached files) by content hash, once per owner, kept while an
+-- open job of that owner uses them (see prune)
+CREATE TABLE IF NOT EXISTS shared_blobs (
+    owner TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (owner, hash)
 );
 -- large results and outputs, uploaded by a monitor in chunks; a staged job's
 -- blobs are the chunks of the monitor that delivered it (its worker_id)
@@ -79,6 +88,7 @@ _ADDED_COLUMNS = (
     ("retries", "INTEGER NOT NULL DEFAULT 0"),
     ("retry_on", "TEXT NOT NULL DEFAULT '[]'"),
     ("attempt", "INTEGER NOT NULL DEFAULT 1"),
+    ("shared", "TEXT NOT NULL DEFAULT '[]'"),
 )
 
 _BIG = (f"(staged OR COALESCE(length(result), 0) + COALESCE(length(output), 0)"
@@ -120,6 +130,7 @@ class OpenJob:
     retries: int = 0
     retry_on: tuple[str, ...] = ()
     attempt: int = 1
+    shared: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -294,12 +305,12 @@ class Store:
         no change) if its id exists already."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO jobs (id, owner, name, kind, status, priority, anonymous_ok,"
-            " timeout, memory, requires, created, payload, isolate, retries, retry_on)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " timeout, memory, requires, created, payload, isolate, retries, retry_on, shared)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (spec["id"], owner, spec["name"], spec["kind"], Status.NEW.value, spec["priority"],
              int(spec["anonymous_ok"]), spec["timeout"], spec["memory"],
              json.dumps(spec["requires"]), now, payload, int(spec["isolate"]),
-             spec["retries"], json.dumps(spec["retry_on"])),
+             spec["retries"], json.dumps(spec["retry_on"]), json.dumps(spec["shared"])),
         )
         return cur.lastrowid if cur.rowcount == 1 else None
 
@@ -311,7 +322,7 @@ class Store:
         rows = self.db.execute(
             "SELECT id, owner, name, kind, priority, timeout, memory, anonymous_ok, requires,"
             " created, failures, seq, status, worker_id, started, length(payload), isolate,"
-            " retries, retry_on, attempt"
+            " retries, retry_on, attempt, shared"
             " FROM jobs WHERE status IN ('new', 'processing') ORDER BY seq").fetchall()
         out: list[OpenJob] = []
         for r in rows:
@@ -323,8 +334,22 @@ class Store:
             out.append(OpenJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]),
                                json.loads(r[8]), r[9], r[10], r[11], Status(r[12]), r[13],
                                r[14], payload, bool(r[16]), r[17], tuple(json.loads(r[18])),
-                               r[19]))
+                               r[19], tuple(json.loads(r[20]))))
         return out
+
+    def put_shared(self, owner: str, digest: str, data: bytes) -> None:
+        """Keep a shared blob of ``owner`` (nothing to do if it is kept already)."""
+        self.db.execute("INSERT OR IGNORE INTO shared_blobs VALUES (?, ?, ?)",
+                        (owner, digest, data))
+
+    def has_shared(self, owner: str, digest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM shared_blobs WHERE owner=? AND hash=?",
+                               (owner, digest)).fetchone() is not None
+
+    def shared_blob(self, owner: str, digest: str) -> bytes | None:
+        row = self.db.execute("SELECT data FROM shared_blobs WHERE owner=? AND hash=?",
+                              (owner, digest)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def payload(self, job_id: str) -> bytes:
         row = self.db.execute("SELECT payload FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -419,8 +444,9 @@ class Store:
         return [_record(r)[1] for r in self.db.execute(q, args)]
 
     def prune(self, finished_before: float) -> int:
-        """Delete final jobs that finished before the given time, and chunks no job
-        uses (of pruned jobs, of uploads that lost to another run, or abandoned)."""
+        """Delete final jobs that finished before the given time, chunks no job uses
+        (of pruned jobs, of uploads that lost to another run, or abandoned), and
+        shared blobs no open job uses."""
         finals = ",".join(f"'{s.value}'" for s in FINAL)
         cur = self.db.execute(
             f"DELETE FROM jobs WHERE status IN ({finals}) AND finished < ?", (finished_before,)
@@ -428,6 +454,10 @@ class Store:
         self.db.execute(
             "DELETE FROM chunks WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = job_id"
             " AND (status IN ('new', 'processing') OR (staged AND worker_id = uploader)))")
+        self.db.execute(
+            "DELETE FROM shared_blobs WHERE NOT EXISTS (SELECT 1 FROM jobs,"
+            " json_each(jobs.shared) AS used WHERE jobs.owner = shared_blobs.owner AND used.value = shared_blobs.hash"
+            " AND jobs.status IN ('new', 'processing'))")
         return cur.rowcount
 
     def stage(self, job_id: str, uploader: str, part: str, offset: int, data: bytes) -> int:

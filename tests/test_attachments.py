@@ -92,7 +92,7 @@ def test_attachment_errors_are_clear_and_in_the_call(procs: Procs, data: Path) -
     # the same file twice is one file
     both = attach.collect([data / "data.txt", data / "data.txt"])
     assert list(both.files) == ["data.txt"]
-    assert attach.wrap(b"1", attach.collect()) == b"1"  # no attachments: no envelope
+    assert attach.wrap(b"1", attach.collect()) == (b"1", {})  # no attachments: no envelope
     assert D.get_my_jobs() == []  # nothing was sent
 
 

@@ -37,7 +37,7 @@ OWNER = "o" * 40
 def _spec(job_id: str, **change: Any) -> dict[str, Any]:
     return {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
             "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
-            "retries": 0, "retry_on": [],
+            "retries": 0, "retry_on": [], "shared": [],
             **change}
 
 
@@ -73,7 +73,7 @@ def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path
         client = _dealer(ctx, home, procs.port)
         for change in ({"name": "x\udcff"}, {"memory": 10_000_000 * 10**12},
                        {"requires": ["\ud800"]}):
-            client.send_multipart(_raw("submit", {"req": 1, "jobs": [_spec("a" * 32, **change)]},
+            client.send_multipart(_raw("submit", {"req": 1, "jobs": [_spec("a" * 32, **change)], "shared": []},
                                        b"1"))
             assert _replies(client, M.ERROR).header["code"] == "header"
         # an anonymous worker whose host name holds a lone surrogate
@@ -235,7 +235,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.n += 1
             specs.append(_spec(f"{self.n:032x}", requires=tags, retries=retries,
                                retry_on=["Exception"] if retries else []))
-        msg = make(M.SUBMIT, [b"1"] * count, req=1, jobs=specs)
+        msg = make(M.SUBMIT, [b"1"] * count, req=1, jobs=specs, shared=[])
         self.state.on_client(self.now, b"c", owner, msg)
         self._flush()
 
@@ -328,7 +328,7 @@ def test_every_flushed_message_is_within_the_protocol_limits(tmp_path: Path) -> 
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     for start in range(0, 6000, 1000):
         specs = [_spec(f"{i:032x}") for i in range(start, start + 1000)]
-        state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"x"] * 1000, req=1, jobs=specs))
+        state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"x"] * 1000, req=1, jobs=specs, shared=[]))
     state.on_client(0.0, b"c", OWNER, make(M.LIST, req=2, status=None))
     outs = state.flush(0.0)
     assert outs
@@ -435,7 +435,7 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state.flush(0.0)
     statements.clear()
     specs = [_spec(f"{i:032x}") for i in range(n)]
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * n, req=1, jobs=specs))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * n, req=1, jobs=specs, shared=[]))
     sent = state.flush(0.0)
     items = [{"id": s["id"], "status": "completed", "error": None, "encoding": "data",
               "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
@@ -463,7 +463,7 @@ def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path
                     version="0")
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     jid = "f" * 32
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
     state.flush(0.0)
     big = os.urandom(3 * 1024 * 1024 + 5)
     item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
@@ -512,7 +512,7 @@ def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: P
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     state.flush(0.0)
     order.clear()
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("e" * 32)]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("e" * 32)], shared=[]))
     late = state.flush(0.0, lambda outs: order.extend(o.msg.type.value for o in outs))
     assert order == ["run", "commit"]
     assert sorted(o.msg.type.value for o in late) == ["ack", "event"]
@@ -527,7 +527,7 @@ def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) ->
             M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
             version="0"))
     jid = "d" * 32
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
     state.flush(0.0)
     runner = state.sched.jobs[jid].monitor
     rid, other = (b"m", b"n") if runner == "m" else (b"n", b"m")
@@ -682,7 +682,7 @@ def test_a_retried_job_keeps_its_attempt_across_a_broker_restart(tmp_path: Path)
     store = Store(path)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     spec = _spec("a" * 32, retries=1, retry_on=["KeyError"])
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[spec]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[spec], shared=[]))
     state.on_monitor(0.0, b"m", "k" * 40, False, make(
         M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
     runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
@@ -736,6 +736,59 @@ def test_a_store_made_before_retries_and_isolate_is_upgraded(tmp_path: Path) -> 
     store.close()
 
 
+# --- shared blobs (attached files): once per message, kept once per owner
+
+
+def test_shared_blobs_are_kept_once_and_sent_once_per_run(tmp_path: Path) -> None:
+    import hashlib
+
+    data = b"a file many jobs attach" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "dsage.db"
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+
+    def submit(ids: list[str], blobs: dict[str, bytes], uses: str = digest) -> dict[str, Any]:
+        specs = [_spec(i, shared=[uses]) for i in ids]
+        state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * len(ids) + list(blobs.values()),
+                                               req=1, jobs=specs, shared=list(blobs)))
+        [ack] = [o.msg.header for o in state.flush(0.0) if o.msg.type is M.ACK]
+        return ack
+
+    assert submit([f"{i:032x}" for i in range(10)], {digest: data})["ids"] != []
+    ack = submit(["a" * 32], {})  # its content came in an earlier message: kept
+    assert ack["ids"] == ["a" * 32] and ack["errors"] == []
+    # a content that does not match its hash is not taken: the kept copy serves
+    assert submit(["b" * 32], {digest: b"not the content"})["ids"] == ["b" * 32]
+    other = "c" * 64
+    bad = submit(["c" * 32], {other: b"not the content"}, uses=other)
+    assert bad["errors"][0]["code"] == "shared" and not bad["ids"]
+    assert submit(["e" * 32], {}, uses=other)["errors"][0]["code"] == "shared"
+    assert store.db.execute("SELECT count(*) FROM shared_blobs").fetchone() == (1,)
+    store.close()
+
+    store = Store(path)  # a restart: the blob is kept with the jobs
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=20, tags=[], running=[], version="0"))
+    runs = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert sum(len(r.header["jobs"]) for r in runs) == 12
+    assert [r.header["shared"] for r in runs] == [[digest]] * len(runs) and len(runs) == 1
+    assert runs[0].blobs[12:] == [data]
+    assert all(s["shared"] == [digest] for s in runs[0].header["jobs"])
+    for s in runs[0].header["jobs"]:  # all finish: nothing uses the blob any more
+        item = {"id": s["id"], "status": "completed", "error": None, "encoding": "none",
+                "result_from": "none", "sealed": False, "started": 0.0, "finished": 1.0,
+                "staged": False, "attempt": 1, "retry": False}
+        state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [b"", b""],
+                                                          results=[item]))
+    state.flush(0.0)
+    store.prune(0.0)
+    assert store.db.execute("SELECT count(*) FROM shared_blobs").fetchone() == (0,)
+    assert submit(["d" * 32], {})["errors"][0]["code"] == "shared"  # the client resends
+    store.close()
+
+
 def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
         tmp_path: Path) -> None:
     """The broker dispatched a job (committed as processing on monitor m) and died
@@ -747,7 +800,8 @@ def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
                     version="0")
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("f" * 32)]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("f" * 32)],
+                                           shared=[]))
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     assert [o.msg.type for o in state.flush(0.0) if o.msg.type is M.RUN] == [M.RUN]
     store.close()  # the RUN is lost with the broker

@@ -167,8 +167,8 @@ class FakeBroker:
         ids = ids or [uuid.uuid4().hex for _ in codes]
         specs = [{"id": jid, "name": None, "kind": "python", "timeout": None, "memory": None,
                   "owner": self.owner, "trusted": True, "isolate": False, "attempt": attempt,
-                  "retry_on": list(retry_on)} for jid in ids]
-        self.send(make(M.RUN, [c.encode() for c in codes], jobs=specs))
+                  "retry_on": list(retry_on), "shared": []} for jid in ids]
+        self.send(make(M.RUN, [c.encode() for c in codes], jobs=specs, shared=[]))
         return ids
 
     def results(self, ids: list[str], ack: bool = False) -> dict[str, dict[str, object]]:
@@ -439,3 +439,25 @@ def test_a_retry_reaching_the_monitor_before_the_last_results_ack_runs_and_keeps
     assert _runs(runs) == Counter({"x": 2})
     [other] = fake.run(["raise ValueError('not retried')"], retry_on=["KeyError"])
     assert fake.results([other], ack=True)[other]["retry"] is False
+
+
+def test_attached_files_reach_the_slot_from_the_run_and_a_missing_one_fails_the_job(
+        procs: Procs, fake: FakeBroker, tmp_path: Path) -> None:
+    from dsage import attach
+
+    procs.worker(1, **PATIENT)
+    fake.register()
+    (tmp_path / "a.txt").write_text("shared content")
+    payload, shared = attach.wrap(b"open('a.txt').read()", attach.collect([tmp_path / "a.txt"]))
+    [digest] = shared
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    specs = [{"id": jid, "name": None, "kind": "python", "timeout": None, "memory": None,
+              "owner": fake.owner, "trusted": True, "isolate": False, "attempt": 1,
+              "retry_on": [], "shared": [digest]} for jid in ids]
+    fake.send(make(M.RUN, [payload] * 3 + [shared[digest]], jobs=specs, shared=[digest]))
+    got = fake.results(ids, ack=True)
+    assert all(got[i]["status"] == "completed" for i in ids)  # three jobs, one copy
+    missing = uuid.uuid4().hex
+    fake.send(make(M.RUN, [payload], jobs=[{**specs[0], "id": missing}], shared=[]))
+    failed = fake.results([missing], ack=True)[missing]
+    assert failed["status"] == "failed" and failed["error"] == "ValueError"

@@ -491,8 +491,8 @@ class _World:
     def submit(self, job_id: str) -> None:
         spec = {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
                 "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
-                "retries": 0, "retry_on": []}
-        self.state.on_client(self.now, b"client", OWNER, make(M.SUBMIT, [b"1"], req=1,
+                "retries": 0, "retry_on": [], "shared": []}
+        self.state.on_client(self.now, b"client", OWNER, make(M.SUBMIT, [b"1"], req=1, shared=[],
                                                               jobs=[spec]))
         self.flush()
 
