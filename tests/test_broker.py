@@ -265,11 +265,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         left = job.retries_left if job is not None else 0
         self._monitor(mid, make(M.RESULT, [b"1", b""], results=[item]))
         # (a job back in the queue may at once be dispatched again)
-        if mine and attempt == current and retry and left:
+        if job is None or not mine:
+            return
+        if attempt == current and retry and left:
             assert self.state.sched.jobs.get(jid) is job and job.attempt == current + 1
-        elif mine and attempt == current:
+        elif attempt == current:
             assert jid not in self.state.sched.jobs  # final
-        elif mine:  # a stale result from the monitor that has the job: it goes on
+        else:  # a stale result from the monitor that has the job: it goes on
             assert self.state.sched.jobs.get(jid) is job and job.attempt == current
 
     @rule(mid=st.sampled_from(["m1", "m2"]), count_failure=st.booleans())
