@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ class Attachments:
     user_vars: dict[str, Any] = field(default_factory=dict)
     #: (file name, source) run in the job's namespace, in order, before its code
     load_files: list[tuple[str, str]] = field(default_factory=list)
+    #: base name -> SHA-256 of the file's content
+    digests: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.files or self.user_vars or self.load_files)
@@ -50,6 +54,55 @@ def _paths(paths: Iterable[str | os.PathLike[str]], option: str) -> list[Path]:
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise TypeError(f"{option}={paths!r}: give a list of paths, such as ['data.csv']")
     return [Path(p) for p in paths]
+
+
+class _FileCache:
+    """Files read lately, by (device, inode, size, modification time): many jobs that
+    attach one file share one bytes object and one hash, and the file is read once."""
+
+    LIMIT = 256 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.files: OrderedDict[tuple[int, int, int, int], tuple[bytes, str]] = OrderedDict()
+        self.size = 0
+
+    def read(self, path: Path) -> tuple[bytes, str]:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self.lock:
+            if key in self.files:
+                self.files.move_to_end(key)
+                return self.files[key]
+        data = path.read_bytes()
+        entry = (data, content_hash(data))
+        if len(data) != st.st_size:
+            return entry  # it changed while being read: not kept
+        with self.lock:
+            if key not in self.files:
+                self.files[key] = entry
+                self.size += len(data)
+            while self.size > self.LIMIT and self.files:
+                _, (old, _) = self.files.popitem(last=False)
+                self.size -= len(old)
+        return entry
+
+
+_cache = _FileCache()
+
+
+def _read_file(path: Path, option: str) -> tuple[bytes, str]:
+    """A file's content and hash (from the cache when unchanged), or a clear error."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError
+        return _cache.read(path)
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{option}: {path} is a folder; attach files") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option}: no file {path}") from None
+    except OSError as e:
+        raise OSError(f"{option}: cannot read {path}: {e.strerror}") from None
 
 
 def _read(path: Path, option: str) -> bytes:
@@ -71,12 +124,12 @@ def collect(files: Iterable[str | os.PathLike[str]] = (),
     att = Attachments()
     origin: dict[str, Path] = {}
     for path in _paths(files, "files"):
-        data = _read(path, "files")
+        data, digest = _read_file(path, "files")
         name = path.name
-        if name in att.files and att.files[name] != data:
+        if name in att.files and att.digests[name] != digest:
             raise ValueError(f"files: {origin[name]} and {path} are both named {name!r} in "
                              f"the job's folder; rename one")
-        att.files[name], origin[name] = data, path
+        att.files[name], att.digests[name], origin[name] = data, digest, path
     for path in _paths(load_files, "load_files"):
         data = _read(path, "load_files")
         try:
@@ -103,8 +156,8 @@ def wrap(payload: bytes, att: Attachments) -> tuple[bytes, dict[str, bytes]]:
     and the shared blobs it uses: its files' contents, by hash."""
     if not att:
         return payload, {}
-    shared = {content_hash(data): data for data in att.files.values()}
-    refs = {name: content_hash(data) for name, data in att.files.items()}
+    shared = {att.digests[name]: data for name, data in att.files.items()}
+    refs = dict(att.digests)
     try:
         packed = codec.dump_trusted((refs, att.user_vars, att.load_files))
     except Exception as e:  # noqa: BLE001 - name the value that cannot travel

@@ -115,3 +115,16 @@ def test_every_job_call_takes_every_option(procs: Procs, data: Path) -> None:
     assert [j.name for j in jobs] == ["eval", "one.py", "fn"]
     for j in jobs:
         assert j.cancel()
+
+
+def test_a_file_many_calls_attach_is_read_once_until_it_changes(tmp_path: Path) -> None:
+    f = tmp_path / "input.bin"
+    f.write_bytes(b"x" * 10_000)
+    first, second = attach.collect([f]), attach.collect([f])
+    assert first.files["input.bin"] is second.files["input.bin"]  # one object for all jobs
+    payload, shared = attach.wrap(b"1", first)
+    assert list(shared.values())[0] is first.files["input.bin"]
+    f.write_bytes(b"y" * 10_001)
+    changed = attach.collect([f])
+    assert changed.files["input.bin"] == b"y" * 10_001
+    assert changed.digests != first.digests
