@@ -85,6 +85,9 @@ class MonitorEntry:
     #: False once its connection is gone: it gets no jobs, and is lost after the
     #: liveness window unless it registers again (from a new connection)
     reachable: bool = True
+    #: hashes of the shared blobs sent to it since it registered: it keeps them (in
+    #: a cache; one it dropped comes back in a RELEASE's ``missing_blobs``)
+    blobs: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous)
@@ -420,6 +423,7 @@ class BrokerState:
             entry.stopping = True
         elif msg.type is M.RELEASE:
             h = msg.header
+            entry.blobs.difference_update(h["missing_blobs"])
             for jid in h["ids"]:
                 job = self.sched.jobs.get(jid)
                 if job is not None and job.monitor == entry.monitor_id:
@@ -693,7 +697,7 @@ class BrokerState:
             self.store.start([j.id for j in jobs], worker, wall)
             payloads = [j.payload if j.payload is not None else self.store.payload(j.id)
                         for j in jobs]
-            blobs = self._shared_blobs(jobs)
+            blobs = self._shared_blobs(jobs, m.blobs)
             uses = [[(d, len(blobs[j.owner, d])) for d in j.shared if (j.owner, d) in blobs]
                     for j in jobs]
             for part in shared_batches([len(p) for p in payloads], uses):
@@ -714,14 +718,16 @@ class BrokerState:
                 self._send("monitor", m.rid, make(
                     M.RUN, payloads[part.start:part.stop] + list(sent.values()), jobs=specs,
                     shared=list(sent)))
+                m.blobs.update(sent)
 
-    def _shared_blobs(self, jobs: list[Job]) -> dict[tuple[str, str], bytes]:
-        """The shared blobs of ``jobs`` from the store, each read once. One that is
-        missing is left out: the job fails in its slot, saying which file did not come."""
+    def _shared_blobs(self, jobs: list[Job], has: set[str]) -> dict[tuple[str, str], bytes]:
+        """The shared blobs of ``jobs`` that the monitor does not have (``has``), from the
+        store, each read once. One missing from the store is left out: the job fails
+        in its slot, saying which file did not come."""
         out: dict[tuple[str, str], bytes] = {}
         for j in jobs:
             for digest in j.shared:
-                if (j.owner, digest) not in out:
+                if digest not in has and (j.owner, digest) not in out:
                     data = self.store.shared_blob(j.owner, digest)
                     if data is not None:
                         out[j.owner, digest] = data

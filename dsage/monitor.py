@@ -159,6 +159,8 @@ class Monitor:
         self.uploads: dict[str, tuple[str, int]] = {}
         self.stalled_uploads: dict[str, float] = {}
         self.slots: list[Slot] = []
+        #: shared blobs (attached files) received, which the broker then leaves out
+        self.blobs = BlobCache()
         #: slots waiting to be started again (spawns kept failing): index -> when
         self.respawn_at: dict[int, float] = {}
         self.spawn_failures = 0
@@ -305,7 +307,9 @@ class Monitor:
             self._resend_unacked()
         elif msg.type is M.RUN:
             n = len(h["jobs"])
-            self._take_jobs(h["jobs"], msg.blobs[:n], dict(zip(h["shared"], msg.blobs[n:])))
+            shared = dict(zip(h["shared"], msg.blobs[n:]))
+            self.blobs.add(shared)
+            self._take_jobs(h["jobs"], msg.blobs[:n], shared)
             if self.paused and self.pending:
                 self._release(list(self.pending), "its monitor cannot start worker slots")
                 self.pending.clear()
@@ -340,6 +344,7 @@ class Monitor:
         had its STOPPING) go back at once, counting no failure."""
         running = set(self._running())
         give_back = []
+        lacking: dict[str, list[str]] = {}
         for spec, payload in zip(specs, payloads):
             jid = spec["id"]
             held = self.unacked.get(jid)
@@ -355,10 +360,18 @@ class Monitor:
             elif self.stopping:
                 give_back.append(jid)
             else:
-                self.pending[jid] = (spec, payload, [(d, shared[d]) for d in spec["shared"]
-                                                     if d in shared])
+                found = {d: shared.get(d) or self.blobs.get(d) for d in spec["shared"]}
+                missing = [d for d, b in found.items() if b is None]
+                if missing:
+                    lacking[jid] = missing  # dropped from the cache: the broker resends
+                else:
+                    self.pending[jid] = (spec, payload,
+                                         [(d, b) for d, b in found.items() if b is not None])
         if give_back:
             self._release(give_back, "sent to a monitor that is stopping")
+        if lacking:
+            self._release(list(lacking), "its monitor no longer had an attached file",
+                          missing=sorted({d for ds in lacking.values() for d in ds}))
 
     def _resend_unacked(self) -> None:
         self._send_results(list(self.unacked))
@@ -568,13 +581,16 @@ class Monitor:
         return bool((limit and slot.jobs_done >= limit)
                     or (slot.base_rss and rss > self.options.memory_growth * slot.base_rss))
 
-    def _release(self, ids: list[str], reason: str, count_failure: bool = False) -> None:
+    def _release(self, ids: list[str], reason: str, count_failure: bool = False,
+                 missing: list[str] | None = None) -> None:
         """Give jobs back to the broker's queue (counting a failure: as if their
-        worker had been lost), in messages within the protocol's limit of ids."""
+        worker had been lost), in messages within the protocol's limit of ids;
+        ``missing``: the shared blobs that the jobs lack here."""
         reason = clip(reason, MAX_TEXT)
         for part in batches([0] * len(ids), MAX_BATCH):
             self._send(make(M.RELEASE, ids=ids[part.start:part.stop], reason=reason,
-                            count_failure=count_failure))
+                            count_failure=count_failure,
+                            missing_blobs=(missing or [])[:MAX_BATCH]))
 
     def _reap(self, slot: Slot) -> int:
         """The exit status of a slot whose pipe ended. One that goes on running
@@ -889,6 +905,32 @@ class Monitor:
         self._wake_r.close()
         self._wake_w.close()
         log.info("dsage-worker stopped")
+
+
+class BlobCache:
+    """Shared blobs by hash, the least recently used dropped past ``limit`` bytes
+    (a job that needs one dropped is given back, and the broker sends it again)."""
+
+    def __init__(self, limit: int = 256 * 1024 * 1024) -> None:
+        self.limit = limit
+        self.blobs: OrderedDict[str, bytes] = OrderedDict()
+        self.size = 0
+
+    def add(self, blobs: dict[str, bytes]) -> None:
+        for digest, data in blobs.items():
+            if digest not in self.blobs:
+                self.blobs[digest] = data
+                self.size += len(data)
+            self.blobs.move_to_end(digest)
+        while self.size > self.limit and len(self.blobs) > 1:
+            _, old = self.blobs.popitem(last=False)
+            self.size -= len(old)
+
+    def get(self, digest: str) -> bytes | None:
+        data = self.blobs.get(digest)
+        if data is not None:
+            self.blobs.move_to_end(digest)
+        return data
 
 
 def _exited(pid: int) -> bool:

@@ -483,7 +483,10 @@ SCHEMAS: dict[M, Schema] = {
     M.HEARTBEAT: Schema({}),
     M.RESULT: Schema({}, "results", RESULT_SPEC, 2),
     M.STOPPING: Schema({}),
-    M.RELEASE: Schema({"ids": _ids, "reason": _short_str, "count_failure": _bool}),
+    # ``missing_blobs``: shared blobs the monitor was thought to keep and does not
+    # (it dropped them): the broker sends them again with the jobs
+    M.RELEASE: Schema({"ids": _ids, "reason": _short_str, "count_failure": _bool,
+                       "missing_blobs": _list_of(_hash)}),
     M.REGISTERED: Schema({"heartbeat": _pos_float, "liveness": _pos_int, "cancel": _ids}),
     M.RUN: Schema({"shared": _list_of(_hash)}, "jobs", RUN_SPEC, 1, shared="shared"),
     M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),

@@ -278,7 +278,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def release(self, mid: str, count_failure: bool) -> None:
         if self.rids[mid] in self.state.monitors:
             ids = self.state.sched.of_monitor(mid)[:2]
-            self._monitor(mid, make(M.RELEASE, ids=ids, reason="r", count_failure=count_failure))
+            self._monitor(mid, make(M.RELEASE, ids=ids, reason="r", count_failure=count_failure,
+                                         missing_blobs=[]))
 
     @rule(mid=st.sampled_from(["m1", "m2"]))
     def lose(self, mid: str) -> None:
@@ -815,4 +816,42 @@ def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
     runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert [r.header["jobs"][0]["id"] for r in runs] == ["f" * 32]
     assert state.sched.jobs["f" * 32].failures == 0
+    store.close()
+
+
+def test_a_monitor_gets_a_shared_blob_once_until_it_says_it_dropped_it(tmp_path: Path) -> None:
+    import hashlib
+
+    data = b"attached" * 100
+    digest = hashlib.sha256(data).hexdigest()
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    ids = [f"{i:032x}" for i in range(3)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3 + [data], req=1, shared=[digest],
+                                           jobs=[_spec(i, shared=[digest]) for i in ids]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+
+    def run() -> Message:
+        [msg] = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]
+        return msg
+
+    def finish(jid: str) -> None:
+        item = {"id": jid, "status": "completed", "error": None, "encoding": "none",
+                "result_from": "none", "sealed": False, "started": 0.0, "finished": 1.0,
+                "staged": False, "attempt": 1, "retry": False}
+        state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [b"", b""],
+                                                          results=[item]))
+
+    first = run()
+    assert first.header["shared"] == [digest] and first.blobs[1:] == [data]
+    finish(first.header["jobs"][0]["id"])
+    second = run()  # the monitor has it: left out
+    assert second.header["shared"] == [] and second.header["jobs"][0]["shared"] == [digest]
+    jid = second.header["jobs"][0]["id"]
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.RELEASE, ids=[jid], reason="dropped", count_failure=False, missing_blobs=[digest]))
+    again = run()  # sent again, with the blob
+    assert again.header["jobs"][0]["id"] == jid and again.blobs[1:] == [data]
+    assert state.sched.jobs[jid].failures == 0
     store.close()

@@ -441,8 +441,11 @@ def test_a_retry_reaching_the_monitor_before_the_last_results_ack_runs_and_keeps
     assert fake.results([other], ack=True)[other]["retry"] is False
 
 
-def test_attached_files_reach_the_slot_from_the_run_and_a_missing_one_fails_the_job(
+def test_attached_files_come_once_and_one_the_monitor_lacks_sends_the_job_back(
         procs: Procs, fake: FakeBroker, tmp_path: Path) -> None:
+    """Three jobs of one RUN use one copy of a file; a later RUN leaves it out (the
+    monitor keeps it); a job whose file the monitor does not have goes back to
+    the broker, naming the file, instead of failing."""
     from dsage import attach
 
     procs.worker(1, **PATIENT)
@@ -457,7 +460,14 @@ def test_attached_files_reach_the_slot_from_the_run_and_a_missing_one_fails_the_
     fake.send(make(M.RUN, [payload] * 3 + [shared[digest]], jobs=specs, shared=[digest]))
     got = fake.results(ids, ack=True)
     assert all(got[i]["status"] == "completed" for i in ids)  # three jobs, one copy
-    missing = uuid.uuid4().hex
-    fake.send(make(M.RUN, [payload], jobs=[{**specs[0], "id": missing}], shared=[]))
-    failed = fake.results([missing], ack=True)[missing]
-    assert failed["status"] == "failed" and failed["error"] == "ValueError"
+    later = uuid.uuid4().hex
+    fake.send(make(M.RUN, [payload], jobs=[{**specs[0], "id": later}], shared=[]))
+    assert fake.results([later], ack=True)[later]["status"] == "completed"
+    (tmp_path / "b.txt").write_text("never sent")
+    other, other_shared = attach.wrap(b"1", attach.collect([tmp_path / "b.txt"]))
+    lacking = uuid.uuid4().hex
+    fake.send(make(M.RUN, [other], jobs=[{**specs[0], "id": lacking,
+                                          "shared": list(other_shared)}], shared=[]))
+    release = fake.expect(M.RELEASE)
+    assert release.header["ids"] == [lacking] and not release.header["count_failure"]
+    assert release.header["missing_blobs"] == list(other_shared)

@@ -51,6 +51,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "isolate": st.booleans(), "retries": st.integers(0, 100), "retry_on": tags,
     "attempt": pos_int, "retry": st.booleans(), "attempts": st.lists(pos_int, max_size=5),
     "queued_only": st.booleans(), "shared": st.lists(sha256, max_size=3),
+    "missing_blobs": st.lists(sha256, max_size=3),
     "owner": z85_key, "trusted": st.booleans(), "error": st.none() | text,
     "encoding": _enum(Encoding), "result_from": _enum(ResultFrom), "sealed": st.booleans(),
     "started": st.none() | finite, "finished": finite, "created": finite, "failures": nonneg,
