@@ -190,7 +190,7 @@ class JobWrapper(Future[Any]):
         self._settle_hostless()
         return True
 
-    # --- the user's view
+    # --- the Future's state, driven by the I/O thread
 
     def _settle(self) -> bool:
         """Under the shared condition (the I/O thread, once the job is final): move the
