@@ -13,16 +13,16 @@ __version__ = "0.1.0"
 from .client import DSage, MonitorInfo  # noqa: E402
 from .cluster import ManagedProcess, StartError, server, start_all, worker  # noqa: E402
 from .errors import (  # noqa: E402
-    BrokerUnreachable, DSageError, ItemError, JobError, KeyRejected, RemoteTraceback,
-    SubmitRejected, UnknownJob, UntrustedResultError,
+    BrokerUnreachable, DSageError, ItemError, JobCancelled, JobError, KeyRejected,
+    RemoteTraceback, SubmitRejected, UnknownJob, UntrustedResultError,
 )
 from .job import JobWrapper, WorkerInfo  # noqa: E402
 from .keys import setup  # noqa: E402
 from .progress import JobProgress, progress  # noqa: E402
 
 __all__ = [
-    "BrokerUnreachable", "DSage", "DSageError", "ItemError", "JobError", "JobProgress",
-    "JobWrapper", "KeyRejected", "ManagedProcess", "MonitorInfo", "RemoteTraceback",
-    "StartError", "SubmitRejected", "UnknownJob", "UntrustedResultError", "WorkerInfo",
-    "progress", "server", "setup", "start_all", "worker",
+    "BrokerUnreachable", "DSage", "DSageError", "ItemError", "JobCancelled", "JobError",
+    "JobProgress", "JobWrapper", "KeyRejected", "ManagedProcess", "MonitorInfo",
+    "RemoteTraceback", "StartError", "SubmitRejected", "UnknownJob", "UntrustedResultError",
+    "WorkerInfo", "progress", "server", "setup", "start_all", "worker",
 ]

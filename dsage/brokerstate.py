@@ -15,6 +15,7 @@ nothing is acknowledged that the store does not hold.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import time
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 from . import __version__
 from .protocol import (
-    CHUNK_BYTES, LIVE_BYTES, M, Message, Status, batches, clip, error, make,
+    CHUNK_BYTES, LIVE_BYTES, M, Message, Status, batches, clip, error, make, shared_batches,
 )
 from .seal import OVERHEAD as SEAL_OVERHEAD
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
@@ -86,6 +87,9 @@ class MonitorEntry:
     #: False once its connection is gone: it gets no jobs, and is lost after the
     #: liveness window unless it registers again (from a new connection)
     reachable: bool = True
+    #: hashes of the shared blobs sent to it since it registered: it keeps them (in
+    #: a cache; one it dropped comes back in a RELEASE's ``missing_blobs``)
+    blobs: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous)
@@ -131,7 +135,8 @@ class BrokerState:
             self.sched.add(Job(
                 o.id, o.owner, o.name, self._shared(o.kind), o.priority, self._shared(o.timeout),
                 o.memory, o.anonymous_ok, self._tags(o.requires), o.created, o.failures, o.seq,
-                o.payload, isolate=o.isolate,
+                o.payload, isolate=o.isolate, retries=o.retries,
+                retry_on=self._names(o.retry_on), attempt=o.attempt, shared=self._names(o.shared),
                 monitor=o.worker_id if processing else None, started=o.started))
             self.payload_bytes += len(o.payload or b"")
         self.orphan_deadline: float | None = (
@@ -170,6 +175,14 @@ class BrokerState:
                 self._tag_sets[key] = tags
         return tags
 
+    def _names(self, names: Any) -> tuple[str, ...]:
+        """One tuple per list of names (exception classes, shared blob hashes): most
+        jobs share one, or have none."""
+        key = tuple(names)
+        if not key:
+            return ()
+        return self._values.setdefault(key, key) if len(self._values) < 10_000 else key
+
     def _send(self, dest: Dest, to: bytes, msg: Message) -> None:
         self.outbox.append(Out(dest, to, msg))
 
@@ -204,7 +217,7 @@ class BrokerState:
         elif msg.type is M.SUBMIT:
             self._submit(rid, key, h, msg.blobs)
         elif msg.type is M.KILL:
-            self._kill(key, h["ids"])
+            self._kill(key, h["ids"], h["queued_only"])
             self._reply_records(rid, key, h["req"], h["ids"])
         elif msg.type is M.QUERY:
             self._reply_records(rid, key, h["req"], h["ids"])
@@ -255,7 +268,7 @@ class BrokerState:
         else:
             self._send("client", rid, error("unauthorized", text, msg.header.get("req")))
 
-    def _submit(self, rid: bytes, key: str, h: dict[str, Any], payloads: list[bytes]) -> None:
+    def _submit(self, rid: bytes, key: str, h: dict[str, Any], blobs: list[bytes]) -> None:
         wall = time.time()  # stored times are wall-clock; ``now`` is only for liveness
         cap = self.config.max_queued_per_client
         ids: list[str] = []
@@ -263,7 +276,14 @@ class BrokerState:
         queued: list[Record] = []
         takers = self._takers()
         unstored, why = 0, ""
-        for spec, payload in zip(h["jobs"], payloads):
+        n = len(h["jobs"])
+        # shared blobs (attached files), each sent once; one whose content does not
+        # match its hash is not taken (the jobs that use it are refused)
+        shared = {digest: data for digest, data in zip(h["shared"], blobs[n:])
+                  if hashlib.sha256(data).hexdigest() == digest}
+        kept: set[str] = set()
+        in_store: dict[str, bool] = {}
+        for spec, payload in zip(h["jobs"], blobs):
             jid = spec["id"]
             known = self.sched.jobs.get(jid)
             if known is not None:
@@ -274,7 +294,18 @@ class BrokerState:
                                f"this client already has {cap} queued jobs "
                                f"(the broker's --max-queued-per-client)"})
                 continue
+            if not all(d in shared or self._has_shared(key, d, in_store)
+                       for d in spec["shared"]):
+                # the client sends the job again with the content
+                errors.append({"id": jid, "code": "shared", "message":
+                               "an attached file's content is neither in this message nor "
+                               "kept by the broker, or does not match its hash"})
+                continue
             try:
+                for digest in spec["shared"]:
+                    if digest in shared and digest not in kept:
+                        self.store.put_shared(key, digest, shared[digest])
+                        kept.add(digest)
                 seq = self.store.insert(key, spec, payload, wall)
                 if seq is None:
                     self._resent(key, jid, self.store.owner_of([jid]).get(jid), ids, errors)
@@ -288,7 +319,8 @@ class BrokerState:
             job = Job(jid, key, spec["name"], self._shared(spec["kind"]), spec["priority"],
                       self._shared(spec["timeout"]), spec["memory"], spec["anonymous_ok"],
                       self._tags(spec["requires"]), wall, 0, seq, payload if keep else None,
-                      isolate=spec["isolate"])
+                      isolate=spec["isolate"], retries=spec["retries"],
+                      retry_on=self._names(spec["retry_on"]), shared=self._names(spec["shared"]))
             self.sched.add(job)
             ids.append(jid)
             reason = waiting_reason(job, takers)
@@ -303,6 +335,12 @@ class BrokerState:
         if queued:
             self._announce(key, *queued)
 
+    def _has_shared(self, key: str, digest: str, in_store: dict[str, bool]) -> bool:
+        """Whether the store keeps ``key``'s shared blob ``digest`` (asked once per message)."""
+        if digest not in in_store:
+            in_store[digest] = self.store.has_shared(key, digest)
+        return in_store[digest]
+
     @staticmethod
     def _resent(key: str, jid: str, owner: str | None, ids: list[str],
                 errors: list[dict[str, str]]) -> None:
@@ -311,12 +349,16 @@ class BrokerState:
         else:
             errors.append({"id": jid, "code": "exists", "message": "job id in use"})
 
-    def _kill(self, key: str, ids: list[str]) -> None:
+    def _kill(self, key: str, ids: list[str], queued_only: bool = False) -> None:
+        """Kill the owner's jobs; with ``queued_only`` (a cancel) only those still queued."""
         for jid in ids:
             job = self.sched.jobs.get(jid)
             if job is None or job.owner != key:
                 continue  # final already, or another client's job: invisible to this one
-            outcome = Outcome(Status.KILLED, "killed by its owner", "none", "none", False,
+            if queued_only and job.where is not Where.QUEUED:
+                continue  # a worker has it: a cancel leaves it running
+            why = "cancelled by its owner before it ran" if queued_only else "killed by its owner"
+            outcome = Outcome(Status.KILLED, why, "none", "none", False,
                               None, time.time(), b"", b"")
             done = self.store.finish(jid, outcome)
             if job.where is Where.ASSIGNED:
@@ -402,6 +444,7 @@ class BrokerState:
             entry.stopping = True
         elif msg.type is M.RELEASE:
             h = msg.header
+            entry.blobs.difference_update(h["missing_blobs"])
             for jid in h["ids"]:
                 job = self.sched.jobs.get(jid)
                 if job is not None and job.monitor == entry.monitor_id:
@@ -430,11 +473,10 @@ class BrokerState:
         holds = set(h["running"])
         if old is not None:
             self._drop_entry(old)
-        # It reconnected (or registers with a broker that restarted and loaded its jobs
-        # from the store). Jobs assigned to it that it does not hold were lost in transit
-        # (a RUN the broker committed but died before sending, say): re-queue them, but
-        # welcome their late results.
-        for jid in list(self.sched.of_monitor(monitor_id)):
+        # It reconnected (to this broker, or to one restarted from the store). Jobs
+        # assigned to it that it does not hold were lost in transit (a RUN sent just
+        # before a broker crash, say): re-queue them, but welcome their late results.
+        for jid in self.sched.of_monitor(monitor_id):
             if jid not in holds:
                 self._requeue(self.sched.jobs[jid], False,
                               "its monitor reconnected without it", monitor_id)
@@ -484,13 +526,27 @@ class BrokerState:
         return job
 
     def _results(self, entry: MonitorEntry, msg: Message) -> None:
-        acked: list[str] = []
+        acked: list[tuple[str, int]] = []
         for i, r in enumerate(msg.header["results"]):
             jid = r["id"]
             job = self.sched.jobs.get(jid)
             if job is None or not (job.monitor == entry.monitor_id
                                    or entry.monitor_id in (job.lost_from or ())):
-                acked.append(jid)  # not this monitor's job (any more): drop it
+                acked.append((jid, r["attempt"]))  # not this monitor's job (any more): drop it
+                continue
+            if r["attempt"] != job.attempt:
+                self._stale_result(entry, job)
+                acked.append((jid, r["attempt"]))
+                continue
+            if r["retry"] and r["status"] == Status.FAILED and job.retries_left:
+                if job.monitor == entry.monitor_id:
+                    try:
+                        self._retry(job)
+                    except sqlite3.Error as e:
+                        log.error("could not re-queue job %s for a retry: %s", jid, e)
+                        continue  # not acknowledged: the monitor sends it again
+                # else: a late result of a lost run; the run going on elsewhere decides
+                acked.append((jid, r["attempt"]))
                 continue
             outcome = Outcome(Status(r["status"]), r["error"], r["encoding"], r["result_from"],
                               r["sealed"], r["started"], r["finished"],
@@ -500,7 +556,7 @@ class BrokerState:
             except sqlite3.Error as e:
                 log.error("could not store the result of job %s: %s", jid, e)
                 continue  # not acknowledged: the monitor sends it again
-            acked.append(jid)
+            acked.append((jid, r["attempt"]))
             if job.where is Where.ASSIGNED and job.monitor != entry.monitor_id:
                 self._cancel_on(job.monitor, jid, "finished elsewhere")
             self._forget(job)
@@ -509,7 +565,26 @@ class BrokerState:
         # always answered, also when empty: a stopping monitor waits for that answer,
         # which comes after any RUN sent before its STOPPING was read
         for part in batches([0] * len(acked)) or [range(0)]:
-            self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=acked[part.start:part.stop]))
+            done_part = acked[part.start:part.stop]
+            self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=[i for i, _ in done_part],
+                                                  attempts=[a for _, a in done_part]))
+
+    def _retry(self, job: Job) -> None:
+        """The job's code raised an exception it may be re-run for: back to its queue,
+        for its next attempt (the failure limit, for lost workers, is not touched)."""
+        self.store.retry(job.id, job.attempt + 1)
+        self.sched.retry(job.id)
+        self._announce(job.owner, _open_record(job, waiting_reason(job, self._takers())))
+
+    def _stale_result(self, entry: MonitorEntry, job: Job) -> None:
+        """A result of an earlier attempt of a job that went on (sent again after a
+        reconnection). If the job is assigned to that same monitor, the monitor held
+        only that old result when it registered and runs nothing of the job: the job
+        goes back to the queue (no failure counted; a result of the monitor is still
+        welcome, should it run the job after all)."""
+        if job.where is Where.ASSIGNED and job.monitor == entry.monitor_id:
+            self._requeue(job, False, "its monitor held only an earlier attempt's result",
+                          entry.monitor_id)
 
     def _put(self, entry: MonitorEntry, h: dict[str, Any], data: bytes) -> None:
         """A chunk of a large result; answered after the commit that keeps it."""
@@ -653,17 +728,41 @@ class BrokerState:
             self.store.start([j.id for j in jobs], worker, wall)
             payloads = [j.payload if j.payload is not None else self.store.payload(j.id)
                         for j in jobs]
-            for part in batches([len(p) for p in payloads]):
+            blobs = self._shared_blobs(jobs, m.blobs)
+            uses = [[(d, len(blobs[j.owner, d])) for d in j.shared if (j.owner, d) in blobs]
+                    for j in jobs]
+            for part in shared_batches([len(p) for p in payloads], uses):
                 specs = []
+                sent: dict[str, bytes] = {}
                 for i in part:
                     j = jobs[i]
                     j.started = wall
                     specs.append({"id": j.id, "name": j.name, "kind": j.kind,
                                   "timeout": j.timeout, "memory": j.memory, "owner": j.owner,
-                                  "trusted": not m.anonymous, "isolate": j.isolate})
+                                  "trusted": not m.anonymous, "isolate": j.isolate,
+                                  "attempt": j.attempt,
+                                  "retry_on": list(j.retry_on) if j.retries_left else [],
+                                  "shared": list(j.shared)})
+                    for d, _ in uses[i]:
+                        sent.setdefault(d, blobs[j.owner, d])
                     self._announce(j.owner, _open_record(j, None, worker))
-                self._send("monitor", m.rid, make(M.RUN, payloads[part.start:part.stop],
-                                                  jobs=specs))
+                self._send("monitor", m.rid, make(
+                    M.RUN, payloads[part.start:part.stop] + list(sent.values()), jobs=specs,
+                    shared=list(sent)))
+                m.blobs.update(sent)
+
+    def _shared_blobs(self, jobs: list[Job], has: set[str]) -> dict[tuple[str, str], bytes]:
+        """The shared blobs of ``jobs`` that the monitor does not have (``has``), from the
+        store, each read once. One missing from the store is left out: the job fails
+        in its slot, saying which file did not come."""
+        out: dict[tuple[str, str], bytes] = {}
+        for j in jobs:
+            for digest in j.shared:
+                if digest not in has and (j.owner, digest) not in out:
+                    data = self.store.shared_blob(j.owner, digest)
+                    if data is not None:
+                        out[j.owner, digest] = data
+        return out
 
     def flush(self, now: float, send_early: Callable[[list[Out]], None] | None = None
               ) -> list[Out]:
@@ -711,7 +810,7 @@ def _open_record(job: Job, reason: str | None, worker: WorkerRef | None = None) 
              "status": (Status.NEW if queued else Status.PROCESSING).value,
              "priority": job.priority, "created": job.created,
              "started": None if queued else job.started, "finished": None,
-             "failures": job.failures, "error": None,
+             "failures": job.failures, "attempt": job.attempt, "error": None,
              "worker": None if worker is None else {"id": worker.id, "host": worker.host,
                                                     "key": worker.key,
                                                     "anonymous": worker.anonymous},

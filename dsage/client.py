@@ -17,6 +17,7 @@ broker for the state of every unfinished job, so no result is ever missed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -28,27 +29,27 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__
+from . import __version__, attach
 from . import keys as keys_mod
 from .auth import make_client
 from .functions import dump_call
 from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
 from .job import JobWrapper
 from .protocol import (
-    BATCH_BYTES, CLIENT_REPLIES, EVENTS, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, FINAL, MAX_BATCH,
-    MAX_HEADER, MAX_INT, MAX_LIST, MAX_PRIORITY, MAX_TAGS, MAX_TEXT, Kind, M, Message,
-    ProtocolError,
-    Status, batches, decode, encode, make, text_problem,
+    BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, EVENTS, FINAL,
+    MAX_BATCH, MAX_HEADER, MAX_INT, MAX_LIST, MAX_PRIORITY, MAX_RETRIES, MAX_TAGS, MAX_TEXT,
+    Kind, M, Message, ProtocolError, Status, batches, decode, encode, exception_name, make,
+    shared_batches, text_problem,
 )
 from .protocol import batch_bytes
 from .seal import Opener, binding
@@ -71,11 +72,13 @@ MAX_UNACKED_BYTES = 256 * 1024 * 1024
 #: Heartbeats a job must have been unacknowledged, besides the broker having
 #: answered a ping sent after it, before it is sent again.
 RESEND_HEARTBEATS = 3
-#: Upper bound on a job spec's JSON bytes apart from its name and tags (the
-#: longest id, kind, float, and 64-bit integer), and the bytes a submit header
-#: needs besides its specs.
-_SPEC_FIXED_BYTES = 200
+#: Upper bound on a job spec's JSON bytes apart from its name, tags, retry_on
+#: names and shared hashes (the longest id, kind, float, and 64-bit integer: 238
+#: bytes), and the bytes a submit header needs besides its specs.
+_SPEC_FIXED_BYTES = 256
 _HEADER_SLACK = 64
+#: JSON bytes of one content hash in a list (quotes and comma)
+_HASH_BYTES = 67
 _SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
 #: JSON bytes of one job id in a list of ids (quotes and comma)
 _ID_BYTES = 35
@@ -210,6 +213,30 @@ def _check_name(name: str | None) -> str | None:
     return name
 
 
+def _check_retries(retries: int, retry_on: Iterable[type[BaseException] | str] | None
+                   ) -> tuple[int, list[str]]:
+    """``retries`` and the names of the exception classes of ``retry_on`` (any
+    ``Exception`` when None; none when there are no retries)."""
+    if isinstance(retries, bool) or not isinstance(retries, int) \
+            or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries={retries!r}: give an int from 0 to {MAX_RETRIES}")
+    if retry_on is None:
+        retry_on = (Exception,)
+    elif isinstance(retry_on, (str, type)):
+        retry_on = (retry_on,)
+    names = []
+    for e in retry_on:
+        if isinstance(e, type) and issubclass(e, BaseException):
+            names.append(exception_name(e))
+        elif isinstance(e, str) and e and not text_problem(e, MAX_TEXT):
+            names.append(e)
+        else:
+            raise TypeError(f"retry_on: {e!r} is not an exception class (or its name)")
+    if len(names) > MAX_TAGS:
+        raise ValueError(f"retry_on: at most {MAX_TAGS} exception classes")
+    return retries, names if retries else []
+
+
 def _check_tags(requires: Iterable[str]) -> list[str]:
     """The job's required tags as a list, within the limits the broker accepts."""
     if isinstance(requires, (str, bytes)):
@@ -234,14 +261,15 @@ def _json_text_bytes(s: str) -> int:
 def _spec_bytes(spec: dict[str, Any]) -> int:
     """The JSON bytes of a job spec in a submit header (an upper bound, exact for
     the rare spec near the limit); ValueError if it cannot fit in one header."""
-    name, tags = spec["name"], spec["requires"]
+    name, tags = spec["name"], spec["requires"] + spec["retry_on"]
+    # a shared blob's hash: in the spec, and at most once in the message's list
     size = _SPEC_FIXED_BYTES + (0 if name is None else _json_text_bytes(name)) \
-        + sum(_json_text_bytes(t) + 1 for t in tags)
+        + sum(_json_text_bytes(t) + 1 for t in tags) + 2 * _HASH_BYTES * len(spec["shared"])
     if size > _SPEC_BUDGET:
         size = len(json.dumps(spec, separators=(",", ":")))
         if size > _SPEC_BUDGET:
-            raise ValueError(f"the job's name and tags take {size} bytes of message header; "
-                             f"at most {_SPEC_BUDGET} fit (shorten the name or the tags)")
+            raise ValueError(f"the job's name, tags and retry_on take {size} bytes of message "
+                             f"header; at most {_SPEC_BUDGET} fit (shorten them)")
     return size
 
 
@@ -258,6 +286,15 @@ class _Outgoing:
     header_bytes: int
     #: when (monotonic) it was last handed to the socket; None while in the send queue
     sent: float | None = None
+    #: the shared blobs it uses (attached files), by content hash
+    shared: dict[str, bytes] = field(default_factory=dict)
+    #: send every shared blob with it, also those the broker has (it said it did not)
+    full: bool = False
+
+    @property
+    def size(self) -> int:
+        """Its bytes in a message of its own: payload and shared blobs."""
+        return len(self.payload) + sum(map(len, self.shared.values()))
 
 
 class _Window:
@@ -335,6 +372,9 @@ class _Host:
     def kill(self, job_id: str) -> None:
         self._client.kill(job_id)
 
+    def cancel(self, job_id: str) -> None:
+        self._client._kill(job_id, queued_only=True)
+
     def query(self, job_id: str) -> None:
         self._client._io.command("query", [job_id])
 
@@ -407,6 +447,9 @@ class _IO(threading.Thread):
         self.partial: dict[int, list[JobWrapper]] = {}
         #: large results being fetched, by job id
         self.fetches: dict[str, _Fetch] = {}
+        #: hashes of the shared blobs sent to the broker on this connection: jobs that
+        #: use them go without their content (the broker keeps it, see _refuse)
+        self.broker_shared: set[str] = set()
         self.next_req = 1
         self.last_seq = 0
         self.last_ping = 0.0
@@ -419,11 +462,13 @@ class _IO(threading.Thread):
         self.resync_wanted = False
         #: an event sequence number the broker sent that had not arrived yet
         self.expected_seq: int | None = None
-        #: some wrapper became final since waiters were last notified
-        self.to_notify = False
+        #: wrappers that became final since waiters were last notified
+        self.settled: list[JobWrapper] = []
         #: called (by this thread) with the wrappers that changed, after each batch
         self.watchers: list[Callable[[list[JobWrapper]], None]] = []
         self.touched: list[JobWrapper] = []
+        #: a running job's output came: threads following it (JobWrapper.tail) wake
+        self.output_came = False
         self.running = True
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         #: messages sent to the broker, by type (``b"submit"``...): what tests count
@@ -522,6 +567,7 @@ class _IO(threading.Thread):
         self._timers()
         if self.outq or self.polling_out:
             self._flush()
+            self._notify()  # jobs refused while sending
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
         for _ in range(10_000):
@@ -536,8 +582,10 @@ class _IO(threading.Thread):
             self.touched.append(w)
 
     def _notify(self) -> None:
-        """Tell the watchers which wrappers changed, and wake the threads waiting on
-        wrappers, once for all jobs that became final."""
+        """Tell the watchers which wrappers changed; settle the wrappers that became
+        final (their Future state, and the ``concurrent.futures`` waiters on them) and
+        wake the threads waiting on wrappers, once for all of them; then call their
+        done callbacks."""
         if self.touched:
             touched, self.touched = self.touched, []
             for watcher in self.watchers:
@@ -545,10 +593,20 @@ class _IO(threading.Thread):
                     watcher(touched)
                 except Exception:  # noqa: BLE001 - a watcher must not stop the I/O thread
                     log.exception("a job watcher failed")
-        if self.to_notify:
-            self.to_notify = False
-            with self.changed:
-                self.changed.notify_all()
+        if not self.settled and not self.output_came:
+            return
+        settled, self.settled = self.settled, []
+        self.output_came = False
+        with self.changed:
+            callbacks = [w for w in settled if w._settle()]
+            self.changed.notify_all()
+        for w in callbacks:
+            w._run_callbacks()
+
+    def _became_final(self, w: JobWrapper) -> None:
+        """``w`` just became final: it is settled at the end of this loop turn."""
+        self.settled.append(w)
+        self._touch(w)
 
     def _run_commands(self) -> None:
         while True:
@@ -572,7 +630,9 @@ class _IO(threading.Thread):
             elif cmd[0] == "query":
                 self._send_ids(M.QUERY, [i for i in cmd[1] if i not in self.unacked])
             elif cmd[0] == "kill":  # no reply awaited: the jobs' records update their wrappers
-                self._send_ids(M.KILL, cmd[1])
+                for r in batches([_ID_BYTES] * len(cmd[1]), MAX_BATCH, _SPEC_BUDGET):
+                    self._send(make(M.KILL, req=0, ids=cmd[1][r.start:r.stop],
+                                    queued_only=False))
             elif cmd[0] == "close":
                 self.running = False
 
@@ -588,7 +648,7 @@ class _IO(threading.Thread):
         self.outq.append(msg)
 
     def _send_ids(self, type_: M, ids: list[str], req: int = 0) -> None:
-        """Queue a message per batch of ``ids`` (a QUERY or KILL with ``req``)."""
+        """Queue a message per batch of ``ids`` (a QUERY with ``req``)."""
         for r in batches([_ID_BYTES] * len(ids), MAX_BATCH, _SPEC_BUDGET):
             self._send(make(type_, req=req, ids=ids[r.start:r.stop]))
 
@@ -631,12 +691,16 @@ class _IO(threading.Thread):
         jobs = self._take_jobs()
         now = time.monotonic()
         limit = min(self.max_message_size, self.conn.max_message_size or self.max_message_size)
-        for r in _submit_ranges(jobs, batch_bytes(limit)):
+        for r in _submit_ranges(jobs, batch_bytes(limit), self.broker_shared):
             batch = jobs[r.start:r.stop]
-            msg = make(M.SUBMIT, [j.payload for j in batch], req=0, jobs=[j.spec for j in batch])
+            shared = {h: data for j in batch for h, data in j.shared.items()  # each once
+                      if j.full or h not in self.broker_shared}
+            msg = make(M.SUBMIT, [j.payload for j in batch] + list(shared.values()), req=0,
+                       jobs=[j.spec for j in batch], shared=list(shared))
             if not self._try_send(encode(msg)):
                 self.outq.extendleft(j.spec["id"] for j in reversed(jobs[r.start:]))
                 return False
+            self.broker_shared.update(shared)
             for j in batch:
                 j.sent = now
         return True
@@ -651,11 +715,11 @@ class _IO(threading.Thread):
             job = self.unacked.get(q.popleft())  # type: ignore[arg-type]  # a str, as checked
             if job is None:
                 continue  # acknowledged since it was queued
-            if len(job.payload) > limit:
+            if job.size > limit:
                 # the broker would drop the connection: refuse here, never send it
                 jid = job.spec["id"]
                 self._forget([jid])
-                self._end_job(jid, f"the job is {len(job.payload)} bytes, more than the "
+                self._end_job(jid, f"the job is {job.size} bytes, more than the "
                               f"largest message allowed ({limit} bytes, --max-message-size)",
                               refused="size")
                 continue
@@ -669,7 +733,7 @@ class _IO(threading.Thread):
             job = self.unacked.pop(jid, None)
             if job is not None:
                 count += 1
-                size += len(job.payload)
+                size += job.size
         if count:
             self.window.give(count, size)
 
@@ -727,6 +791,7 @@ class _IO(threading.Thread):
         """(Re)connected: resend what the lost connection may have dropped, and resync."""
         self.conn.epoch = h["epoch"]
         self.conn.max_message_size = h["max_message_size"]
+        self.broker_shared.clear()  # what a lost connection dropped is sent again
         self._resend_sent(self.disconnected_at)
         self._resync(force=True)
         self._refetch()
@@ -828,6 +893,7 @@ class _IO(threading.Thread):
                 if not self.resync_reqs and self.resync_wanted:
                     self._resync()
         if entry is not None and not entry[0].done():
+            self._notify()  # wrappers this reply ended are settled when the caller wakes
             if msg.type is M.ERROR:
                 kind = KeyRejected if h["code"] == "unauthorized" else DSageError
                 entry[0].set_exception(kind(f"broker error ({h['code']}): {h['message']}"))
@@ -836,7 +902,19 @@ class _IO(threading.Thread):
 
     def _refuse(self, errors: list[dict[str, str]]) -> None:
         """Jobs the broker did not accept: each fails, and its ``result`` raises
-        :class:`SubmitRejected` with the broker's message."""
+        :class:`SubmitRejected` with the broker's message. A job sent without the
+        content of a shared blob the broker turned out not to have (it dropped it
+        once no open job used it) is sent again, once, with all its content."""
+        again = []
+        for err in errors:
+            job = self.unacked.get(err["id"])
+            if err["code"] == "shared" and job is not None and not job.full:
+                job.full = True
+                self.broker_shared.difference_update(job.shared)
+                again.append(err["id"])
+        for jid in again:
+            self._queue_job(jid, self.unacked[jid])
+        errors = [err for err in errors if err["id"] not in again]
         self._forget(err["id"] for err in errors)
         for err in errors:
             self._end_job(err["id"], f"refused by the broker: {err['message']}",
@@ -857,8 +935,7 @@ class _IO(threading.Thread):
         self.open.discard(jid)
         w = self.jobs.get(jid)
         if w is not None and w._end(error, refused, unknown):
-            self.to_notify = True
-            self._touch(w)
+            self._became_final(w)
 
     def _fetch(self, rec: dict[str, Any]) -> None:
         """Start fetching a final job's large result and output (one chunk in flight
@@ -883,8 +960,7 @@ class _IO(threading.Thread):
             w = self.jobs.get(h["id"])
             if w is not None and w._update({**f.record, "by_ref": False},
                                            [bytes(f.parts["result"]), bytes(f.parts["output"])]):
-                self.to_notify = True
-                self._touch(w)
+                self._became_final(w)
             self.open.discard(h["id"])
 
     def _refetch(self) -> None:
@@ -922,7 +998,7 @@ class _IO(threading.Thread):
         except ValueError:
             return  # not sealed to this key by the job's worker, for this job: dropped
         if w._add_live(offset, data):
-            self.to_notify = True
+            self.output_came = True
             self._touch(w)
 
     def _apply(self, records: list[dict[str, Any]], blobs: list[bytes],
@@ -949,10 +1025,10 @@ class _IO(threading.Thread):
             if rec.get("by_ref") and rec["status"] in FINAL:
                 self._fetch(rec)  # the wrapper is final once its result is here
             elif w._update(rec, blobs[2 * i:2 * i + 2]):
-                self.to_notify = True
-            if self.watchers:
+                self._became_final(w)
+            elif self.watchers:
                 self.touched.append(w)
-            if w.done():
+            if w._final:
                 self.open.discard(jid)
             elif adopt:
                 self.open.add(jid)
@@ -973,11 +1049,15 @@ class _Fetch:
         self.part = "result"
 
 
-def _submit_ranges(jobs: Sequence[_Outgoing], max_bytes: int = BATCH_BYTES) -> list[range]:
+def _submit_ranges(jobs: Sequence[_Outgoing], max_bytes: int = BATCH_BYTES,
+                   known: set[str] | frozenset[str] = frozenset()) -> list[range]:
     """Split jobs into submit messages within the protocol's limits on items, blob
-    bytes (``max_bytes``, for the broker's size limit) and header bytes."""
+    bytes (``max_bytes``, for the broker's size limit) and header bytes; shared
+    blobs count once per message, and not at all when ``known`` to the broker."""
     out: list[range] = []
-    for r in batches([len(j.payload) for j in jobs], MAX_BATCH, max_bytes):
+    shared = [[(h, len(d)) for h, d in j.shared.items() if j.full or h not in known]
+              for j in jobs]
+    for r in shared_batches([len(j.payload) for j in jobs], shared, MAX_BATCH, max_bytes):
         sizes = [jobs[i].header_bytes + 1 for i in r]
         out.extend(range(r.start + h.start, r.start + h.stop)
                    for h in batches(sizes, MAX_BATCH, _SPEC_BUDGET))
@@ -1105,7 +1185,11 @@ class DSage:
     def eval(self, code: str, timeout: float | None = 600, priority: int = DEFAULT_PRIORITY,
              name: str | None = None, kind: str = "python", memory: int | str | None = None,
              anonymous_ok: bool = False, requires: Iterable[str] = (),
-             isolate: bool = False) -> JobWrapper:
+             isolate: bool = False, retries: int = 0,
+             retry_on: Iterable[type[BaseException] | str] | None = None,
+             files: Iterable[str | os.PathLike[str]] = (),
+             user_vars: Mapping[str, Any] | None = None,
+             load_files: Iterable[str | os.PathLike[str]] = ()) -> JobWrapper:
         """Run ``code`` on a worker. The result is ``DSAGE_RESULT`` if the code sets it,
         otherwise the value of its final expression.
 
@@ -1113,8 +1197,12 @@ class DSage:
         and ``memory`` (bytes or ``'2GB'``) are hard limits; ``priority`` runs from 0
         (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job;
         ``requires`` lists tags a worker must offer; ``isolate`` runs the job in a
-        process no earlier job has run in. Blocks while the broker has
-        not acknowledged ``max_unacked_jobs`` jobs (see :class:`DSage`).
+        process no earlier job has run in. ``retries`` re-runs the job up to that
+        many times when its code raises one of ``retry_on`` (exception classes or
+        their names; any ``Exception`` by default). ``files`` are copied into the
+        job's working folder, ``user_vars`` are bound before the code runs, and
+        ``load_files`` run first. Blocks while the broker has not acknowledged
+        ``max_unacked_jobs`` jobs (see :class:`DSage`).
         """
         if not isinstance(code, str):
             hint = (f"; to run a function, use D.eval_function({getattr(code, '__name__', 'f')}"
@@ -1123,12 +1211,15 @@ class DSage:
         if kind not in (Kind.PYTHON, Kind.SAGE):
             raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
                              f"(use D.eval_function for functions)")
-        return self._submit(code.encode(), kind, timeout, priority, name, memory,
-                            anonymous_ok, requires, isolate)
+        payload, shared = attach.wrap(code.encode(),
+                                      attach.collect(files, user_vars, load_files))
+        return self._submit(payload, kind, timeout, priority, name, memory, anonymous_ok,
+                            requires, isolate, retries, retry_on, shared=shared)
 
     def eval_file(self, path: str | os.PathLike[str], name: str | None = None,
                   **options: Any) -> JobWrapper:
-        """Run a file's code; its ``DSAGE_RESULT`` is the result. ``.sage`` files run as Sage."""
+        """Run a file's code; its ``DSAGE_RESULT`` is the result. ``.sage`` files run as
+        Sage. Takes :meth:`eval`'s options."""
         p = Path(path)
         try:
             code = p.read_text()
@@ -1139,53 +1230,71 @@ class DSage:
 
     def eval_function(self, func: Callable[..., Any], args: Iterable[Any] = (),
                       kwargs: dict[str, Any] | None = None, **options: Any) -> JobWrapper:
-        """Run ``func(*args, **kwargs)`` on a worker; the result is its return value."""
+        """Run ``func(*args, **kwargs)`` on a worker; the result is its return value.
+        Takes :meth:`eval`'s options but ``kind``, ``user_vars`` and ``load_files``
+        (pass values as arguments)."""
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
-        payload = dump_call(func, tuple(args), dict(kwargs or {}))
+        for option in ("kind", "user_vars", "load_files"):
+            if option in options:
+                raise TypeError(f"eval_function takes no {option}= (a function's values "
+                                f"are its arguments)")
+        payload, shared = attach.wrap(dump_call(func, tuple(args), dict(kwargs or {})),
+                                      attach.collect(options.pop("files", ())))
         options.setdefault("name", getattr(func, "__name__", None))
-        return self._submit(payload, Kind.FUNCTION.value, options.pop("timeout", 600),
-                            options.pop("priority", DEFAULT_PRIORITY), options.pop("name"),
-                            options.pop("memory", None), options.pop("anonymous_ok", False),
-                            options.pop("requires", ()), options.pop("isolate", False),
-                            **options)
+        return self._submit(payload, Kind.FUNCTION.value, shared=shared, **options)
 
-    def _submit(self, payload: bytes, kind: str, timeout: float | None, priority: int,
-                name: str | None, memory: int | str | None, anonymous_ok: bool,
-                requires: Iterable[str], isolate: bool = False,
-                **unknown: Any) -> JobWrapper:
+    def _submit(self, payload: bytes, kind: str, timeout: float | None = 600,
+                priority: int = DEFAULT_PRIORITY, name: str | None = None,
+                memory: int | str | None = None, anonymous_ok: bool = False,
+                requires: Iterable[str] = (), isolate: bool = False, retries: int = 0,
+                retry_on: Iterable[type[BaseException] | str] | None = None,
+                shared: dict[str, bytes] | None = None, **unknown: Any) -> JobWrapper:
         """Check the options, wait for room (see :class:`_Window`) and hand the job to
         the I/O thread, which registers its wrapper before sending it."""
+        shared = shared or {}
         spec = self._spec(kind, timeout, priority, name, memory, anonymous_ok, requires,
-                          isolate, **unknown)
-        return self._submit_specs([(spec, payload)])[0]
+                          isolate, retries, retry_on, shared=list(shared), **unknown)
+        return self._submit_specs([(spec, payload)], shared)[0]
 
     def _spec(self, kind: str, timeout: float | None, priority: int, name: str | None,
               memory: int | str | None, anonymous_ok: bool, requires: Iterable[str],
-              isolate: bool = False, **unknown: Any) -> dict[str, Any]:
+              isolate: bool = False, retries: int = 0,
+              retry_on: Iterable[type[BaseException] | str] | None = None,
+              shared: Iterable[str] = (), **unknown: Any) -> dict[str, Any]:
         """A new job's spec (with a fresh id) from checked options."""
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+        retries, names = _check_retries(retries, retry_on)
         return {"id": os.urandom(16).hex(), "name": _check_name(name), "kind": kind,
                 "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
-                "requires": _check_tags(requires), "isolate": bool(isolate)}
+                "requires": _check_tags(requires), "isolate": bool(isolate),
+                "retries": retries, "retry_on": names, "shared": list(shared)}
 
-    def _submit_specs(self, jobs: Sequence[tuple[dict[str, Any], bytes]]) -> list[JobWrapper]:
-        """Submit jobs (spec and payload each) in one command to the I/O thread, so
-        that they leave in as few messages as the batch limits allow."""
+    def _submit_specs(self, jobs: Sequence[tuple[dict[str, Any], bytes]],
+                      shared: Mapping[str, bytes] | None = None) -> list[JobWrapper]:
+        """Submit jobs (spec and payload each; the shared blobs their specs name are in
+        ``shared``) in one command to the I/O thread, so that they leave in as few
+        messages as the batch limits allow."""
         self._check_usable()
-        out = [_Outgoing(spec, payload, _spec_bytes(spec)) for spec, payload in jobs]
+        shared = shared or {}
+        out = [_Outgoing(spec, payload, _spec_bytes(spec),
+                         shared={d: shared[d] for d in spec["shared"]})
+               for spec, payload in jobs]
+        for job in out:
+            if job.payload.startswith(attach.MAGIC):
+                self._check_fits(job.size)
         wrappers: list[JobWrapper] = []
         try:
             for job in out:
-                self._window.take(len(job.payload), self._check_can_wait)
+                self._window.take(job.size, self._check_can_wait)
                 spec = job.spec
                 wrappers.append(JobWrapper(self._host, spec["id"], spec["name"], spec["kind"],
                                            spec["priority"]))
         except BaseException:
             taken = out[:len(wrappers)]
-            self._window.give(len(taken), sum(len(j.payload) for j in taken))
+            self._window.give(len(taken), sum(j.size for j in taken))
             raise
         self._io.command("submit", out, wrappers)
         return wrappers
@@ -1243,6 +1352,17 @@ class DSage:
         from .executor import DSageExecutor
 
         return DSageExecutor(self, **job_options)
+
+    def _check_fits(self, size: int) -> None:
+        """ValueError, in the call, for a job with attachments larger than a message
+        may be (this client's limit, or the broker's once it is known)."""
+        limit = min(self._io.max_message_size,
+                    self._io.conn.max_message_size or self._io.max_message_size)
+        if size > limit:
+            raise ValueError(f"the job with its attachments is {size} bytes, more than the "
+                             f"largest message allowed ({limit} bytes, --max-message-size): "
+                             f"attach less, or put large files where the workers can read "
+                             f"them")
 
     # --- looking at jobs
 
@@ -1303,7 +1423,8 @@ class DSage:
         ids = [j.job_id for s in wanted for j in self.get_my_jobs(s, limit=None, timeout=timeout)]
         killed = 0
         for part in batches([0] * len(ids)):
-            wrappers = self._io.request(M.KILL, timeout, wrap=True, ids=ids[part.start:part.stop])
+            wrappers = self._io.request(M.KILL, timeout, wrap=True, ids=ids[part.start:part.stop],
+                                        queued_only=False)
             killed += sum(w.status == Status.KILLED for w in wrappers)
         return killed
 
@@ -1348,11 +1469,50 @@ class DSage:
 
     def kill(self, job_id: str, timeout: float = 10.0) -> None:
         """Kill a job of this key: queued ones are removed, running ones killed."""
+        self._kill(job_id, timeout)
+
+    def _kill(self, job_id: str, timeout: float = 10.0, queued_only: bool = False) -> None:
+        """Kill a job (with ``queued_only``, only if it is still queued); its wrapper,
+        if any, is updated before this returns."""
         check_job_id(job_id)
         self._check_usable()
-        reply = self._io.request(M.KILL, timeout, ids=[job_id])
+        reply = self._io.request(M.KILL, timeout, ids=[job_id], queued_only=queued_only)
         if reply.header["missing"]:
             raise UnknownJob(f"no job {job_id} belongs to this key", job_id)
+
+    # --- many jobs
+
+    def as_completed(self, jobs: Iterable[JobWrapper],
+                     timeout: float | None = None) -> Iterator[JobWrapper]:
+        """Yield the jobs as they become final (those final already first), as
+        ``concurrent.futures.as_completed`` does; TimeoutError if ``timeout``
+        seconds pass (from this call) before all are."""
+        jobs = list(dict.fromkeys(jobs))
+        self._check_usable()
+        try:
+            yield from cast(Iterator[JobWrapper], concurrent.futures.as_completed(jobs, timeout))
+        except TimeoutError:
+            left = [j for j in jobs if not j.done()]
+            self._io.command("query", [j.job_id for j in left])  # the truth, should an
+            # event have been lost
+            raise TimeoutError(f"{len(left)} of {len(jobs)} jobs are not finished after "
+                               f"{timeout} s") from None
+
+    def block_on_jobs(self, jobs: Iterable[JobWrapper],
+                      timeout: float | None = None) -> list[JobWrapper]:
+        """Block until every job is final (TimeoutError after ``timeout`` seconds);
+        return them, in the order given."""
+        jobs = list(jobs)
+        for _ in self.as_completed(jobs, timeout):
+            pass
+        return jobs
+
+    def job_results_iter(self, jobs: Iterable[JobWrapper],
+                         timeout: float | None = None) -> Iterator[Any]:
+        """Yield the jobs' results as they become final (in that order); a failed job
+        raises its :class:`JobError` at its turn. TimeoutError as :meth:`as_completed`."""
+        for job in self.as_completed(jobs, timeout):
+            yield job.result()
 
     # --- lifetime
 
@@ -1391,8 +1551,11 @@ class DSage:
                 watcher(unfinished)
             except Exception:  # noqa: BLE001 - closing goes on
                 log.exception("a job watcher failed")
-        with self._io.changed:
+        with self._io.changed:  # (the I/O thread has ended: settled here)
+            callbacks = [w for w in unfinished if w._settle()]
             self._io.changed.notify_all()
+        for w in callbacks:
+            w._run_callbacks()
 
     def __enter__(self) -> DSage:
         return self

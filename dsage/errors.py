@@ -4,6 +4,7 @@ each other)."""
 
 from __future__ import annotations
 
+from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,18 +47,26 @@ class SubmitRejected(DSageError):
 
 
 class JobError(Exception):
-    """A job failed or was killed; ``output`` holds what it printed, with the traceback."""
+    """A job failed or was killed, or (``status`` 'completed') its result cannot be
+    loaded in this process; ``output`` holds what it printed, with the traceback.
+    ``error`` is why (``problem`` when given, else the job's error)."""
 
-    def __init__(self, job: JobWrapper) -> None:
+    def __init__(self, job: JobWrapper, problem: str | None = None) -> None:
         self.job = job
         self.status = job.status
-        self.error = job.error
+        self.error = job.error if problem is None else problem
         self.output = job.output
         detail = f"job {job.job_id[:8]}{f' ({job.name})' if job.name else ''} {job.status}"
         tail = self.output[-MESSAGE_TAIL:]
         if len(self.output) > MESSAGE_TAIL:
             tail = "[... the start is in .output ...]\n" + tail
-        super().__init__(f"{detail}: {job.error}" + (f"\n{tail}" if tail else ""))
+        super().__init__(f"{detail}: {self.error}" + (f"\n{tail}" if tail else ""))
+
+
+class JobCancelled(JobError, CancelledError):
+    """The job was removed from the queue before it ran (``cancel()``, or a kill while
+    it was queued): a :class:`JobError`, and the ``concurrent.futures.CancelledError``
+    that a cancelled Future raises."""
 
 
 class UntrustedResultError(Exception):

@@ -1,25 +1,42 @@
 """JobWrapper: the user's handle on one job, kept up to date by the client's I/O thread.
 
-A wrapper knows its client only through :class:`JobHost`, the few things it
-asks of it; all wrappers of a client share one condition variable, which the
-I/O thread notifies when jobs reach a final state.
+A wrapper is a :class:`concurrent.futures.Future`, so ``concurrent.futures.wait``
+and ``as_completed``, ``asyncio.wrap_future`` and ``await`` accept it. It knows
+its client only through :class:`JobHost`, the few things it asks of it.
+
+All wrappers of a client share one condition variable (their Future
+``_condition``), which the I/O thread notifies once per batch of jobs that
+reached a final state. Future's own ``__init__`` would give each wrapper a
+Condition of its own: measured on 10,000 wrappers, that is 13.6 MB more (1.4 KB
+each, about three times a wrapper's own size), twice the time to make them
+(20 ms instead of 10), and 10,000 locks (4.6 ms) for the I/O thread to announce
+a batch of 10,000 results instead of one (4 us). ``concurrent.futures.wait``
+acquires every future's condition, which for one shared RLock is re-entrant.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from . import codec
-from .errors import DSageError, JobError, SubmitRejected, UnknownJob, UntrustedResultError
+from .errors import (
+    DSageError, JobCancelled, JobError, SubmitRejected, UnknownJob, UntrustedResultError,
+)
 from .protocol import FINAL, Encoding, ResultFrom, Status
 
-__all__ = ["JobError", "JobHost", "JobWrapper", "UntrustedResultError", "WorkerInfo"]
+__all__ = ["JobCancelled", "JobError", "JobHost", "JobWrapper", "UntrustedResultError",
+           "WorkerInfo"]
+
+log = logging.getLogger("dsage.client")
 
 _UNSET: Any = object()
 
@@ -53,6 +70,10 @@ class JobHost(Protocol):
     def kill(self, job_id: str) -> None:
         """Kill the job (raises ``UnknownJob`` if the broker does not know it)."""
 
+    def cancel(self, job_id: str) -> None:
+        """Remove the job if it is still queued on the broker (raises ``UnknownJob``
+        if the broker does not know it); the wrapper is updated before this returns."""
+
     def query(self, job_id: str) -> None:
         """Ask the broker for the job's state, in the background."""
 
@@ -80,15 +101,26 @@ class WorkerInfo:
     key: str
 
 
-class JobWrapper:
+class JobWrapper(Future[Any]):
     """A submitted job. ``status``, ``output`` and ``result`` follow the job live.
 
     Only the client's I/O thread changes a wrapper (and the client makes every
     wrapper it hands out there, so no update is missed between a reply and the
-    wrapper's registration)."""
+    wrapper's registration). It is a :class:`concurrent.futures.Future` whose
+    state that thread drives: ``done()`` once the job is final, ``cancelled()``
+    once it was removed from the queue before it ran, ``running()`` while a
+    worker has it."""
 
     def __init__(self, host: JobHost | None, job_id: str, name: str | None, kind: str,
                  priority: int = 5) -> None:
+        # Future's state, without Future.__init__'s Condition of its own (see the
+        # module's docstring); changed only under the shared condition, by _settle
+        self._condition = _HOSTLESS if host is None else host.changed
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
         self._host = host
         self.job_id = job_id
         self.name = name
@@ -99,6 +131,8 @@ class JobWrapper:
         self.started: float | None = None
         self.finished: float | None = None
         self.failures = 0
+        #: which run of the job this is, or was last: 1, then 2 after a retry (``retries=``)
+        self.attempt = 1
         self.error: str | None = None
         #: why a queued job is waiting (no connected worker offers its tags, say), else None
         self.reason: str | None = None
@@ -111,7 +145,9 @@ class JobWrapper:
         #: ``_live_base`` of its output
         self._live = bytearray()
         self._live_base = 0
-        self._result: Any = _UNSET
+        #: the decoded result, or the error result() raises, once known
+        self._value: Any = _UNSET
+        self._failure: BaseException | None = None
         #: final: set once by the I/O thread, before it notifies ``host.changed``
         self._final = False
         #: why the job was refused before it was queued ('quota', 'size', ...), else None
@@ -132,6 +168,7 @@ class JobWrapper:
         self.priority = rec["priority"]
         self.created, self.started, self.finished = rec["created"], rec["started"], rec["finished"]
         self.failures = rec["failures"]
+        self.attempt = rec.get("attempt", 1)  # records of older brokers have none
         self.error = rec["error"]
         w = rec["worker"]
         if self.error and w is not None and w["anonymous"]:
@@ -158,6 +195,7 @@ class JobWrapper:
             self.error = text if self.trusted else strip_control(text)
             self._encoding, self._result_blob = Encoding.NONE.value, b""
         self._final = True
+        self._settle_hostless()
         return True
 
     def _end(self, error: str, refused: str | None = None, unknown: bool = False) -> bool:
@@ -169,6 +207,7 @@ class JobWrapper:
         self.refused = refused
         self._unknown = error if unknown else None
         self._final = True
+        self._settle_hostless()
         return True
 
     def _add_live(self, offset: int, data: bytes) -> bool:
@@ -190,11 +229,96 @@ class JobWrapper:
             self._closed = why
             self._final = True
 
+    # --- the Future's state, driven by the I/O thread
+
+    def _settle(self) -> bool:
+        """Under the shared condition (the I/O thread, once the job is final): move the
+        Future to its final state and tell ``concurrent.futures`` waiters. True if
+        there are done callbacks to call (outside the lock: :meth:`_run_callbacks`)."""
+        if not self._final or self._state in (CANCELLED_AND_NOTIFIED, FINISHED):
+            return False
+        if self._removed_unrun():
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+        else:
+            self._state = FINISHED
+            ok = self.status == Status.COMPLETED
+            for waiter in self._waiters:
+                (waiter.add_result if ok else waiter.add_exception)(self)
+        return bool(self._done_callbacks)
+
+    def _run_callbacks(self) -> None:
+        for fn in self._done_callbacks:
+            self._call(fn)
+
+    def _call(self, fn: Callable[[Future[Any]], object]) -> None:
+        """Call a done callback; what it raises is logged (it must not stop the I/O thread)."""
+        try:
+            fn(self)
+        except BaseException:  # noqa: BLE001 - even SystemExit: the caller is the I/O thread
+            log.exception("a done callback of job %s raised", self.job_id)
+
     # --- the user's view
+
+    def _removed_unrun(self) -> bool:
+        return self._final and self.status == Status.KILLED and self.started is None
+
+    def _settle_hostless(self) -> None:
+        """A wrapper without a client (made by hand) has no I/O thread to settle it."""
+        if self._host is None:
+            with self._condition:
+                self._settle()
+                self._condition.notify_all()
+            self._run_callbacks()
 
     def done(self) -> bool:
         """Whether the job reached a final state (completed, failed or killed)."""
-        return self._final
+        return self._state in (CANCELLED_AND_NOTIFIED, FINISHED)
+
+    def cancelled(self) -> bool:
+        """Whether the job was removed from the queue before it ran (by :meth:`cancel`,
+        or killed while still queued)."""
+        return self._state == CANCELLED_AND_NOTIFIED
+
+    def running(self) -> bool:
+        """Whether a worker has the job now."""
+        return not self._final and self.status == Status.PROCESSING
+
+    def cancel(self) -> bool:
+        """Remove the job if the broker still has it queued, as ``Future.cancel``
+        does: True if it is cancelled (now or before), False if a worker has it or
+        it is finished. A job that runs goes on; :meth:`kill` stops it."""
+        if self.done():
+            return self.cancelled()
+        if self._host is None:
+            return False
+        self._host.cancel(self.job_id)
+        return self.cancelled()
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        """Call ``fn(job)`` when the job is final: from the client's I/O thread, or at
+        once if it is final already. What ``fn`` raises is logged and dropped."""
+        with self._condition:
+            if self._state not in (CANCELLED_AND_NOTIFIED, FINISHED):
+                self._done_callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def set_result(self, result: Any) -> None:
+        raise RuntimeError("a JobWrapper's result comes from its job")
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        raise RuntimeError("a JobWrapper's outcome comes from its job")
+
+    def set_running_or_notify_cancel(self) -> bool:
+        raise RuntimeError("a JobWrapper's state comes from its job")
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await job`` in asyncio: the result, without blocking the event loop."""
+        import asyncio
+
+        return asyncio.wrap_future(self).__await__()
 
     def wait(self, timeout: float | None = None) -> JobWrapper:
         """Block until the job is final, at most ``timeout`` seconds (TimeoutError after).
@@ -204,7 +328,7 @@ class JobWrapper:
         is a forked child of the process that made the client."""
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or a number of seconds >= 0")
-        if not self._final:
+        if not self.done():
             self._wait(timeout)
         if self._unknown is not None:
             raise UnknownJob(f"job {self.job_id}: {self._unknown}", self.job_id)
@@ -277,13 +401,42 @@ class JobWrapper:
         killed, :class:`SubmitRejected` if it was never accepted and
         :class:`UnknownJob` if the broker no longer knows it."""
         self.wait(timeout)
-        if self.refused is not None:
-            raise SubmitRejected(f"job {self.job_id}: {self.error}")
-        if self.status != Status.COMPLETED:
-            raise JobError(self)
-        if self._result is _UNSET:
-            self._result = self._decode()
-        return self._result
+        if self._value is _UNSET and self._failure is None:
+            self._outcome()
+        if self._failure is not None:
+            raise self._failure
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The error :meth:`result` raises, or None if it returns a value (waiting as
+        it does); raises :class:`JobCancelled` for a cancelled job, as
+        ``Future.exception`` does."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or a number of seconds >= 0")
+        if not self.done():
+            self._wait(timeout)
+        if self._value is _UNSET and self._failure is None:
+            self._outcome()
+        if isinstance(self._failure, JobCancelled):
+            raise self._failure
+        return self._failure
+
+    def _outcome(self) -> None:
+        """Decide, once, what :meth:`result` gives: a value, or an error."""
+        try:
+            if self._unknown is not None:
+                raise UnknownJob(f"job {self.job_id}: {self._unknown}", self.job_id)
+            if self._closed is not None:
+                raise DSageError(f"job {self.job_id}: {self._closed}")
+            if self.refused is not None:
+                raise SubmitRejected(f"job {self.job_id}: {self.error}")
+            if self._removed_unrun():
+                raise JobCancelled(self)
+            if self.status != Status.COMPLETED:
+                raise JobError(self)
+            self._value = self._decode()
+        except (DSageError, JobError, UntrustedResultError) as e:
+            self._failure = e
 
     def _decode(self) -> Any:
         if self._encoding == Encoding.NONE:
@@ -294,7 +447,12 @@ class JobWrapper:
             raise UntrustedResultError(
                 f"job {self.job_id} ran on an anonymous worker, which sent a pickle: "
                 f"it is not loaded, as it could run code")
-        return codec.load_trusted(self._result_blob)
+        try:
+            return codec.load_trusted(self._result_blob)
+        except Exception as e:  # noqa: BLE001 - anything unpickling runs may raise
+            raise JobError(self, f"its result cannot be loaded here: {type(e).__name__}: "
+                           f"{e} (a module or class the worker had is missing, or "
+                           f"differs, in this process)") from e
 
     def kill(self) -> JobWrapper:
         """Kill the job: a queued one is removed, a running one's process is killed."""

@@ -80,7 +80,7 @@ MAX_BACKOFF = 30.0
 _READY_KEYS = frozenset({"ready", "rss"})
 _FAILED_KEYS = frozenset({"failed"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
-                         "finished", "rss", "replace"})
+                         "finished", "rss", "replace", "retry"})
 
 
 @dataclass
@@ -177,7 +177,9 @@ class Monitor:
         self.stop_deadline: float | None = None
         #: jobs received and not started yet, in order (the broker may send more
         #: jobs than there are free slots)
-        self.pending: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+        #: (run spec, payload, the shared blobs it uses as (hash, content))
+        self.pending: OrderedDict[str, tuple[dict[str, Any], bytes, list[tuple[str, bytes]]]] \
+            = OrderedDict()
         #: finished jobs whose result the broker has not acknowledged: (item, result, output)
         self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
         #: results to send at the end of this loop turn (an ordered set)
@@ -186,6 +188,8 @@ class Monitor:
         self.uploads: dict[str, tuple[str, int]] = {}
         self.stalled_uploads: dict[str, float] = {}
         self.slots: list[Slot] = []
+        #: shared blobs (attached files) received, which the broker then leaves out
+        self.blobs = BlobCache()
         #: slots waiting to be started again (spawns kept failing): index -> when
         self.respawn_at: dict[int, float] = {}
         self.spawn_failures = 0
@@ -348,7 +352,10 @@ class Monitor:
                 self._send(make(M.STOPPING))
             self._resend_unacked()
         elif msg.type is M.RUN:
-            self._take_jobs(h["jobs"], msg.blobs)
+            n = len(h["jobs"])
+            shared = dict(zip(h["shared"], msg.blobs[n:]))
+            self.blobs.add(shared)
+            self._take_jobs(h["jobs"], msg.blobs[:n], shared)
             if self.paused and self.pending:
                 self._release(list(self.pending), "its monitor cannot start worker slots")
                 self.pending.clear()
@@ -358,9 +365,11 @@ class Monitor:
         elif msg.type is M.PUT_ACK:
             self._on_put_ack(h)
         elif msg.type is M.RESULT_ACK:
-            for jid in h["ids"]:
-                self.unacked.pop(jid, None)
-                self.uploads.pop(jid, None)
+            for jid, attempt in zip(h["ids"], h["attempts"]):
+                held = self.unacked.get(jid)
+                if held is not None and held[0]["attempt"] == attempt:  # not a later run's
+                    del self.unacked[jid]
+                    self.uploads.pop(jid, None)
             if not h["ids"] and self.stopping:
                 self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
@@ -373,25 +382,42 @@ class Monitor:
                     self.registered = self.registering = False
                 log.warning("broker error: %s", h["message"])
 
-    def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes]) -> None:
+    def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes],
+                   shared: dict[str, bytes]) -> None:
         """Queue the jobs of a RUN. A job whose result is held here already gets that
         result again instead of a second run, one queued or running here is not
         queued twice, and jobs that reach a stopping monitor (sent before the broker
         had its STOPPING) go back at once, counting no failure."""
         running = set(self._running())
         give_back = []
+        lacking: dict[str, list[str]] = {}
         for spec, payload in zip(specs, payloads):
             jid = spec["id"]
-            if jid in self.unacked:
+            held = self.unacked.get(jid)
+            if held is not None and held[0]["attempt"] != spec["attempt"]:
+                # the broker had that result and re-queued the job for another attempt
+                del self.unacked[jid]
+                self.uploads.pop(jid, None)
+                held = None
+            if held is not None:
                 self.outgoing[jid] = None
             elif jid in self.pending or jid in running:
                 continue
             elif self.stopping:
                 give_back.append(jid)
             else:
-                self.pending[jid] = (spec, payload)
+                found = {d: shared.get(d) or self.blobs.get(d) for d in spec["shared"]}
+                missing = [d for d, b in found.items() if b is None]
+                if missing:
+                    lacking[jid] = missing  # dropped from the cache: the broker resends
+                else:
+                    self.pending[jid] = (spec, payload,
+                                         [(d, b) for d, b in found.items() if b is not None])
         if give_back:
             self._release(give_back, "sent to a monitor that is stopping")
+        if lacking:
+            self._release(list(lacking), "its monitor no longer had an attached file",
+                          missing=sorted({d for ds in lacking.values() for d in ds}))
 
     def _resend_unacked(self) -> None:
         self._send_results(list(self.unacked))
@@ -600,13 +626,14 @@ class Monitor:
                 self._start_template()
             self._respawn(slot)
             return
-        _, (spec, payload) = self.pending.popitem(last=False)
+        _, (spec, payload, blobs) = self.pending.popitem(last=False)
         slot.job, slot.started, slot.owner = spec, time.time(), spec["owner"]
         slot.live_offset = 0  # (the slot emptied its capture file before its last reply)
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
         slot.kill_reason = None
+        header = {**spec, "blobs": [[d, len(b)] for d, b in blobs]} if blobs else spec
         try:
-            send_frame(slot.sock, spec, payload)
+            send_frame(slot.sock, header, payload, b"".join(b for _, b in blobs))
         except OSError:
             pass  # the slot died; its EOF is handled as a crash
 
@@ -656,13 +683,16 @@ class Monitor:
         return bool((limit and slot.jobs_done >= limit)
                     or (slot.base_rss and rss > self.options.memory_growth * slot.base_rss))
 
-    def _release(self, ids: list[str], reason: str, count_failure: bool = False) -> None:
+    def _release(self, ids: list[str], reason: str, count_failure: bool = False,
+                 missing: list[str] | None = None) -> None:
         """Give jobs back to the broker's queue (counting a failure: as if their
-        worker had been lost), in messages within the protocol's limit of ids."""
+        worker had been lost), in messages within the protocol's limit of ids;
+        ``missing``: the shared blobs that the jobs lack here."""
         reason = clip(reason, MAX_TEXT)
         for part in batches([0] * len(ids), MAX_BATCH):
             self._send(make(M.RELEASE, ids=ids[part.start:part.stop], reason=reason,
-                            count_failure=count_failure))
+                            count_failure=count_failure,
+                            missing_blobs=(missing or [])[:MAX_BATCH]))
 
     def _reap(self, slot: Slot) -> int:
         """The exit status of a slot whose pipe ended. One that goes on running
@@ -789,7 +819,8 @@ class Monitor:
                 "error": None if error is None else clip(error, MAX_LONG_TEXT),
                 "encoding": reply["encoding"], "result_from": reply["result_from"],
                 "sealed": True, "started": reply["started"],
-                "finished": reply["finished"], "staged": False}
+                "finished": reply["finished"], "staged": False, "attempt": job["attempt"],
+                "retry": bool(reply.get("retry")) and reply["status"] == Status.FAILED}
         result, output = self._fit(item, result, output)
         if item["error"] and not result and item["encoding"] == "none":
             # the error text may hold the job's data (KeyError: 'PASSWORD-...'): it
@@ -821,7 +852,7 @@ class Monitor:
         already keeps it: that result is sent until acknowledged, and the broker,
         which keeps the first final outcome, drops it if the job is over."""
         if job_id in self.pending:
-            spec, _ = self.pending.pop(job_id)
+            spec = self.pending.pop(job_id)[0]
             self._finish(spec, {"status": "killed", "error": f"killed ({reason})",
                                 "encoding": "none", "result_from": "none",
                                 "started": None, "finished": time.time()}, b"", b"")
@@ -1048,6 +1079,32 @@ def _read_capture(path: Path) -> bytes:
         return b""
     finally:
         os.close(fd)
+
+
+class BlobCache:
+    """Shared blobs by hash, the least recently used dropped past ``limit`` bytes
+    (a job that needs one dropped is given back, and the broker sends it again)."""
+
+    def __init__(self, limit: int = 256 * 1024 * 1024) -> None:
+        self.limit = limit
+        self.blobs: OrderedDict[str, bytes] = OrderedDict()
+        self.size = 0
+
+    def add(self, blobs: dict[str, bytes]) -> None:
+        for digest, data in blobs.items():
+            if digest not in self.blobs:
+                self.blobs[digest] = data
+                self.size += len(data)
+            self.blobs.move_to_end(digest)
+        while self.size > self.limit and len(self.blobs) > 1:
+            _, old = self.blobs.popitem(last=False)
+            self.size -= len(old)
+
+    def get(self, digest: str) -> bytes | None:
+        data = self.blobs.get(digest)
+        if data is not None:
+            self.blobs.move_to_end(digest)
+        return data
 
 
 def _exited(pid: int) -> bool:

@@ -66,6 +66,10 @@ DEFAULT_PRIORITY = 5
 MAX_TEXT = 4096
 MAX_LONG_TEXT = 64 * 1024
 MAX_TAGS = 64
+#: Most re-runs a job may ask for after its code raised (``retries=``).
+MAX_RETRIES = 100
+#: Most shared blobs (attached files) one job refers to.
+MAX_SHARED = 64
 #: Integers must fit SQLite's signed 64-bit INTEGER.
 MAX_INT = 2**63 - 1
 
@@ -254,6 +258,15 @@ def _bool(v: Any) -> bool:
     return v
 
 
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _hash(v: Any) -> str:
+    if not isinstance(v, str) or not _HASH.match(v):
+        raise ValueError("not a SHA-256 hash (64 lowercase hex digits)")
+    return v
+
+
 def _job_id(v: Any) -> str:
     if not isinstance(v, str) or not _JOB_ID.match(v):
         raise ValueError("not a job id (32 lowercase hex digits)")
@@ -324,6 +337,21 @@ def _obj(fields: Mapping[str, Validator]) -> Validator:
 
 
 _tags = _list_of(_short_str, MAX_TAGS)
+#: names of exception classes ('ValueError', 'mymodule.MyError')
+_exception_names = _list_of(_short_str, MAX_TAGS)
+
+
+def exception_name(cls: type) -> str:
+    """How ``retry_on`` names an exception class: ``ValueError`` for builtins,
+    ``module.QualName`` otherwise (``__main__.MyError`` for a script's own)."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else \
+        f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _retries(v: Any) -> int:
+    if not 0 <= _int(v) <= MAX_RETRIES:
+        raise ValueError(f"retries must be 0..{MAX_RETRIES}")
+    return v
 
 
 def _part(v: Any) -> str:
@@ -331,6 +359,8 @@ def _part(v: Any) -> str:
         raise ValueError("not 'result' or 'output'")
     return str(v)
 _ids = _list_of(_job_id)
+#: the shared blobs a job uses, by content hash
+_job_shared = _list_of(_hash, MAX_SHARED)
 
 JOB_SPEC = {
     "id": _job_id,
@@ -343,6 +373,12 @@ JOB_SPEC = {
     "requires": _tags,
     #: run in a slot process no earlier job has run in
     "isolate": _bool,
+    #: re-run the job up to this many times when its code raises one of ``retry_on``
+    "retries": _retries,
+    "retry_on": _exception_names,
+    #: content hashes of the shared blobs (attached files) the job uses, each sent
+    #: once per message as a trailing blob (see :class:`Schema`)
+    "shared": _job_shared,
 }
 RUN_SPEC = {
     "id": _job_id,
@@ -353,6 +389,11 @@ RUN_SPEC = {
     "owner": _key,
     "trusted": _bool,
     "isolate": _bool,
+    #: which run of the job this is (1, then 2 after a retry): DSAGE_ATTEMPT
+    "attempt": _pos_int,
+    #: exceptions that make the slot say ``retry``; empty when no retry is left
+    "retry_on": _exception_names,
+    "shared": _job_shared,
 }
 RESULT_SPEC = {
     "id": _job_id,
@@ -365,6 +406,10 @@ RESULT_SPEC = {
     "finished": _float,
     #: the result and output were uploaded with PUT (the blob frames are empty)
     "staged": _bool,
+    #: the run this is the outcome of (a result of an earlier run is stale)
+    "attempt": _pos_int,
+    #: the code raised an exception named in the run's ``retry_on``
+    "retry": _bool,
 }
 WORKER_INFO = {
     "id": _short_str,
@@ -382,6 +427,8 @@ RECORD = {
     "started": _optional(_float),
     "finished": _optional(_float),
     "failures": _nonneg_int,
+    #: the job's run: 1, then one more after each retry
+    "attempt": _pos_int,
     "error": _optional(_str),
     "worker": _optional(_obj(WORKER_INFO)),
     "encoding": _one_of(Encoding),
@@ -415,6 +462,8 @@ class Schema:
 
     ``items`` names the list in the header whose entries each own
     ``blobs_per_item`` blobs; otherwise the message has ``blobs`` blobs.
+    ``shared`` names a header list of content hashes, each owning one more blob
+    after those: content that several items use, sent once.
     """
 
     fields: dict[str, Validator]
@@ -422,13 +471,15 @@ class Schema:
     item_fields: dict[str, Validator] | None = None
     blobs_per_item: int = 0
     blobs: int = 0
+    shared: str | None = None
 
 
 _req = {"req": _nonneg_int}
 SCHEMAS: dict[M, Schema] = {
     M.HELLO: Schema({**_req, "client": _short_str, "version": _short_str}),
-    M.SUBMIT: Schema({**_req}, "jobs", JOB_SPEC, 1),
-    M.KILL: Schema({**_req, "ids": _ids}),
+    M.SUBMIT: Schema({**_req, "shared": _list_of(_hash)}, "jobs", JOB_SPEC, 1, shared="shared"),
+    # ``queued_only``: cancel, not kill: only jobs still in the broker's queue end
+    M.KILL: Schema({**_req, "ids": _ids, "queued_only": _bool}),
     M.QUERY: Schema({**_req, "ids": _ids}),
     # one page of a key's jobs, oldest first: ``after`` is the previous page's ``next``
     M.LIST: Schema({**_req, "status": _optional(_one_of(Status)), "name": _optional(_short_str),
@@ -468,11 +519,15 @@ SCHEMAS: dict[M, Schema] = {
     M.HEARTBEAT: Schema({}),
     M.RESULT: Schema({}, "results", RESULT_SPEC, 2),
     M.STOPPING: Schema({}),
-    M.RELEASE: Schema({"ids": _ids, "reason": _short_str, "count_failure": _bool}),
+    # ``missing_blobs``: shared blobs the monitor was thought to keep and does not
+    # (it dropped them): the broker sends them again with the jobs
+    M.RELEASE: Schema({"ids": _ids, "reason": _short_str, "count_failure": _bool,
+                       "missing_blobs": _list_of(_hash)}),
     M.REGISTERED: Schema({"heartbeat": _pos_float, "liveness": _pos_int, "cancel": _ids}),
-    M.RUN: Schema({}, "jobs", RUN_SPEC, 1),
+    M.RUN: Schema({"shared": _list_of(_hash)}, "jobs", RUN_SPEC, 1, shared="shared"),
     M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),
-    M.RESULT_ACK: Schema({"ids": _ids}),
+    # ``attempts``: of each acknowledged result, in the order of ``ids``
+    M.RESULT_ACK: Schema({"ids": _ids, "attempts": _list_of(_pos_int)}),
     M.PUT: Schema({"id": _job_id, "part": _part, "offset": _nonneg_int, "total": _nonneg_int},
                   blobs=1),
     # ``next``: the offset to send next; ``gone``: the job is not the monitor's (any
@@ -542,6 +597,8 @@ def decode(frames: Sequence[bytes], allowed: frozenset[M]) -> Message:
             expected = schema.blobs_per_item * len(items)
         else:
             expected = schema.blobs
+        if schema.shared is not None:
+            expected += len(header[schema.shared])
     except ValueError as e:
         raise ProtocolError("header", f"bad '{type_}' header: {e}") from None
     if len(blobs) != expected:
@@ -566,6 +623,30 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
         text = text.encode("utf-8", "replace").decode("utf-8")
     marker = " [... cut ...]"
     return text if len(text) <= limit else text[:limit - len(marker)] + marker
+
+
+def shared_batches(sizes: Sequence[int], shared: Sequence[Sequence[tuple[str, int]]],
+                   max_items: int = MAX_BATCH, max_bytes: int = BATCH_BYTES) -> list[range]:
+    """As :func:`batches`, for items that also use shared blobs (``shared[i]``: the
+    (hash, size) of each distinct blob item ``i`` uses): a blob counts once per
+    batch, in its bytes and in its at most ``max_items`` shared blobs."""
+    out: list[range] = []
+    start, total = 0, 0
+    seen: set[str] = set()
+    for i, size in enumerate(sizes):
+        fresh = [(h, n) for h, n in shared[i] if h not in seen]
+        new = size + sum(n for _, n in fresh)
+        if i > start and (i - start >= max_items or total + new > max_bytes
+                          or len(seen) + len(fresh) > max_items):
+            out.append(range(start, i))
+            start, total, seen = i, 0, set()
+            fresh = list(shared[i])
+            new = size + sum(n for _, n in fresh)
+        total += new
+        seen.update(h for h, _ in fresh)
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
 
 
 def batches(sizes: Sequence[int], max_items: int = MAX_BATCH,

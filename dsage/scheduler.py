@@ -59,6 +59,17 @@ class Job:
     lost_from: set[str] | None = None
     #: run it in a slot process no earlier job ran in
     isolate: bool = False
+    #: re-runs allowed after its code raised one of ``retry_on`` (exception class names)
+    retries: int = 0
+    retry_on: tuple[str, ...] = ()
+    #: which run this is: 1, then one more after each retry (a lost worker is not one)
+    attempt: int = 1
+    #: content hashes of the shared blobs (attached files) it uses, kept in the store
+    shared: tuple[str, ...] = ()
+
+    @property
+    def retries_left(self) -> int:
+        return max(0, self.retries + 1 - self.attempt)
 
     @property
     def job_class(self) -> JobClass:
@@ -238,6 +249,18 @@ class Scheduler:
             job.lost_from.add(lost_from)
         self._unassign(job)
         self._enqueue(job, front=True)
+        return job
+
+    def retry(self, job_id: str) -> Job | None:
+        """An assigned job whose code raised goes back to the end of its queue for its
+        next attempt; None if it is not assigned or has no retry left."""
+        job = self.jobs.get(job_id)
+        if job is None or job.where is not Where.ASSIGNED or not job.retries_left:
+            return None
+        job.attempt += 1
+        job.lost_from = None  # results of the earlier attempt are stale now
+        self._unassign(job)
+        self._enqueue(job, front=False)
         return job
 
     def remove(self, job_id: str) -> Job | None:

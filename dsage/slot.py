@@ -39,9 +39,10 @@ import traceback
 from typing import Any
 
 from . import chunks, contain, runas
+from .attach import Attachments, place, unwrap
 from .codec import encode_result
 from .functions import LoadError, preload
-from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status
+from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status, exception_name
 
 #: the most captured output returned per job (the end is kept)
 MAX_OUTPUT = 64 * 1024 * 1024
@@ -141,9 +142,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_code(code: str, filename: str, kind: str) -> tuple[Any, ResultFrom]:
+def run_code(code: str, filename: str, kind: str, att: Attachments | None = None
+             ) -> tuple[Any, ResultFrom]:
     """Run code like a session cell: the result is ``DSAGE_RESULT`` if the code
-    sets it, else the value of a final expression."""
+    sets it, else the value of a final expression. ``att``'s user_vars are bound
+    first, then its load_files run, in the same namespace."""
     if kind == Kind.SAGE:
         from .sage import preparse, sage_namespace
 
@@ -151,6 +154,12 @@ def run_code(code: str, filename: str, kind: str) -> tuple[Any, ResultFrom]:
         namespace = sage_namespace()
     else:
         namespace = {"__name__": "__main__", "__builtins__": builtins}
+    if att is not None:
+        namespace.update(att.user_vars)
+        for name, text in att.load_files:
+            if kind == Kind.SAGE and name.endswith(".sage"):
+                text = preparse(text)
+            exec(compile(text, name, "exec"), namespace)
     tree = ast.parse(code, filename)
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -269,10 +278,11 @@ def _explain(e: BaseException, spec: dict[str, Any]) -> str:
     return ""
 
 
-def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
-            ) -> tuple[dict[str, Any], bytes, bytes]:
+def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str,
+            blobs: bytes = b"") -> tuple[dict[str, Any], bytes, bytes]:
     """Run one job in its own folder; return its outcome fields for the monitor, the
-    encoded result and the captured output."""
+    encoded result and the captured output. ``blobs`` holds the shared blobs the
+    job uses, one after another, as its ``blobs`` field lists them."""
     job_dir = os.path.join(tmpdir, spec["id"])
     try:
         os.mkdir(job_dir, 0o700)
@@ -288,24 +298,31 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
         resource.setrlimit(resource.RLIMIT_AS, (min(spec["memory"], old_limit[1])
                                                 if old_limit[1] > 0 else spec["memory"],
                                                 old_limit[1]))
+    os.environ["DSAGE_ATTEMPT"] = str(spec.get("attempt", 1))
     started = time.time()
     status, error, report = Status.COMPLETED, None, ""
+    retry = False
     value: Any = None
     result_from = ResultFrom.NONE
     try:
+        payload, att = unwrap(payload, _split(blobs, spec.get("blobs") or ()))
+        if att is not None:
+            place(att, job_dir)
         if spec["kind"] == Kind.FUNCTION:
             value, result_from = run_function(payload), ResultFrom.RETURN
         else:
             value, result_from = run_code(payload.decode(), spec.get("name") or "<dsage job>",
-                                          spec["kind"])
+                                          spec["kind"], att)
     except SystemExit as e:
         status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
+        retry = raised_one_of(e, spec.get("retry_on") or ())
     except LoadError as e:  # one line says it all: no traceback through the unpickler
         status, error = Status.FAILED, str(e)[:2000]
     except BaseException as e:  # noqa: BLE001 - the job's own failure, reported in full
         status = Status.FAILED
         error = f"{type(e).__name__}: {e}"[:2000] + _explain(e, spec)
         report = _user_traceback(e)
+        retry = raised_one_of(e, spec.get("retry_on") or ())
     finally:
         try:
             resource.setrlimit(resource.RLIMIT_AS, old_limit)
@@ -327,7 +344,22 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str
             os.write(capture.fd, (error + "\n").encode(errors="replace"))
     return ({"id": spec["id"], "status": status.value, "error": error,
              "encoding": encoding.value, "result_from": result_from.value, "started": started,
-             "finished": time.time(), "rss": _rss()}, blob, capture.read())
+             "finished": time.time(), "rss": _rss(), "retry": retry}, blob, capture.read())
+
+
+def _split(blobs: bytes, sizes: Any) -> dict[str, bytes]:
+    """The shared blobs by hash, from their concatenation."""
+    out, at = {}, 0
+    for digest, size in sizes:
+        out[digest] = blobs[at:at + size]
+        at += size
+    return out
+
+
+def raised_one_of(exc: BaseException, names: Any) -> bool:
+    """Whether ``exc`` is an instance of a class named in ``names`` (its own class or
+    a base class, named as :func:`~dsage.protocol.exception_name` does)."""
+    return bool(names) and any(exception_name(c) in names for c in type(exc).__mro__)
 
 
 #: signals whose handlers the slot restores after each job
@@ -638,6 +670,7 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
     os.set_inheritable(fd, False)  # the job's own child processes do not get the pipe
     os.register_at_fork(after_in_child=lambda: _detach_pipe(fd))  # nor its forks
     sock = socket.socket(fileno=fd)
+    os.environ["DSAGE_ATTEMPT"] = "1"  # in the baseline: a first attempt changes nothing
     try:
         os.makedirs(tmpdir, exist_ok=True)  # again, if a job removed it
         capture = Capture(capture_path)
@@ -649,10 +682,10 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
     send_frame(sock, {"ready": True, "rss": _rss()})
     while True:
         try:
-            spec, payload, _ = recv_frame(sock)
+            spec, payload, blobs = recv_frame(sock)
         except (EOFError, OSError):
             return 0
-        reply, result, output = run_job(spec, payload, capture, tmpdir)
+        reply, result, output = run_job(spec, payload, capture, tmpdir, blobs)
         capture.reset()  # before the reply: what the monitor reads next is the next job's
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)

@@ -50,7 +50,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     output BLOB,
     staged INTEGER NOT NULL DEFAULT 0,
-    isolate INTEGER NOT NULL DEFAULT 0
+    isolate INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    retry_on TEXT NOT NULL DEFAULT '[]',
+    attempt INTEGER NOT NULL DEFAULT 1,
+    shared TEXT NOT NULL DEFAULT '[]'
+);
+-- shared blobs (attached files) by content hash, once per owner, kept while an
+-- open job of that owner uses them (see prune)
+CREATE TABLE IF NOT EXISTS shared_blobs (
+    owner TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (owner, hash)
 );
 -- large results and outputs, uploaded by a monitor in chunks; a staged job's
 -- blobs are the chunks of the monitor that delivered it (its worker_id)
@@ -69,11 +81,21 @@ CREATE INDEX IF NOT EXISTS by_owner ON jobs(owner, status);
 CREATE INDEX IF NOT EXISTS by_status ON jobs(status);
 """
 
+#: columns added since the first schema, with their definitions
+_ADDED_COLUMNS = (
+    ("staged", "INTEGER NOT NULL DEFAULT 0"),
+    ("isolate", "INTEGER NOT NULL DEFAULT 0"),
+    ("retries", "INTEGER NOT NULL DEFAULT 0"),
+    ("retry_on", "TEXT NOT NULL DEFAULT '[]'"),
+    ("attempt", "INTEGER NOT NULL DEFAULT 1"),
+    ("shared", "TEXT NOT NULL DEFAULT '[]'"),
+)
+
 _BIG = (f"(staged OR COALESCE(length(result), 0) + COALESCE(length(output), 0)"
         f" > {BY_REF_BYTES})")
 #: a record's columns; large results and outputs stay in the store (``by_ref``)
 _RECORD_COLUMNS = (
-    "id, name, kind, status, priority, created, started, finished, failures, error, "
+    "id, name, kind, status, priority, created, started, finished, failures, attempt, error, "
     "worker_id, worker_host, worker_key, worker_anonymous, encoding, result_from, sealed, "
     f"CASE WHEN {_BIG} THEN NULL ELSE result END, CASE WHEN {_BIG} THEN NULL ELSE output END, "
     f"owner, {_BIG}"
@@ -105,6 +127,10 @@ class OpenJob:
     started: float | None
     payload: bytes | None
     isolate: bool = False
+    retries: int = 0
+    retry_on: tuple[str, ...] = ()
+    attempt: int = 1
+    shared: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,7 +163,7 @@ Record = tuple[dict[str, Any], list[bytes]]
 
 def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
     """(owner, record) from a row of ``_RECORD_COLUMNS``."""
-    (id_, name, kind, status, priority, created, started, finished, failures, error,
+    (id_, name, kind, status, priority, created, started, finished, failures, attempt, error,
      worker_id, worker_host, worker_key, worker_anon, encoding, result_from, sealed,
      result, output, owner, big) = row
     worker = None
@@ -147,7 +173,8 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
     header = {
         "id": id_, "name": name, "kind": kind, "status": status, "priority": priority,
         "created": created, "started": started, "finished": finished,
-        "failures": failures, "error": error, "worker": worker, "encoding": encoding,
+        "failures": failures, "attempt": attempt, "error": error, "worker": worker,
+        "encoding": encoding,
         "result_from": result_from, "sealed": bool(sealed), "reason": None, "by_ref": bool(big),
     }
     return owner, (header, [result or b"", output or b""])
@@ -177,10 +204,9 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
-            for column in ("staged", "isolate"):  # a store made before these existed
+            for column, kind in _ADDED_COLUMNS:  # a store made before these existed
                 if column not in columns:
-                    self.db.execute(
-                        f"ALTER TABLE jobs ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
             self.db.execute("BEGIN")
         except BaseException:
             os.close(self._lock_fd)
@@ -279,11 +305,12 @@ class Store:
         no change) if its id exists already."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO jobs (id, owner, name, kind, status, priority, anonymous_ok,"
-            " timeout, memory, requires, created, payload, isolate)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " timeout, memory, requires, created, payload, isolate, retries, retry_on, shared)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (spec["id"], owner, spec["name"], spec["kind"], Status.NEW.value, spec["priority"],
              int(spec["anonymous_ok"]), spec["timeout"], spec["memory"],
-             json.dumps(spec["requires"]), now, payload, int(spec["isolate"])),
+             json.dumps(spec["requires"]), now, payload, int(spec["isolate"]),
+             spec["retries"], json.dumps(spec["retry_on"]), json.dumps(spec["shared"])),
         )
         return cur.lastrowid if cur.rowcount == 1 else None
 
@@ -294,7 +321,8 @@ class Store:
         while their total stays within ``payload_budget`` bytes (the rest: None)."""
         rows = self.db.execute(
             "SELECT id, owner, name, kind, priority, timeout, memory, anonymous_ok, requires,"
-            " created, failures, seq, status, worker_id, started, length(payload), isolate"
+            " created, failures, seq, status, worker_id, started, length(payload), isolate,"
+            " retries, retry_on, attempt, shared"
             " FROM jobs WHERE status IN ('new', 'processing') ORDER BY seq").fetchall()
         out: list[OpenJob] = []
         for r in rows:
@@ -305,8 +333,23 @@ class Store:
                 payload_budget -= size
             out.append(OpenJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]),
                                json.loads(r[8]), r[9], r[10], r[11], Status(r[12]), r[13],
-                               r[14], payload, bool(r[16])))
+                               r[14], payload, bool(r[16]), r[17], tuple(json.loads(r[18])),
+                               r[19], tuple(json.loads(r[20]))))
         return out
+
+    def put_shared(self, owner: str, digest: str, data: bytes) -> None:
+        """Keep a shared blob of ``owner`` (nothing to do if it is kept already)."""
+        self.db.execute("INSERT OR IGNORE INTO shared_blobs VALUES (?, ?, ?)",
+                        (owner, digest, data))
+
+    def has_shared(self, owner: str, digest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM shared_blobs WHERE owner=? AND hash=?",
+                               (owner, digest)).fetchone() is not None
+
+    def shared_blob(self, owner: str, digest: str) -> bytes | None:
+        row = self.db.execute("SELECT data FROM shared_blobs WHERE owner=? AND hash=?",
+                              (owner, digest)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def payload(self, job_id: str) -> bytes:
         row = self.db.execute("SELECT payload FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -351,6 +394,14 @@ class Store:
             "UPDATE jobs SET status='new', failures=?, started=NULL, worker_id=NULL,"
             " worker_host=NULL, worker_key=NULL, worker_anonymous=NULL WHERE id=?",
             (failures, job_id),
+        )
+
+    def retry(self, job_id: str, attempt: int) -> None:
+        """A processing job whose code raised is queued again for run ``attempt``."""
+        self.db.execute(
+            "UPDATE jobs SET status='new', attempt=?, started=NULL, worker_id=NULL,"
+            " worker_host=NULL, worker_key=NULL, worker_anonymous=NULL WHERE id=?",
+            (attempt, job_id),
         )
 
     def fail(self, job_id: str, failures: int, error: str,
@@ -426,8 +477,9 @@ class Store:
         return n
 
     def prune(self, finished_before: float) -> int:
-        """Delete final jobs that finished before the given time, and chunks no job
-        uses (of pruned jobs, of uploads that lost to another run, or abandoned)."""
+        """Delete final jobs that finished before the given time, chunks no job uses
+        (of pruned jobs, of uploads that lost to another run, or abandoned), and
+        shared blobs no open job uses."""
         finals = ",".join(f"'{s.value}'" for s in FINAL)
         cur = self.db.execute(
             f"DELETE FROM jobs WHERE status IN ({finals}) AND finished < ?", (finished_before,)
@@ -435,6 +487,10 @@ class Store:
         self.db.execute(
             "DELETE FROM chunks WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = job_id"
             " AND (status IN ('new', 'processing') OR (staged AND worker_id = uploader)))")
+        self.db.execute(
+            "DELETE FROM shared_blobs WHERE NOT EXISTS (SELECT 1 FROM jobs,"
+            " json_each(jobs.shared) AS used WHERE jobs.owner = shared_blobs.owner AND used.value = shared_blobs.hash"
+            " AND jobs.status IN ('new', 'processing'))")
         return cur.rowcount
 
     def stage(self, job_id: str, uploader: str, part: str, offset: int, data: bytes) -> int:

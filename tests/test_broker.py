@@ -37,6 +37,7 @@ OWNER = "o" * 40
 def _spec(job_id: str, **change: Any) -> dict[str, Any]:
     return {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
             "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
+            "retries": 0, "retry_on": [], "shared": [],
             **change}
 
 
@@ -72,7 +73,7 @@ def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path
         client = _dealer(ctx, home, procs.port)
         for change in ({"name": "x\udcff"}, {"memory": 10_000_000 * 10**12},
                        {"requires": ["\ud800"]}):
-            client.send_multipart(_raw("submit", {"req": 1, "jobs": [_spec("a" * 32, **change)]},
+            client.send_multipart(_raw("submit", {"req": 1, "jobs": [_spec("a" * 32, **change)], "shared": []},
                                        b"1"))
             assert _replies(client, M.ERROR).header["code"] == "header"
         # an anonymous worker whose host name holds a lone surrogate
@@ -88,7 +89,7 @@ def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path
         wait_for(lambda: j.status == "processing" or j.done(), 30, "the job dispatched")
         item = {"id": j.job_id, "status": "failed", "error": "KeyError: '\udcff'",
                 "encoding": "none", "result_from": "none", "sealed": False, "started": None,
-                "finished": 1.0, "staged": False}
+                "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
         mon.send_multipart(_raw("result", {"results": [item]}, b"", b""))
         assert _replies(mon, M.ERROR).header["code"] == "header"
         assert broker.alive()
@@ -227,13 +228,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._flush()
 
     @rule(count=st.integers(1, 5), owner=st.sampled_from(["a" * 40, "b" * 40]),
-          tags=st.sampled_from([[], ["gpu"]]))
-    def submit(self, count: int, owner: str, tags: list[str]) -> None:
+          tags=st.sampled_from([[], ["gpu"]]), retries=st.integers(0, 2))
+    def submit(self, count: int, owner: str, tags: list[str], retries: int) -> None:
         specs = []
         for _ in range(count):
             self.n += 1
-            specs.append(_spec(f"{self.n:032x}", requires=tags))
-        msg = make(M.SUBMIT, [b"1"] * count, req=1, jobs=specs)
+            specs.append(_spec(f"{self.n:032x}", requires=tags, retries=retries,
+                               retry_on=["Exception"] if retries else []))
+        msg = make(M.SUBMIT, [b"1"] * count, req=1, jobs=specs, shared=[])
         self.state.on_client(self.now, b"c", owner, msg)
         self._flush()
 
@@ -249,15 +251,35 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not known or self.rids[mid] not in self.state.monitors:
             return
         jid = data.draw(st.sampled_from(known))  # its own, another's, or a final one
-        item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
-                "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
+        job = self.state.sched.jobs.get(jid)
+        current = job.attempt if job is not None else 1
+        # a failure the job may be retried for, or any other outcome; of this attempt
+        # or (sent again after a reconnection) an earlier one
+        failed, retry = data.draw(st.sampled_from([(False, False), (True, False), (True, True)]))
+        attempt = data.draw(st.sampled_from(sorted({current, max(1, current - 1)})))
+        item = {"id": jid, "status": "failed" if failed else "completed", "error": None,
+                "encoding": "data", "result_from": "expression", "sealed": False,
+                "started": None, "finished": 1.0, "staged": False, "attempt": attempt,
+                "retry": retry}
+        mine = job is not None and job.monitor == mid and job.where is Where.ASSIGNED
+        left = job.retries_left if job is not None else 0
         self._monitor(mid, make(M.RESULT, [b"1", b""], results=[item]))
+        # (a job back in the queue may at once be dispatched again)
+        if job is None or not mine:
+            return
+        if attempt == current and retry and left:
+            assert self.state.sched.jobs.get(jid) is job and job.attempt == current + 1
+        elif attempt == current:
+            assert jid not in self.state.sched.jobs  # final
+        else:  # a stale result from the monitor that has the job: it goes on
+            assert self.state.sched.jobs.get(jid) is job and job.attempt == current
 
     @rule(mid=st.sampled_from(["m1", "m2"]), count_failure=st.booleans())
     def release(self, mid: str, count_failure: bool) -> None:
         if self.rids[mid] in self.state.monitors:
             ids = self.state.sched.of_monitor(mid)[:2]
-            self._monitor(mid, make(M.RELEASE, ids=ids, reason="r", count_failure=count_failure))
+            self._monitor(mid, make(M.RELEASE, ids=ids, reason="r", count_failure=count_failure,
+                                         missing_blobs=[]))
 
     @rule(mid=st.sampled_from(["m1", "m2"]))
     def lose(self, mid: str) -> None:
@@ -269,7 +291,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if self.state.sched.jobs:
             jid = data.draw(st.sampled_from(sorted(self.state.sched.jobs)))
             owner = self.state.sched.jobs[jid].owner
-            self.state.on_client(self.now, b"c", owner, make(M.KILL, req=2, ids=[jid]))
+            self.state.on_client(self.now, b"c", owner, make(M.KILL, req=2, ids=[jid], queued_only=False))
             self._flush()
 
     @rule()
@@ -286,8 +308,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(rows) == set(sched.jobs)
         queued = [j for j in sched.jobs.values() if j.where is Where.QUEUED]
         assert sched.queued == len(queued) == sum(sched.queued_by_owner.values())
+        attempts = dict(self.store.db.execute(
+            "SELECT id, attempt FROM jobs WHERE status IN ('new', 'processing')").fetchall())
         for j in sched.jobs.values():
             assert rows[j.id] == ("new" if j.where is Where.QUEUED else "processing")
+            # retries are counted apart from lost workers, kept, and bounded
+            assert attempts[j.id] == j.attempt and 1 <= j.attempt <= j.retries + 1
             # each job in at most one place
             holders = [m for m, ids in sched.assigned.items() if j.id in ids]
             assert holders == ([] if j.where is Where.QUEUED else [j.monitor])
@@ -305,7 +331,8 @@ def test_every_flushed_message_is_within_the_protocol_limits(tmp_path: Path) -> 
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     for start in range(0, 6000, 1000):
         specs = [_spec(f"{i:032x}") for i in range(start, start + 1000)]
-        state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"x"] * 1000, req=1, jobs=specs))
+        state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"x"] * 1000, req=1, jobs=specs,
+                                               shared=[]))
     state.on_client(0.0, b"c", OWNER, make(M.LIST, req=2, status=None, name=None,
                                                    since=None, after=0, limit=10_000))
     outs = state.flush(0.0)
@@ -413,10 +440,10 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state.flush(0.0)
     statements.clear()
     specs = [_spec(f"{i:032x}") for i in range(n)]
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * n, req=1, jobs=specs))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * n, req=1, jobs=specs, shared=[]))
     sent = state.flush(0.0)
     items = [{"id": s["id"], "status": "completed", "error": None, "encoding": "data",
-              "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
+              "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
              for s in specs]
     state.on_monitor(0.0, b"m", "k" * 40, False,
                      decode(encode(make(M.RESULT, [b"1", b""] * n, results=items)), ALL))
@@ -441,11 +468,11 @@ def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path
                     version="0")
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     jid = "f" * 32
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
     state.flush(0.0)
     big = os.urandom(3 * 1024 * 1024 + 5)
     item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
-            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False}
+            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
     state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [big, b"out"], results=[item]))
     [event] = [o.msg for o in state.flush(0.0) if o.dest == "event"]
     [rec] = event.header["jobs"]
@@ -490,7 +517,7 @@ def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: P
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     state.flush(0.0)
     order.clear()
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("e" * 32)]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("e" * 32)], shared=[]))
     late = state.flush(0.0, lambda outs: order.extend(o.msg.type.value for o in outs))
     assert order == ["run", "commit"]
     assert sorted(o.msg.type.value for o in late) == ["ack", "event"]
@@ -505,7 +532,7 @@ def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) ->
             M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
             version="0"))
     jid = "d" * 32
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)]))
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
     state.flush(0.0)
     runner = state.sched.jobs[jid].monitor
     rid, other = (b"m", b"n") if runner == "m" else (b"n", b"m")
@@ -524,7 +551,7 @@ def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) ->
     assert put(rid, 2_000_000, big[2_000_000:])["next"] == len(big)
     item = {"id": jid, "status": "completed", "error": None, "encoding": "data",
             "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
-            "staged": True}
+            "staged": True, "attempt": 1, "retry": False}
     state.on_monitor(0.0, rid, "k" * 40, False, make(M.RESULT, [b"", b""], results=[item]))
     [event] = [o.msg for o in state.flush(0.0) if o.dest == "event"]
     assert event.header["jobs"][0]["by_ref"]
@@ -555,7 +582,7 @@ def test_a_message_is_capped_as_a_whole_not_only_per_frame(procs: Procs, home: P
         anon = _dealer(ctx, home, procs.port + 1, keys.Keypair(*zmq.curve_keypair()))
         items = [{"id": f"{i:032x}", "status": "completed", "error": None, "encoding": "data",
                   "result_from": "expression", "sealed": False, "started": None,
-                  "finished": 1.0, "staged": False} for i in range(30)]
+                  "finished": 1.0, "staged": False, "attempt": 1, "retry": False} for i in range(30)]
         blob = b"z" * (1024 * 1024 - 100)
         anon.send_multipart(_raw("result", {"results": items}, *[blob] * 60))
         assert _replies(anon, M.ERROR).header["code"] == "size"
@@ -649,31 +676,184 @@ def test_anonymous_peers_have_a_message_rate_and_a_count() -> None:
         store.close()
 
 
-def test_a_run_lost_with_a_killed_broker_is_queued_again_when_its_monitor_registers(
+# --- retries: the attempt is kept in the store
+
+
+def test_a_retried_job_keeps_its_attempt_across_a_broker_restart(tmp_path: Path) -> None:
+    """A job whose code raised goes back to the queue for attempt 2, counting no
+    failure; the store keeps the attempt, so after a restart the next RUN says 2
+    and, its one retry used, asks the slot to match no exception."""
+    path = tmp_path / "dsage.db"
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    spec = _spec("a" * 32, retries=1, retry_on=["KeyError"])
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[spec], shared=[]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+    runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [r.header["jobs"][0]["attempt"] for r in runs] == [1]
+    assert runs[0].header["jobs"][0]["retry_on"] == ["KeyError"]
+    item = {"id": "a" * 32, "status": "failed", "error": "KeyError", "encoding": "error",
+            "result_from": "none", "sealed": False, "started": 0.0, "finished": 1.0,
+            "staged": False, "attempt": 1, "retry": True}
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [b"", b""], results=[item]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(M.STOPPING))  # no credit: stays queued
+    outs = state.flush(0.0)
+    acks = [o.msg.header for o in outs if o.msg.type is M.RESULT_ACK]
+    assert acks == [{"ids": ["a" * 32], "attempts": [1]}]
+    events = [r for o in outs if o.dest == "event" for r in o.msg.header["jobs"]]
+    assert [(r["status"], r["attempt"], r["failures"]) for r in events] == [("new", 2, 0)]
+    store.close()
+
+    store = Store(path)  # a restart
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    assert state.sched.jobs["a" * 32].attempt == 2
+    state.on_monitor(0.0, b"m2", "k" * 40, False, make(
+        M.REGISTER, monitor="m2", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+    runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [(r.header["jobs"][0]["attempt"], r.header["jobs"][0]["retry_on"])
+            for r in runs] == [(2, [])]
+    assert store.records(["a" * 32])["a" * 32][0]["attempt"] == 2
+    store.close()
+
+
+def test_a_store_made_before_retries_and_isolate_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dsage.store import _ADDED_COLUMNS, _SCHEMA
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    table = _SCHEMA.split(";")[0]
+    for column, kind in _ADDED_COLUMNS:  # the first schema had none of them
+        table = table.replace(f",\n    {column} {kind}", "")
+    assert "isolate" not in table and "attempt" not in table
+    db.execute(table)
+    db.execute("INSERT INTO jobs (id, owner, kind, status, priority, anonymous_ok, created,"
+               " payload) VALUES (?, ?, 'python', 'new', 5, 0, 1.0, x'31')", ("b" * 32, OWNER))
+    db.commit()
+    db.close()
+    store = Store(path)
+    [job] = store.open_jobs(1 << 20)
+    assert (job.attempt, job.retries, job.retry_on, job.isolate) == (1, 0, (), False)
+    store.retry(job.id, 2)
+    assert store.records([job.id])[job.id][0]["attempt"] == 2
+    store.close()
+
+
+# --- shared blobs (attached files): once per message, kept once per owner
+
+
+def test_shared_blobs_are_kept_once_and_sent_once_per_run(tmp_path: Path) -> None:
+    import hashlib
+
+    data = b"a file many jobs attach" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "dsage.db"
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+
+    def submit(ids: list[str], blobs: dict[str, bytes], uses: str = digest) -> dict[str, Any]:
+        specs = [_spec(i, shared=[uses]) for i in ids]
+        state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * len(ids) + list(blobs.values()),
+                                               req=1, jobs=specs, shared=list(blobs)))
+        [ack] = [o.msg.header for o in state.flush(0.0) if o.msg.type is M.ACK]
+        return ack
+
+    assert submit([f"{i:032x}" for i in range(10)], {digest: data})["ids"] != []
+    ack = submit(["a" * 32], {})  # its content came in an earlier message: kept
+    assert ack["ids"] == ["a" * 32] and ack["errors"] == []
+    # a content that does not match its hash is not taken: the kept copy serves
+    assert submit(["b" * 32], {digest: b"not the content"})["ids"] == ["b" * 32]
+    other = "c" * 64
+    bad = submit(["c" * 32], {other: b"not the content"}, uses=other)
+    assert bad["errors"][0]["code"] == "shared" and not bad["ids"]
+    assert submit(["e" * 32], {}, uses=other)["errors"][0]["code"] == "shared"
+    assert store.db.execute("SELECT count(*) FROM shared_blobs").fetchone() == (1,)
+    store.close()
+
+    store = Store(path)  # a restart: the blob is kept with the jobs
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=20, tags=[], running=[], version="0"))
+    runs = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert sum(len(r.header["jobs"]) for r in runs) == 12
+    assert [r.header["shared"] for r in runs] == [[digest]] * len(runs) and len(runs) == 1
+    assert runs[0].blobs[12:] == [data]
+    assert all(s["shared"] == [digest] for s in runs[0].header["jobs"])
+    for s in runs[0].header["jobs"]:  # all finish: nothing uses the blob any more
+        item = {"id": s["id"], "status": "completed", "error": None, "encoding": "none",
+                "result_from": "none", "sealed": False, "started": 0.0, "finished": 1.0,
+                "staged": False, "attempt": 1, "retry": False}
+        state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [b"", b""],
+                                                          results=[item]))
+    state.flush(0.0)
+    store.prune(0.0)
+    assert store.db.execute("SELECT count(*) FROM shared_blobs").fetchone() == (0,)
+    assert submit(["d" * 32], {})["errors"][0]["code"] == "shared"  # the client resends
+    store.close()
+
+
+def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
         tmp_path: Path) -> None:
-    """The broker committed a job's start on a monitor and died before the RUN left:
-    the monitor, registering with the restarted broker, does not hold it. The job
-    once stayed 'processing' on that monitor forever (only monitors that never came
-    back had their jobs re-queued)."""
-    store = Store(tmp_path / "dsage.db")
-    state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
+    """The broker dispatched a job (committed as processing on monitor m) and died
+    before the RUN left. Restarted, it learns from m's registration that m does not
+    hold the job: the job goes back to the queue, counting no failure, and runs.
+    (It once stayed 'processing' on m for ever, as m was registered.)"""
+    path = tmp_path / "dsage.db"
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
                     version="0")
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("f" * 32)],
+                                           shared=[]))
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
-    specs = [_spec(f"{i:032x}") for i in range(2)]
-    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 2, req=1, jobs=specs))
-    state.flush(0.0)  # both are the monitor's now (one running, one prefetched)
-    store.close()  # the broker is killed; what it committed stays
+    assert [o.msg.type for o in state.flush(0.0) if o.msg.type is M.RUN] == [M.RUN]
+    store.close()  # the RUN is lost with the broker
 
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    assert state.sched.jobs["f" * 32].monitor == "m"
+    state.on_monitor(0.0, b"m2", "k" * 40, False, register)  # holds nothing
+    runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [r.header["jobs"][0]["id"] for r in runs] == ["f" * 32]
+    assert state.sched.jobs["f" * 32].failures == 0
+    store.close()
+
+
+def test_a_monitor_gets_a_shared_blob_once_until_it_says_it_dropped_it(tmp_path: Path) -> None:
+    import hashlib
+
+    data = b"attached" * 100
+    digest = hashlib.sha256(data).hexdigest()
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
-    assert set(state.sched.of_monitor("m")) == {s["id"] for s in specs}
-    # the monitor comes back holding only the first: the RUN of the second never came
-    state.on_monitor(1.0, b"m2", "k" * 40, False,
-                     make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[],
-                          running=[specs[0]["id"]], version="0"))
-    state.flush(1.0)
-    assert state.sched.of_monitor("m") == [specs[0]["id"]]
-    assert state.sched.jobs[specs[1]["id"]].where is Where.QUEUED
-    assert state.sched.jobs[specs[1]["id"]].failures == 0
+    ids = [f"{i:032x}" for i in range(3)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3 + [data], req=1, shared=[digest],
+                                           jobs=[_spec(i, shared=[digest]) for i in ids]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+
+    def run() -> Message:
+        [msg] = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]
+        return msg
+
+    def finish(jid: str) -> None:
+        item = {"id": jid, "status": "completed", "error": None, "encoding": "none",
+                "result_from": "none", "sealed": False, "started": 0.0, "finished": 1.0,
+                "staged": False, "attempt": 1, "retry": False}
+        state.on_monitor(0.0, b"m", "k" * 40, False, make(M.RESULT, [b"", b""],
+                                                          results=[item]))
+
+    first = run()
+    assert first.header["shared"] == [digest] and first.blobs[1:] == [data]
+    finish(first.header["jobs"][0]["id"])
+    second = run()  # the monitor has it: left out
+    assert second.header["shared"] == [] and second.header["jobs"][0]["shared"] == [digest]
+    jid = second.header["jobs"][0]["id"]
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.RELEASE, ids=[jid], reason="dropped", count_failure=False, missing_blobs=[digest]))
+    again = run()  # sent again, with the blob
+    assert again.header["jobs"][0]["id"] == jid and again.blobs[1:] == [data]
+    assert state.sched.jobs[jid].failures == 0
     store.close()

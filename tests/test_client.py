@@ -25,7 +25,7 @@ import zmq
 import dsage
 from dsage import keys
 from dsage.protocol import (
-    CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, M, Message, ProtocolError,
+    BATCH_BYTES, CLIENT_REQUESTS, DEFAULT_MAX_MESSAGE_SIZE, MAX_BATCH, M, Message, ProtocolError,
     decode, encode, make,
 )
 
@@ -130,7 +130,7 @@ def record(job_id: str, status: str, result_from: str = "none") -> dict[str, Any
     final = status in ("completed", "failed", "killed")
     return {"id": job_id, "name": None, "kind": "python", "status": status, "priority": 5,
             "created": 1.0, "started": 1.0, "finished": 2.0 if final else None,
-            "failures": 0, "error": None, "worker": None, "encoding": "none",
+            "failures": 0, "attempt": 1, "error": None, "worker": None, "encoding": "none",
             "result_from": result_from, "sealed": False, "reason": None, "by_ref": False}
 
 
@@ -306,6 +306,86 @@ def test_submit_messages_keep_within_the_protocol_limits(
     assert len(submits) >= 3 + 3  # the named ones alone need three, the rest three more
 
 
+def test_a_file_many_jobs_attach_travels_once_per_connection(
+        procs: Procs, fake: Callable[[Handler], FakeBroker], tmp_path: Path) -> None:
+    """300 jobs attach the same 1 MB file, 300 more a small file each and that one:
+    each content reaches the broker once, messages keep within the byte budget,
+    and payloads never carry the content."""
+    def handle(fb: FakeBroker, rid: bytes, msg: Message) -> None:
+        if msg.type is M.SUBMIT:
+            fb.ack(rid, msg)
+
+    fb = fake(handle)
+    D = procs.client()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20))
+    jobs = [D(f"{i}", files=[big]) for i in range(300)]
+    for i in range(300):
+        small = tmp_path / f"small{i}.txt"
+        small.write_text(f"file {i}")
+        jobs.append(D(f"{i}", files=[small, big]))
+    wanted = {j.job_id for j in jobs}
+    wait_for(lambda: wanted <= set(fb.submitted()) or fb.errors, 30, "every job received")
+    assert fb.errors == []
+    submits = [m for m in fb.received if m.type is M.SUBMIT]
+    contents: list[str] = []
+    for m in submits:
+        n = len(m.header["jobs"])
+        assert len(m.blobs) - n == len(set(m.header["shared"])) == len(m.header["shared"])
+        assert sum(len(b) for b in m.blobs[:n]) < 1000 * n  # payloads: no file content
+        assert sum(len(b) for b in m.blobs) <= BATCH_BYTES + (1 << 20)
+        assert set(m.header["shared"]) <= {d for spec in m.header["jobs"]
+                                           for d in spec["shared"]}
+        contents += m.header["shared"]
+    assert len(contents) == len(set(contents)) == 301  # each once: the big one, 300 small
+    assert sum(len(b) for m in submits for b in m.blobs) < 2 << 20
+
+
+def test_a_job_whose_file_the_broker_dropped_is_sent_again_with_it(
+        procs: Procs, fake: Callable[[Handler], FakeBroker], tmp_path: Path) -> None:
+    """The broker refuses a job whose shared blob it does not keep (code 'shared'):
+    the client sends it again, once, with the content, and it is not failed; a job
+    refused so although sent with its content fails (SubmitRejected)."""
+    refused: list[str] = []
+    mode = {"keep": True}
+
+    def handle(fb: FakeBroker, rid: bytes, msg: Message) -> None:
+        if msg.type is not M.SUBMIT:
+            return
+        here = set(msg.header["shared"]) if mode["keep"] else set()
+        ok, errors = [], []
+        for spec in msg.header["jobs"]:  # a broker that keeps no blob past its message
+            if set(spec["shared"]) <= here:
+                ok.append(spec["id"])
+            else:
+                refused.append(spec["id"])
+                errors.append({"id": spec["id"], "code": "shared", "message": "dropped"})
+        fb.reply(rid, make(M.ACK, req=msg.header["req"], ids=ok, errors=errors))
+
+    fb = fake(handle)
+    D = procs.client()
+    f = tmp_path / "f.txt"
+    f.write_text("content")
+
+    def acked(j: dsage.JobWrapper) -> bool:
+        return j.job_id in fb.submitted() and j.job_id not in D._io.unacked
+
+    first = D("0", files=[f])
+    wait_for(lambda: acked(first), 30, "the first job acknowledged")
+    jobs = [D(f"{i}", files=[f]) for i in range(1, 20)]  # sent without the content
+    for j in jobs:
+        wait_for(lambda: acked(j), 30, "the job acknowledged")  # noqa: B023
+    # those sent before the first refusal came back are refused once, then accepted
+    assert refused and set(refused) <= {j.job_id for j in jobs}
+    assert len(refused) == len(set(refused))
+    assert not any(j.done() for j in [first, *jobs])
+    mode["keep"] = False
+    failing = D("1", files=[f])
+    with pytest.raises(dsage.SubmitRejected, match="dropped"):
+        failing.result(30)
+    assert refused.count(failing.job_id) == 2
+
+
 @pytest.mark.parametrize("options, message", [
     ({"name": "x\udcff"}, "lone surrogate"),
     ({"requires": ["gpu", "x\udcff"]}, "lone surrogate"),
@@ -385,8 +465,10 @@ def test_wrappers_share_one_condition_and_waiters_wake_at_once(cluster: dsage.DS
     jobs = [D(f"import os, time\nwhile not os.path.exists({str(g)!r}): time.sleep(0.01)\n"
               f"{i}") for i, g in enumerate(gates)]
     for j in jobs:
-        assert not any(isinstance(v, (threading.Event, threading.Condition))
-                       for v in vars(j).values()), "a wrapper has its own Event"
+        own = [k for k, v in vars(j).items() if isinstance(v, (threading.Event,
+                                                               threading.Condition))]
+        assert own == ["_condition"] and j._condition is D._io.changed, \
+            "a wrapper has an Event or Condition of its own"
     woke: dict[int, float] = {}
 
     def waiter(i: int) -> None:

@@ -161,12 +161,14 @@ class FakeBroker:
         self.send(make(M.REGISTERED, heartbeat=0.2, liveness=50, cancel=list(cancel)))
         return reg
 
-    def run(self, codes: list[str], ids: list[str] | None = None) -> list[str]:
+    def run(self, codes: list[str], ids: list[str] | None = None, attempt: int = 1,
+            retry_on: Sequence[str] = ()) -> list[str]:
         """Send python jobs in one RUN (new ones unless ``ids`` are given); returns their ids."""
         ids = ids or [uuid.uuid4().hex for _ in codes]
         specs = [{"id": jid, "name": None, "kind": "python", "timeout": None, "memory": None,
-                  "owner": self.owner, "trusted": True, "isolate": False} for jid in ids]
-        self.send(make(M.RUN, [c.encode() for c in codes], jobs=specs))
+                  "owner": self.owner, "trusted": True, "isolate": False, "attempt": attempt,
+                  "retry_on": list(retry_on), "shared": []} for jid in ids]
+        self.send(make(M.RUN, [c.encode() for c in codes], jobs=specs, shared=[]))
         return ids
 
     def results(self, ids: list[str], ack: bool = False) -> dict[str, dict[str, object]]:
@@ -180,7 +182,8 @@ class FakeBroker:
                 f"a RESULT of {len(msg.header['results'])} items and {blob_bytes} bytes"
             got.update((r["id"], r) for r in msg.header["results"])
             if ack:
-                self.send(make(M.RESULT_ACK, ids=[r["id"] for r in msg.header["results"]]))
+                self.send(make(M.RESULT_ACK, ids=[r["id"] for r in msg.header["results"]],
+                               attempts=[r["attempt"] for r in msg.header["results"]]))
         return got
 
     def close(self) -> None:
@@ -265,7 +268,7 @@ def test_the_monitor_keeps_and_lists_every_job_it_holds(
     assert resent[d]["status"] == "killed"
     fake.run([_recorded(runs, "a"), _recorded(runs, "c")], ids=[a, c])  # sent again
     assert fake.results([a], ack=True)[a]["status"] == "completed"
-    fake.send(make(M.RESULT_ACK, ids=[d]))
+    fake.send(make(M.RESULT_ACK, ids=[d], attempts=[1]))
     gate.touch()
     done = fake.results([b, c], ack=True)
     assert done[b]["status"] == done[c]["status"] == "completed"
@@ -316,7 +319,7 @@ def test_an_idle_stopping_monitor_gives_back_jobs_already_on_their_way(
     ids = fake.run(["1", "2"])  # sent as the broker would before reading STOPPING
     while (msg := fake.recv()).type is not M.RELEASE:
         if msg.type is M.RESULT and not msg.header["results"]:
-            fake.send(make(M.RESULT_ACK, ids=[]))  # the broker's answer, after the RUN
+            fake.send(make(M.RESULT_ACK, ids=[], attempts=[]))  # the broker's answer, after the RUN
     assert msg.header["ids"] == ids and msg.header["count_failure"] is False
     assert monitor.proc.wait(20) == 0
 
@@ -369,7 +372,7 @@ def test_releases_are_split_within_the_id_limit(procs: Procs, fake: FakeBroker,
             assert msg.header["count_failure"] is False
             released += msg.header["ids"]
         elif msg.type is M.RESULT and not msg.header["results"]:
-            fake.send(make(M.RESULT_ACK, ids=[]))
+            fake.send(make(M.RESULT_ACK, ids=[], attempts=[]))
     assert sorted(released) == sorted(first + rest)
     assert monitor.proc.wait(20) == 0
 
@@ -402,9 +405,69 @@ def test_a_large_result_is_uploaded_in_chunks_before_its_result(
     [item] = msg.header["results"]
     assert item["staged"] and msg.blobs == [b"", b""] and item["status"] == "completed"
     assert refused_once and len(got) > 20_000_000  # the sealed result, all of it
-    fake.send(make(M.RESULT_ACK, ids=[jid]))
+    fake.send(make(M.RESULT_ACK, ids=[jid], attempts=[1]))
     # a job that is not the monitor's any more: one PUT, then straight to the RESULT
     [other] = fake.run(["DSAGE_RESULT = b'x' * 20_000_000"])
     put = fake.expect(M.PUT)
     fake.send(make(M.PUT_ACK, id=other, part="result", next=put.header["total"], gone=True))
     assert fake.expect(M.RESULT).header["results"][0]["staged"]
+
+
+# --- retries: a job's next attempt on the monitor that still holds its last result
+
+
+def test_a_retry_reaching_the_monitor_before_the_last_results_ack_runs_and_keeps_its_result(
+        procs: Procs, fake: FakeBroker, tmp_path: Path) -> None:
+    """The broker sends a retried job's RUN before the RESULT_ACK of its failed
+    attempt (RUNs go out before the commit). The monitor runs the new attempt
+    instead of sending the old result again, and the late acknowledgement of the
+    old attempt does not drop the new attempt's result."""
+    procs.worker(1, **PATIENT)
+    fake.register()
+    runs = tmp_path / "runs"
+    code = ("import os\n" + _recorded(runs, "x") + "\nn = int(os.environ['DSAGE_ATTEMPT'])\n"
+            "if n == 1: raise KeyError('first')\nn")
+    [jid] = fake.run([code], retry_on=["LookupError"])  # a base class of KeyError
+    first = fake.results([jid])[jid]
+    assert first["status"] == "failed" and first["retry"] and first["attempt"] == 1
+    fake.run([code], ids=[jid], attempt=2)  # the retry, before the acknowledgement
+    second = fake.results([jid])[jid]
+    assert second["status"] == "completed" and second["attempt"] == 2 and not second["retry"]
+    fake.send(make(M.RESULT_ACK, ids=[jid], attempts=[1]))  # late, for attempt 1
+    fake.run([code], ids=[jid], attempt=2)  # sent again: answered with the held result
+    assert fake.results([jid], ack=True)[jid]["attempt"] == 2
+    assert _runs(runs) == Counter({"x": 2})
+    [other] = fake.run(["raise ValueError('not retried')"], retry_on=["KeyError"])
+    assert fake.results([other], ack=True)[other]["retry"] is False
+
+
+def test_attached_files_come_once_and_one_the_monitor_lacks_sends_the_job_back(
+        procs: Procs, fake: FakeBroker, tmp_path: Path) -> None:
+    """Three jobs of one RUN use one copy of a file; a later RUN leaves it out (the
+    monitor keeps it); a job whose file the monitor does not have goes back to
+    the broker, naming the file, instead of failing."""
+    from dsage import attach
+
+    procs.worker(1, **PATIENT)
+    fake.register()
+    (tmp_path / "a.txt").write_text("shared content")
+    payload, shared = attach.wrap(b"open('a.txt').read()", attach.collect([tmp_path / "a.txt"]))
+    [digest] = shared
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    specs = [{"id": jid, "name": None, "kind": "python", "timeout": None, "memory": None,
+              "owner": fake.owner, "trusted": True, "isolate": False, "attempt": 1,
+              "retry_on": [], "shared": [digest]} for jid in ids]
+    fake.send(make(M.RUN, [payload] * 3 + [shared[digest]], jobs=specs, shared=[digest]))
+    got = fake.results(ids, ack=True)
+    assert all(got[i]["status"] == "completed" for i in ids)  # three jobs, one copy
+    later = uuid.uuid4().hex
+    fake.send(make(M.RUN, [payload], jobs=[{**specs[0], "id": later}], shared=[]))
+    assert fake.results([later], ack=True)[later]["status"] == "completed"
+    (tmp_path / "b.txt").write_text("never sent")
+    other, other_shared = attach.wrap(b"1", attach.collect([tmp_path / "b.txt"]))
+    lacking = uuid.uuid4().hex
+    fake.send(make(M.RUN, [other], jobs=[{**specs[0], "id": lacking,
+                                          "shared": list(other_shared)}], shared=[]))
+    release = fake.expect(M.RELEASE)
+    assert release.header["ids"] == [lacking] and not release.header["count_failure"]
+    assert release.header["missing_blobs"] == list(other_shared)

@@ -37,6 +37,7 @@ nonneg = st.integers(min_value=0, max_value=2**53)
 pos_int = st.integers(min_value=1, max_value=2**53)
 tags = st.lists(short, max_size=5)
 ids = st.lists(job_id, max_size=5)
+sha256 = st.text("0123456789abcdef", min_size=64, max_size=64)
 
 
 def _enum(e: Any) -> st.SearchStrategy[str]:
@@ -47,7 +48,10 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "req": nonneg, "id": job_id, "name": st.none() | short, "kind": _enum(Kind),
     "timeout": st.none() | positive, "priority": st.integers(0, 9),
     "memory": st.none() | pos_int, "anonymous_ok": st.booleans(), "requires": tags,
-    "isolate": st.booleans(),
+    "isolate": st.booleans(), "retries": st.integers(0, 100), "retry_on": tags,
+    "attempt": pos_int, "retry": st.booleans(), "attempts": st.lists(pos_int, max_size=5),
+    "queued_only": st.booleans(), "shared": st.lists(sha256, max_size=3),
+    "missing_blobs": st.lists(sha256, max_size=3),
     "owner": z85_key, "trusted": st.booleans(), "error": st.none() | text,
     "encoding": _enum(Encoding), "result_from": _enum(ResultFrom), "sealed": st.booleans(),
     "started": st.none() | finite, "finished": finite, "created": finite, "failures": nonneg,
@@ -107,6 +111,9 @@ def valid_messages(draw: st.DrawFn, types: tuple[M, ...] = tuple(M),
         header[schema.items] = items
         n = schema.blobs_per_item * len(items)
         blobs = draw(st.lists(blob, min_size=n, max_size=n))
+    if schema.shared is not None:  # one trailing blob per shared hash
+        n = len(header[schema.shared])
+        blobs += draw(st.lists(blob, min_size=n, max_size=n))
     return Message(type_, header, blobs)
 
 
@@ -313,8 +320,9 @@ def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home:
 def test_submit_values_out_of_bounds_are_protocol_errors(spec_change: dict[str, Any]) -> None:
     spec = {"id": "0" * 32, "name": None, "kind": "python", "timeout": None, "priority": 5,
             "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
+            "retries": 0, "retry_on": [], "shared": [],
             **spec_change}
-    frames = [VERSION, b"submit", json.dumps({"req": 0, "jobs": [spec]}).encode(), b"1"]
+    frames = [VERSION, b"submit", json.dumps({"req": 0, "jobs": [spec], "shared": []}).encode(), b"1"]
     with pytest.raises(ProtocolError):
         decode(frames, ALL)
 
@@ -324,7 +332,7 @@ def test_result_error_text_with_a_surrogate_is_refused_and_clip_fixes_it() -> No
 
     item = {"id": "0" * 32, "status": "failed", "error": "KeyError: '\udcff'",
             "encoding": "none", "result_from": "none", "sealed": False, "started": None,
-            "finished": 1.0, "staged": False}
+            "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
     frames = [VERSION, b"result", json.dumps({"results": [item]}).encode(), b"", b""]
     with pytest.raises(ProtocolError):
         decode(frames, ALL)

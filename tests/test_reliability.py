@@ -493,8 +493,9 @@ class _World:
 
     def submit(self, job_id: str) -> None:
         spec = {"id": job_id, "name": None, "kind": "python", "timeout": None, "priority": 5,
-                "memory": None, "anonymous_ok": False, "requires": [], "isolate": False}
-        self.state.on_client(self.now, b"client", OWNER, make(M.SUBMIT, [b"1"], req=1,
+                "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
+                "retries": 0, "retry_on": [], "shared": []}
+        self.state.on_client(self.now, b"client", OWNER, make(M.SUBMIT, [b"1"], req=1, shared=[],
                                                               jobs=[spec]))
         self.flush()
 
@@ -510,7 +511,7 @@ class _World:
     def result(self, rid: bytes, job_id: str, value: bytes) -> list[Message]:
         item = {"id": job_id, "status": "completed", "error": None, "encoding": "data",
                 "result_from": "expression", "sealed": False, "started": None,
-                "finished": 1.0, "staged": False}
+                "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
         return self.monitor(rid, make(M.RESULT, [value, b""], results=[item]))
 
     def flush(self, rid: bytes | None = None) -> list[Message]:

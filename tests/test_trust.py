@@ -547,7 +547,7 @@ class FakeAnonymousMonitor:
         now = time.time()
         self._send(protocol.make(protocol.M.RESULT, [result, output], results=[{
             "id": spec["id"], "status": "completed", "error": None, "encoding": encoding,
-            "result_from": "expression", "sealed": sealed, "started": now, "finished": now, "staged": False}]))
+            "result_from": "expression", "sealed": sealed, "started": now, "finished": now, "staged": False, "attempt": 1, "retry": False}]))
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -906,7 +906,7 @@ def test_untrusted_text_and_monitor_details_are_kept_from_clients(
         fake.sealer.seal(owner, evil, binding(*bound, "output"))], results=[{
             "id": spec["id"], "status": "completed", "error": None, "encoding": "data",
             "result_from": "expression", "sealed": True, "started": now, "finished": now,
-            "staged": False}]))
+            "staged": False, "attempt": 1, "retry": False}]))
     assert j.wait(30).result() == 1
     assert j.output == "red text\n" and "\x1b" not in repr(j)
     bob = other_home(tmp_path, "bob")
