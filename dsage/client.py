@@ -586,20 +586,20 @@ class _IO(threading.Thread):
         final (their Future state, and the ``concurrent.futures`` waiters on them) and
         wake the threads waiting on wrappers, once for all of them; then call their
         done callbacks."""
-        if self.touched:
+        callbacks: list[JobWrapper] = []
+        if self.settled or self.output_came:
+            settled, self.settled = self.settled, []
+            self.output_came = False
+            with self.changed:
+                callbacks = [w for w in settled if w._settle()]
+                self.changed.notify_all()
+        if self.touched:  # after settling: watchers see the final wrappers done
             touched, self.touched = self.touched, []
             for watcher in self.watchers:
                 try:
                     watcher(touched)
                 except Exception:  # noqa: BLE001 - a watcher must not stop the I/O thread
                     log.exception("a job watcher failed")
-        if not self.settled and not self.output_came:
-            return
-        settled, self.settled = self.settled, []
-        self.output_came = False
-        with self.changed:
-            callbacks = [w for w in settled if w._settle()]
-            self.changed.notify_all()
         for w in callbacks:
             w._run_callbacks()
 

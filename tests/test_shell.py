@@ -62,8 +62,9 @@ def test_listing_pages_by_sequence_with_filters(tmp_path: Path) -> None:
     owner = "A" * 40
     specs = [{"id": f"{i:032x}", "name": "even" if i % 2 == 0 else "odd", "kind": "python",
               "timeout": None, "priority": 5, "memory": None, "anonymous_ok": False,
-              "requires": [], "isolate": False} for i in range(25)]
-    state.on_client(0.0, b"c", owner, make(M.SUBMIT, [b"x"] * 25, req=1, jobs=specs))
+              "requires": [], "isolate": False, "retries": 0, "retry_on": [], "shared": []}
+             for i in range(25)]
+    state.on_client(0.0, b"c", owner, make(M.SUBMIT, [b"x"] * 25, req=1, jobs=specs, shared=[]))
     state.flush(0.0)
 
     def page(after: int, limit: int, **f: Any) -> tuple[list[str], int | None]:
@@ -373,8 +374,10 @@ def test_progress_counts_follow_recorded_events() -> None:
     assert len(host.watchers) == 1
     assert (p.counts.total, p.counts.queued) == (4, 4)
 
-    def event(w: JobWrapper, status: str) -> None:
-        w._update(_rec(w.job_id, status), [b"", b""])
+    def event(w: JobWrapper, status: str) -> None:  # as the I/O thread applies one
+        if w._update(_rec(w.job_id, status), [b"", b""]):
+            with host.changed:
+                w._settle()
         for watcher in list(host.watchers):
             watcher([w])
 
@@ -478,8 +481,9 @@ def test_live_output_only_from_the_jobs_own_monitor(tmp_path: Path) -> None:
                               running=[], version="0"))
     owner = "o" * 40
     spec = {"id": "a" * 32, "name": None, "kind": "python", "timeout": None, "priority": 5,
-            "memory": None, "anonymous_ok": False, "requires": [], "isolate": False}
-    state.on_client(0.0, b"c", owner, make(M.SUBMIT, [b"x"], req=1, jobs=[spec]))
+            "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
+            "retries": 0, "retry_on": [], "shared": []}
+    state.on_client(0.0, b"c", owner, make(M.SUBMIT, [b"x"], req=1, jobs=[spec], shared=[]))
     state.flush(0.0)
     job = state.sched.jobs[spec["id"]]
     assert job.where is Where.ASSIGNED
