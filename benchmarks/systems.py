@@ -210,7 +210,7 @@ def bench_dsage(cfg: Config) -> dict[str, Any]:
                     "slots": [(m.pid, "descendants") for m in c.monitors]}
 
         out = measure(cfg, start, lambda x: D.eval_function(ident, (x,)).result(), many,
-                      code_one=lambda: D("2+2").wait().result(), code_expect=4, roles=roles)
+                      code_one=lambda: D("2+2").result(), code_expect=4, roles=roles)
         out["start_all_s"] = t_up
     finally:
         if D is not None:

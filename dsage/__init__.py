@@ -19,6 +19,9 @@ from .errors import (  # noqa: E402
 from .job import JobWrapper, WorkerInfo  # noqa: E402
 from .keys import setup  # noqa: E402
 from .progress import JobProgress, progress  # noqa: E402
+from . import display as _display  # noqa: E402
+
+_display.install()
 
 __all__ = [
     "BrokerUnreachable", "DSage", "DSageError", "ItemError", "JobCancelled", "JobError",

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import __version__, attach
+from . import __version__, attach, display
 from . import keys as keys_mod
 from .auth import make_client
 from .functions import dump_call
@@ -1107,6 +1107,7 @@ class DSage:
         self._host = _Host(self, self._io.changed)
         self._io.wrapper_host = self._host
         self._io.start()
+        display.install()  # at a prompt, a job alone shows as the seed showed it
         self._io.ready.wait()
         if self._io.failure is not None:
             raise self._io.failure

@@ -79,7 +79,8 @@ def run_demo(workers: int = 2, home: str | os.PathLike[str] | None = None) -> in
         console.print(f"{len(factored):,} factorings in {time.perf_counter() - t:.2f} s; "
                       f"all agree: {factored == [j.result() for j in jobs]}")
         console.print("\n[bold]>>> D('1/0')[/]  (a failing job)")
-        bad = D("1/0").wait(60)
+        bad = D("1/0")
+        bad.wait(60)
         console.print(f"status: {bad.status}, error: {bad.error}")
         console.print(f"\nworkers: {[(w.host, w.slots) for w in D.workers()]}")
     console.print("cluster stopped. [green]demo passed[/]")

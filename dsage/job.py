@@ -320,8 +320,10 @@ class JobWrapper(Future[Any]):
 
         return asyncio.wrap_future(self).__await__()
 
-    def wait(self, timeout: float | None = None) -> JobWrapper:
+    def wait(self, timeout: float | None = None) -> None:
         """Block until the job is final, at most ``timeout`` seconds (TimeoutError after).
+        Returns nothing (so that ``j.wait()`` at the prompt shows nothing: ``j`` then
+        shows the job).
 
         Raises :class:`UnknownJob` if the broker no longer knows the job, and
         ``DSageError`` for a job that is not final if its client was closed or this
@@ -334,7 +336,6 @@ class JobWrapper(Future[Any]):
             raise UnknownJob(f"job {self.job_id}: {self._unknown}", self.job_id)
         if self._closed is not None:
             raise DSageError(f"job {self.job_id}: {self._closed}")
-        return self
 
     def _wait(self, timeout: float | None) -> None:
         host = self._host
@@ -462,6 +463,19 @@ class JobWrapper(Future[Any]):
         return self
 
     def __repr__(self) -> str:
+        """``<job ID 'name' status>``: how a job shows in a list. A job alone at the
+        prompt shows as :meth:`__str__` (see :func:`dsage.display.install`)."""
+        name = "" if self.name is None else f" {self.name!r}"
+        return f"<job {self.job_id}{name} {self.status}>"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython and Jupyter: the seed's display alone, the short form in a list."""
+        p.text(str(self) if len(getattr(p, "stack", ())) <= 1 else repr(self))
+
+    def __str__(self) -> str:
+        """What the job printed; else ``No output.`` when its result came from
+        ``DSAGE_RESULT`` (or it has none), or the repr of its final expression's
+        value; ``No output yet.`` while it runs (the seed's ``repr(j)``)."""
         if not self.done():
             return "No output yet."
         out = self.output

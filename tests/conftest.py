@@ -45,6 +45,12 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
         time.sleep(interval)
 
 
+def done(job: dsage.JobWrapper, timeout: float | None = 60.0) -> dsage.JobWrapper:
+    """``job`` once it is final (TimeoutError after ``timeout`` seconds)."""
+    job.wait(timeout)
+    return job
+
+
 def alive(pid: int, group: bool = False) -> bool:
     """Whether a process (or, with ``group``, any process of its group) still exists."""
     try:

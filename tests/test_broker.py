@@ -28,7 +28,7 @@ from dsage.protocol import (
 from dsage.scheduler import Job, Scheduler, Taker, Where
 from dsage.store import Store, StoreLocked
 
-from .conftest import Procs, raw_dealer as _dealer, run_python, skip_or_fail, wait_for
+from .conftest import Procs, done, raw_dealer as _dealer, run_python, skip_or_fail, wait_for
 
 ALL = frozenset(M)
 OWNER = "o" * 40
@@ -95,7 +95,7 @@ def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path
         assert broker.alive()
     finally:
         ctx.destroy(linger=0)
-    assert D("6 * 7").wait(60).result() == 42
+    assert D("6 * 7").result(60) == 42
     assert broker.alive()
 
 
@@ -124,7 +124,7 @@ def test_a_full_disk_loses_nothing_and_does_not_stop_the_broker(procs: Procs,
         subprocess.run(["mount", "-o", "remount,size=64m", str(db)], check=True)
         procs.worker(2)
         for i, j in enumerate(jobs):
-            assert j.wait(120).result() == 200_000 + i
+            assert j.result(120) == 200_000 + i
         assert broker.alive()
         assert len(D.get_my_jobs("completed")) == 30
     finally:
@@ -142,12 +142,12 @@ def test_requires_is_honoured_and_a_waiting_job_says_why(procs: Procs) -> None:
     procs.wait_workers(D, 1)
     gpu = D("'ran on gpu'", requires=["gpu"])
     plain = D("'plain'")
-    assert plain.wait(60).result() == "plain"
+    assert plain.result(60) == "plain"
     assert gpu.status == "new"
     [rec] = [w for w in D.get_my_jobs("new") if w.job_id == gpu.job_id]
     assert "gpu" in (rec.reason or "")
     procs.worker(1, tags=["gpu", "cuda"])
-    assert gpu.wait(60).result() == "ran on gpu"
+    assert gpu.result(60) == "ran on gpu"
     assert gpu.worker is not None
     assert gpu.worker.id in {w.id for w in D.workers() if "gpu" in w.tags}
 
@@ -366,7 +366,7 @@ def test_a_monitor_re_registering_under_a_new_id_strands_nothing(procs: Procs,
         mon.send_multipart(_register("second-id"))  # the same connection, a new id
         _replies(mon, M.REGISTERED)
         procs.worker(1)
-        assert j.wait(60).result() == "done"
+        assert j.result(60) == "done"
     finally:
         ctx.destroy(linger=0)
 
@@ -396,7 +396,7 @@ def test_a_second_broker_on_the_same_home_refuses_and_names_the_first(
 def test_start_all_in_a_second_script_gets_a_cluster_of_its_own(home: Path) -> None:
     code = ("import dsage, sys\n"
             "D = dsage.start_all(workers=1, port=0)\n"
-            "print(D('2 + 2').wait(120).result(), D.port, flush=True)\n"
+            "print(D('2 + 2').result(120), D.port, flush=True)\n"
             "sys.stdin.readline()\n"
             "D.close()\n")
     env = {**os.environ, "DSAGE_HOME": str(home)}
@@ -499,12 +499,12 @@ def test_a_large_result_reaches_its_client_by_reference(cluster: Any) -> None:
     """25 MB results are fetched in chunks, not pushed through the events socket."""
     jobs = [cluster(f"DSAGE_RESULT = bytes([{i}]) * 25_000_000") for i in range(3)]
     for i, j in enumerate(jobs):
-        value = j.wait(120).result()
+        value = j.result(120)
         assert len(value) == 25_000_000 and value[:1] == bytes([i]) and value[-1] == i
-    small = cluster("'x' * 10").wait(60)
+    small = done(cluster("'x' * 10"), 60)
     assert small.result() == "x" * 10
     again = cluster.job(jobs[0].job_id)
-    assert again.wait(60).result()[:1] == b"\x00"
+    assert again.result(60)[:1] == b"\x00"
 
 
 def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: Path) -> None:
@@ -591,7 +591,7 @@ def test_a_message_is_capped_as_a_whole_not_only_per_frame(procs: Procs, home: P
     assert broker.alive()
     # trusted peers keep within the budget by themselves: many jobs near the limit
     jobs = [D(f"len({'y' * 300_000!r}) + {i}") for i in range(12)]
-    assert [j.wait(60).result() for j in jobs] == [300_000 + i for i in range(12)]
+    assert [j.result(60) for j in jobs] == [300_000 + i for i in range(12)]
 
 
 def test_a_dead_authentication_thread_stops_the_broker_with_a_reason(home: Path,
@@ -636,7 +636,7 @@ def test_a_key_that_loses_the_client_role_loses_its_events(procs: Procs, home: P
         # reach it, and neither would bob's
         D = procs.client()
         procs.worker(1)
-        assert D("1").wait(60).result() == 1
+        assert D("1").result(60) == 1
         assert not sub.poll(500)
     finally:
         ctx.destroy(linger=0)

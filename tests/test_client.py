@@ -518,8 +518,8 @@ def test_a_forked_child_gets_a_clear_error_and_leaves_the_parent_alone(
                  "the child to exit")
     assert outcomes == ["clear"] * 5 + ["returned"], outcomes
     (tmp_path / "go").touch()
-    assert running.wait(60).result() == "parent"
-    assert D("2").wait(60).result() == 2
+    assert running.result(60) == "parent"
+    assert D("2").result(60) == 2
 
 
 # --- 4. errors in their own module; 5. the reason a job waits

@@ -15,15 +15,15 @@ import zmq
 import dsage
 from dsage import keys
 
-from .conftest import HEARTBEAT, Procs, alive, run_python, wait_for
+from .conftest import HEARTBEAT, Procs, alive, done, run_python, wait_for
 
 
 def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
     D = dsage.start_all(workers=2, port=0, home=home, heartbeat=HEARTBEAT)
     try:
         j = D("2+2")
-        assert j.wait(60) is j
-        assert repr(j) == "4"
+        assert j.wait(60) is None  # so that `j.wait()` at the prompt shows nothing
+        assert str(j) == "4"
         assert j.result() == 4
         assert j.status == "completed"
         assert j.worker is not None and not j.worker.anonymous
@@ -31,7 +31,7 @@ def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
         script.write_text("DSAGE_RESULT = sorted([3, 1, 2])\n")
         j = D.eval_file(script, "test_job")
         j.wait(60)
-        assert repr(j) == "No output."
+        assert str(j) == "No output."
         assert j.result() == [1, 2, 3]
         assert j.name == "test_job"
         assert sum(w.slots for w in D.workers()) == 2
@@ -42,25 +42,52 @@ def test_quick_start_with_start_all(home: Path, tmp_path: Path) -> None:
         assert not alive(pid, group=True), "start_all left a process group running"
 
 
-def test_repr_rules(cluster: dsage.DSage) -> None:
+def test_display_rules(cluster: dsage.DSage) -> None:
+    """A job shows as the seed showed it (str, and alone at the prompt); in a list it
+    once showed as its output only (``[4, No output., 0]``): now id, name and status."""
     D = cluster
-    assert repr(D("print('hello')").wait(60)) == "hello"
-    assert repr(D("x = 5").wait(60)) == "No output."
-    assert repr(D("DSAGE_RESULT = 7").wait(60)) == "No output."
-    assert repr(D("'a' * 3").wait(60)) == "'aaa'"
+    assert str(done(D("print('hello')"), 60)) == "hello"
+    assert str(done(D("x = 5"), 60)) == "No output."
+    assert str(done(D("DSAGE_RESULT = 7"), 60)) == "No output."
+    named = done(D("'a' * 3", name="triple"), 60)
+    assert str(named) == "'aaa'"
+    assert repr([named]) == f"[<job {named.job_id} 'triple' completed>]"
     slow = D("import time; time.sleep(30)")
-    assert repr(slow) == "No output yet."
+    assert str(slow) == "No output yet."
+    assert repr(slow) in (f"<job {slow.job_id} new>", f"<job {slow.job_id} processing>")
     slow.kill()
 
 
+def test_a_job_at_the_prompt_shows_once_as_the_seed_showed_it(home: Path,
+                                                              tmp_path: Path) -> None:
+    """`j = D('2+2'); j.wait(); j` once showed 4 twice (wait() returned the job)."""
+    from .test_functions import Repl
+
+    (tmp_path / "repl").mkdir()  # not beside the home folder 'dsage', which would shadow it
+    repl = Repl(tmp_path / "repl")
+    try:
+        repl.type(f"import dsage\nD = dsage.start_all(workers=1, port=0, home={str(home)!r})\n"
+                  "j = D('2+2', name='four')\nj.wait(60)\nprint('<' + 'after wait>')\n")
+        repl.read_until(b"<after wait>", 90)
+        repl.type("j\nprint('<' + 'after j>')\n[j]\nD.close()\nprint('<' + 'end>')\n")
+        text = repl.read_until(b"<end>", 60).decode(errors="replace").replace("\r", "")
+    finally:
+        repl.close()
+    waited = text[:text.index("<after wait>")]
+    assert "\n4\n" not in waited.split("j.wait(60)")[-1]  # wait() shows nothing
+    shown = text[text.index("<after wait>"):text.index("<after j>")]
+    assert "\n4\n" in shown
+    assert "[<job " in text and "'four' completed>]" in text
+
+
 def test_output_captures_stdout_stderr_and_child_processes(cluster: dsage.DSage) -> None:
-    j = cluster("import sys, os\nprint('out')\nprint('err', file=sys.stderr)\n"
-                "os.system('echo from-a-child')\n").wait(60)
+    j = done(cluster("import sys, os\nprint('out')\nprint('err', file=sys.stderr)\n"
+                "os.system('echo from-a-child')\n"), 60)
     assert "out" in j.output and "err" in j.output and "from-a-child" in j.output
 
 
 def test_failed_job_has_traceback_and_result_raises(cluster: dsage.DSage) -> None:
-    j = cluster("x = 1\n1/0", name="bad").wait(60)
+    j = done(cluster("x = 1\n1/0", name="bad"), 60)
     assert j.status == "failed"
     assert "ZeroDivisionError" in j.error
     assert "Traceback" in j.output and "ZeroDivisionError" in j.output
@@ -68,15 +95,15 @@ def test_failed_job_has_traceback_and_result_raises(cluster: dsage.DSage) -> Non
     with pytest.raises(dsage.JobError) as e:
         j.result()
     assert "ZeroDivisionError" in e.value.output
-    assert cluster("1+1").wait(60).result() == 2  # the slot goes on
+    assert cluster("1+1").result(60) == 2  # the slot goes on
 
 
 def test_syntax_error_and_sys_exit_fail_clearly(cluster: dsage.DSage) -> None:
-    j = cluster("x = 1\ndef (").wait(60)
+    j = done(cluster("x = 1\ndef ("), 60)
     assert j.status == "failed" and "SyntaxError" in j.error
     # the traceback starts at the job's code, not in the ast module that parsed it
     assert "ast.py" not in j.output and 'File "<dsage job>", line 2' in j.output, j.output
-    j = cluster("import sys; sys.exit(3)").wait(60)
+    j = done(cluster("import sys; sys.exit(3)"), 60)
     assert j.status == "failed" and "sys.exit(3)" in j.error
 
 
@@ -84,7 +111,7 @@ def test_eval_function_and_unpicklable_arguments(cluster: dsage.DSage) -> None:
     def power(x: int, n: int = 2) -> int:
         return x ** n
 
-    assert cluster.eval_function(power, (3,), {"n": 3}).wait(60).result() == 27
+    assert cluster.eval_function(power, (3,), {"n": 3}).result(60) == 27
     with pytest.raises(TypeError, match="argument 0"):
         cluster.eval_function(power, ((x for x in []),))
 
@@ -109,9 +136,9 @@ def test_bad_arguments_are_refused_at_once(cluster: dsage.DSage) -> None:
 
 
 def test_job_fetched_by_id_from_a_second_client_process(procs: Procs, cluster: dsage.DSage) -> None:
-    j = cluster("DSAGE_RESULT = {'answer': 42}").wait(60)
+    j = done(cluster("DSAGE_RESULT = {'answer': 42}"), 60)
     code = (f"import dsage\nD = dsage.DSage('127.0.0.1', {procs.port})\n"
-            f"j = D.job('{j.job_id}')\nprint(j.wait(30).result()['answer'], j.status)\n"
+            f"j = D.job('{j.job_id}')\nprint(j.result(30)['answer'], j.status)\n"
             f"print(len(D.get_my_jobs('completed')))\nD.close()\n")
     r = run_python(code)
     assert r.returncode == 0, r.stderr
@@ -149,10 +176,10 @@ def test_kill_running_and_queued_jobs(procs: Procs) -> None:
     queued = D("1")
     running.kill()
     assert running.status == "killed"
-    assert running.wait(10).status == "killed"
+    assert done(running, 10).status == "killed"
     with pytest.raises(dsage.JobError):
         running.result()
-    assert queued.wait(30).result() == 1  # the slot was respawned
+    assert queued.result(30) == 1  # the slot was respawned
     q2 = D("import time; time.sleep(60)")
     q3 = D("2")
     wait_for(lambda: q2.status == "processing", 30, "the job to start")
@@ -172,7 +199,7 @@ def test_launchers_as_separate_processes(home: Path, port: int) -> None:
                               stderr=subprocess.PIPE)
     try:
         with dsage.DSage("127.0.0.1", port, connect_timeout=30) as D:
-            assert D("6*7").wait(60).result() == 42
+            assert D("6*7").result(60) == 42
         for p in (worker, broker):
             p.send_signal(signal.SIGTERM)
             assert p.wait(30) == 0
@@ -188,7 +215,7 @@ def test_client_started_before_its_broker(procs: Procs) -> None:
     j = D("'early'")
     procs.broker()
     procs.worker(1)
-    assert j.wait(60).result() == "early"
+    assert j.result(60) == "early"
 
 
 def test_no_broker_is_a_clear_error_at_once(home: Path, port: int) -> None:
@@ -264,7 +291,7 @@ def test_every_command_has_help(cmd: list[str]) -> None:
 
 
 def test_temp_folders_are_removed(home: Path, cluster: dsage.DSage) -> None:
-    j = cluster("import os; open('scratch.txt', 'w').write('x'); os.getcwd()").wait(60)
+    j = done(cluster("import os; open('scratch.txt', 'w').write('x'); os.getcwd()"), 60)
     job_dir = Path(j.result())
     assert job_dir.name == j.job_id
     wait_for(lambda: not job_dir.exists(), 10, "the job folder to be removed")
@@ -288,14 +315,14 @@ def test_sage_job_without_sage_says_how_to_get_it(cluster: dsage.DSage) -> None:
     import importlib.util
 
     if importlib.util.find_spec("sage") is not None:
-        assert cluster("2^10", kind="sage").wait(120).result() == 1024
+        assert cluster("2^10", kind="sage").result(120) == 1024
         return
-    j = cluster("2^10", kind="sage").wait(60)
+    j = done(cluster("2^10", kind="sage"), 60)
     assert j.status == "failed" and "Sage extra" in j.output
 
 
 def test_job_error_message_shows_the_end_of_a_long_output(cluster: dsage.DSage) -> None:
-    j = cluster("print('x' * 100_000)\nraise ValueError('the end')").wait(60)
+    j = done(cluster("print('x' * 100_000)\nraise ValueError('the end')"), 60)
     with pytest.raises(dsage.JobError) as e:
         j.result()
     message = str(e.value)

@@ -27,7 +27,7 @@ from dsage.protocol import (
 from dsage.seal import Opener, binding
 from dsage.slot import FrameError, recv_frame, send_frame
 
-from .conftest import Procs, wait_for
+from .conftest import Procs, done, wait_for
 
 
 # --- the slot pipe
@@ -80,11 +80,11 @@ def test_a_pipe_that_ends_between_frames_or_inside_one() -> None:
 def test_a_job_that_breaks_its_slot_pipe_fails_and_the_monitor_goes_on(
         cluster: dsage.DSage, code: str, says: str) -> None:
     t0 = time.monotonic()
-    j = cluster(code).wait(30)
+    j = done(cluster(code), 30)
     assert j.status == "failed", (j.status, j.error)
     assert says in (j.error or "")
     assert time.monotonic() - t0 < 20
-    assert [cluster(f"{i} + 1").wait(60).result() for i in range(4)] == [1, 2, 3, 4]
+    assert [cluster(f"{i} + 1").result(60) for i in range(4)] == [1, 2, 3, 4]
 
 
 # --- helpers: jobs that record their runs, stalls, a broker played by the test
@@ -234,8 +234,8 @@ def test_results_finished_during_a_broker_stall_are_not_run_again(
                  "both running jobs finished while the broker is stalled")
     finally:
         _resume(broker)
-    assert [j.wait(60).result() for j in gated] == ["g0", "g1"]
-    assert [j.wait(60).result() for j in short] == list(range(20))
+    assert [j.result(60) for j in gated] == ["g0", "g1"]
+    assert [j.result(60) for j in short] == list(range(20))
     assert all(j.failures == 0 for j in gated + short)
     counts = _runs(runs)
     assert counts == Counter({f"g{i}": 1 for i in range(2)} | {f"s{i}": 1 for i in range(20)}), \
@@ -303,7 +303,7 @@ def test_jobs_sent_as_the_monitor_stops_go_back_without_a_failure(
     assert first.proc.wait(20) == 0
     wait_for(lambda: all(j.status == "new" for j in jobs), 10, "the jobs back in the queue")
     procs.worker(1, **STEADY)
-    assert [j.wait(60).result() for j in jobs] == [0, 3, 6, 9]
+    assert [j.result(60) for j in jobs] == [0, 3, 6, 9]
     assert [j.failures for j in jobs] == [0] * 4
 
 
@@ -331,9 +331,9 @@ def test_a_lone_surrogate_in_a_jobs_error_fails_it_cleanly(cluster: dsage.DSage)
     """The text is made valid for the protocol; the results sent with it are not lost."""
     bad = cluster("raise ValueError('\\udcff')")
     good = [cluster(f"{i}") for i in range(5)]
-    assert bad.wait(30).status == "failed", bad.status
+    assert done(bad, 30).status == "failed", bad.status
     assert "ValueError" in (bad.error or "") and "ValueError" in bad.output
-    assert [j.wait(30).result() for j in good] == list(range(5))
+    assert [j.result(30) for j in good] == list(range(5))
 
 
 def test_results_sent_again_are_split_within_the_byte_limit(

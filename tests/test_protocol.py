@@ -20,7 +20,7 @@ from dsage.protocol import (
     ResultFrom, Status, decode, encode,
 )
 
-from .conftest import Procs, raw_dealer as _dealer, wait_for
+from .conftest import Procs, done, raw_dealer as _dealer, wait_for
 
 ALL = frozenset(M)
 Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
@@ -278,7 +278,7 @@ def test_live_broker_survives_malformed_input(procs: Procs, home: Path) -> None:
         assert decode(clients.recv_multipart(), ALL).type is M.PONG
     finally:
         ctx.destroy(linger=0)
-    assert D("6 * 7").wait(60).result() == 42
+    assert D("6 * 7").result(60) == 42
 
 
 def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home: Path) -> None:
@@ -302,7 +302,7 @@ def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home:
     finally:
         ctx.destroy(linger=0)
     assert broker.alive()
-    small = D("len(%r)" % ("y" * 100_000)).wait(60)
+    small = done(D("len(%r)" % ("y" * 100_000)), 60)
     assert small.result() == 100_000
     wait_for(lambda: D.workers(), 10, "the monitor still registered")
 

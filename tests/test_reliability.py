@@ -19,7 +19,7 @@ from dsage.brokerstate import BrokerConfig, BrokerState
 from dsage.protocol import MONITOR_REQUESTS, M, Message, Status, decode, encode, make
 from dsage.store import Outcome, Store
 
-from .conftest import HEARTBEAT, Procs, alive, skip_or_fail, wait_for
+from .conftest import HEARTBEAT, Procs, alive, done, skip_or_fail, wait_for
 
 #: a longer liveness window where a spurious "lost" on a busy machine would change
 #: the failure count a test asserts
@@ -79,7 +79,7 @@ def test_monitor_killed_mid_job_requeues_it_once(procs: Procs, tmp_path: Path) -
     procs.worker(1, **STEADY)
     procs.wait_workers(D, 2)
     procs.kill9(a)
-    assert j.wait(60).status == "completed", j.error
+    assert done(j, 60).status == "completed", j.error
     assert j.result() == 42
     assert j.failures == 1
     assert j.worker is not None and j.worker.id != first_monitor
@@ -95,7 +95,7 @@ def test_hung_monitor_is_lost_and_its_stale_copy_cancelled_when_it_wakes(
     procs.worker(1, **STEADY)
     os.kill(a.pid, signal.SIGSTOP)
     try:
-        assert j.wait(60).result() == 42  # re-queued and run on the other monitor
+        assert j.result(60) == 42  # re-queued and run on the other monitor
         assert j.failures == 1
     finally:
         os.kill(a.pid, signal.SIGCONT)
@@ -113,7 +113,7 @@ def test_failure_limit_stops_a_job_that_kills_its_workers(procs: Procs) -> None:
     procs.wait_workers(D, 2)
     # A poison job: it SIGKILLs the monitor running it (its slot follows).
     j = D("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
-    assert j.wait(60).status == "failed"
+    assert done(j, 60).status == "failed"
     assert j.failures == 2
     assert "lost its worker 2 times" in (j.error or "")
     assert D.job(j.job_id).status == "failed"
@@ -144,7 +144,7 @@ def test_broker_kill9_and_restart_loses_nothing(procs: Procs, tmp_path: Path) ->
              "the running job adopted by its re-registered monitor")
     gate2.touch()
     for j in [finishes_in_outage, adopted, late, *queued]:
-        assert j.wait(60).status == "completed", (j.status, j.error)
+        assert done(j, 60).status == "completed", (j.status, j.error)
     assert finishes_in_outage.result() == "one"
     assert adopted.result() == "two" and adopted.failures == 0
     assert [j.result() for j in queued] == [0, 10, 20]
@@ -166,8 +166,8 @@ def test_hung_broker_resumes_and_nothing_is_lost(procs: Procs, tmp_path: Path) -
     finally:
         os.kill(broker.pid, signal.SIGCONT)
     gate.touch()
-    assert running.wait(60).result() == "kept"
-    assert queued.wait(60).result() == "next"
+    assert running.result(60) == "kept"
+    assert queued.result(60) == "next"
     assert running.failures == 0
 
 
@@ -180,8 +180,8 @@ def test_broker_sigterm_commits_and_exits(procs: Procs, tmp_path: Path) -> None:
     assert broker.proc.wait(15) == 0
     procs.broker(**STEADY)
     gate.touch()
-    assert running.wait(60).result() == 1
-    assert queued.wait(60).result() == 2
+    assert running.result(60) == 1
+    assert queued.result(60) == 2
 
 
 def test_final_jobs_survive_a_broker_restart_with_wall_clock_times(procs: Procs) -> None:
@@ -195,7 +195,7 @@ def test_final_jobs_survive_a_broker_restart_with_wall_clock_times(procs: Procs)
     queued.kill()
     procs.worker(1, **STEADY)
     procs.wait_workers(D, 1)
-    poison = D("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)").wait(60)
+    poison = done(D("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"), 60)
     assert poison.status == "failed"
     for j in (queued, poison):
         assert j.created is not None and j.finished is not None
@@ -279,7 +279,7 @@ def test_bad_arguments_are_clear_errors_and_nothing_is_sent(procs: Procs) -> Non
 
 
 def _slot_pid_job(D: dsage.DSage) -> int:
-    return int(D("import os; os.getpid()").wait(60).result())
+    return int(D("import os; os.getpid()").result(60))
 
 
 def test_kill_ends_the_process_within_a_second_and_the_slot_returns(
@@ -301,27 +301,27 @@ def test_kill_ends_the_process_within_a_second_and_the_slot_returns(
     wait_for(lambda: j.done() and not alive(pid), 1.0, "the job's process dead")
     assert time.monotonic() - t0 < 1.0
     assert j.status == "killed"
-    assert queued.wait(1).status == "killed"
+    assert done(queued, 1).status == "killed"
     assert _slot_pid_job(D) != pid  # a fresh slot process runs the next job
 
 
 def test_timeout_fails_the_job_and_the_slot_returns(cluster: dsage.DSage) -> None:
     t0 = time.monotonic()
-    j = cluster("import time; time.sleep(300)", timeout=0.5).wait(60)
+    j = done(cluster("import time; time.sleep(300)", timeout=0.5), 60)
     assert j.status == "failed"
     assert "timed out after 0.5 s" in (j.error or "")
     assert time.monotonic() - t0 < 30
-    assert cluster("'next'").wait(60).result() == "next"
+    assert cluster("'next'").result(60) == "next"
 
 
 def test_memory_limit_fails_with_memory_error(cluster: dsage.DSage) -> None:
-    j = cluster("x = b'x' * (400 * 10**6)\nlen(x)", memory="200MB").wait(60)
+    j = done(cluster("x = b'x' * (400 * 10**6)\nlen(x)", memory="200MB"), 60)
     assert j.status == "failed"
     assert "MemoryError" in j.output
     assert "MemoryError" in (j.error or "")
     # the limit is per job: the same slots can use more memory afterwards
     big = [cluster("len(b'x' * (250 * 10**6))") for _ in range(2)]
-    assert [b.wait(60).result() for b in big] == [250 * 10**6] * 2
+    assert [b.result(60) for b in big] == [250 * 10**6] * 2
 
 
 @pytest.mark.parametrize("code, says", [
@@ -330,11 +330,11 @@ def test_memory_limit_fails_with_memory_error(cluster: dsage.DSage) -> None:
 ])
 def test_crashing_job_fails_saying_so_and_the_slot_returns(
         cluster: dsage.DSage, code: str, says: str) -> None:
-    j = cluster(code).wait(60)
+    j = done(cluster(code), 60)
     assert j.status == "failed"
     assert says in (j.error or "")
     assert says in j.output
-    assert [cluster(f"{i} + 1").wait(60).result() for i in range(3)] == [1, 2, 3]
+    assert [cluster(f"{i} + 1").result(60) for i in range(3)] == [1, 2, 3]
 
 
 def test_slot_killed_from_outside_requeues_its_job(procs: Procs, tmp_path: Path) -> None:
@@ -343,7 +343,7 @@ def test_slot_killed_from_outside_requeues_its_job(procs: Procs, tmp_path: Path)
     marker = tmp_path / "runs"
     _, _, j, slot = _first_run_hanging(procs, marker)
     os.kill(slot, signal.SIGKILL)
-    assert j.wait(60).result() == 42
+    assert j.result(60) == 42
     assert j.failures == 1
     assert len(marker.read_text().split()) == 2
 
@@ -353,10 +353,10 @@ def test_job_that_keeps_killing_its_slot_hits_the_failure_limit(procs: Procs) ->
     procs.worker(1, **STEADY)
     D = procs.client()
     procs.wait_workers(D, 1)
-    j = D("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)").wait(60)
+    j = done(D("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"), 60)
     assert j.status == "failed"
     assert "killed (SIGKILL)" in (j.error or "") and "2 times" in (j.error or "")
-    assert D("1 + 1").wait(60).result() == 2
+    assert D("1 + 1").result(60) == 2
 
 
 # --- slot hygiene
@@ -378,7 +378,7 @@ def test_memory_growth_recycles_the_slot(procs: Procs) -> None:
     procs.wait_workers(D, 1)
     small = [_slot_pid_job(D) for _ in range(2)]
     assert small[0] == small[1]  # no growth, no recycling
-    grown = D("import os, sys\nsys.dsage_keep = b'x' * (100 * 10**6)\nos.getpid()").wait(60)
+    grown = done(D("import os, sys\nsys.dsage_keep = b'x' * (100 * 10**6)\nos.getpid()"), 60)
     assert grown.result() == small[1]
     assert _slot_pid_job(D) != grown.result()
 
@@ -401,11 +401,11 @@ def test_monitor_sigterm_finishes_running_jobs_and_gives_back_the_rest(
     first = short.worker.id
     os.kill(m1.pid, signal.SIGTERM)
     assert m1.proc.wait(20) == 0
-    assert short.wait(10).result() == "short"
+    assert short.result(10) == "short"
     assert short.worker is not None and short.worker.id == first
     wait_for(lambda: long.status == "new", 10, "the unfinished job back in the queue")
     procs.worker(1, **STEADY)
-    assert long.wait(60).result() == "long"
+    assert long.result(60) == "long"
     assert long.failures == 0  # given back, not lost
 
 
@@ -439,7 +439,7 @@ def test_start_all_leaves_no_orphans(home: Path, tmp_path: Path, ending: str) ->
     script = (
         "import os, sys, dsage\n"
         f"D = dsage.start_all(workers=2, port=0, home={str(home)!r}, heartbeat=0.2)\n"
-        "assert D('2+2').wait(60).result() == 4\n"
+        "assert D('2+2').result(60) == 4\n"
         "print('ready', flush=True)\n"
         "sys.stdin.readline()\n")  # then ends without D.close()
     cwd = tmp_path / "cwd"  # not tmp_path, where the home folder 'dsage' would shadow the package

@@ -15,7 +15,7 @@ import pytest
 import dsage
 from dsage import contain
 
-from .conftest import Procs, skip_or_fail, wait_for
+from .conftest import Procs, done, skip_or_fail, wait_for
 
 #: a job that starts a daemon (fork, setsid, fork, sleep: no exec) and a plain child
 #: process, writes their pids to PIDS, then runs TAIL
@@ -139,12 +139,12 @@ def any_slot(request: pytest.FixtureRequest, procs: Procs) -> dsage.DSage:
 def test_descendants_die_when_the_job_returns(contained: str, any_slot: dsage.DSage,
                                               tmp_path: Path) -> None:
     code, path = daemon_job(tmp_path, "'done'")
-    j = any_slot(code).wait(60)
+    j = done(any_slot(code), 60)
     pids = started_pids(path)
     try:
         assert j.status == "completed", (j.status, j.error)
         all_gone(pids, 5)
-        assert any_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").result(30) == 4
     finally:
         kill_all(pids)
 
@@ -160,7 +160,7 @@ def test_descendants_die_on_timeout_and_the_slot_is_free(contained: str, any_slo
         assert j.status == "failed" and "timed out" in (j.error or ""), (j.status, j.error)
         assert time.monotonic() - t0 < 20
         all_gone(pids)
-        assert any_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").result(30) == 4
     finally:
         kill_all(pids)
 
@@ -174,7 +174,7 @@ def test_descendants_die_on_kill_and_the_slot_is_free(contained: str, any_slot: 
         j.kill()
         wait_for(lambda: j.status == "killed", 20, "the kill")
         all_gone(pids)
-        assert any_slot("2+2").wait(30).result() == 4
+        assert any_slot("2+2").result(30) == 4
     finally:
         kill_all(pids)
 
@@ -188,12 +188,12 @@ def test_descendants_die_when_an_isolated_slot_crashes(contained: str, procs: Pr
     d = procs.client()
     procs.wait_workers(d, 1)
     code, path = daemon_job(tmp_path, "os._exit(3)")
-    j = d(code).wait(60)
+    j = done(d(code), 60)
     pids = started_pids(path)
     try:
         assert j.status == "failed" and "status 3" in (j.error or ""), (j.status, j.error)
         all_gone(pids)
-        assert d("2+2").wait(30).result() == 4
+        assert d("2+2").result(30) == 4
         wait_for(lambda: not [p for p in contain.children(worker.pid) if p in pids], 10,
                  "the monitor to reap what it adopted")
     finally:
@@ -264,7 +264,7 @@ if pid == 0:
 os.waitpid(pid, 0)
 os.read(r, 1000).decode()
 """
-    assert one_slot(code).wait(30).result() == "/dev/null"
+    assert one_slot(code).result(30) == "/dev/null"
 
 
 # --- 2. a monitor that cannot start slots says so and steps back
@@ -272,10 +272,10 @@ os.read(r, 1000).decode()
 
 def test_a_job_that_removes_the_worker_temp_folder_breaks_nothing(one_slot: dsage.DSage) -> None:
     code = "import os, shutil; shutil.rmtree(os.path.dirname(os.getcwd())); 'gone'"
-    j = one_slot(code).wait(30)
+    j = done(one_slot(code), 30)
     assert j.status == "completed" and j.result() == "gone", (j.status, j.error)
     for _ in range(3):
-        assert one_slot("import os; os.getcwd() and 2+2").wait(30).result() == 4
+        assert one_slot("import os; os.getcwd() and 2+2").result(30) == 4
 
 
 def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
@@ -299,7 +299,7 @@ def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
     assert log.count("Traceback") == 0, log[-3000:]
     assert log.count("fail to start") == 1, log[-3000:]
     tmp.unlink()
-    assert later.wait(60).result() == 4
+    assert later.result(60) == 4
     assert "start again" in worker.log.read_text()
 
 
@@ -351,10 +351,10 @@ LEAKS = {
 def test_a_job_does_not_change_the_next_one(one_slot: dsage.DSage, name: str) -> None:
     leak, check, expected = LEAKS[name]
     if expected is None:  # whatever a fresh slot says
-        expected = one_slot(check).wait(30).result()
-    first = one_slot(leak).wait(30)
+        expected = one_slot(check).result(30)
+    first = done(one_slot(leak), 30)
     assert first.status == "completed", (first.status, first.error)
-    j = one_slot(check).wait(30)
+    j = done(one_slot(check), 30)
     assert j.status == "completed", (name, j.status, j.error, j.output)
     assert j.result() == expected, (name, j.result())
     if name in ("thread", "dup2", "close", "streams"):
@@ -365,8 +365,8 @@ def test_a_job_does_not_change_the_next_one(one_slot: dsage.DSage, name: str) ->
 
 
 def test_output_is_kept_when_a_job_closes_its_own_fds(one_slot: dsage.DSage) -> None:
-    j = one_slot("import os, sys; print('before', flush=True); os.close(1); os.close(2); "
-                 "sys.stdout = None; 7").wait(30)
+    j = done(one_slot("import os, sys; print('before', flush=True); os.close(1); os.close(2); "
+                 "sys.stdout = None; 7"), 30)
     assert j.status == "completed" and j.result() == 7, (j.status, j.error)
     assert "before" in (j.output or "")
 
@@ -395,7 +395,7 @@ def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) 
     procs.wait_workers(d, 1)
     code = ("import os, sys; m = sys.modules.setdefault('dsage_mark', type(sys)('m')); "
             "seen = getattr(m, 'seen', False); m.seen = True; (os.getpid(), seen)")
-    results = [d(code).wait(30).result() for _ in range(3)]
+    results = [d(code).result(30) for _ in range(3)]
     assert len({pid for pid, _ in results}) == 3, results
     assert not any(seen for _, seen in results), results
 
@@ -413,7 +413,7 @@ def test_isolated_slots_are_forked_off_a_template_that_runs_no_job(contained: st
     results: list[tuple[int, int, str, str]] = []
     forked: list[set[int]] = []
     for _ in range(3):
-        results.append(d(code).wait(30).result())
+        results.append(d(code).result(30))
         forked.append({p for p in contain.children(worker.pid) if "--template" in cmdline(p)})
     templates = list(set.intersection(*forked))  # slots come and go; the template stays
     assert len(templates) == 1, forked
@@ -433,12 +433,12 @@ def test_isolated_jobs_go_on_when_the_template_dies(procs: Procs) -> None:
     worker = procs.worker(1, isolate=True)
     d = procs.client()
     procs.wait_workers(d, 1)
-    assert d("1").wait(30).result() == 1
+    assert d("1").result(30) == 1
     found = re.findall(r"template process \(pid (\d+)\)", worker.log.read_text())
     assert len(found) == 1, worker.log.read_text()[-2000:]
     os.kill(int(found[0]), signal.SIGKILL)
     for i in range(3):
-        j = d(f"{i} + 1").wait(30)
+        j = done(d(f"{i} + 1"), 30)
         assert j.status == "completed" and j.result() == i + 1, (j.status, j.error)
     log = worker.log.read_text()
     assert "could not fork a slot" in log, log[-2000:]
@@ -452,11 +452,11 @@ def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Proc
     d = procs.client()
     procs.wait_workers(d, 1)
     pid = "import os; os.getpid()"
-    first, second = d(pid).wait(30).result(), d(pid).wait(30).result()
+    first, second = d(pid).result(30), d(pid).result(30)
     assert first == second  # ordinary jobs share their slot
-    isolated = d(pid, isolate=True).wait(30).result()
+    isolated = d(pid, isolate=True).result(30)
     assert isolated != first
-    func = d.eval_function(os.getpid, isolate=True).wait(30)
+    func = done(d.eval_function(os.getpid, isolate=True), 30)
     assert func.result() not in (first, isolated)
 
 
@@ -464,13 +464,13 @@ def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Proc
 
 
 def test_a_slot_does_not_load_zeromq_or_the_client(one_slot: dsage.DSage) -> None:
-    j = one_slot("import sys; sorted(m for m in sys.modules if m.split('.')[0] in "
-                 "('zmq', 'nacl') or m in ('dsage.client', 'dsage.monitor'))").wait(30)
+    j = done(one_slot("import sys; sorted(m for m in sys.modules if m.split('.')[0] in "
+                 "('zmq', 'nacl') or m in ('dsage.client', 'dsage.monitor'))"), 30)
     assert j.status == "completed" and j.result() == [], (j.status, j.error, j.result())
 
 
 def test_a_job_may_import_the_dsage_package(one_slot: dsage.DSage) -> None:
-    j = one_slot("import dsage; callable(dsage.DSage)").wait(30)
+    j = done(one_slot("import dsage; callable(dsage.DSage)"), 30)
     assert j.result() is True, (j.status, j.error)
 
 
@@ -478,22 +478,22 @@ def test_a_job_may_import_the_dsage_package(one_slot: dsage.DSage) -> None:
 
 
 def test_memory_error_names_the_cap(one_slot: dsage.DSage) -> None:
-    j = one_slot("b = bytearray(600 * 2**20)", memory="300MB").wait(30)
+    j = done(one_slot("b = bytearray(600 * 2**20)", memory="300MB"), 30)
     assert j.status == "failed" and "MemoryError" in (j.error or ""), (j.status, j.error)
     assert "memory cap" in (j.error or "") and "300000000" in (j.error or ""), j.error
-    assert one_slot("2+2").wait(30).result() == 4
+    assert one_slot("2+2").result(30) == 4
 
 
 def test_a_job_that_lowers_its_limits_says_so(one_slot: dsage.DSage) -> None:
-    j = one_slot("import resource; resource.setrlimit(resource.RLIMIT_CPU, (1, 1))\n"
-                 "while True: pass").wait(60)
+    j = done(one_slot("import resource; resource.setrlimit(resource.RLIMIT_CPU, (1, 1))\n"
+                 "while True: pass"), 60)
     assert j.status == "failed", (j.status, j.error)
     assert "lowered its own limits" in (j.error or "") and "cpu time" in (j.error or ""), \
         j.error
     # a lowered soft limit is put back for the next job
     one_slot("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (20, "
              "resource.getrlimit(resource.RLIMIT_NOFILE)[1]))").wait(30)
-    j = one_slot("import resource; resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 20").wait(30)
+    j = done(one_slot("import resource; resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 20"), 30)
     assert j.result() is True, (j.status, j.error)
 
 
@@ -505,11 +505,11 @@ def test_a_job_killed_by_its_slot_memory_cgroup_says_so(cgroups: contain.Backend
     procs.worker(1, slot_memory=100 * 2**20)
     d = procs.client()
     procs.wait_workers(d, 1)
-    j = d("b = bytearray(400 * 2**20); len(b)").wait(60)
+    j = done(d("b = bytearray(400 * 2**20); len(b)"), 60)
     assert j.status == "failed", (j.status, j.error)
     assert "memory cap of 100 MiB" in (j.error or "") and "out-of-memory killer" in j.error, \
         j.error
-    assert d("2+2").wait(30).result() == 4
+    assert d("2+2").result(30) == 4
 
 
 def test_a_job_killed_by_an_oom_killer_not_its_caps_says_so(contained: str, procs: Procs
@@ -533,11 +533,11 @@ def test_a_job_killed_by_an_oom_killer_not_its_caps_says_so(contained: str, proc
         procs.broker()
         d = procs.client()
         procs.wait_workers(d, 1)
-        j = d("b = bytearray(400 * 2**20); len(b)").wait(60)
+        j = done(d("b = bytearray(400 * 2**20); len(b)"), 60)
         assert j.status == "failed", (j.status, j.error)
         assert "killed by the OOM killer" in (j.error or ""), j.error
         assert "memory cap" not in (j.error or ""), j.error
-        assert d("2+2").wait(30).result() == 4
+        assert d("2+2").result(30) == 4
     finally:
         if "worker" in locals():
             worker.stop(timeout=5)
@@ -545,7 +545,7 @@ def test_a_job_killed_by_an_oom_killer_not_its_caps_says_so(contained: str, proc
 
 
 def test_a_signal_is_named(one_slot: dsage.DSage) -> None:
-    j = one_slot("import os, signal; os.kill(os.getpid(), signal.SIGTERM)").wait(30)
+    j = done(one_slot("import os, signal; os.kill(os.getpid(), signal.SIGTERM)"), 30)
     assert j.status == "failed" and "SIGTERM" in (j.error or ""), (j.status, j.error)
 
 
@@ -559,9 +559,9 @@ def test_a_full_disk_is_named_in_the_failure(one_slot: dsage.DSage, tmp_path: Pa
     if r.returncode != 0:
         skip_or_fail(f"cannot mount a tmpfs: {r.stderr.strip()}")
     try:
-        j = one_slot(f"open({str(small / 'big')!r}, 'wb').write(b'x' * 4_000_000)").wait(60)
+        j = done(one_slot(f"open({str(small / 'big')!r}, 'wb').write(b'x' * 4_000_000)"), 60)
         assert j.status == "failed"
         assert "No space left" in (j.error or "") and "disk is full" in (j.error or ""), j.error
-        assert one_slot("'next'").wait(60).result() == "next"  # the slot goes on
+        assert one_slot("'next'").result(60) == "next"  # the slot goes on
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)

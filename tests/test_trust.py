@@ -34,7 +34,7 @@ from dsage.client import BrokerUnreachable, KeyRejected, SubmitRejected, Unknown
 from dsage.cluster import ManagedProcess
 from dsage.seal import Sealer, binding
 
-from .conftest import HEARTBEAT, LIVENESS, Procs, skip_or_fail, wait_for
+from .conftest import HEARTBEAT, LIVENESS, Procs, done, skip_or_fail, wait_for
 
 # --- helpers
 
@@ -212,8 +212,8 @@ def test_swapped_or_planted_results_in_the_store_are_refused(procs: Procs, home:
     procs.broker()
     procs.worker(1)
     D = procs.client()
-    one, two = D("'one'").wait(60), D("'two'").wait(60)
-    planted = D("'three'").wait(60)
+    one, two = done(D("'one'"), 60), done(D("'two'"), 60)
+    planted = done(D("'three'"), 60)
     for p in reversed(procs.started):
         p.stop(timeout=10)
     procs.started.clear()
@@ -229,7 +229,7 @@ def test_swapped_or_planted_results_in_the_store_are_refused(procs: Procs, home:
     procs.broker()
     D2 = procs.client()
     for j in (one, two, planted):
-        again = D2.job(j.job_id).wait(30)
+        again = done(D2.job(j.job_id), 30)
         assert again.status == "failed" and "unreadable result" in (again.error or "")
         with pytest.raises(dsage.JobError):
             again.result()
@@ -330,7 +330,7 @@ def test_key_add_and_remove_take_effect_on_a_running_broker(procs: Procs, home: 
     # connections made before the removal lose their rights too
     with pytest.raises(KeyRejected, match="not authorized as a client"):
         D.get_my_jobs()
-    refused = D("1").wait(10)
+    refused = done(D("1"), 10)
     assert refused.status == "failed" and refused.refused == "unauthorized"
     owner = dsage.DSage("127.0.0.1", procs.port, home=home, connect_timeout=30)
     try:
@@ -395,7 +395,7 @@ def test_stranger_client_gets_key_rejected_and_nothing_is_stored_or_run(
         user_client(procs, stranger, connect_timeout=10)
     assert time.monotonic() - start < 10
     D = procs.client()
-    assert D("1+1").wait(60).result() == 2  # the broker stored and ran this one
+    assert D("1+1").result(60) == 2  # the broker stored and ran this one
     assert [r[0] for r in db_rows(home, "SELECT owner FROM jobs")] == [D.keys.public.decode()]
     assert not sneaky.done() and not marker.exists()
 
@@ -427,7 +427,7 @@ def test_monitor_with_unknown_key_is_refused_and_never_gets_a_job(
              "the broker to log the refused key")
     assert D.workers() == [] and j.status == "new"
     trusted = procs.worker(1)
-    assert j.wait(60).result() == trusted.pid
+    assert j.result(60) == trusted.pid
     assert j.worker is not None and j.worker.key != stranger_key
     assert all(w.key != stranger_key for w in D.workers())
 
@@ -452,10 +452,10 @@ def test_anonymous_worker_gets_only_anonymous_ok_jobs(procs: Procs, home: Path,
     anon_ok = [D(code, anonymous_ok=True) for _ in range(15)]
     odd = D("object()", anonymous_ok=True)
     for j in anon_ok:
-        assert j.wait(60).result() == anon.pid
+        assert j.result(60) == anon.pid
         assert j.worker is not None and j.worker.anonymous and not j.trusted
         assert j.output.strip() == f"from {anon.pid}"
-    assert isinstance(odd.wait(60).result(), dsage.codec.UntrustedResult)
+    assert isinstance(odd.result(60), dsage.codec.UntrustedResult)
     assert odd.result().startswith("<object object at")
     queued = {j.job_id for j in D.get_my_jobs("new")}
     assert queued == {j.job_id for j in trusted_only}  # what the anonymous one did not get
@@ -465,7 +465,7 @@ def test_anonymous_worker_gets_only_anonymous_ok_jobs(procs: Procs, home: Path,
     trusted_only += [D(code) for _ in range(15)]
     anon_ok += [D(code, anonymous_ok=True) for _ in range(15)]
     for j in trusted_only:
-        assert j.wait(60).result() == trusted.pid
+        assert j.result(60) == trusted.pid
         assert j.worker is not None and not j.worker.anonymous and j.trusted
     for j in anon_ok:
         j.wait(60)
@@ -674,10 +674,10 @@ def _alice_and_bob(procs: Procs, home: Path, tmp_path: Path,
 def test_two_users_cannot_see_fetch_list_or_kill_each_others_jobs(
         procs: Procs, home: Path, tmp_path: Path) -> None:
     A, B = _alice_and_bob(procs, home, tmp_path, slots=2)
-    done_a = A("6*7").wait(60)
+    done_a = done(A("6*7"), 60)
     running_a = A("import time; time.sleep(60)")
     wait_for(lambda: running_a.status == "processing", 30, "alice's job to start")
-    done_b = B("'bob'").wait(60)
+    done_b = done(B("'bob'"), 60)
     assert done_a.result() == 42 and done_b.result() == "bob"
     for jid in (done_a.job_id, running_a.job_id):
         with pytest.raises(UnknownJob):
@@ -690,7 +690,7 @@ def test_two_users_cannot_see_fetch_list_or_kill_each_others_jobs(
     assert {j.job_id for j in A.get_my_jobs()} == {done_a.job_id, running_a.job_id}
     assert A.job(running_a.job_id).status == "processing"  # bob's kill did nothing
     running_a.kill()
-    assert running_a.wait(30).status == "killed"
+    assert done(running_a, 30).status == "killed"
 
 
 def test_events_socket_admits_only_the_subscribers_own_topic(
@@ -715,8 +715,8 @@ def test_events_socket_admits_only_the_subscribers_own_topic(
     # Bob's own subscription is live once its first (empty) event arrives; the
     # refused one was sent before it on the same connection.
     wait_for(lambda: receive() or bob_topic in topics, 30, "the spy's own subscription")
-    assert A("'alice secret'").wait(60).result() == "alice secret"
-    b = B("1").wait(60)
+    assert A("'alice secret'").result(60) == "alice secret"
+    b = done(B("1"), 60)
     wait_for(lambda: receive() or b.job_id in jobs_seen, 30, "bob's own job events")
     assert alice_topic not in topics and set(topics) == {bob_topic}
     spy.close(linger=0)
@@ -735,8 +735,8 @@ def test_per_client_queue_cap_is_a_clear_error(procs: Procs) -> None:
         third.result()
     assert {j.job_id for j in D.get_my_jobs("new")} == {first.job_id, second.job_id}
     procs.worker(1)
-    assert first.wait(60).result() == 1 and second.wait(60).result() == 2
-    assert D("4").wait(60).result() == 4  # room again
+    assert first.result(60) == 1 and second.result(60) == 2
+    assert D("4").result(60) == 4  # room again
 
 
 def test_max_message_size_is_enforced_with_clear_errors(procs: Procs) -> None:
@@ -746,11 +746,11 @@ def test_max_message_size_is_enforced_with_clear_errors(procs: Procs) -> None:
     D = procs.client()
     big = D("s = '" + "a" * (2 * limit) + "'\nlen(s)")
     with pytest.raises(SubmitRejected, match="largest message allowed"):
-        big.wait(30).result()
+        big.result(30)
     assert big.refused == "size"
-    huge_result = D(f"b'x' * {2 * limit}").wait(60)
+    huge_result = done(D(f"b'x' * {2 * limit}"), 60)
     assert huge_result.status == "failed" and "largest message allowed" in huge_result.error
-    assert D("1+1").wait(60).result() == 2  # the connections are fine
+    assert D("1+1").result(60) == 2  # the connections are fine
 
 
 # --- roles
@@ -780,7 +780,7 @@ def test_a_client_key_cannot_register_as_a_worker_and_never_sees_a_job(
     # the same key as a worker: its monitor registers and runs the job
     assert cli("keys", "--home", str(home), "add", "bob", str(keys.public_key_file(bob)),
                "--role", "worker").returncode == 0
-    assert secret.wait(60).result() == 1
+    assert secret.result(60) == 1
     with pytest.raises(KeyRejected, match="not authorized as a client"):
         B.get_my_jobs()
 
@@ -833,7 +833,7 @@ def test_files_at_rest_are_private_whatever_the_umask(procs: Procs, tmp_path: Pa
     assert (root / keys.SECRET_NAME).stat().st_mode & 0o777 == 0o600
     code = (f"import os, dsage\nos.umask({umask})\n"
             f"D = dsage.start_all(workers=1, port=0, home={str(root)!r})\n"
-            f"assert D('1+1').wait(60).result() == 2\nD.close()\n")
+            f"assert D('1+1').result(60) == 2\nD.close()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -879,7 +879,7 @@ def test_a_finished_jobs_payload_does_not_linger_in_the_store_files(procs: Procs
     procs.worker(1)
     D = procs.client()
     marker = "PAYLOAD-" + os.urandom(8).hex()
-    assert D(f"len({marker!r})").wait(60).result() == len(marker)
+    assert D(f"len({marker!r})").result(60) == len(marker)
 
     def gone() -> bool:
         raw = b"".join(p.read_bytes() for p in (home / "db").iterdir() if p.is_file())
@@ -907,8 +907,8 @@ def test_untrusted_text_and_monitor_details_are_kept_from_clients(
             "id": spec["id"], "status": "completed", "error": None, "encoding": "data",
             "result_from": "expression", "sealed": True, "started": now, "finished": now,
             "staged": False, "attempt": 1, "retry": False}]))
-    assert j.wait(30).result() == 1
-    assert j.output == "red text\n" and "\x1b" not in repr(j)
+    assert j.result(30) == 1
+    assert j.output == "red text\n" and "\x1b" not in str(j)
     bob = other_home(tmp_path, "bob")
     keys.add_key("bob", keys.public_key_file(bob), home)  # a client only
 
@@ -928,10 +928,10 @@ def test_a_slot_never_runs_jobs_of_two_owners(procs: Procs, home: Path,
              "colorsys.planted = 'by bob'\n"  # a module it imports and changes itself
              "os.getpid()")
     look = "import os, colorsys\n(os.getpid(), getattr(colorsys, 'planted', None))"
-    bob_pid = B(plant).wait(60).result()
-    alice_pid, planted = A(look).wait(60).result()
+    bob_pid = B(plant).result(60)
+    alice_pid, planted = A(look).result(60)
     assert planted is None and alice_pid != bob_pid
-    assert A(look).wait(60).result()[0] == alice_pid  # the same owner keeps its slot
+    assert A(look).result(60)[0] == alice_pid  # the same owner keeps its slot
 
 
 def test_error_texts_are_sealed_and_the_store_keeps_only_their_type(procs: Procs,
@@ -941,13 +941,13 @@ def test_error_texts_are_sealed_and_the_store_keeps_only_their_type(procs: Procs
     procs.worker(1)
     D = procs.client()
     secret = "PASSWORD-" + os.urandom(6).hex()
-    failed = D(f"raise KeyError({secret[::-1]!r}[::-1])").wait(60)
-    slow = D("import time; time.sleep(30)", timeout=1).wait(60)
+    failed = done(D(f"raise KeyError({secret[::-1]!r}[::-1])"), 60)
+    slow = done(D("import time; time.sleep(30)", timeout=1), 60)
     assert failed.status == "failed" and secret in (failed.error or "")
     assert failed.error.startswith("KeyError")
     with pytest.raises(dsage.JobError, match=secret):
         failed.result()
-    again = procs.client().job(failed.job_id).wait(30)  # another connection opens it too
+    again = done(procs.client().job(failed.job_id), 30)  # another connection opens it too
     assert secret in (again.error or "")
     stored = dict(db_rows(home, "SELECT id, error FROM jobs"))
     assert stored[failed.job_id] == "KeyError"
@@ -1045,20 +1045,20 @@ def test_run_as_nobody_keeps_jobs_from_the_keys_and_still_contains_them(
     assert not stale.exists()  # removed at the monitor's start
     j = D(_PEEK.format(home=str(home / keys.SECRET_NAME),
                        worker=str(machine / keys.SECRET_NAME)))
-    uid, gid, groups, home_key, worker_key, job_home, inside = j.wait(60).result()
+    uid, gid, groups, home_key, worker_key, job_home, inside = j.result(60)
     assert (uid, gid) == (nobody.pw_uid, nobody.pw_gid)
     assert set(groups) <= {nobody.pw_gid}  # root's groups are gone too
     assert (home_key, worker_key) == ("PermissionError", "PermissionError")
     assert not job_home.startswith((str(home), str(machine))) and inside
     assert j.output == f"running as {nobody.pw_uid}\n"
-    assert D.eval_function(os.getuid, ()).wait(60).result() == nobody.pw_uid  # a pickled call
+    assert D.eval_function(os.getuid, ()).result(60) == nobody.pw_uid  # a pickled call
     # a slot forked off the isolate template (which stays root) gives root up as well
     isolated = D(_PEEK.format(home=str(home / keys.SECRET_NAME),
                               worker=str(machine / keys.SECRET_NAME)), isolate=True)
-    assert isolated.wait(60).result()[:2] == (nobody.pw_uid, nobody.pw_gid), isolated.output
+    assert isolated.result(60)[:2] == (nobody.pw_uid, nobody.pw_gid), isolated.output
     assert isolated.result()[3:5] == ("PermissionError", "PermissionError")
     # timeouts and kills still end the job and all it started
-    slow = D("import time; print('before', flush=True); time.sleep(60)", timeout=1).wait(60)
+    slow = done(D("import time; print('before', flush=True); time.sleep(60)", timeout=1), 60)
     assert slow.status == "failed" and "timed out" in (slow.error or "")
     assert slow.output.startswith("before\n")  # read from its capture file after the kill
     mark = f"{random.randrange(10**6)}.{random.randrange(10**6)}"
@@ -1067,9 +1067,9 @@ def test_run_as_nobody_keeps_jobs_from_the_keys_and_still_contains_them(
     [(child, child_uid)] = wait_for(lambda: _processes_with(mark), 30, "the job's child")
     assert child_uid == nobody.pw_uid
     k.kill()
-    assert k.wait(30).status == "killed"
+    assert done(k, 30).status == "killed"
     wait_for(lambda: not _processes_with(mark), 10, "the job's child to die with it")
-    assert D("6 * 7").wait(60).result() == 42  # the monitor goes on
+    assert D("6 * 7").result(60) == 42  # the monitor goes on
 
 
 def test_a_job_cannot_make_the_monitor_read_a_file_for_it(procs: Procs, home: Path,
@@ -1085,10 +1085,10 @@ def test_a_job_cannot_make_the_monitor_read_a_file_for_it(procs: Procs, home: Pa
     plant = (f"import glob, os\nfor c in glob.glob('../.slot-*.out'):\n"
              f"    os.unlink(c)\n    os.symlink({str(home / keys.SECRET_NAME)!r}, c)\n"
              f"print('planted', flush=True)\nos._exit(3)")
-    j = D(plant).wait(60)
+    j = done(D(plant), 60)
     assert j.status == "failed" and "exited with status 3" in (j.error or "")
     assert secret not in j.output and "secret-key" not in j.output
-    assert D("1 + 1").wait(60).result() == 2
+    assert D("1 + 1").result(60) == 2
 
 
 def test_an_anonymous_monitor_run_by_root_runs_jobs_as_nobody_by_default(
@@ -1099,10 +1099,10 @@ def test_an_anonymous_monitor_run_by_root_runs_jobs_as_nobody_by_default(
                  server_key=str(keys.public_key_file(home)))
     D = procs.client()
     procs.wait_workers(D, 1)
-    assert D("import os; os.getuid()", anonymous_ok=True).wait(60).result() == nobody.pw_uid
+    assert D("import os; os.getuid()", anonymous_ok=True).result(60) == nobody.pw_uid
     procs.worker(1)  # a trusted monitor without --run-as runs jobs as its own user
     procs.wait_workers(D, 2)
-    assert D("import os; os.getuid()").wait(60).result() == os.getuid()
+    assert D("import os; os.getuid()").result(60) == os.getuid()
 
 
 def _worker_main_unprivileged(argv: list[str]) -> tuple[int, str]:
@@ -1228,7 +1228,7 @@ def test_live_anonymous_connections_are_capped_and_freed_when_they_close(
         D = procs.client()
         procs.worker(1)
         procs.wait_workers(D, 1)
-        assert D("6 * 7").wait(60).result() == 42
+        assert D("6 * 7").result(60) == 42
         trusted = Peer(ctx, procs.port, server, keys.load_keypair(home))
         wait_for(trusted.poll, 20, "a trusted peer on the monitor port")
         peers.append(trusted)
