@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -505,3 +506,32 @@ def test_the_demo_runs_the_seeds_session_with_progress(home: Path) -> None:
     out = r.stdout + r.stderr
     assert "demo passed" in out and "all agree: True" in out
     assert "factor: 1000/1000 done" in out and "map factor: 1000/1000 done" in out
+
+
+def test_a_second_ctrl_c_while_the_session_closes_ends_it_quietly(home: Path,
+                                                                  tmp_path: Path) -> None:
+    """A second Ctrl-C while start_all's cluster closed at exit once printed a traceback
+    from the atexit callback."""
+    (tmp_path / "scripts").mkdir()  # not beside the home folder 'dsage' (it would shadow)
+    script = tmp_path / "scripts" / "session.py"
+    script.write_text(
+        "import dsage, time\n"
+        f"D = dsage.start_all(workers=1, port=0, home={str(home)!r}, heartbeat=0.2)\n"
+        "j = D('import time; time.sleep(60)')\n"
+        "while j.status != 'processing':\n"
+        "    time.sleep(0.05)\n"
+        "print('running', flush=True)\n"
+        "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DSAGE_HOME": str(home)})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "running\n"
+        proc.send_signal(signal.SIGINT)  # the script ends; its cluster closes at exit
+        proc.send_signal(signal.SIGINT)  # and a second one while it does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "atexit" not in err and "Exception ignored" not in err, err
+    wait_for(lambda: not running.brokers(home), 20, "the session's broker gone")
