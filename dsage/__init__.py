@@ -17,11 +17,12 @@ from .errors import (  # noqa: E402
     SubmitRejected, UnknownJob, UntrustedResultError,
 )
 from .job import JobWrapper, WorkerInfo  # noqa: E402
+from .distributed import DistributedFunction, Job  # noqa: E402
 from .keys import setup  # noqa: E402
 from .progress import JobProgress, progress  # noqa: E402
 
 __all__ = [
-    "BrokerUnreachable", "DSage", "DSageError", "ItemError", "JobError", "JobProgress",
+    "BrokerUnreachable", "DSage", "DSageError", "DistributedFunction", "Job", "ItemError", "JobError", "JobProgress",
     "JobWrapper", "KeyRejected", "ManagedProcess", "MonitorInfo", "RemoteTraceback",
     "StartError", "SubmitRejected", "UnknownJob", "UntrustedResultError", "WorkerInfo",
     "progress", "server", "setup", "start_all", "worker",
