@@ -202,6 +202,8 @@ class DistributedFunction:
     def wait(self, timeout: float | None = None) -> Any:
         """Block until the run ends (TimeoutError after ``timeout`` seconds); its
         result. Raises what ended it if process_result raised or the client closed."""
+        if self._thread is None:
+            raise RuntimeError(f"{self.name} was not started: call start() first")
         if not self._ended.wait(timeout):
             raise TimeoutError(f"{self.name} is not done after {timeout} s "
                                f"({len(self._live)} jobs open)")
@@ -293,7 +295,7 @@ class DistributedFunction:
                     self.error = e
                     break
                 self.process_result(w)
-                if not self.done:
+                if not self.done and not self._stopping:  # stop() may come from process_result
                     self._submit_outstanding()
             if not self._stopping:
                 if not self.done and self.error is None:
