@@ -266,30 +266,13 @@ def test_factor_the_issues_number_within_three_minutes_on_two_slots(
 
 # --- POV-Ray
 
-SCENE = """#version 3.7;
-#include "colors.inc"
-#include "things.inc"
-global_settings { assumed_gamma 1.0 }
-camera { location <0, 2, -6> look_at <0, 0.8, 0> }
-light_source { <-5, 8, -6> color White }
-plane { y, 0 pigment { checker color White color rgb <0.2, 0.3, 0.8> } }
-object { Ball translate <-1.2, 1, 0> }
-object { Ball pigment { color Red } translate <1.2, 1, 0.5> }
-box { <-0.5, 0, -0.5>, <0.5, 1, 0.5> rotate y*30 pigment { color Green }
-      finish { specular 0.6 } translate <0, 0, -1.5> }
-"""
-THINGS = """#include "more/finish.inc"
-#declare Ball = sphere { 0, 1 pigment { color rgb <0.9, 0.8, 0.1> } finish { Shiny } }
-"""
-FINISH = "#declare Shiny = finish { phong 0.8 reflection 0.2 }\n"
+#: the guide's example scene: it includes a file of its folder, which includes another
+EXAMPLE_SCENE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "scene"
 
 
 def _scene(tmp_path: Path) -> Path:
     folder = tmp_path / "scene"
-    (folder / "more").mkdir(parents=True)
-    (folder / "scene.pov").write_text(SCENE)
-    (folder / "things.inc").write_text(THINGS)
-    (folder / "more" / "finish.inc").write_text(FINISH)
+    shutil.copytree(EXAMPLE_SCENE, folder)
     return folder / "scene.pov"
 
 
