@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import heapq
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -42,6 +43,8 @@ from .progress import JobProgress
 from .protocol import Kind, Status
 
 __all__ = ["DistributedFunction", "Job", "restore"]
+
+log = logging.getLogger("dsage.distributed")
 
 #: what a run's manifest job is named: the run's name and this
 MANIFEST_SUFFIX = " (manifest)"
@@ -138,8 +141,11 @@ class DistributedFunction:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> DistributedFunction:
         self = super().__new__(cls)
-        # how to make this run again (the client left out): the manifest's content
-        self._init_args = (args[1:], {k: v for k, v in kwargs.items() if k != "dsage"})
+        # how to make this run again, without the client (the first argument): the
+        # manifest's content
+        if args and isinstance(args[0], DSage):
+            args = args[1:]
+        self._init_args = (args, {k: v for k, v in kwargs.items() if not isinstance(v, DSage)})
         return self
 
     def __init__(self, dsage: DSage, name: str | None = None, progress: bool = False) -> None:
@@ -326,8 +332,9 @@ class DistributedFunction:
         spec = (type(self), *self._init_args)
         try:
             payload = dump_call(manifest, (spec,), {})
-        except TypeError:
-            return  # the arguments cannot be pickled: no restore for this run
+        except TypeError as e:
+            log.warning("%s cannot be restored later: %s", self.name, e)
+            return
         self.dsage._submit_specs([(self.dsage._spec(
             Kind.FUNCTION.value, 60, 0, self.name + MANIFEST_SUFFIX, None, False, ()), payload)])
 

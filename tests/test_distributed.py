@@ -17,6 +17,7 @@ import pytest
 
 import dsage
 from dsage import png
+from dsage.capabilities import offered_tags
 from dsage.dist_functions import DistributedFactor, DistributedPOVRay
 from dsage.dist_functions.ecm import (
     PROBABLE_BPSW, PROVEN_MR, PROVEN_TRIAL, certify, ecm_curve, perfect_power,
@@ -97,12 +98,12 @@ def test_process_result_submits_more_jobs_on_one_thread_and_done_kills_what_runs
 
 
 def test_results_are_processed_in_the_order_the_jobs_ended(cluster: dsage.DSage) -> None:
-    jobs = [Job(f"import time; time.sleep({t}); {t}", tag=t) for t in (1.5, 0.0, 0.6)]
+    jobs = [Job(f"import time; time.sleep({t}); {t}", tag=t) for t in (3.0, 0.0, 0.5)]
     run = Collect(cluster, jobs)
     with run:
-        assert run.wait(60) == {1.5: 1.5, 0.0: 0.0, 0.6: 0.6}  # over when no job is left
+        assert run.wait(60) == {3.0: 3.0, 0.0: 0.0, 0.5: 0.5}  # over when no job is left
     ended = sorted(run.jobs.values(), key=lambda wj: wj[0].finished or 0)
-    assert run.order == [j.tag for _, j in ended] == [0.0, 0.6, 1.5]
+    assert run.order == [j.tag for _, j in ended] == [0.0, 0.5, 3.0]
 
 
 def test_jobs_carry_files_code_and_calls_and_their_options(cluster: dsage.DSage) -> None:
@@ -315,8 +316,13 @@ def test_povray_failure_is_reported(povray: None, cluster: dsage.DSage, tmp_path
         run.wait(60)
 
 
-def test_monitors_advertise_povray(povray: None, cluster: dsage.DSage) -> None:
-    assert all("povray" in w.tags for w in cluster.workers())
+def test_monitors_advertise_povray(povray: None, procs: Procs) -> None:
+    procs.broker()
+    procs.worker(1, tags=["big", "povray"])
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    assert [w.tags for w in d.workers()] == [["big", "povray"]]  # each tag once
+    assert offered_tags(["big"]) == ["big", "povray"]
 
 
 # --- PNG (pure)
