@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from .client import DSage
 from .errors import DSageError, UnknownJob
@@ -139,6 +139,9 @@ class DistributedFunction:
     """A computation made of jobs (see the module's docs). Subclasses call
     ``super().__init__(dsage, ...)`` first, then fill ``self.outstanding_jobs``."""
 
+    #: how to make this run again: its constructor's arguments but the client
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+
     def __new__(cls, *args: Any, **kwargs: Any) -> DistributedFunction:
         self = super().__new__(cls)
         # how to make this run again, without the client (the first argument): the
@@ -193,7 +196,7 @@ class DistributedFunction:
 
     # --- the user's handle
 
-    def start(self) -> DistributedFunction:
+    def start(self) -> Self:
         """Submit the outstanding jobs and process results in the background."""
         if self._thread is not None:
             raise RuntimeError(f"{self.name} was already started")
@@ -247,7 +250,7 @@ class DistributedFunction:
             self._kill_open()
         self._finish()
 
-    def __enter__(self) -> DistributedFunction:
+    def __enter__(self) -> Self:
         if self._thread is None:
             self.start()
         return self
@@ -267,7 +270,7 @@ class DistributedFunction:
 
     @classmethod
     def restore(cls, dsage: DSage, name: str, progress: bool = False,
-                timeout: float = 60.0) -> DistributedFunction:
+                timeout: float = 60.0) -> Self:
         """The run ``name`` made again from its manifest and resumed (see the module's
         docs), started."""
         run = restore(dsage, name, progress=progress, timeout=timeout)
@@ -409,7 +412,7 @@ def restore(dsage: DSage, name: str, progress: bool = False,
     if man.status == Status.KILLED:
         raise DSageError(f"the manifest of run {name!r} was killed: it cannot be restored")
     cls, args, kwargs = man.result(timeout)
-    run = cls(dsage, *args, **kwargs)
+    run: DistributedFunction = cls(dsage, *args, **kwargs)
     run.name = name
     if progress:
         run.progress = True

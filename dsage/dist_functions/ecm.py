@@ -25,7 +25,7 @@ PROVEN_MR = "proven: deterministic Miller-Rabin (bases 2 to 41, valid below 3.3e
 PROBABLE_BPSW = "probable: BPSW (strong base-2 and strong Lucas tests; no counterexample known)"
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=3)  # a slot keeps them between jobs: few, as B2 may be large
 def _sieve(limit: int) -> bytearray:
     """A byte per integer up to ``limit``: 1 where it is prime."""
     s = bytearray([1]) * (limit + 1)
