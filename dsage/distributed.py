@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from .client import DSage
+from .client import DSage, _check_priority, _check_tags, _check_timeout, parse_memory
 from .errors import DSageError, UnknownJob
 from .functions import dump_call
 from .job import JobWrapper
@@ -85,9 +85,16 @@ class Job:
             if os.path.isabs(name) or ".." in name.split("/") or not name:
                 raise ValueError(f"files: {name!r} must be a relative path inside the job's "
                                  f"folder")
+        if kind is not None and kind not in (Kind.PYTHON, Kind.SAGE):
+            raise ValueError(f"kind={kind!r}: choose 'python' or 'sage'")
         self.kind = kind or (Kind.FUNCTION.value if func is not None else Kind.PYTHON.value)
         self.tag = tag
         self.options = {**_OPTIONS, **options}
+        # checked now, where the mistake is, not when the run submits the job
+        _check_timeout(self.options["timeout"])
+        _check_priority(self.options["priority"])
+        parse_memory(self.options["memory"])
+        self.options["requires"] = _check_tags(self.options["requires"])
 
     def payload(self) -> bytes:
         """What the worker gets: the code (after lines that write the files), or the

@@ -117,6 +117,12 @@ def test_jobs_carry_files_code_and_calls_and_their_options(cluster: dsage.DSage)
         Job("1", colour="red")
     with pytest.raises(ValueError, match="relative path"):
         Job("1", files={"../x": b""})
+    with pytest.raises(ValueError, match="priority"):
+        Job("1", priority=99)
+    with pytest.raises(ValueError, match="kind"):
+        Job("1", kind="perl")
+    with pytest.raises(TypeError, match="code or func"):
+        Job()
     failing = Collect(cluster, [jobs[2]]).start()
     with pytest.raises(dsage.DSageError, match="TypeError|JobError"):
         failing.wait(60)
