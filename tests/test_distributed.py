@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,26 @@ def test_povray_bands_stitch_to_the_single_render(povray: None, cluster: dsage.D
     if options:  # bands render whole blocks: their rows overlap
         rendered = [(first, end) for _, _, first, end in run.bands]
         assert any(rendered[i][1] > rendered[i + 1][0] for i in range(len(rendered) - 1))
+
+
+def test_png_reads_povrays_png_as_its_ppm(povray: None, tmp_path: Path) -> None:
+    """The decoder against another format of the same render (libpng filters its
+    rows adaptively, so every filter type is met)."""
+    scene = _scene(tmp_path)
+    image = _single_render(scene, tmp_path / "a.png", 97, 61, ["+A0.3"])
+    subprocess.run(["povray", "-D", "-GA", "+Iscene.pov", "+Oa.ppm", "+FP", "+W97", "+H61",
+                    "+A0.3"], cwd=scene.parent, check=True, capture_output=True, timeout=120)
+    ppm = (scene.parent / "a.ppm").read_bytes()
+    header = [line for line in ppm[:ppm.index(b"\n255\n") + 4].split(b"\n")
+              if not line.startswith(b"#")]  # comment lines: the software, the date
+    magic, size, maxval = header[0], header[1].split(), header[2]
+    width, height, pixels = size[0], size[1], ppm[ppm.index(b"\n255\n") + 5:]
+    assert (magic, int(width), int(height), int(maxval)) == (b"P6", 97, 61, 255)
+    assert b"".join(image.rows) == pixels
+    raw = zlib.decompress(b"".join(
+        body for kind, body in png._chunks((tmp_path / "a.png").read_bytes()) if kind == b"IDAT"))
+    filters = {raw[y * (97 * 3 + 1)] for y in range(61)}
+    assert len(filters) > 1  # more than one filter type was decoded
 
 
 def test_povray_failure_is_reported(povray: None, cluster: dsage.DSage, tmp_path: Path) -> None:
