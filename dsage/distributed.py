@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from . import codec
 from .client import DSage, _check_priority, _check_tags, _check_timeout, parse_memory
 from .errors import DSageError, UnknownJob
 from .functions import dump_call
@@ -137,8 +138,9 @@ def call_with_files(files: Mapping[str, bytes], func: Callable[..., Any],
     return func(*args, **kwargs)
 
 
-def manifest(spec: Any) -> Any:
-    """A run's manifest job: its result is what it was given (how to make the run)."""
+def manifest(spec: bytes) -> bytes:
+    """A run's manifest job: its result is what it was given, how to make the run
+    (pickled by the client: the worker never loads the run's class)."""
     return spec
 
 
@@ -341,8 +343,8 @@ class DistributedFunction:
     def _submit_manifest(self) -> None:
         spec = (type(self), *self._init_args)
         try:
-            payload = dump_call(manifest, (spec,), {})
-        except TypeError as e:
+            payload = dump_call(manifest, (codec.dump_trusted(spec),), {})
+        except Exception as e:  # noqa: BLE001 - any pickling failure: said, and no restore
             log.warning("%s cannot be restored later: %s", self.name, e)
             return
         self.dsage._submit_specs([(self.dsage._spec(
@@ -418,7 +420,7 @@ def restore(dsage: DSage, name: str, progress: bool = False,
     man = found[0]
     if man.status == Status.KILLED:
         raise DSageError(f"the manifest of run {name!r} was killed: it cannot be restored")
-    cls, args, kwargs = man.result(timeout)
+    cls, args, kwargs = codec.load_trusted(man.result(timeout))
     run: DistributedFunction = cls(dsage, *args, **kwargs)
     run.name = name
     if progress:
