@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ _BLOCK = re.compile(r"[+-]BS(\d+)$", re.IGNORECASE)
 _ANTIALIAS = re.compile(r"(\+A(\d|\.|$))|(antialias\s*=\s*(on|true|yes|1))", re.IGNORECASE)
 
 
-def scene_files(scene: Path, extra: list[Path] = ()) -> dict[str, bytes]:  # type: ignore[assignment]
+def scene_files(scene: Path, extra: Sequence[Path] = ()) -> dict[str, bytes]:
     """The scene and what it includes from its own folder (followed through the
     included files), and ``extra`` files, by their names relative to the scene's
     folder. Includes not found there are POV-Ray's own (colors.inc...)."""
@@ -95,7 +96,7 @@ class DistributedPOVRay(DistributedFunction):
 
     def __init__(self, dsage: DSage, scene: str | os.PathLike[str], width: int, height: int,
                  splits: int, output: str | os.PathLike[str] = "out.png",
-                 options: list[str] | str = (), include: list[str] = (),  # type: ignore[assignment]
+                 options: Sequence[str] | str = (), include: Sequence[str] = (),
                  name: str | None = None, progress: bool = False, **job_options: Any) -> None:
         super().__init__(dsage, name=name, progress=progress)
         scene_path = Path(scene).resolve()
