@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     BrokerUnreachable, DSageError, ItemError, JobCancelled, JobError, KeyRejected,
     RemoteTraceback, SubmitRejected, UnknownJob, UntrustedResultError,
 )
+from .distributed import DistributedFunction, Job  # noqa: E402
 from .job import JobWrapper, WorkerInfo  # noqa: E402
 from .keys import setup  # noqa: E402
 from .progress import JobProgress, progress  # noqa: E402
@@ -24,8 +25,8 @@ from . import display as _display  # noqa: E402
 _display.install()
 
 __all__ = [
-    "BrokerUnreachable", "DSage", "DSageError", "ItemError", "JobCancelled", "JobError",
-    "JobProgress", "JobWrapper", "KeyRejected", "ManagedProcess", "MonitorInfo",
-    "RemoteTraceback", "StartError", "SubmitRejected", "UnknownJob", "UntrustedResultError",
-    "WorkerInfo", "progress", "server", "setup", "start_all", "worker",
+    "BrokerUnreachable", "DSage", "DSageError", "DistributedFunction", "ItemError", "Job",
+    "JobCancelled", "JobError", "JobProgress", "JobWrapper", "KeyRejected", "ManagedProcess",
+    "MonitorInfo", "RemoteTraceback", "StartError", "SubmitRejected", "UnknownJob",
+    "UntrustedResultError", "WorkerInfo", "progress", "server", "setup", "start_all", "worker",
 ]

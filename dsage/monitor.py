@@ -32,6 +32,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__, contain, runas
+from .capabilities import offered_tags
 from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
@@ -154,6 +155,8 @@ class Monitor:
         if self.run_as is not None:  # a folder of the run-as user's, outside the home
             self.tmpdir = Path(runas.working_folder(tempfile.gettempdir(), self.run_as))
         self.tmpdir.mkdir(parents=True, exist_ok=True)
+        #: the tags offered: ``--tags`` and what is installed (povray, sage)
+        self.tags = offered_tags(options.tags)
         self.monitor_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -279,7 +282,7 @@ class Monitor:
     def _register(self) -> None:
         self.registering = self._send(make(
             M.REGISTER, monitor=self.monitor_id, host=self.host, pid=os.getpid(),
-            slots=len(self.slots), tags=self.options.tags, running=self._held(),
+            slots=len(self.slots), tags=self.tags, running=self._held(),
             version=__version__))
 
     def _running(self) -> list[str]:

@@ -143,7 +143,8 @@ class MonitorOptions:
                        "gives them back at once)",
                        parse=nonneg_float)
     tags: list[str] = opt(help="comma-separated tags this worker offers, for jobs sent with "
-                          "requires=[...]", parse=tag_list, metavar="TAG,TAG",
+                          "requires=[...] ('povray' and 'sage' are added when POV-Ray is on "
+                          "PATH and Sage imports)", parse=tag_list, metavar="TAG,TAG",
                           default_factory=list)
     max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
                                 "largest frame accepted, in bytes (default 256 MiB)",
