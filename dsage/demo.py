@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .cluster import start_all
+from .dist_functions import DistributedFactor
 from .progress import progress
 from .words import plural
 
@@ -78,6 +79,14 @@ def run_demo(workers: int = 2, home: str | os.PathLike[str] | None = None) -> in
         factored = D.map(factor, numbers, progress=True)
         console.print(f"{len(factored):,} factorings in {time.perf_counter() - t:.2f} s; "
                       f"all agree: {factored == [j.result() for j in jobs]}")
+        n = 10000000000037 * 300000000000089 * 1000000007 ** 2  # primes of 14, 15, 10 digits
+        console.print(f"\n[bold]>>> with DistributedFactor(D, {n}, progress=True) as f: "
+                      f"f.wait()[/]  (ECM jobs in parallel)")
+        t = time.perf_counter()
+        with DistributedFactor(D, n, progress=True) as f:
+            factored_n = f.wait(300)
+        console.print(f"{' * '.join(f'{p}^{e}' if e > 1 else str(p) for p, e in factored_n)}"
+                      f"  ({time.perf_counter() - t:.2f} s)")
         console.print("\n[bold]>>> D('1/0')[/]  (a failing job)")
         bad = D("1/0")
         bad.wait(60)

@@ -211,7 +211,7 @@ class DistributedFunction:
             raise RuntimeError(f"{self.name} was already started")
         self.started = time.monotonic()
         if self.progress:
-            self._view = JobProgress(title=self.name)
+            self._view = JobProgress(title=self.name, until_closed=True)
         self.dsage._host.watch(self._changed)
         self._thread = threading.Thread(target=self._run, name=f"dsage-{self.name}", daemon=True)
         self._thread.start()

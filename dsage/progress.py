@@ -63,7 +63,7 @@ class JobProgress:
     def __init__(self, jobs: Iterable[JobWrapper] = (), title: str = "dsage",
                  console: Console | None = None, enabled: bool = True,
                  interval: float = 10.0, total: int | None = None,
-                 unit: str = "jobs") -> None:
+                 unit: str = "jobs", until_closed: bool = False) -> None:
         self.title = title
         self.console = console or Console(stderr=True)
         self.enabled = enabled
@@ -79,6 +79,9 @@ class JobProgress:
         self._expected = total or 0
         self.counts.total = self._expected
         self.unit = unit
+        #: the view ends when close() is called, not when the jobs so far are done
+        #: (a computation that submits as it goes)
+        self._until_closed = until_closed
         self._hosts: list[JobHost] = []
         self._closed = False
         self._closing = False
@@ -191,7 +194,7 @@ class JobProgress:
             self._wake.clear()
             if self._closed:
                 return
-            if self._all_done.is_set() or self._closing:
+            if (self._all_done.is_set() and not self._until_closed) or self._closing:
                 self._stop_display()
                 return
             if self._live is None:

@@ -506,6 +506,7 @@ def test_the_demo_runs_the_seeds_session_with_progress(home: Path) -> None:
     out = r.stdout + r.stderr
     assert "demo passed" in out and "all agree: True" in out
     assert "factor: 1000/1000 done" in out and "map factor: 1000/1000 done" in out
+    assert "1000000007^2 * 10000000000037 * 300000000000089" in out  # a DistributedFactor
 
 
 def test_a_second_ctrl_c_while_the_session_closes_ends_it_quietly(home: Path,
