@@ -11,10 +11,12 @@ values and can never run code. Unpickling is kept to :func:`load_trusted`.
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import json
 import math
 import pickle
+import sys
 from typing import Any
 
 import dill
@@ -84,8 +86,20 @@ def _make_pickler() -> Any:
 
 
 def load_trusted(blob: bytes) -> Any:
-    """Unpickle a call or a result; only ever called for trusted peers' pickles."""
+    """Unpickle a call or a result; only ever called for trusted peers' pickles. A
+    pickle of Sage objects is loaded with Sage imported whole first, where Sage is
+    installed (its modules import each other in an order unpickling does not keep)."""
+    if b"sage." in blob and "sage.all" not in sys.modules:
+        try:
+            importlib.import_module("sage.all")
+        except ImportError:
+            pass  # loading fails below, and says Sage is needed
     return dill.loads(blob)
+
+
+def needs_sage(e: BaseException) -> bool:
+    """Whether unpickling failed for want of Sage."""
+    return isinstance(e, ImportError) and (e.name or "").split(".")[0] == "sage"
 
 
 def _to_node(value: Any, depth: int) -> Any:

@@ -451,6 +451,10 @@ class JobWrapper(Future[Any]):
         try:
             return codec.load_trusted(self._result_blob)
         except Exception as e:  # noqa: BLE001 - anything unpickling runs may raise
+            if codec.needs_sage(e):
+                raise JobError(self, f"its result is a Sage object, and Sage is not "
+                               f"installed here ({type(e).__name__}: {e}): install it with "
+                               f"pip install 'dsage[sage]' to load it") from e
             raise JobError(self, f"its result cannot be loaded here: {type(e).__name__}: "
                            f"{e} (a module or class the worker had is missing, or "
                            f"differs, in this process)") from e

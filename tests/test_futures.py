@@ -239,3 +239,39 @@ def test_a_job_the_broker_forgot_or_refused_ends_awaits_and_waits_with_its_error
         asyncio.run(asyncio.wait_for(awaited(refused), 10))
     with pytest.raises(dsage.UnknownJob):
         forgotten.result()
+
+
+def test_a_sage_result_without_sage_says_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Sage job's result once raised a bare AttributeError from deep in Sage's
+    imports; without Sage it says what is missing and how to get it."""
+    import pickle
+    import sys
+    import types
+
+    from dsage.job import JobWrapper
+
+    sage = types.ModuleType("sage")
+    rings = types.ModuleType("sage.rings_of_a_test")
+
+    class Integer:  # a stand-in for sage.rings.integer.Integer
+        pass
+
+    Integer.__module__ = rings.__name__
+    Integer.__qualname__ = "Integer"
+    rings.Integer = Integer  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sage", sage)
+    monkeypatch.setitem(sys.modules, rings.__name__, rings)
+    blob = pickle.dumps(Integer())
+    monkeypatch.delitem(sys.modules, rings.__name__)
+    monkeypatch.delitem(sys.modules, "sage")
+    monkeypatch.setitem(sys.modules, "sage.all", None)  # and no Sage installed
+    w = JobWrapper(None, "5" * 32, None, "sage")
+    w._update({"id": w.job_id, "name": None, "kind": "sage", "status": "completed",
+               "priority": 5, "created": 1.0, "started": 1.0, "finished": 2.0,
+               "failures": 0, "error": None, "worker": None, "encoding": "dill",
+               "result_from": "dsage_result", "sealed": False, "reason": None,
+               "attempt": 1}, [blob, b""])
+    w._settle_hostless()
+    with pytest.raises(dsage.JobError, match=r"Sage object.*pip install 'dsage\[sage\]'"):
+        w.result(0)
+    assert w.status == "completed"
