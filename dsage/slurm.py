@@ -202,6 +202,9 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--port", type=port_number, default=8081, help="the broker's port (default 8081)")
     a.add_argument("--tags", type=tag_list, default=[], metavar="TAG,TAG",
                    help="more tags the monitors offer")
+    a.add_argument("--server-key", default=None, metavar="KEY",
+                   help="the broker's public key, z85 or a key file (needed when the nodes' "
+                   "dsage folder holds a worker key, not the broker owner's keypair)")
     a.add_argument("--python", default=None, metavar="PATH", help="run the monitors as "
                    "PATH -m dsage.cli worker (default: dsage-worker from the nodes' PATH)")
     a.add_argument("--home", type=Path, default=None,
@@ -219,7 +222,7 @@ def _cmd_submit(a: Any) -> int:
         job = slurm_workers(nodes=a.nodes, workers_per_node=a.workers_per_node,
                             server=a.server, port=a.port, time=a.time, partition=a.partition,
                             sbatch_args=a.sbatch_args, home=a.home, python=a.python,
-                            tags=a.tags)
+                            tags=a.tags, server_key=a.server_key)
     except (SlurmError, ValueError) as e:
         print(f"dsage slurm: error: {e}", file=sys.stderr)
         return 2

@@ -96,6 +96,32 @@ def test_without_slurm_the_error_says_what_is_missing(home: Path,
         cancel("12; rm -rf /")
 
 
+def test_submit_writes_the_script_and_prints_the_job_id(home: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """Against a stand-in ``sbatch`` that keeps its arguments and answers as a
+    federated SLURM does ("id;cluster")."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/args\necho "77;west"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    key = "-" + "a" * 39  # a z85 key may start with '-'
+    assert main(["slurm", "submit", "--nodes", "2", "--workers-per-node", "3", "--server",
+                 "login1", "--port", "9000", f"--server-key={key}", "--",
+                 "--account=physics", "--qos", "long"]) == 0
+    assert capsys.readouterr().out == "77\n"
+    script = home / "slurm" / "dsage-workers-77.sh"
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:4] == ["--parsable", "--account=physics", "--qos", "long"]
+    assert Path(args[4]).parent == script.parent and not Path(args[4]).exists()  # renamed
+    text = script.read_text()
+    assert f"--server-key={key} " in text and f"export DSAGE_HOME={home}" in text
+    assert f"#SBATCH --output={home}/slurm/dsage-workers-%j.out" in text
+
+
 def test_unknown_worker_options_are_refused(home: Path) -> None:
     with pytest.raises(TypeError, match="unknown worker option 'wrokers'"):
         slurm_workers(nodes=1, server="h", wrokers=2)
