@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_script_leaves_out_what_was_not_asked_for() -> None:
 
 @pytest.mark.parametrize("bad", [dict(nodes=0), dict(workers_per_node=0),
                                  dict(tags=["a,b"]), dict(tags=["$(reboot)"])])
-def test_a_request_that_cannot_work_is_refused(bad: dict[str, object]) -> None:
+def test_a_request_that_cannot_work_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         SlurmRequest(**{"nodes": 1, "workers_per_node": 1, "server": "h", **bad})
 
@@ -125,6 +126,13 @@ def test_submit_writes_the_script_and_prints_the_job_id(home: Path, tmp_path: Pa
 def test_unknown_worker_options_are_refused(home: Path) -> None:
     with pytest.raises(TypeError, match="unknown worker option 'wrokers'"):
         slurm_workers(nodes=1, server="h", wrokers=2)
+
+
+@pytest.mark.parametrize("cmd", [["slurm"], ["slurm", "submit"], ["slurm", "cancel"]])
+def test_slurm_commands_have_help(cmd: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "dsage.cli", *cmd, "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage:" in r.stdout
 
 
 # -- a real single-node SLURM ---------------------------------------------------------
