@@ -15,6 +15,7 @@ the broker.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -139,7 +140,7 @@ def submit(r: SlurmRequest, sbatch_args: list[str] | None = None) -> SlurmJob:
     folder = keys_mod.home(r.home) / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     if r.output is None:
-        r.output = folder / "dsage-workers-%j.out"
+        r = dataclasses.replace(r, output=folder / "dsage-workers-%j.out")
     fd, name = tempfile.mkstemp(prefix="dsage-workers-", suffix=".sh", dir=folder)
     with os.fdopen(fd, "w") as f:
         f.write(sbatch_script(r))

@@ -318,6 +318,8 @@ def _monitor(d: dsage.DSage, tag: str) -> dsage.MonitorInfo | None:
 @pytest.mark.timeout(240)
 def test_monitors_run_on_slurm_jobs_and_leave_when_cancelled(
         slurm: Slurm, procs: Procs, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which("dsage-worker") is None:
+        skip_or_fail("dsage-worker is not on PATH (pip install -e .)")
     procs.broker(heartbeat=1.0, liveness=3)  # the monitors' defaults
     d = procs.client()
     # one batch job from the command line, one from Python: a CPU each
