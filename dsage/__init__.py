@@ -20,6 +20,7 @@ from .distributed import DistributedFunction, Job  # noqa: E402
 from .job import JobWrapper, WorkerInfo  # noqa: E402
 from .keys import setup  # noqa: E402
 from .progress import JobProgress, progress  # noqa: E402
+from .slurm import SlurmJob, slurm_workers  # noqa: E402
 from . import display as _display  # noqa: E402
 
 _display.install()
@@ -28,5 +29,6 @@ __all__ = [
     "BrokerUnreachable", "DSage", "DSageError", "DistributedFunction", "ItemError", "Job",
     "JobCancelled", "JobError", "JobProgress", "JobWrapper", "KeyRejected", "ManagedProcess",
     "MonitorInfo", "RemoteTraceback", "StartError", "SubmitRejected", "UnknownJob",
-    "UntrustedResultError", "WorkerInfo", "progress", "server", "setup", "start_all", "worker",
+    "UntrustedResultError", "WorkerInfo", "progress", "server", "setup", "slurm_workers",
+    "SlurmJob", "start_all", "worker",
 ]

@@ -14,6 +14,7 @@ from . import __version__
 from . import keys as keys_mod
 from . import logs
 from . import shell
+from . import slurm
 from .broker import BrokerFailed, PortInUse, run_broker
 from .monitor import run_monitor
 from .options import BrokerOptions, MonitorOptions, add_arguments, from_args, positive_int
@@ -171,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kr.add_argument("name")
     k.set_defaults(func=_keys)
     shell.add_commands(sub)
+    slurm.add_commands(sub)
     sub.add_parser("broker", help="run a broker (as dsage-broker)", add_help=False)
     sub.add_parser("worker", help="run a monitor (as dsage-worker)", add_help=False)
     args = list(sys.argv[1:] if argv is None else argv)
