@@ -115,6 +115,20 @@ def _keys(a: argparse.Namespace) -> int:
         path = keys_mod.add_key(a.name, a.key, root, role=a.role)
         print(f"trusted {a.name} as {'client and worker' if a.role == 'both' else a.role}: "
               f"{path} (a running broker picks it up within seconds)")
+    elif a.action == "issue-worker":
+        folder = keys_mod.issue_worker_key(a.name, root)
+        own = keys_mod.load_keypair(root).public.decode()
+        print(f"made a worker key for {a.name} in {folder}, trusted with the worker role "
+              f"(its monitor runs jobs but cannot submit any). To install it on the node, "
+              f"copy both files into its dsage home, the secret key readable by its owner "
+              f"only:\n"
+              f"  ssh NODE 'mkdir -p -m 700 ~/.sage/dsage'\n"
+              f"  scp -p {folder / keys_mod.SECRET_NAME} {folder / keys_mod.PUBLIC_NAME} "
+              f"NODE:.sage/dsage/\n"
+              f"then start the monitor there with the broker's key:\n"
+              f"  dsage-worker --server BROKER_HOST --port PORT --server-key={own}\n"
+              f"(or from Python: dsage.start_workers(['NODE'], client=D, "
+              f"copy_key={a.name!r}) does all of it)")
     elif a.action == "remove":
         keys_mod.remove_key(a.name, root)
         print(f"removed {a.name} (a running broker drops it within seconds)")
@@ -167,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ka.add_argument("--role", choices=keys_mod.ROLES, default="client",
                     help="client: submits jobs (default, for another user); worker: runs "
                     "jobs (a machine's monitor key); both")
+    ki = ks.add_parser("issue-worker", help="make a keypair for one machine's monitor, "
+                       "trusted as a worker only, and say how to install it there")
+    ki.add_argument("name", help="a name for the machine (file authorized_keys/NAME.pub)")
     kr = ks.add_parser("remove", help="stop trusting a key")
     kr.add_argument("name")
     k.set_defaults(func=_keys)
