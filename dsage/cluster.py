@@ -379,8 +379,10 @@ def start_workers(hosts: Sequence[str] | str, workers: int | None = None,
         raise TypeError("start_workers needs the broker: client=D, or port= (and server=)")
     port = port if port is not None else client.port  # type: ignore[union-attr]
     server = server or socket.getfqdn()
-    own = keys_mod.load_keypair(root)
-    server_key = client.server_key if client is not None else own.public
+    given_key = options.pop("server_key", None)
+    server_key = (keys_mod.parse_public_key(given_key) if given_key is not None
+                  else client.server_key if client is not None
+                  else keys_mod.load_keypair(root).public)
     copy_from: Path | None = None
     if copy_key is True:
         copy_from = root

@@ -193,6 +193,35 @@ def test_a_cluster_of_remote_monitors_stops_gracefully(sshd: Sshd, procs: Procs)
     wait_for(lambda: not marked(sshd.mark), 30, "the remote monitor and its slots to exit")
 
 
+def test_dsage_worker_ssh_runs_monitors_there_until_stopped(sshd: Sshd, procs: Procs) -> None:
+    procs.broker()
+    d = procs.client()
+    log = procs.home / "logs" / "launcher.log"
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "dsage.cli", "worker", "--ssh", sshd.host, "--server",
+             "127.0.0.1", "--port", str(procs.port), "--workers", "1", "--python",
+             sshd.python(), f"--ssh-options={' '.join(sshd.ssh_options)}", "--remote-home",
+             str(procs.home), "--heartbeat", str(HEARTBEAT), "--tags", "far"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        procs.wait_workers(d, 1, timeout=60)
+        [w] = d.workers()
+        assert "far" in w.tags and f"ssh:{sshd.host}" in w.tags  # options went there
+        assert done(d("2**10", requires=["far"])).result() == 1024
+        wait_for(lambda: "Ctrl-C stops them" in log.read_text(), 30, "the launcher to wait")
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(30) == 0, log.read_text()
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    wait_for(lambda: not marked(sshd.mark), 30, "the remote monitor and its slots to exit")
+    assert "asked to stop over standard input" in \
+        (procs.home / "logs" / f"{remote.Host.parse(sshd.host).log_name}.log").read_text()
+
+
 def test_missing_dsage_is_reported_with_how_to_install_it(sshd: Sshd) -> None:
     host = remote.Host.parse(sshd.host)
     without = sshd.python().replace(f"PYTHONPATH={REPO}", "-u PYTHONPATH") + " -S"
