@@ -371,6 +371,9 @@ def start_workers(hosts: Sequence[str] | str, workers: int | None = None,
     names = [h for h in (hosts.split(",") if isinstance(hosts, str) else hosts) if h]
     if not names:
         raise ValueError("start_workers needs at least one host")
+    if len(set(names)) < len(names):
+        raise ValueError("a host is listed twice; one monitor per host runs all its "
+                         "slots (workers=)")
     root = keys_mod.home(home if client is None else client.home)
     unknown = set(options) - MONITOR_FIELDS
     if unknown:

@@ -46,7 +46,7 @@ class Host:
     @classmethod
     def parse(cls, text: str) -> Host:
         target, sep, port = text.rpartition(":")
-        if sep and port.isdigit() and target and not target.endswith("]"):
+        if sep and port.isdigit() and target and ":" not in target:  # (not a bare IPv6)
             return cls(text, target, int(port))
         if text.startswith("[") and "]:" in text:  # [ipv6]:port
             addr, _, port = text[1:].partition("]:")

@@ -150,7 +150,7 @@ def test_start_workers_runs_jobs_over_ssh_and_stops_with_the_cluster(
         heartbeat=HEARTBEAT, liveness=LIVENESS, priority=0)
     try:
         # the host that is down is reported, naming it and ssh's reason; the other runs
-        assert list(cluster.failed) == [down]
+        assert list(cluster.failed) == [down], (cluster.failed, sshd.log.read_text())
         assert down in cluster.failed[down] and "refused" in cluster.failed[down]
         assert [m.host for m in cluster.monitors] == [sshd.host]
         # the worker key was installed there, private, and the monitor uses it
@@ -255,7 +255,10 @@ def test_no_host_started_is_an_error(sshd: Sshd, procs: Procs) -> None:
 def test_host_parsing() -> None:
     assert remote.Host.parse("alice@node1") == remote.Host("alice@node1", "alice@node1", None)
     assert remote.Host.parse("node2:2222") == remote.Host("node2:2222", "node2", 2222)
-    assert remote.Host.parse("[::1]:22").target == "::1"
+    assert remote.Host.parse("[::1]:22") == remote.Host("[::1]:22", "::1", 22)
+    assert remote.Host.parse("::1") == remote.Host("::1", "::1", None)
+    with pytest.raises(ValueError, match="twice"):
+        dsage.start_workers(["node1", "node1"], port=8081)
     assert remote.compatible("0.1.7", "0.1.0") and not remote.compatible("0.2.0", "0.1.0")
 
 
@@ -283,13 +286,13 @@ def test_monitor_exits_when_its_stdin_closes(home: Path, port: int) -> None:
 
 def test_idle_exit_ends_a_monitor_whose_broker_is_gone(procs: Procs) -> None:
     b = procs.broker()
-    m = procs.worker(1, idle_exit=1.0)
+    m = procs.worker(1, idle_exit=3.0)
     d = procs.client()
     procs.wait_workers(d, 1)
     assert m.alive()  # a broker that answers keeps it
     procs.kill9(b)
     wait_for(lambda: not m.alive(), 30, "the idle monitor to exit")
-    assert "--idle-exit 1" in m.log.read_text()
+    assert "--idle-exit 3" in m.log.read_text()
     assert m.proc.returncode == 0
 
 
