@@ -112,7 +112,7 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "dsage-worker") -
 
 def _ssh_workers(parser: argparse.ArgumentParser, a: argparse.Namespace, prog: str) -> int:
     """``dsage-worker --ssh``: start the monitors there, stay until told to stop."""
-    from .cluster import MONITOR_FIELDS, StartError, start_workers
+    from .cluster import MONITOR_FIELDS, RemoteProcess, StartError, start_workers
 
     logs.setup(a.log_level, None)
     given = {k: v for k, v in vars(a).items()
@@ -129,7 +129,8 @@ def _ssh_workers(parser: argparse.ArgumentParser, a: argparse.Namespace, prog: s
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
-    print(f"{prog}: monitors on {', '.join(m.host for m in cluster.monitors)} (logs in "
+    hosts = [m.host for m in cluster.monitors if isinstance(m, RemoteProcess)]
+    print(f"{prog}: monitors on {', '.join(hosts)} (logs in "
           f"{keys_mod.home(a.home) / 'logs'}); Ctrl-C stops them", file=sys.stderr)
     while not stop.wait(0.5) and any(m.alive() for m in cluster.monitors):
         pass

@@ -152,7 +152,7 @@ def test_start_workers_runs_jobs_over_ssh_and_stops_with_the_cluster(
         # the host that is down is reported, naming it and ssh's reason; the other runs
         assert list(cluster.failed) == [down], (cluster.failed, sshd.log.read_text())
         assert down in cluster.failed[down] and "refused" in cluster.failed[down]
-        assert [m.host for m in cluster.monitors] == [sshd.host]
+        assert [m.name for m in cluster.monitors] == [f"ssh {sshd.host}"]
         # the worker key was installed there, private, and the monitor uses it
         secret = remote_home / keys.SECRET_NAME
         assert secret.stat().st_mode & 0o777 == 0o600
