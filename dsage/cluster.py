@@ -1,4 +1,5 @@
-"""Starting brokers and monitors from Python: ``server()``, ``worker()``, ``start_all()``.
+"""Starting brokers and monitors from Python: ``server()``, ``worker()``, ``start_all()``,
+and ``start_workers()`` for monitors on other machines (through ssh, see ``remote``).
 
 Background processes run ``python -m dsage.cli``, each in its own process
 group, logging to ``$DSAGE_HOME/logs``. They exit by themselves when the
