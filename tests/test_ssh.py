@@ -222,6 +222,21 @@ def test_dsage_worker_ssh_runs_monitors_there_until_stopped(sshd: Sshd, procs: P
         (procs.home / "logs" / f"{remote.Host.parse(sshd.host).log_name}.log").read_text()
 
 
+def test_a_remote_monitor_ends_when_its_ssh_is_killed(sshd: Sshd, procs: Procs) -> None:
+    """The script (and its ssh) dying without a word ends the session: the monitor
+    there stops by itself."""
+    procs.broker()
+    d = procs.client()
+    cluster = dsage.start_workers(sshd.host, workers=1, python=sshd.python(),
+                                  server="127.0.0.1", client=d, remote_home=str(procs.home),
+                                  ssh_options=sshd.ssh_options, heartbeat=HEARTBEAT)
+    [m] = cluster.monitors
+    assert marked(sshd.mark)
+    procs.kill9(m)
+    wait_for(lambda: not marked(sshd.mark), 30, "the remote monitor and its slots to exit")
+    wait_for(lambda: not d.workers(), 30, "the monitor to leave the broker")
+
+
 def test_missing_dsage_is_reported_with_how_to_install_it(sshd: Sshd) -> None:
     host = remote.Host.parse(sshd.host)
     without = sshd.python().replace(f"PYTHONPATH={REPO}", "-u PYTHONPATH") + " -S"
