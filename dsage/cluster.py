@@ -412,10 +412,17 @@ def start_workers(hosts: Sequence[str] | str, workers: int | None = None,
         log = root / "logs" / f"{host.log_name}.log"
         proc, pump = remote.start_session(host, ssh_options, command, log)
         started[host.text] = RemoteProcess(host.text, proc, log, pump)
-    waiter = client if client is not None else (
-        DSage(server, port, server_key, home=root, connect_timeout=timeout) if started else None)
+    waiter: DSage | None = client
     try:
+        if waiter is None and started:
+            waiter = DSage(server, port, server_key, home=root, connect_timeout=timeout)
         _wait_registered(waiter, started, cluster, timeout)
+    except BaseException:  # (the broker is unreachable from here, Ctrl-C): end them all
+        for p in started.values():
+            p.request_stop(hurry=True)
+        for p in started.values():
+            p.stop(timeout=3.0)
+        raise
     finally:
         if waiter is not None and waiter is not client:
             waiter.close()

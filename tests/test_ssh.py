@@ -237,6 +237,14 @@ def test_a_remote_monitor_ends_when_its_ssh_is_killed(sshd: Sshd, procs: Procs) 
     wait_for(lambda: not d.workers(), 30, "the monitor to leave the broker")
 
 
+def test_no_broker_ends_the_sessions_it_started(sshd: Sshd, home: Path) -> None:
+    with pytest.raises(dsage.BrokerUnreachable):
+        dsage.start_workers(sshd.host, workers=1, python=sshd.python(), server="127.0.0.1",
+                            port=free_port(), home=home, remote_home=str(home),
+                            ssh_options=sshd.ssh_options, timeout=3)
+    wait_for(lambda: not marked(sshd.mark), 30, "the remote monitor and its slots to exit")
+
+
 def test_missing_dsage_is_reported_with_how_to_install_it(sshd: Sshd) -> None:
     host = remote.Host.parse(sshd.host)
     without = sshd.python().replace(f"PYTHONPATH={REPO}", "-u PYTHONPATH") + " -S"
