@@ -11,7 +11,9 @@
 __version__ = "0.1.0"
 
 from .client import DSage, MonitorInfo  # noqa: E402
-from .cluster import ManagedProcess, StartError, server, start_all, worker  # noqa: E402
+from .cluster import (  # noqa: E402
+    Cluster, ManagedProcess, RemoteProcess, StartError, server, start_all, start_workers, worker,
+)
 from .errors import (  # noqa: E402
     BrokerUnreachable, DSageError, ItemError, JobCancelled, JobError, KeyRejected,
     RemoteTraceback, SubmitRejected, UnknownJob, UntrustedResultError,
@@ -26,9 +28,9 @@ from . import display as _display  # noqa: E402
 _display.install()
 
 __all__ = [
-    "BrokerUnreachable", "DSage", "DSageError", "DistributedFunction", "ItemError", "Job",
-    "JobCancelled", "JobError", "JobProgress", "JobWrapper", "KeyRejected", "ManagedProcess",
-    "MonitorInfo", "RemoteTraceback", "StartError", "SubmitRejected", "UnknownJob",
-    "UntrustedResultError", "WorkerInfo", "progress", "server", "setup", "slurm_workers",
-    "SlurmJob", "start_all", "worker",
+    "BrokerUnreachable", "Cluster", "DSage", "DSageError", "DistributedFunction", "ItemError",
+    "Job", "JobCancelled", "JobError", "JobProgress", "JobWrapper", "KeyRejected", "ManagedProcess",
+    "MonitorInfo", "RemoteProcess", "RemoteTraceback", "SlurmJob", "StartError",
+    "SubmitRejected", "UnknownJob", "UntrustedResultError", "WorkerInfo", "progress", "server",
+    "setup", "slurm_workers", "start_all", "start_workers", "worker",
 ]

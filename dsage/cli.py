@@ -6,7 +6,10 @@ Launchers only parse, configure logging and call ``run_broker``/``run_monitor``.
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from . import logs
 from . import shell
 from . import slurm
 from .broker import BrokerFailed, PortInUse, run_broker
+from .errors import DSageError
 from .monitor import run_monitor
 from .options import BrokerOptions, MonitorOptions, add_arguments, from_args, positive_int
 from .runas import RunAsError
@@ -48,6 +52,20 @@ def worker_parser(prog: str = "dsage-worker") -> argparse.ArgumentParser:
         prog=prog, description="Run a dsage monitor: it connects to a broker and runs jobs "
         "in worker slots, one long-lived process per slot.")
     add_arguments(p, MonitorOptions)
+    r = p.add_argument_group("monitors on other machines, through ssh (this process "
+                             "stays to stop them: Ctrl-C or SIGTERM)")
+    r.add_argument("--ssh", type=lambda t: [h for h in t.split(",") if h], default=None,
+                   metavar="HOST[,HOST]", help="start the monitor on each of these hosts "
+                   "([user@]host[:port]) instead of here; --workers defaults to their cores")
+    r.add_argument("--python", default="python3", metavar="COMMAND",
+                   help="how Python runs there (default python3)")
+    r.add_argument("--copy-key", default=None, metavar="NAME",
+                   help="install the worker key `dsage keys issue-worker NAME` made there "
+                   "('self': the own keypair; default: the host's own)")
+    r.add_argument("--ssh-options", default="", metavar="'OPTIONS'",
+                   help="more ssh options, one string ('-i KEY -o ...')")
+    r.add_argument("--remote-home", default=None, metavar="DIR",
+                   help="the dsage folder there (default: its $DSAGE_HOME or ~/.sage/dsage)")
     _common(p, "worker")
     return p
 
@@ -80,13 +98,51 @@ def broker_main(argv: Sequence[str] | None = None, prog: str = "dsage-broker") -
 
 
 def worker_main(argv: Sequence[str] | None = None, prog: str = "dsage-worker") -> int:
-    a = worker_parser(prog).parse_args(argv)
+    parser = worker_parser(prog)
+    a = parser.parse_args(argv)
+    if a.ssh is not None:
+        return _ssh_workers(parser, a, prog)
     _logging(a, "worker")
     try:
         server_key = keys_mod.parse_public_key(a.server_key) if a.server_key else None
         run_monitor(from_args(MonitorOptions, a, server_key=server_key))
     except (keys_mod.KeyProblem, RunAsError) as e:
         return _fail(prog, str(e))
+    return 0
+
+
+def _ssh_workers(parser: argparse.ArgumentParser, a: argparse.Namespace, prog: str) -> int:
+    """``dsage-worker --ssh``: start the monitors there, stay until told to stop."""
+    from .cluster import MONITOR_FIELDS, RemoteProcess, StartError, start_workers
+
+    logs.setup(a.log_level, None)
+    given = {k: v for k, v in vars(a).items()
+             if k in MONITOR_FIELDS and v != parser.get_default(k)}
+    workers = a.workers if a.workers != parser.get_default("workers") else None
+    copy_key: bool | str = True if a.copy_key == "self" else (a.copy_key or False)
+    try:
+        cluster = start_workers(
+            a.ssh, workers, a.python, None if a.server == "localhost" else a.server, a.port,
+            copy_key, shlex.split(a.ssh_options), home=a.home, remote_home=a.remote_home,
+            **given)
+    except (StartError, keys_mod.KeyProblem, DSageError) as e:
+        return _fail(prog, str(e))
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    hosts = [m.host for m in cluster.monitors if isinstance(m, RemoteProcess)]
+    print(f"{prog}: monitors on {', '.join(hosts)} (logs in "
+          f"{keys_mod.home(a.home) / 'logs'}); Ctrl-C stops them", file=sys.stderr)
+    while not stop.wait(0.5) and any(m.alive() for m in cluster.monitors):
+        pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cluster.stop()
+    except KeyboardInterrupt:  # a second Ctrl-C: at once
+        cluster.stop(hurry=True)
+    if not stop.is_set():
+        print(f"{prog}: every remote monitor ended; see the logs", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -116,6 +172,20 @@ def _keys(a: argparse.Namespace) -> int:
         path = keys_mod.add_key(a.name, a.key, root, role=a.role)
         print(f"trusted {a.name} as {'client and worker' if a.role == 'both' else a.role}: "
               f"{path} (a running broker picks it up within seconds)")
+    elif a.action == "issue-worker":
+        folder = keys_mod.issue_worker_key(a.name, root)
+        own = keys_mod.load_keypair(root).public.decode()
+        print(f"made a worker key for {a.name} in {folder}, trusted with the worker role "
+              f"(its monitor runs jobs but cannot submit any). To install it on the node, "
+              f"copy both files into its dsage home, the secret key readable by its owner "
+              f"only:\n"
+              f"  ssh NODE 'mkdir -p -m 700 ~/.sage/dsage'\n"
+              f"  scp -p {folder / keys_mod.SECRET_NAME} {folder / keys_mod.PUBLIC_NAME} "
+              f"NODE:.sage/dsage/\n"
+              f"then start the monitor there with the broker's key:\n"
+              f"  dsage-worker --server BROKER_HOST --port PORT --server-key={own}\n"
+              f"(or from Python: dsage.start_workers(['NODE'], client=D, "
+              f"copy_key={a.name!r}) does all of it)")
     elif a.action == "remove":
         keys_mod.remove_key(a.name, root)
         print(f"removed {a.name} (a running broker drops it within seconds)")
@@ -168,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ka.add_argument("--role", choices=keys_mod.ROLES, default="client",
                     help="client: submits jobs (default, for another user); worker: runs "
                     "jobs (a machine's monitor key); both")
+    ki = ks.add_parser("issue-worker", help="make a keypair for one machine's monitor, "
+                       "trusted as a worker only, and say how to install it there")
+    ki.add_argument("name", help="a name for the machine (file authorized_keys/NAME.pub)")
     kr = ks.add_parser("remove", help="stop trusting a key")
     kr.add_argument("name")
     k.set_defaults(func=_keys)

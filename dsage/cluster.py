@@ -1,4 +1,5 @@
-"""Starting brokers and monitors from Python: ``server()``, ``worker()``, ``start_all()``.
+"""Starting brokers and monitors from Python: ``server()``, ``worker()``, ``start_all()``,
+and ``start_workers()`` for monitors on other machines (through ssh, see ``remote``).
 
 Background processes run ``python -m dsage.cli``, each in its own process
 group, logging to ``$DSAGE_HOME/logs``. They exit by themselves when the
@@ -14,12 +15,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from . import keys as keys_mod
+from . import remote
 from .broker import run_broker
 from .client import DSage
 from .monitor import run_monitor
@@ -55,6 +59,13 @@ class ManagedProcess:
         except OSError:
             return ""
 
+    def request_stop(self, hurry: bool = False) -> None:
+        """Ask it to stop (SIGTERM; with ``hurry`` also SIGINT, which ends a monitor's
+        grace period: a second signal, so it is not merged with the first)."""
+        _signal_group(self.pid, signal.SIGTERM)
+        if hurry:
+            _signal_group(self.pid, signal.SIGINT)
+
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
         if self.proc.poll() is None:
@@ -68,6 +79,47 @@ class ManagedProcess:
 
     def __repr__(self) -> str:
         return f"<{self.name} pid {self.pid} {'running' if self.alive() else 'stopped'}>"
+
+
+class RemoteProcess(ManagedProcess):
+    """A monitor on another machine: the local ``ssh`` running it. A ``stop`` line
+    on the session's standard input stops the remote monitor gracefully, closing
+    it stops the monitor at once (it gives its jobs back and exits, then ``ssh``
+    exits; a dead ``ssh`` closes it too); its log lines are copied to ``log``."""
+
+    def __init__(self, host: str, proc: subprocess.Popen[bytes], log: Path,
+                 pump: threading.Thread) -> None:
+        super().__init__(f"ssh {host}", proc, log)
+        self.host, self.pump = host, pump
+        self.asked = False
+
+    def request_stop(self, hurry: bool = False) -> None:
+        """Ask once for a graceful stop; with ``hurry``, close the session's input."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.closed or (self.asked and not hurry):
+            return
+        try:
+            if hurry:
+                stdin.close()
+            else:
+                self.asked = True
+                stdin.write(b"stop\n")
+                stdin.flush()
+        except OSError:  # the session is gone already
+            pass
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the remote monitor, waiting up to ``timeout`` for it to end its jobs
+        and exit, then end the session (at once), then ``ssh``."""
+        for hurry, wait in ((False, timeout), (True, 5.0)):
+            self.request_stop(hurry)
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        super().stop(timeout=3.0)
+        self.pump.join(5.0)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -148,6 +200,8 @@ class Cluster:
     def __init__(self) -> None:
         self.broker: ManagedProcess | None = None
         self.monitors: list[ManagedProcess] = []
+        #: hosts where :func:`start_workers` could not start a monitor, and why
+        self.failed: dict[str, str] = {}
 
     def processes(self) -> list[ManagedProcess]:
         return [*self.monitors, *([self.broker] if self.broker else [])]
@@ -162,9 +216,7 @@ class Cluster:
         """Stop the monitors (they give running jobs back to the broker: at once with
         ``hurry``, else after their grace period), then the broker."""
         for m in self.monitors:
-            _signal_group(m.pid, signal.SIGTERM)
-            if hurry:  # a second stop request (another signal, so it is not merged
-                _signal_group(m.pid, signal.SIGINT)  # with the first): no grace period
+            m.request_stop(hurry)
         for m in self.monitors:
             m.stop(timeout=3.0 if hurry else 15.0)
         if self.broker is not None:
@@ -289,3 +341,120 @@ def start_all(workers: int = 2, port: int | None = None,
               f"session on {root} {'are' if earlier != 1 else 'is'} queued and run first; "
               f"D.kill_all() (or `dsage kill --all` in a shell) drops them", file=sys.stderr)
     return d
+
+
+def start_workers(hosts: Sequence[str] | str, workers: int | None = None,
+                  python: str = "python3", server: str | None = None, port: int | None = None,
+                  copy_key: bool | str = False, ssh_options: Sequence[str] = (), *,
+                  client: DSage | None = None, home: str | os.PathLike[str] | None = None,
+                  remote_home: str | None = None, timeout: float = 60.0,
+                  **options: Any) -> Cluster:
+    """Start a monitor with ``workers`` slots (default: one per core there) on each of
+    ``hosts`` (``'alice@node1'``, ``'node2:2222'``, or a comma-separated string) through
+    the system's ``ssh``, for the broker of ``client`` (a DSage, say from
+    :func:`start_all`: the monitors then stop when it closes) or at ``server:port``.
+
+    ``server`` is the broker's address as the hosts reach it (default: this machine's
+    name). ``python`` is the command that runs Python there (``'python3'``, or
+    ``'~/venv/bin/python'``); it must import a compatible dsage, else the host is
+    reported with how to install it. ``copy_key=True`` installs this home's keypair
+    there; ``copy_key='NAME'`` the worker key ``dsage keys issue-worker NAME`` made
+    (recommended: it can run jobs but not submit them); by default the host's own
+    keypair is used. ``ssh_options`` are passed to ``ssh`` (``['-i', 'key']``);
+    ``remote_home`` is the dsage folder there; other options go to the monitors
+    (``heartbeat=0.5``, ``tags=[...]``).
+
+    A host that is down, refuses, lacks dsage or does not register within
+    ``timeout`` is reported (on stderr, and in the returned cluster's ``failed``) and
+    the others go on; StartError when no host started. Each monitor's log lines
+    are copied to ``$DSAGE_HOME/logs/ssh-HOST.log``.
+    """
+    names = [h for h in (hosts.split(",") if isinstance(hosts, str) else hosts) if h]
+    if not names:
+        raise ValueError("start_workers needs at least one host")
+    if len(set(names)) < len(names):
+        raise ValueError("a host is listed twice; one monitor per host runs all its "
+                         "slots (workers=)")
+    root = keys_mod.home(home if client is None else client.home)
+    unknown = set(options) - MONITOR_FIELDS
+    if unknown:
+        raise TypeError(f"unknown worker option(s): {', '.join(sorted(unknown))}")
+    if client is None and port is None:
+        raise TypeError("start_workers needs the broker: client=D, or port= (and server=)")
+    port = port if port is not None else client.port  # type: ignore[union-attr]
+    server = server or socket.getfqdn()
+    given_key = options.pop("server_key", None)
+    server_key = (keys_mod.parse_public_key(given_key) if given_key is not None
+                  else client.server_key if client is not None
+                  else keys_mod.load_keypair(root).public)
+    copy_from: Path | None = None
+    if copy_key is True:
+        copy_from = root
+    elif isinstance(copy_key, str) and copy_key:
+        copy_from = keys_mod.worker_key_dir(copy_key, root)
+        if not (copy_from / keys_mod.SECRET_NAME).exists():
+            raise keys_mod.NoKeypair(f"no worker key named {copy_key!r} in {root}: make it "
+                                     f"with `dsage keys issue-worker {copy_key}`")
+    parsed = [remote.Host.parse(h) for h in names]
+    cluster = Cluster()
+    for host, error in remote.prepare_all(parsed, python, ssh_options, copy_from,
+                                          remote_home).items():
+        if error is not None:
+            cluster.failed[host.text] = str(error)
+    started: dict[str, RemoteProcess] = {}
+    for host in parsed:
+        if host.text in cluster.failed:
+            continue
+        extra = _as_args({**options, "server_key": server_key,
+                          "tags": [*options.get("tags", []), f"ssh:{host.text}"]},
+                         MONITOR_FIELDS, "worker")
+        command = remote.worker_command(python, server, port, workers, remote_home, extra)
+        log = root / "logs" / f"{host.log_name}.log"
+        proc, pump = remote.start_session(host, ssh_options, command, log)
+        started[host.text] = RemoteProcess(host.text, proc, log, pump)
+    waiter: DSage | None = client
+    try:
+        if waiter is None and started:
+            waiter = DSage(server, port, server_key, home=root, connect_timeout=timeout)
+        _wait_registered(waiter, started, cluster, timeout)
+    except BaseException:  # (the broker is unreachable from here, Ctrl-C): end them all
+        for p in started.values():
+            p.request_stop(hurry=True)
+        for p in started.values():
+            p.stop(timeout=3.0)
+        raise
+    finally:
+        if waiter is not None and waiter is not client:
+            waiter.close()
+    for text, message in cluster.failed.items():
+        print(f"dsage: no monitor on {message}" if message.startswith(text)
+              else f"dsage: no monitor on {text}: {message}", file=sys.stderr)
+    if not cluster.monitors:
+        raise StartError("no monitor started:\n" + "\n".join(cluster.failed.values()))
+    if client is not None:
+        if client._cluster is None:
+            client._cluster = Cluster()
+        client._cluster.monitors.extend(cluster.monitors)
+    return cluster
+
+
+def _wait_registered(d: DSage | None, started: dict[str, RemoteProcess], cluster: Cluster,
+                     timeout: float) -> None:
+    """Wait until each started monitor registered (its ``ssh:HOST`` tag shows); one
+    whose session ended, or that is not there by ``timeout``, goes to ``failed``."""
+    deadline = time.monotonic() + timeout
+    waiting = dict(started)
+    while waiting and d is not None:
+        tags = {t for w in d.workers() for t in w.tags}
+        for text, p in list(waiting.items()):
+            if f"ssh:{text}" in tags:
+                cluster.monitors.append(waiting.pop(text))
+            elif not p.alive() or time.monotonic() > deadline:
+                why = (f"the session ended (status {p.proc.returncode})" if not p.alive()
+                       else f"the monitor did not register within {timeout:g} s")
+                p.stop(timeout=3.0)
+                cluster.failed[text] = f"{text}: {why}; its log {p.log} ends with:\n" \
+                                       f"{p.log_tail()}"
+                del waiting[text]
+        if waiting:
+            time.sleep(0.1)

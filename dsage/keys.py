@@ -284,3 +284,30 @@ def remove_key(name: str, path: str | os.PathLike[str] | None = None) -> None:
     if not _NAME.match(name) or not target.exists():
         raise BadKey(f"no authorized key named '{name}' (see `dsage keys list`)")
     target.unlink()
+
+
+WORKERS_DIR = "worker_keys"
+
+
+def worker_key_dir(name: str, path: str | os.PathLike[str] | None = None) -> Path:
+    """Where ``issue_worker_key(name)`` keeps the keypair it made for a machine."""
+    if not _NAME.match(name) or name.startswith("."):
+        raise BadKey(f"'{name}' is not a valid key name (letters, digits, _ . @ -)")
+    return home(path) / WORKERS_DIR / name
+
+
+def issue_worker_key(name: str, path: str | os.PathLike[str] | None = None) -> Path:
+    """Make a keypair for one machine's monitor, trusted with the worker role only
+    (it runs jobs, never submits them), in ``worker_key_dir(name)``; returns that
+    folder. Its two files become the dsage keypair of the machine's home."""
+    folder = worker_key_dir(name, path)
+    if (folder / SECRET_NAME).exists() or name == SELF_NAME:
+        raise BadKey(f"a worker key named '{name}' exists already ({folder}); to replace "
+                     f"it, run `dsage keys remove {name}` and remove that folder")
+    private_dir(home(path) / WORKERS_DIR)
+    private_dir(folder)
+    public, secret = zmq.curve_keypair()
+    _write_private(folder / SECRET_NAME, certificate_text(public, secret))
+    _write_public(folder / PUBLIC_NAME, certificate_text(public))
+    add_key(name, public, path, role="worker")
+    return folder

@@ -158,6 +158,8 @@ class Monitor:
         #: the tags offered: ``--tags`` and what is installed (povray, sage)
         self.tags = offered_tags(options.tags)
         self.monitor_id = uuid.uuid4().hex
+        #: when the broker was last heard from on any connection (for ``--idle-exit``)
+        self.last_contact = time.monotonic()
         self.host = socket.gethostname()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.poller = zmq.Poller()
@@ -335,7 +337,7 @@ class Monitor:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.last_heard = time.monotonic()
+            self.last_heard = self.last_contact = time.monotonic()
             try:
                 msg = decode(frames, MONITOR_REPLIES)
             except ProtocolError as e:
@@ -957,6 +959,11 @@ class Monitor:
                 and os.getppid() != self.options.exit_with_parent):
             log.warning("parent process is gone: stopping")
             self.begin_stop()
+        idle = self.options.idle_exit
+        if idle is not None and not self.stopping and now - self.last_contact > idle:
+            log.warning("no word from the broker for %.1f s (--idle-exit %g): stopping",
+                        now - self.last_contact, idle)
+            self.begin_stop()
 
     def request_stop(self) -> None:
         """Ask the loop to :meth:`begin_stop` (safe from a signal handler: it sends
@@ -995,6 +1002,9 @@ class Monitor:
     def run(self) -> None:
         """Work until stopped; SIGTERM/SIGINT start a graceful stop."""
         restore = self._install_signals()
+        if self.options.exit_on_stdin_eof:
+            threading.Thread(target=self._stop_on_stdin_eof, daemon=True,
+                             name="dsage-stdin").start()
         try:
             while not self.stopping:
                 self.step(self.options.heartbeat / 2)
@@ -1002,6 +1012,22 @@ class Monitor:
         finally:
             restore()
             self.close()
+
+    def _stop_on_stdin_eof(self) -> None:
+        """Follow standard input (an ssh session's): a line asks for a graceful stop,
+        its end (the session is gone) for a stop at once."""
+        fd = sys.stdin.fileno()  # read raw: a buffered reader's lock would hang the
+        try:                     # interpreter's exit while this daemon thread waits in it
+            while chunk := os.read(fd, 4096):
+                if b"stop" in chunk:
+                    log.info("asked to stop over standard input")
+                    self.request_stop()
+        except (OSError, ValueError):
+            pass
+        log.warning("standard input closed (the session that started this monitor ended): "
+                    "stopping now")
+        self.request_stop()
+        self.request_stop()  # a second request: no grace period
 
     def _drain_on_stop(self) -> None:
         assert self.stop_deadline is not None

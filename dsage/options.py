@@ -159,7 +159,14 @@ class MonitorOptions:
                              "read the monitor's secret key or the dsage home (the monitor "
                              "must run as root; default: nobody for an --anonymous monitor "
                              "run as root, else the monitor's own user)", metavar="USER")
+    idle_exit: float | None = opt(None, "exit when the broker has been silent for this many "
+                                  "seconds (for monitors on other machines, so none outlives "
+                                  "its cluster; default: keep trying)", parse=positive_float,
+                                  metavar="SECONDS")
     exit_with_parent: int | None = opt(None, hidden=True)
+    #: stop when standard input says ``stop`` (gracefully) or closes (at once): for a
+    #: monitor started over ssh, the session's end
+    exit_on_stdin_eof: bool = opt(False, hidden=True)
 
 
 def _parser_type(f: dataclasses.Field[Any], hint: Any) -> Callable[[str], Any]:
