@@ -35,7 +35,7 @@ def test_site_builds_strict_with_the_cli_reference(tmp_path: Path) -> None:
                                                         os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
                         str(ROOT / "mkdocs.yml"), "--site-dir", str(site)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, r.stdout + r.stderr
     cli = (site / "cli" / "index.html").read_text()
     for command in ("dsage keys add", "dsage jobs", "dsage slurm submit", "dsage-broker",
