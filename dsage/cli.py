@@ -213,7 +213,8 @@ def _protect_keys(args: list[str]) -> list[str]:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The ``dsage`` command line (also what the docs' CLI reference is made from)."""
     p = argparse.ArgumentParser(
         prog="dsage", description="Distributed computing from a script or a session: "
         "`dsage setup` makes the keypair, `dsage demo` runs the examples on a local cluster, "
@@ -248,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     slurm.add_commands(sub)
     sub.add_parser("broker", help="run a broker (as dsage-broker)", add_help=False)
     sub.add_parser("worker", help="run a monitor (as dsage-worker)", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("broker", "worker"):
         run: Callable[..., int] = broker_main if args[0] == "broker" else worker_main
