@@ -53,7 +53,8 @@ def make_dummy(_: object) -> Dummy:
 
 
 def chunk_names(d: dsage.DSage, prefix: str) -> list[str]:
-    return [j.name for j in d.get_my_jobs() if j.name and j.name.startswith(prefix + " [")]
+    return [j.name for j in d.get_my_jobs(limit=None)
+            if j.name and j.name.startswith(prefix + " [")]
 
 
 def chunk_sizes(names: list[str]) -> list[int]:
@@ -100,8 +101,11 @@ def test_map_keeps_order_and_packs_many_items_per_job_and_many_jobs_per_message(
         math.factorial(i) for i in range(3000)]
     messages = cluster._io.sent_messages[b"submit"] - before
     names = chunk_names(cluster, "factorial")
-    assert sorted(chunk_sizes(names)) == [30] * 100
-    assert messages <= 100 / 4, f"{messages} submit messages for 100 chunks"
+    # a chunk that met a new slot (one recycled for its memory growth, say) without
+    # the function goes again, under the same name
+    resent = len(names) - len(set(names))
+    assert sorted(chunk_sizes(sorted(set(names)))) == [30] * 100
+    assert messages <= 100 / 4 + resent, f"{messages} submit messages for 100 chunks"
 
     # sized from measured times: tiny items go thousands to a job
     before = cluster._io.sent_messages[b"submit"]
