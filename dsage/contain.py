@@ -267,6 +267,12 @@ def monitor_group_name(pid: int | None = None) -> str:
     return f"m-{pid}-{_start_time(pid)}"
 
 
+def monitor_alive(pid: int, start: str) -> bool:
+    """Whether the monitor named ``m-PID-START`` (see :func:`monitor_group_name`) still
+    runs: its pid exists and was not reused since."""
+    return _start_time(pid) == start
+
+
 def cgroup_procs(path: str, recursive: bool = True) -> list[int]:
     """The processes in a cgroup (and, with ``recursive``, in those below it)."""
     pids: list[int] = []
@@ -390,8 +396,8 @@ def sweep_stale(base: str) -> int:
         parts = name.split("-")
         if len(parts) != 3 or parts[0] != "m" or not parts[1].isdigit():
             continue
-        if _start_time(int(parts[1])) == parts[2]:
-            continue  # its monitor is alive
+        if monitor_alive(int(parts[1]), parts[2]):
+            continue
         remove_cgroup(os.path.join(base, name), wait=1.0)
         n += 1
     return n

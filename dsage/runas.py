@@ -23,7 +23,7 @@ import pwd
 import sys
 from dataclasses import dataclass
 
-from .contain import monitor_group_name
+from .contain import monitor_alive, monitor_group_name
 
 #: the user jobs of an anonymous-facing monitor run as when the monitor is root
 DEFAULT_ANONYMOUS_USER = "nobody"
@@ -104,8 +104,8 @@ def sweep_stale(base: str) -> int:
         parts = tail.split("-")
         if not (head.startswith("dsage-") and sep and len(parts) == 3 and parts[0].isdigit()):
             continue
-        if monitor_group_name(int(parts[0])) == f"m-{parts[0]}-{parts[1]}":
-            continue  # its monitor is alive
+        if monitor_alive(int(parts[0]), parts[1]):
+            continue
         path = os.path.join(base, name)
         try:
             st = os.lstat(path)
