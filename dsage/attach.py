@@ -21,7 +21,8 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,21 +94,22 @@ _cache = _FileCache()
 
 def _read_file(path: Path, option: str) -> tuple[bytes, str]:
     """A file's content and hash (from the cache when unchanged), or a clear error."""
-    try:
+    with _reading(path, option):
         if path.is_dir():
             raise IsADirectoryError
         return _cache.read(path)
-    except IsADirectoryError:
-        raise IsADirectoryError(f"{option}: {path} is a folder; attach files") from None
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{option}: no file {path}") from None
-    except OSError as e:
-        raise OSError(f"{option}: cannot read {path}: {e.strerror}") from None
 
 
 def _read(path: Path, option: str) -> bytes:
-    try:
+    with _reading(path, option):
         return path.read_bytes()
+
+
+@contextmanager
+def _reading(path: Path, option: str) -> Iterator[None]:
+    """Turn an error reading ``path`` (given as ``option``) into one that says so."""
+    try:
+        yield
     except IsADirectoryError:
         raise IsADirectoryError(f"{option}: {path} is a folder; attach files") from None
     except FileNotFoundError:
