@@ -932,18 +932,9 @@ class Monitor:
             slot.live_offset += len(data)
 
     def _live_fd(self, slot: Slot) -> int:
-        """The slot's capture file, opened once to read (a regular file only: its
-        folder is the job's to change, and the monitor may be root)."""
+        """The slot's capture file, opened once to read (see :func:`_open_capture`)."""
         if slot.live_fd < 0:
-            try:
-                fd = os.open(slot.capture, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | os.O_CLOEXEC)
-            except OSError:
-                return -1
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                return -1
-            slot.live_fd = fd
+            slot.live_fd = _open_capture(slot.capture)
         return slot.live_fd
 
     def _keepalive(self, now: float) -> None:
@@ -1091,17 +1082,29 @@ class Monitor:
         log.info("dsage-worker stopped")
 
 
-def _read_capture(path: Path) -> bytes:
-    """What a dead slot's capture file holds. Its folder is the job's to change: the
-    file is read only if it is a regular file, never through a link or from a pipe
-    a job put in its place (the monitor may be root, and would read it for the job)."""
+def _open_capture(path: Path) -> int:
+    """A slot's capture file, open to read, or -1. Its folder is the job's to change:
+    it is opened only as a regular file, never through a link or as a pipe a job put
+    in its place (the monitor may be root, and would read it for the job)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
+        return -1
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return -1
+
+
+def _read_capture(path: Path) -> bytes:
+    """What a dead slot's capture file holds (see :func:`_open_capture`)."""
+    fd = _open_capture(path)
+    if fd < 0:
         return b""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return b""
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read()
     except OSError:
