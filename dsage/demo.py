@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import tempfile
@@ -15,23 +16,6 @@ from .dist_functions import DistributedFactor
 from .progress import progress
 from .words import plural
 
-FILE_JOB = """\
-import random
-
-def factor(n):
-    out, d = [], 2
-    while d * d <= n:
-        while n % d == 0:
-            out.append(d)
-            n //= d
-        d += 1
-    return out + ([n] if n > 1 else [])
-
-n = random.randint(10**11, 10**13)
-DSAGE_RESULT = (n, factor(n))
-"""
-
-
 def factor(n: int) -> list[int]:
     """Trial division: the prime factors of ``n``, smallest first."""
     out, d = [], 2
@@ -41,6 +25,11 @@ def factor(n: int) -> list[int]:
             n //= d
         d += 1
     return out + ([n] if n > 1 else [])
+
+
+#: the original's Example 1 as a file: a job of its own, so ``factor`` goes as source
+FILE_JOB = ("import random\n\n" + inspect.getsource(factor)
+            + "\nn = random.randint(10**11, 10**13)\nDSAGE_RESULT = (n, factor(n))\n")
 
 
 def run_demo(workers: int = 2, home: str | os.PathLike[str] | None = None) -> int:
