@@ -630,9 +630,7 @@ class _IO(threading.Thread):
             elif cmd[0] == "query":
                 self._send_ids(M.QUERY, [i for i in cmd[1] if i not in self.unacked])
             elif cmd[0] == "kill":  # no reply awaited: the jobs' records update their wrappers
-                for r in batches([_ID_BYTES] * len(cmd[1]), MAX_BATCH, _SPEC_BUDGET):
-                    self._send(make(M.KILL, req=0, ids=cmd[1][r.start:r.stop],
-                                    queued_only=False))
+                self._send_ids(M.KILL, cmd[1], queued_only=False)
             elif cmd[0] == "close":
                 self.running = False
 
@@ -647,10 +645,11 @@ class _IO(threading.Thread):
         """Queue a message; it is sent in order after everything queued before it."""
         self.outq.append(msg)
 
-    def _send_ids(self, type_: M, ids: list[str], req: int = 0) -> None:
-        """Queue a message per batch of ``ids`` (a QUERY with ``req``)."""
+    def _send_ids(self, type_: M, ids: list[str], req: int = 0, **header: Any) -> None:
+        """Queue a message per batch of ``ids`` (a QUERY or KILL with ``req`` and the
+        rest of its ``header``)."""
         for r in batches([_ID_BYTES] * len(ids), MAX_BATCH, _SPEC_BUDGET):
-            self._send(make(type_, req=req, ids=ids[r.start:r.stop]))
+            self._send(make(type_, req=req, ids=ids[r.start:r.stop], **header))
 
     def _queue_job(self, jid: str, job: _Outgoing) -> None:
         """(Re)queue a job to be sent, last in both the send queue and ``unacked``."""
@@ -1424,8 +1423,9 @@ class DSage:
         ids = [j.job_id for s in wanted for j in self.get_my_jobs(s, limit=None, timeout=timeout)]
         killed = 0
         for part in batches([0] * len(ids)):
+            # with 'new', only jobs still queued: one that started meanwhile goes on
             wrappers = self._io.request(M.KILL, timeout, wrap=True, ids=ids[part.start:part.stop],
-                                        queued_only=False)
+                                        queued_only=status == Status.NEW.value)
             killed += sum(w.status == Status.KILLED for w in wrappers)
         return killed
 
