@@ -111,11 +111,18 @@ def test_running_brokers_are_recorded_and_stale_records_dropped(tmp_path: Path) 
 # --- Python API on a live cluster
 
 
-def test_status_lists_jobs_by_state_and_monitors(procs: Procs) -> None:
+@pytest.fixture
+def one_slot(procs: Procs) -> dsage.DSage:
+    """A broker, a monitor with one slot, and a connected client."""
     procs.broker()
     procs.worker(1)
     d = procs.client()
     procs.wait_workers(d, 1)
+    return d
+
+
+def test_status_lists_jobs_by_state_and_monitors(one_slot: dsage.DSage) -> None:
+    d = one_slot
     done = d("1 + 1")
     done.wait(60)
     busy = d(SLEEP)
@@ -154,11 +161,9 @@ def test_get_my_jobs_pages_through_thousands(cluster: dsage.DSage) -> None:
 # --- the shell commands
 
 
-def test_shell_commands_find_the_broker_and_print_json(procs: Procs) -> None:
-    procs.broker()
-    procs.worker(1)
-    d = procs.client()
-    procs.wait_workers(d, 1)
+def test_shell_commands_find_the_broker_and_print_json(procs: Procs,
+                                                      one_slot: dsage.DSage) -> None:
+    d = one_slot
     done = d("6 * 7", name="answer")
     done.wait(60)
     slow = d(SLEEP, name="slow")
@@ -450,12 +455,9 @@ TICKER = ("import time\n"
           "'done'")
 
 
-def test_a_running_jobs_output_streams_to_its_wrapper(procs: Procs) -> None:
+def test_a_running_jobs_output_streams_to_its_wrapper(one_slot: dsage.DSage) -> None:
     """2.5 s into a job that printed every second, j.output was once ''."""
-    procs.broker()
-    procs.worker(1)
-    d = procs.client()
-    procs.wait_workers(d, 1)
+    d = one_slot
     first = d("print('from the job before')")
     first.wait(60)
     j = d(TICKER)
