@@ -25,7 +25,6 @@ import ctypes
 import errno
 import importlib.machinery
 import json
-import operator
 import os
 import resource
 import shutil
@@ -38,7 +37,7 @@ import time
 import traceback
 from typing import Any
 
-from . import chunks, contain, runas
+from . import chunks, contain, runas, versions
 from .attach import Attachments, place, unwrap
 from .codec import encode_result
 from .functions import LoadError, preload
@@ -404,25 +403,33 @@ def _rebound(now: Any, then: dict[str, Any]) -> list[str]:
 class ModuleWatch:
     """What every loaded module's names, and its classes' attributes, are bound to, to
     tell when a job rebound one (``math.pi = 3``, ``Fraction.__add__ = f``). Each
-    namespace is compared with a copy, identity first, in loops that run in C: about
-    0.15 ms per job for the slot's own 170 modules and 650 classes. A module is noted
-    as soon as its import completes (:meth:`install`), so that one a job imports and
-    then changes is caught too; modules that appear some other way are noted after
-    the job."""
+    namespace has a stamp that moves whenever it may have changed: CPython's version
+    tag of the dict or class where :mod:`dsage.versions` can read it (~25 us per job
+    for the slot's own 170 modules and 650 classes), else its contents (its values,
+    compared identity first in loops that run in C: ~0.2 ms). Only a namespace whose
+    stamp moved is compared name by name with its copy. A module is noted as soon as
+    its import completes (:meth:`install`), so that one a job imports and then
+    changes is caught too; modules that appear some other way are noted after the
+    job."""
 
     #: modules whose names change as a matter of course
     SKIP = frozenset({"sys", "__main__", "__mp_main__", "builtins"})
 
-    def __init__(self) -> None:
-        #: per module noted: its name, namespace, values then and namespace then
+    def __init__(self, tags: bool = versions.WORKS) -> None:
+        self.tags = tags
+        #: per module noted: its name, namespace and a copy of it; where its stamp is
+        #: read (a tag's view, or the namespace), and its stamp then
         self.names: list[str] = []
         self.dicts: list[dict[str, Any]] = []
-        self.values: list[list[Any]] = []
         self.copies: list[dict[str, Any]] = []
-        #: per class noted: the class, its attributes (a live view) and a copy of them
+        self.module_stamps: list[Any] = []
+        self.module_then: list[Any] = []
+        #: per class noted: the class and a copy of its attributes; where its stamp is
+        #: read (a tag's view, or its attributes: a live view), and its stamp then
         self.classes: list[type] = []
-        self.attrs: list[Any] = []
         self.class_copies: list[dict[str, Any]] = []
+        self.class_stamps: list[Any] = []
+        self.class_then: list[Any] = []
         self.known: set[str] = set()
         self.known_classes: set[int] = set()
         self.count = 0
@@ -436,14 +443,35 @@ class ModuleWatch:
         self.known.add(name)
         self.names.append(name)
         self.dicts.append(d)
-        self.values.append(list(d.values()))
-        self.copies.append(dict(d))
+        self.module_stamps.append(versions.dict_tag(d) if self.tags else d)
+        self.module_then.append(None)
+        self.copies.append({})
+        self._note_module(len(self.dicts) - 1)
         for cls in _classes(d):
             if id(cls) not in self.known_classes:  # classes noted are kept: ids stay theirs
                 self.known_classes.add(id(cls))
                 self.classes.append(cls)
-                self.attrs.append(cls.__dict__)
-                self.class_copies.append(dict(cls.__dict__))
+                self.class_stamps.append(versions.class_tag(cls) if self.tags else cls.__dict__)
+                self.class_then.append(None)
+                self.class_copies.append({})
+                self._note_class(len(self.classes) - 1)
+
+    def _note_module(self, i: int) -> None:
+        """Take module ``i``'s stamp and copy as they are now."""
+        d = self.dicts[i]
+        self.module_then[i] = self.module_stamps[i].value if self.tags else list(d.values())
+        self.copies[i] = dict(d)
+
+    def _note_class(self, i: int) -> None:
+        """Take class ``i``'s stamp and copy as they are now (with tags: -1 for a class
+        that cannot get one, so that it is compared every time)."""
+        cls = self.classes[i]
+        if self.tags:
+            versions.tag_class(cls)
+            self.class_then[i] = self.class_stamps[i].value or -1
+            self.class_copies[i] = dict(cls.__dict__)
+        else:
+            self.class_then[i] = self.class_copies[i] = dict(cls.__dict__)
 
     def add_new(self) -> None:
         if len(sys.modules) == self.count:
@@ -463,30 +491,30 @@ class ModuleWatch:
         modules. A namespace that changed only in what :func:`_rebound` leaves out is
         noted again as it is now."""
         out = []
-        if _any_differ(map(list, map(dict.values, self.dicts)), self.values):
-            for i, d in enumerate(self.dicts):
-                if _differs(list(d.values()), self.values[i]):
-                    if _rebound(d, self.copies[i]):
-                        out.append(self.names[i])
-                    else:
-                        self.values[i], self.copies[i] = list(d.values()), dict(d)
-        if _any_differ(self.attrs, self.class_copies):
-            for i, attrs in enumerate(self.attrs):
-                if _differs(attrs, self.class_copies[i]):
-                    if _rebound(attrs, self.class_copies[i]):
-                        cls = self.classes[i]
-                        out.append(f"{cls.__module__}.{cls.__qualname__}")
-                    else:
-                        self.class_copies[i] = dict(attrs)
+        now = (map(versions.value, self.module_stamps) if self.tags
+               else map(list, map(dict.values, self.dicts)))
+        for i in _moved(now, self.module_then):
+            if _rebound(self.dicts[i], self.copies[i]):
+                out.append(self.names[i])
+            else:
+                self._note_module(i)
+        now = map(versions.value, self.class_stamps) if self.tags else self.class_stamps
+        for i in _moved(now, self.class_then):
+            cls = self.classes[i]
+            if _rebound(cls.__dict__, self.class_copies[i]):
+                out.append(f"{cls.__module__}.{cls.__qualname__}")
+            else:
+                self._note_class(i)
         self.add_new()
         return out
 
 
-def _any_differ(now: Any, then: list[Any]) -> bool:
-    try:
-        return any(map(operator.ne, now, then))
-    except Exception:  # noqa: BLE001 - a value whose == fails was put there
-        return True
+def _moved(now: Any, then: list[Any]) -> list[int]:
+    """The places where the stamps ``now`` differ from ``then``."""
+    now = list(now)
+    if not _differs(now, then):
+        return []
+    return [i for i, (a, b) in enumerate(zip(now, then)) if _differs(a, b)]
 
 
 def _differs(now: Any, then: Any) -> bool:

@@ -7,13 +7,17 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import dsage
-from dsage import contain
+from dsage import contain, versions
+from dsage.slot import ModuleWatch
 
 from .conftest import Procs, done, skip_or_fail, wait_for
 
@@ -386,6 +390,52 @@ def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
     for j in jobs:
         j.wait(30)
     assert jobs[0].result() == jobs[1].result() == jobs[-1].result(), [j.result() for j in jobs]
+
+
+@pytest.fixture
+def watched() -> Iterator[types.ModuleType]:
+    """A module of the test's own in ``sys.modules``: a name, a class and its subclass."""
+    m = types.ModuleType("dsage_watched")
+    exec("class Base:\n    def f(self): return 1\nclass Sub(Base): pass\nvalue = 1\nlate = None\n",
+         m.__dict__)
+    sys.modules[m.__name__] = m
+    try:
+        yield m
+    finally:
+        del sys.modules[m.__name__]
+
+
+@pytest.mark.parametrize("tags", [True, False], ids=["version-tags", "contents"])
+def test_the_module_watch_reports_rebound_names_and_nothing_else(watched: types.ModuleType,
+                                                                 tags: bool) -> None:
+    """Told by CPython's version tags or by the namespaces' contents alike: a rebound
+    module name or class attribute is reported; a private name, a name that was None,
+    a name bound again to the same object, or a subclass whose base changed is not
+    (and the next check starts from there)."""
+    if tags and not versions.WORKS:
+        skip_or_fail(f"no version tags to read on {sys.implementation.name} {sys.version}")
+    watch = ModuleWatch(tags=tags)
+    assert watch.tags is tags and watch.changed() == []
+    watched._cache, watched.late, watched.Base._seen = {}, "set on first use", 1
+    watched.value = 1  # the same object
+    assert watch.changed() == []
+    watched.value = 2
+    assert watch.changed() == ["dsage_watched"]
+    watched.value = 1
+    assert watch.changed() == []
+    watched.Base.f = lambda self: 2
+    assert watch.changed() == ["dsage_watched.Base"]
+    del watched.Base.f
+    assert watch.changed() == ["dsage_watched.Base"]
+    watched.Base.f = watch.class_copies[watch.classes.index(watched.Base)]["f"]
+    assert watch.changed() == []
+
+
+def test_version_tags_are_read_on_the_pythons_that_keep_them() -> None:
+    """The slot's cheap check is not lost to a layout check gone wrong (see versions.py)."""
+    if sys.implementation.name != "cpython" or sys.version_info[:2] > (3, 13):
+        skip_or_fail(f"version tags are read on CPython 3.11 to 3.13, not {sys.version}")
+    assert versions.WORKS
 
 
 def test_isolate_runs_each_job_in_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
