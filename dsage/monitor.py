@@ -37,7 +37,7 @@ from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
 from .seal import Sealer, binding
-from .slot import TEMPLATE, FrameError, recv_frame, remove_folder, send_frame
+from .slot import TEMPLATE, FrameError, recv_frame, remove_folder, send_frame, spare_folder
 from .sockets import send_frames
 from .protocol import (
     CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES,
@@ -585,7 +585,8 @@ class Monitor:
         self.slots[slot.index] = self._spawn(slot.index)
 
     def _bury(self, slot: Slot) -> None:
-        """Remove what a dead slot leaves: its capture file, its cgroup."""
+        """Remove what a dead slot leaves: its capture file, its spare job folder, its
+        cgroup."""
         if slot.live_fd >= 0:
             os.close(slot.live_fd)
             slot.live_fd = -1
@@ -593,6 +594,7 @@ class Monitor:
             slot.capture.unlink(missing_ok=True)
         except OSError:
             pass  # its folder is gone, or is not a folder any more
+        remove_folder(spare_folder(str(slot.capture)))
         for group in slot.groups:
             contain.remove_cgroup(group, wait=0.5)
 
@@ -680,6 +682,7 @@ class Monitor:
                 log.info("recycling slot %d after %d jobs (%d MB)", slot.index,
                          slot.jobs_done, reply["rss"] >> 20)
             self._respawn(slot)
+            remove_folder(str(self.tmpdir / job["id"]))  # if the slot was killed before it could
 
     def _worn(self, slot: Slot, rss: int) -> bool:
         """Whether a slot is due for a fresh process: it ran its quota of jobs, or its

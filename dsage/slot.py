@@ -5,8 +5,11 @@ The monitor runs :func:`main` with the arguments ``FD CAPTURE TMPDIR NICE GROUPS
 slot's cgroups, comma-separated, as GROUPS. The slot's stdout and stderr (file
 descriptors 1 and 2, so child processes are captured too) go to the CAPTURE file,
 which is emptied before each job; the monitor can read it even after killing the
-slot. Each job runs in its own folder ``TMPDIR/<job id>``, which the monitor
-removes. With ``--template`` as CAPTURE the process is instead the template that
+slot. Each job runs in its own folder ``TMPDIR/<job id>``: the slot's spare empty
+folder (:func:`spare_folder`) renamed, made anew when there is none. After the
+reply the slot renames it back to the spare one if the job left it empty, else
+removes it; the monitor removes it if the slot dies during the job, and the spare
+one once the slot is gone. With ``--template`` as CAPTURE the process is instead the template that
 slots are forked from (:func:`template`).
 
 Messages on the pair are frames of our own (:func:`send_frame`,
@@ -30,6 +33,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -277,12 +281,25 @@ def _explain(e: BaseException, spec: dict[str, Any]) -> str:
     return ""
 
 
-def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str,
-            blobs: bytes = b"") -> tuple[dict[str, Any], bytes, bytes]:
-    """Run one job in its own folder; return its outcome fields for the monitor, the
-    encoded result and the captured output. ``blobs`` holds the shared blobs the
-    job uses, one after another, as its ``blobs`` field lists them."""
-    job_dir = os.path.join(tmpdir, spec["id"])
+def spare_folder(capture_path: str) -> str:
+    """Where a slot keeps the empty folder that its next job's folder will be (named
+    after its capture file: the monitor removes both when the slot is gone)."""
+    return capture_path + ".dir"
+
+
+def enter_job_folder(job_dir: str, spare: str) -> None:
+    """Change into a job's folder, made by renaming the ``spare`` one when there is
+    one (no block to allocate, nor to free and discard afterwards), else anew."""
+    try:
+        os.rename(spare, job_dir)
+    except OSError:
+        pass  # none (a first job, or the last one left files), or it cannot be taken
+    else:
+        try:
+            os.chdir(job_dir)
+            return
+        except OSError:  # not a folder any more
+            remove_folder(job_dir)
     try:
         os.mkdir(job_dir, 0o700)
     except FileExistsError:
@@ -290,6 +307,33 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str,
     except FileNotFoundError:  # an earlier job removed the temp folder
         os.makedirs(job_dir, 0o700, exist_ok=True)
     os.chdir(job_dir)
+
+
+def leave_job_folder(job_dir: str, spare: str) -> None:
+    """After a job: keep its folder as the ``spare`` one if the job left it as it was
+    made (empty, a folder of this user's with mode 0700), as most jobs do; else remove it."""
+    try:
+        st = os.lstat(job_dir)
+        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 \
+                and st.st_uid == os.geteuid():
+            with os.scandir(job_dir) as entries:
+                empty = next(entries, None) is None
+            if empty:
+                os.rename(job_dir, spare)
+                return
+    except OSError:
+        pass
+    remove_folder(job_dir)
+
+
+def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str, spare: str,
+            blobs: bytes = b"") -> tuple[dict[str, Any], bytes, bytes]:
+    """Run one job in its own folder (the ``spare`` one renamed, when there is one);
+    return its outcome fields for the monitor, the encoded result and the captured
+    output. ``blobs`` holds the shared blobs the job uses, one after another, as its
+    ``blobs`` field lists them."""
+    job_dir = os.path.join(tmpdir, spec["id"])
+    enter_job_folder(job_dir, spare)
     capture.reset()
     recursion = sys.getrecursionlimit()
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
@@ -708,16 +752,18 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
         send_frame(sock, {"failed": f"{type(e).__name__}: {e}"[:1000]})
         return 3
     send_frame(sock, {"ready": True, "rss": _rss()})
+    spare = spare_folder(capture_path)
+    remove_folder(spare)  # what an earlier slot of the same capture file may have left
     while True:
         try:
             spec, payload, blobs = recv_frame(sock)
         except (EOFError, OSError):
             return 0
-        reply, result, output = run_job(spec, payload, capture, tmpdir, blobs)
+        reply, result, output = run_job(spec, payload, capture, tmpdir, spare, blobs)
         capture.reset()  # before the reply: what the monitor reads next is the next job's
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
-        remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
+        leave_job_folder(os.path.join(tmpdir, spec["id"]), spare)  # off the job's path
 
 
 def template(fd: int, tmpdir: str, run_as: str = "") -> int:
@@ -791,11 +837,17 @@ def _adopted_slot(fd: int, capture: str, tmpdir: str, groups: list[str], monitor
 
 
 def remove_folder(path: str) -> None:
-    """Remove a job's folder: one rmdir when the job left it empty, as most do."""
+    """Remove a job's folder: one rmdir when the job left it empty; what a job put in
+    its place (a file, a link) goes too."""
     try:
         os.rmdir(path)
     except FileNotFoundError:
         pass
+    except NotADirectoryError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
 

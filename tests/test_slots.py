@@ -17,7 +17,7 @@ import pytest
 
 import dsage
 from dsage import contain, versions
-from dsage.slot import ModuleWatch
+from dsage.slot import ModuleWatch, spare_folder
 
 from .conftest import Procs, done, skip_or_fail, wait_for
 
@@ -390,6 +390,46 @@ def test_innocent_jobs_keep_their_slot(one_slot: dsage.DSage) -> None:
     for j in jobs:
         j.wait(30)
     assert jobs[0].result() == jobs[1].result() == jobs[-1].result(), [j.result() for j in jobs]
+
+
+#: what a job may do to its own folder before it returns
+FOLDER_LEFT = ["", "open('f', 'w').write('x')", "os.mkdir('sub')", "os.chmod('.', 0o755)",
+               "os.rmdir(os.getcwd())", "d = os.getcwd(); os.rmdir(d); open(d, 'w').write('x')",
+               "d = os.getcwd(); os.rmdir(d); os.symlink('/', d)", ""]
+
+
+def test_each_job_gets_an_empty_folder_of_its_own(one_slot: dsage.DSage) -> None:
+    """Jobs on one slot each run in an empty folder of mode 0700 named by their id,
+    whatever the job before did to its own (left it empty or not, changed its mode,
+    removed it, put a file or a link in its place); no job's folder outlives it."""
+    seen = []
+    for leave in FOLDER_LEFT:
+        code = ("import os, stat\nhere = (os.getpid(), os.getcwd(), os.listdir('.'), "
+                f"stat.S_IMODE(os.stat('.').st_mode))\n{leave}\nhere")
+        j = done(one_slot(code), 30)
+        assert j.status == "completed", (leave, j.status, j.error)
+        pid, cwd, entries, mode = j.result()
+        assert (Path(cwd).name, entries, mode) == (j.job_id, [], 0o700), (leave, j.result())
+        wait_for(lambda: not os.path.lexists(cwd), 10, f"the folder of a job that ran {leave!r}")
+        seen.append(pid)
+    assert len(set(seen)) == 1, seen  # one slot ran them all
+
+
+def test_a_slot_leaves_no_folder_behind(procs: Procs, home: Path) -> None:
+    """The spare folder a slot keeps for its next job goes with the slot: when it is
+    recycled, and when its monitor stops."""
+    procs.broker()
+    worker = procs.worker(1, max_jobs_per_slot=2)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    pids = {d("import os; os.getpid()").result(30) for _ in range(5)}
+    assert len(pids) == 3, pids  # two slots recycled, the third one has run one job
+    folders = home / "tmp_worker_files"
+    wait_for(lambda: [p.name for p in folders.iterdir() if p.is_dir()]
+             == [spare_folder(p.name) for p in folders.glob("*.out")], 10,
+             "only the live slot's spare folder left")
+    worker.stop()
+    assert [p.name for p in folders.iterdir()] == []
 
 
 @pytest.fixture
