@@ -97,6 +97,17 @@ def _signal(pid: int, sig: int) -> int:
         return 0
 
 
+def has_children() -> bool:
+    """Whether this process has a child (running, stopped or exited and not yet
+    waited for; any thread's), asked in one system call that reaps none."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WSTOPPED | os.WCONTINUED | os.WNOHANG
+                  | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
 def reap_children() -> int:
     """Collect every exited child (a subreaper inherits the zombies of orphans)."""
     n = 0

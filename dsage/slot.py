@@ -28,6 +28,7 @@ import ctypes
 import errno
 import importlib.machinery
 import json
+import operator
 import os
 import resource
 import shutil
@@ -196,9 +197,16 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+_PAGE = resource.getpagesize()
+
+
 def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    """This process's resident memory, in bytes."""
+    fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return int(os.read(fd, 256).split()[1]) * _PAGE
+    finally:
+        os.close(fd)
 
 
 class Capture:
@@ -228,13 +236,20 @@ class Capture:
                 os.dup2(self.fd, target)
 
     def reset(self) -> None:
-        os.ftruncate(self.fd, 0)
+        """Empty the file (unless it is empty: that costs no write to the disk's journal)."""
+        if os.fstat(self.fd).st_size:
+            os.ftruncate(self.fd, 0)
 
     def read(self) -> bytes:
         _flush()
-        if _ident(self.fd) != self.ident:
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self.ident:
             self.attach()
-        return read_tail(self.fd)
+            st = os.fstat(self.fd)
+        return read_tail(self.fd, size=st.st_size)
 
 
 def _flush() -> None:
@@ -254,9 +269,12 @@ def _ident(fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def read_tail(fd: int, limit: int = MAX_OUTPUT) -> bytes:
-    """Up to the last ``limit`` bytes of an open file."""
-    size = os.fstat(fd).st_size
+def read_tail(fd: int, limit: int = MAX_OUTPUT, size: int | None = None) -> bytes:
+    """Up to the last ``limit`` bytes of an open file (of ``size`` bytes, if known)."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    if not size:
+        return b""
     start = max(0, size - limit)
     data = os.pread(fd, size - start, start)
     return (b"[... output cut ...]\n" + data) if start else data
@@ -341,7 +359,9 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str,
         resource.setrlimit(resource.RLIMIT_AS, (min(spec["memory"], old_limit[1])
                                                 if old_limit[1] > 0 else spec["memory"],
                                                 old_limit[1]))
-    os.environ["DSAGE_ATTEMPT"] = str(spec.get("attempt", 1))
+    attempt = str(spec.get("attempt", 1))
+    if os.environ.get("DSAGE_ATTEMPT") != attempt:
+        os.environ["DSAGE_ATTEMPT"] = attempt
     started = time.time()
     status, error, report = Status.COMPLETED, None, ""
     retry = False
@@ -414,6 +434,25 @@ _RLIMITS = [getattr(resource, n) for n in (
     "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
     "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
     "RLIMIT_RTPRIO", "RLIMIT_SIGPENDING") if hasattr(resource, n)]
+
+
+def _fd_count() -> int:
+    """How many files this process has open, as Linux 6.2 and later count them (0 where
+    the kernel does not)."""
+    try:
+        return os.stat("/proc/self/fd").st_size
+    except OSError:
+        return 0
+
+
+def _threads() -> int:
+    """How many threads this process has: ``/proc/self/task`` links one per thread
+    beside ``.`` and ``..`` (listed where that count is missing)."""
+    try:
+        links = os.stat("/proc/self/task").st_nlink
+        return links - 2 if links > 2 else len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
 
 
 def _open_fds() -> set[int]:
@@ -625,12 +664,19 @@ class Baseline:
         self.fds = {fd for fd in _open_fds() if _ident(fd) is not None}  # not the listing's
         self.builtins = dict(vars(builtins))
         self.builtin_values = list(self.builtins.values())
+        self.handler_values = list(self.handlers.values())
         self.modules = ModuleWatch()
         self.modules.install()
         self.rlimits = {r: resource.getrlimit(r) for r in _RLIMITS}
+        self.rlimit_values = list(self.rlimits.values())
+        self.fd_count = _fd_count()
 
     def _extra_fds(self) -> set[int]:
-        """Files open now that were not before the first job (the listing's own is not)."""
+        """Files open now that were not before the first job (the listing's own is not).
+        None when as many are open as then, where the kernel counts them (it could only
+        be others if the job closed one of the slot's own and kept a file open instead)."""
+        if self.fd_count and _fd_count() == self.fd_count:
+            return set()
         return {fd for fd in _open_fds() - self.fds - {self.capture.fd}
                 if _ident(fd) is not None}
 
@@ -640,32 +686,39 @@ class Baseline:
         signal.alarm(0)
         for timer in _ITIMERS:
             signal.setitimer(timer, 0)
-        left = contain.tree(os.getpid())
-        if left:
-            contain.kill_tree(os.getpid(), include_self=False)
-        contain.reap_children()
         why = []
-        if left:
-            why.append(f"it left {len(left)} processes running (killed)")
-        if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+        if contain.has_children():  # (most jobs start none: one system call says so)
+            left = contain.tree(os.getpid())
+            if left:
+                contain.kill_tree(os.getpid(), include_self=False)
+                why.append(f"it left {len(left)} processes running (killed)")
+            contain.reap_children()
+        if threading.active_count() > 1 or _threads() > 1:
             why.append("it left threads running")
-        for sig, handler in self.handlers.items():
-            try:
-                if _signal.getsignal(sig) is not handler:
-                    _signal.signal(sig, handler)
-            except (OSError, ValueError):
-                pass
+        try:
+            moved = any(map(operator.is_not, map(_signal.getsignal, self.handlers),
+                            self.handler_values))
+        except (OSError, ValueError):
+            moved = True
+        if moved:
+            for sig, handler in self.handlers.items():
+                try:
+                    if _signal.getsignal(sig) is not handler:
+                        _signal.signal(sig, handler)
+                except (OSError, ValueError):
+                    pass
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if getattr(os.environ, "_data", None) != self.environ_data:
             os.environ.clear()
             os.environ.update(self.environ)
         os.umask(self.umask)
-        for r, limits in self.rlimits.items():
-            if resource.getrlimit(r) != limits:
-                try:
-                    resource.setrlimit(r, limits)
-                except (OSError, ValueError):
-                    why.append("it lowered its own hard limits")
+        if list(map(resource.getrlimit, self.rlimits)) != self.rlimit_values:
+            for r, limits in self.rlimits.items():
+                if resource.getrlimit(r) != limits:
+                    try:
+                        resource.setrlimit(r, limits)
+                    except (OSError, ValueError):
+                        why.append("it lowered its own hard limits")
         _enter(self.tmpdir)
         sys.stdin, sys.stdout, sys.stderr = self.streams
         sys.displayhook, sys.excepthook = self.hooks

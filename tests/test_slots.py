@@ -271,6 +271,29 @@ os.read(r, 1000).decode()
     assert one_slot(code).result(30) == "/dev/null"
 
 
+def test_has_children_sees_running_and_exited_children_and_reaps_none() -> None:
+    """The slot's one-call check for children before it walks /proc (in a process of
+    its own: the test's may have children of other tests)."""
+    code = """
+import os, sys, time
+from dsage.contain import has_children
+seen = [has_children()]
+pid = os.fork()
+if pid == 0:
+    time.sleep(0.5)
+    os._exit(0)
+seen.append(has_children())
+while not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+    time.sleep(0.01)
+seen.append(has_children())  # exited, not waited for: still there to reap
+seen.append(os.waitpid(pid, 0)[0] == pid)
+seen.append(has_children())
+print(seen)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[False, True, True, True, False]", (r.stdout, r.stderr)
+
+
 # --- 2. a monitor that cannot start slots says so and steps back
 
 
