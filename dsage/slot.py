@@ -487,7 +487,7 @@ class ModuleWatch:
     """What every loaded module's names, and its classes' attributes, are bound to, to
     tell when a job rebound one (``math.pi = 3``, ``Fraction.__add__ = f``). Each
     namespace has a stamp that moves whenever it may have changed: CPython's version
-    tag of the dict or class where :mod:`dsage.versions` can read it (~25 us per job
+    tag of the dict or class where :mod:`dsage.versions` can read it (~15 us per job
     for the slot's own 170 modules and 650 classes), else its contents (its values,
     compared identity first in loops that run in C: ~0.2 ms). Only a namespace whose
     stamp moved is compared name by name with its copy. A module is noted as soon as
@@ -500,19 +500,19 @@ class ModuleWatch:
 
     def __init__(self, tags: bool = versions.WORKS) -> None:
         self.tags = tags
-        #: per module noted: its name, namespace and a copy of it; where its stamp is
-        #: read (a tag's view, or the namespace), and its stamp then
+        #: per module noted: its name, namespace, a copy of it and its stamp then
         self.names: list[str] = []
         self.dicts: list[dict[str, Any]] = []
         self.copies: list[dict[str, Any]] = []
-        self.module_stamps: list[Any] = []
         self.module_then: list[Any] = []
-        #: per class noted: the class and a copy of its attributes; where its stamp is
-        #: read (a tag's view, or its attributes: a live view), and its stamp then
+        #: per class noted: the class, its attributes (a live view), a copy of them and
+        #: its stamp then
         self.classes: list[type] = []
+        self.attrs: list[Any] = []
         self.class_copies: list[dict[str, Any]] = []
-        self.class_stamps: list[Any] = []
         self.class_then: list[Any] = []
+        if tags:
+            self.module_tags, self.class_tags = versions.Tags(False), versions.Tags(True)
         self.known: set[str] = set()
         self.known_classes: set[int] = set()
         self.count = 0
@@ -526,23 +526,26 @@ class ModuleWatch:
         self.known.add(name)
         self.names.append(name)
         self.dicts.append(d)
-        self.module_stamps.append(versions.dict_tag(d) if self.tags else d)
-        self.module_then.append(None)
         self.copies.append({})
+        self.module_then.append(None)
+        if self.tags:
+            self.module_tags.add(d)
         self._note_module(len(self.dicts) - 1)
         for cls in _classes(d):
             if id(cls) not in self.known_classes:  # classes noted are kept: ids stay theirs
                 self.known_classes.add(id(cls))
                 self.classes.append(cls)
-                self.class_stamps.append(versions.class_tag(cls) if self.tags else cls.__dict__)
-                self.class_then.append(None)
+                self.attrs.append(cls.__dict__)
                 self.class_copies.append({})
+                self.class_then.append(None)
+                if self.tags:
+                    self.class_tags.add(cls)
                 self._note_class(len(self.classes) - 1)
 
     def _note_module(self, i: int) -> None:
         """Take module ``i``'s stamp and copy as they are now."""
         d = self.dicts[i]
-        self.module_then[i] = self.module_stamps[i].value if self.tags else list(d.values())
+        self.module_then[i] = self.module_tags[i] if self.tags else list(d.values())
         self.copies[i] = dict(d)
 
     def _note_class(self, i: int) -> None:
@@ -551,7 +554,7 @@ class ModuleWatch:
         cls = self.classes[i]
         if self.tags:
             versions.tag_class(cls)
-            self.class_then[i] = self.class_stamps[i].value or -1
+            self.class_then[i] = self.class_tags[i] or -1
             self.class_copies[i] = dict(cls.__dict__)
         else:
             self.class_then[i] = self.class_copies[i] = dict(cls.__dict__)
@@ -574,17 +577,16 @@ class ModuleWatch:
         modules. A namespace that changed only in what :func:`_rebound` leaves out is
         noted again as it is now."""
         out = []
-        now = (map(versions.value, self.module_stamps) if self.tags
+        now = (self.module_tags.read() if self.tags
                else map(list, map(dict.values, self.dicts)))
         for i in _moved(now, self.module_then):
             if _rebound(self.dicts[i], self.copies[i]):
                 out.append(self.names[i])
             else:
                 self._note_module(i)
-        now = map(versions.value, self.class_stamps) if self.tags else self.class_stamps
-        for i in _moved(now, self.class_then):
+        for i in _moved(self.class_tags.read() if self.tags else self.attrs, self.class_then):
             cls = self.classes[i]
-            if _rebound(cls.__dict__, self.class_copies[i]):
+            if _rebound(self.attrs[i], self.class_copies[i]):
                 out.append(f"{cls.__module__}.{cls.__qualname__}")
             else:
                 self._note_class(i)

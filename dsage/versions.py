@@ -4,10 +4,10 @@ CPython (3.11 to 3.13, 64-bit) gives every dict a version that changes whenever 
 entry is added, removed or rebound to another object (``ma_version_tag``), and every
 class a tag that is cleared whenever one of its attributes, or a base class's, is
 set or deleted (``tp_version_tag``; it gets a new, never reused value on the next
-attribute lookup). Neither is reachable from Python, so they are read through
-ctypes at their offsets in the C structures. A slot compares them to tell, in a few
-microseconds, which module namespaces and classes a job may have changed
-(:class:`dsage.slot.ModuleWatch`), instead of comparing every name.
+attribute lookup). Neither is reachable from Python, so they are read at their
+offsets in the C structures, many at once (:class:`Tags`). A slot compares them to
+tell, in a few microseconds, which module namespaces and classes a job may have
+changed (:class:`dsage.slot.ModuleWatch`), instead of comparing every name.
 
 :data:`WORKS` says whether the layout and the behaviour were checked here at import
 (on objects made for the purpose); where not, callers compare contents instead.
@@ -16,8 +16,9 @@ microseconds, which module namespaces and classes a job may have changed
 from __future__ import annotations
 
 import ctypes
+import operator
 import sys
-from operator import attrgetter
+from collections.abc import Callable
 from typing import Any
 
 _WORD = ctypes.sizeof(ctypes.c_void_p)
@@ -28,19 +29,40 @@ _USED, _DICT_TAG = 2, 3
 #: a name no class has: looking it up gives a class a tag when it has none
 _PROBE = "__dsage_version_probe__"
 
-#: a tag view's value, mapped over many views in C
-value = attrgetter("value")
+
+def _memory(width: int) -> memoryview:
+    """This process's memory as unsigned ints of ``width`` bytes (only the places of
+    live objects' tags are ever read)."""
+    whole = (ctypes.c_char * (1 << 62)).from_address(0)
+    return memoryview(whole).cast("B").cast("I" if width == 4 else "Q")
 
 
-def dict_tag(d: dict[Any, Any]) -> Any:
-    """A live view of ``d``'s version (``.value``); ``d`` must be kept alive."""
-    return ctypes.c_uint64.from_address(id(d) + _DICT_TAG * _WORD)
+class Tags:
+    """The version tags of many classes (or of many dicts), read all at once by a loop
+    in C (an itemgetter over a view of memory). The objects must be kept alive."""
 
+    def __init__(self, classes: bool) -> None:
+        self.width = 4 if classes else 8
+        self.offset = (_TYPE_TAG if classes else _DICT_TAG) * _WORD
+        self.view = _memory(self.width)
+        self.places: list[int] = []
+        self._get: Callable[[memoryview], Any] | None = None
 
-def class_tag(cls: type) -> Any:
-    """A live view of ``cls``'s version tag (``.value``, 0 while it has none; see
-    :func:`tag_class`); ``cls`` must be kept alive."""
-    return ctypes.c_uint.from_address(id(cls) + _TYPE_TAG * _WORD)
+    def add(self, obj: Any) -> None:
+        self.places.append((id(obj) + self.offset) // self.width)
+        self._get = None
+
+    def __getitem__(self, i: int) -> int:
+        """The tag of the ``i``-th object added (0 for a class that has none now)."""
+        return int(self.view[self.places[i]])
+
+    def read(self) -> list[int]:
+        """Every tag, in the order the objects were added."""
+        if self._get is None:
+            places = self.places
+            self._get = (operator.itemgetter(*places) if len(places) > 1
+                         else lambda view: [view[p] for p in places])
+        return list(self._get(self.view))
 
 
 def tag_class(cls: type) -> None:
@@ -66,22 +88,26 @@ def _works() -> bool:
                 or word(id(cls) + _BASE * _WORD).value != id(base)
                 or word(id(cls) + _MRO * _WORD).value != id(cls.__mro__)):
             return False
-        tag = class_tag(cls)
+        classes = Tags(classes=True)
+        classes.add(cls)
+        classes.add(base)
         tag_class(cls)
-        before = tag.value
+        before = classes.read()
         base.x = 1  # a base class changed: the subclass's tag goes too
-        cleared = tag.value
+        cleared = classes.read()
         tag_class(cls)
-        if not before or cleared or tag.value in (0, before):
+        if 0 in before or cleared != [0, 0] or classes[0] in (0, before[0]):
             return False
         d: dict[str, int] = {"a": 1}
         if ctypes.c_ssize_t.from_address(id(d) + _USED * _WORD).value != 1:
             return False
-        version, seen = dict_tag(d), []
+        dicts = Tags(classes=False)
+        dicts.add(d)
+        seen = []
         for change in ("d['b'] = 2", "d['a'] = 3", "del d['b']", "d.pop('a')"):
-            seen.append(version.value)
+            seen.append(dicts[0])
             exec(change, {"d": d})
-        seen.append(version.value)
+        seen.append(dicts.read()[0])
         return len(set(seen)) == len(seen)
     except Exception:  # noqa: BLE001 - any surprise: compare contents instead
         return False
