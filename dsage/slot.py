@@ -42,6 +42,8 @@ import time
 import traceback
 from typing import Any
 
+import msgspec
+
 from . import chunks, contain, runas, versions
 from .attach import Attachments, place, unwrap
 from .codec import encode_result
@@ -59,6 +61,19 @@ MAX_FRAME_BLOB = 1 << 36
 #: a frame whose blobs are at most this size is read in one piece and sliced
 _SMALL = 64 * 1024
 _to_json = json.JSONEncoder(separators=(",", ":")).encode
+_encode_json = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder().decode
+
+
+def _header(header: dict[str, Any]) -> bytes:
+    """A frame's header as compact JSON: msgspec's, ~10x faster than the standard
+    encoder, which writes what msgspec cannot (a lone surrogate, as an escape). (A
+    float that is not finite would be written as null: no header holds one, as the
+    protocol refuses them.)"""
+    try:
+        return _encode_json(header)
+    except (TypeError, ValueError, OverflowError):
+        return _to_json(header).encode()
 
 
 class FrameError(EOFError):
@@ -69,7 +84,7 @@ def send_frame(sock: socket.socket, header: dict[str, Any], first: bytes = b"",
                second: bytes = b"") -> None:
     """Send one frame: the prefix, ``header`` as JSON, then both blobs as they are,
     in one ``sendmsg`` (more only when a signal cuts it short)."""
-    head = _to_json(header).encode()
+    head = _header(header)
     parts = [_PREFIX.pack(len(head), len(first), len(second)), head, first, second]
     sent = sock.sendmsg(parts)
     if sent < _PREFIX.size + len(head) + len(first) + len(second):
@@ -109,9 +124,12 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes, bytes]:
     else:
         head, first, second = (_recv_exactly(sock, n) for n in (head_len, first_len, second_len))
     try:
-        header = json.loads(head)
-    except ValueError as e:
-        raise FrameError(f"a frame's header is not JSON: {e}") from None
+        header = _decode_json(head)
+    except msgspec.DecodeError:  # what only the standard decoder reads (NaN, escaped surrogates)
+        try:
+            header = json.loads(head)
+        except ValueError as e:
+            raise FrameError(f"a frame's header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise FrameError("a frame's header is not a JSON object")
     return header, first, second

@@ -45,6 +45,17 @@ def test_frames_carry_a_header_and_two_raw_blobs() -> None:
         assert recv_frame(b) == ({"ready": True}, b"", b"")
 
 
+@pytest.mark.parametrize("header", [
+    {"error": "KeyError: '\udcff'"},  # a lone surrogate, from a job's exception
+    {"started": 1.5e9, "rss": 1 << 70, "name": "é ✓", "list": [None, True, -0.0, {}]},
+])
+def test_frame_headers_keep_whatever_json_can_say(header: dict[str, object]) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        send_frame(a, header, b"r")
+        assert recv_frame(b) == (header, b"r", b"")
+
+
 def test_a_pipe_that_ends_between_frames_or_inside_one() -> None:
     a, b = socket.socketpair()
     with b:
