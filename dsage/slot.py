@@ -684,6 +684,11 @@ class Baseline:
         self.fds = {fd for fd in _open_fds() if _ident(fd) is not None}  # not the listing's
         self.builtins = dict(vars(builtins))
         self.builtin_values = list(self.builtins.values())
+        #: the builtins namespace's version tag, where it can be read (see ModuleWatch)
+        self.builtins_tag = versions.Tags(classes=False) if versions.WORKS else None
+        if self.builtins_tag is not None:
+            self.builtins_tag.add(vars(builtins))
+            self.builtins_then = self.builtins_tag.read()
         self.handler_values = list(self.handlers.values())
         self.modules = ModuleWatch()
         self.modules.install()
@@ -703,8 +708,7 @@ class Baseline:
     def restore(self) -> str | None:
         """Undo what the job changed cheaply; return why the slot must be replaced
         (None when it is as good as new)."""
-        signal.alarm(0)
-        for timer in _ITIMERS:
+        for timer in _ITIMERS:  # (ITIMER_REAL is alarm()'s timer too)
             signal.setitimer(timer, 0)
         why = []
         if contain.has_children():  # (most jobs start none: one system call says so)
@@ -727,7 +731,7 @@ class Baseline:
                         _signal.signal(sig, handler)
                 except (OSError, ValueError):
                     pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if getattr(os.environ, "_data", None) != self.environ_data:
             os.environ.clear()
             os.environ.update(self.environ)
@@ -755,9 +759,12 @@ class Baseline:
             gc.collect()  # files the job dropped without closing
             if self._extra_fds():
                 why.append(f"it left {len(extra)} files open")
-        if list(vars(builtins).values()) != self.builtin_values \
-                or vars(builtins).keys() != self.builtins.keys():
-            why.append("it changed builtins")
+        if self.builtins_tag is None or self.builtins_tag.read() != self.builtins_then:
+            if list(vars(builtins).values()) != self.builtin_values \
+                    or vars(builtins).keys() != self.builtins.keys():
+                why.append("it changed builtins")
+            elif self.builtins_tag is not None:
+                self.builtins_then = self.builtins_tag.read()
         changed = self.modules.changed()
         if changed:
             why.append(f"it changed {', '.join(sorted(changed)[:5])}")
