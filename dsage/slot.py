@@ -323,53 +323,78 @@ def spare_folder(capture_path: str) -> str:
     return capture_path + ".dir"
 
 
-def enter_job_folder(job_dir: str, spare: str) -> None:
-    """Change into a job's folder, made by renaming the ``spare`` one when there is
-    one (no block to allocate, nor to free and discard afterwards), else anew."""
-    try:
-        os.rename(spare, job_dir)
-    except OSError:
-        pass  # none (a first job, or the last one left files), or it cannot be taken
-    else:
+class JobFolders:
+    """The folder each job runs in, ``TMPDIR/<job id>``: the slot's spare empty folder
+    renamed when there is one (no block to allocate, nor to free and discard after),
+    else made anew; after the job, renamed back to the spare one if the job left it as
+    it was made (empty, a folder of this user's with mode 0700), as most jobs do, else
+    removed."""
+
+    #: how long before a job started the spare folder must have last changed for an
+    #: unchanged modification time to say the job left it empty (a file system's clock
+    #: may lag by a tick); it is listed otherwise
+    SETTLED_NS = 50_000_000
+
+    def __init__(self, tmpdir: str, spare: str) -> None:
+        self.tmpdir, self.spare = tmpdir, spare
+        self.uid = os.geteuid()
+        #: the spare folder's modification time, while it is known to be empty
+        self.mtime: int | None = None
+        self.entered = 0
+
+    def enter(self, job_id: str) -> str:
+        """Make the folder of the job ``job_id`` and change into it; its path."""
+        job_dir = os.path.join(self.tmpdir, job_id)
+        self.entered = time.time_ns()
         try:
-            os.chdir(job_dir)
-            return
-        except OSError:  # not a folder any more
-            remove_folder(job_dir)
-    try:
-        os.mkdir(job_dir, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:  # an earlier job removed the temp folder
-        os.makedirs(job_dir, 0o700, exist_ok=True)
-    os.chdir(job_dir)
+            os.rename(self.spare, job_dir)
+        except OSError:
+            self.mtime = None  # none (a first job, or the last one left files)
+        else:
+            try:
+                os.chdir(job_dir)
+                return job_dir
+            except OSError:  # not a folder any more
+                self.mtime = None
+                remove_folder(job_dir)
+        try:
+            os.mkdir(job_dir, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # an earlier job removed the temp folder
+            os.makedirs(job_dir, 0o700, exist_ok=True)
+        os.chdir(job_dir)
+        return job_dir
+
+    def leave(self, job_dir: str) -> None:
+        """Keep a finished job's folder as the spare one, or remove it."""
+        try:
+            st = os.lstat(job_dir)
+            if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 \
+                    and st.st_uid == self.uid:
+                if st.st_mtime_ns == self.mtime \
+                        and st.st_mtime_ns < self.entered - self.SETTLED_NS:
+                    empty = True  # nothing was added or removed in it
+                else:
+                    with os.scandir(job_dir) as entries:
+                        empty = next(entries, None) is None
+                if empty:
+                    os.rename(job_dir, self.spare)
+                    self.mtime = st.st_mtime_ns
+                    return
+        except OSError:
+            pass
+        self.mtime = None
+        remove_folder(job_dir)
 
 
-def leave_job_folder(job_dir: str, spare: str) -> None:
-    """After a job: keep its folder as the ``spare`` one if the job left it as it was
-    made (empty, a folder of this user's with mode 0700), as most jobs do; else remove it."""
-    try:
-        st = os.lstat(job_dir)
-        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 \
-                and st.st_uid == os.geteuid():
-            with os.scandir(job_dir) as entries:
-                empty = next(entries, None) is None
-            if empty:
-                os.rename(job_dir, spare)
-                return
-    except OSError:
-        pass
-    remove_folder(job_dir)
-
-
-def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str, spare: str,
+def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, folders: JobFolders,
             blobs: bytes = b"") -> tuple[dict[str, Any], bytes, bytes]:
-    """Run one job in its own folder (the ``spare`` one renamed, when there is one);
-    return its outcome fields for the monitor, the encoded result and the captured
-    output. ``blobs`` holds the shared blobs the job uses, one after another, as its
-    ``blobs`` field lists them."""
-    job_dir = os.path.join(tmpdir, spec["id"])
-    enter_job_folder(job_dir, spare)
+    """Run one job in its own folder (see :class:`JobFolders`); return its outcome
+    fields for the monitor, the encoded result and the captured output. ``blobs``
+    holds the shared blobs the job uses, one after another, as its ``blobs`` field
+    lists them."""
+    job_dir = folders.enter(spec["id"])
     capture.reset()
     recursion = sys.getrecursionlimit()
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
@@ -410,7 +435,7 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, tmpdir: str,
         except (OSError, ValueError):
             pass  # the job lowered the hard limit: the slot is replaced (see restore)
         sys.setrecursionlimit(max(recursion, sys.getrecursionlimit()))
-        _enter(tmpdir)
+        _enter(folders.tmpdir)
         capture.attach()
     if report:
         _flush()
@@ -832,18 +857,18 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
         send_frame(sock, {"failed": f"{type(e).__name__}: {e}"[:1000]})
         return 3
     send_frame(sock, {"ready": True, "rss": _rss()})
-    spare = spare_folder(capture_path)
-    remove_folder(spare)  # what an earlier slot of the same capture file may have left
+    folders = JobFolders(tmpdir, spare_folder(capture_path))
+    remove_folder(folders.spare)  # what an earlier slot of the same capture file left
     while True:
         try:
             spec, payload, blobs = recv_frame(sock)
         except (EOFError, OSError):
             return 0
-        reply, result, output = run_job(spec, payload, capture, tmpdir, spare, blobs)
+        reply, result, output = run_job(spec, payload, capture, folders, blobs)
         capture.reset()  # before the reply: what the monitor reads next is the next job's
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
-        leave_job_folder(os.path.join(tmpdir, spec["id"]), spare)  # off the job's path
+        folders.leave(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
 
 
 def template(fd: int, tmpdir: str, run_as: str = "") -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 
 import dsage
 from dsage import contain, versions
-from dsage.slot import ModuleWatch, spare_folder
+from dsage.slot import JobFolders, ModuleWatch, spare_folder
 
 from .conftest import Procs, done, skip_or_fail, wait_for
 
@@ -436,6 +437,31 @@ def test_each_job_gets_an_empty_folder_of_its_own(one_slot: dsage.DSage) -> None
         wait_for(lambda: not os.path.lexists(cwd), 10, f"the folder of a job that ran {leave!r}")
         seen.append(pid)
     assert len(set(seen)) == 1, seen  # one slot ran them all
+
+
+def test_a_jobs_folder_is_handed_on_only_as_it_was_made(tmp_path: Path) -> None:
+    """What the slot does with each job's folder (its spare one, renamed), with every
+    unchanged modification time trusted from the first job on: a folder a job left
+    files in, or changed, is never handed on; one it added to and emptied again is."""
+    folders = JobFolders(str(tmp_path), str(tmp_path / spare_folder(".slot-0.out")))
+    folders.SETTLED_NS = 0
+    here = os.getcwd()
+    kept = []
+    try:
+        for i, leave in enumerate(["", "", "open('f', 'w').close()", "", "",
+                                   "os.mkdir('d'); os.rmdir('d')", "", "os.chmod('.', 0o750)",
+                                   "open('g', 'w').close()", "os.rmdir(os.getcwd())", ""]):
+            job_dir = folders.enter(f"job{i}")
+            assert os.getcwd() == job_dir and os.listdir(job_dir) == [], (i, leave)
+            assert stat.S_IMODE(os.stat(job_dir).st_mode) == 0o700, (i, leave)
+            exec(leave)
+            os.chdir(tmp_path)
+            folders.leave(job_dir)
+            assert not os.path.lexists(job_dir), (i, leave)
+            kept.append(os.listdir(tmp_path) == [os.path.basename(folders.spare)])
+    finally:
+        os.chdir(here)
+    assert kept == [True, True, False, True, True, True, True, False, False, False, True]
 
 
 def test_a_slot_leaves_no_folder_behind(procs: Procs, home: Path) -> None:
