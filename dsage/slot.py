@@ -8,9 +8,9 @@ which is emptied before each job; the monitor can read it even after killing the
 slot. Each job runs in its own folder ``TMPDIR/<job id>``: the slot's spare empty
 folder (:func:`spare_folder`) renamed, made anew when there is none. After the
 reply the slot renames it back to the spare one if the job left it empty, else
-removes it; the monitor removes it if the slot dies during the job, and the spare
-one once the slot is gone. With ``--template`` as CAPTURE the process is instead the template that
-slots are forked from (:func:`template`).
+removes it (:class:`JobFolders`); the monitor removes it if the slot dies during
+the job, and the spare one once the slot is gone. With ``--template`` as CAPTURE
+the process is instead the template that slots are forked from (:func:`template`).
 
 Messages on the pair are frames of our own (:func:`send_frame`,
 :func:`recv_frame`): a JSON header and two raw blobs. In: the run spec, with
