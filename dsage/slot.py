@@ -338,8 +338,8 @@ class JobFolders:
     def __init__(self, tmpdir: str, spare: str) -> None:
         self.tmpdir, self.spare = tmpdir, spare
         self.uid = os.geteuid()
-        #: the spare folder's modification time, while it is known to be empty
-        self.mtime: int | None = None
+        #: the spare folder's inode and modification time, while it is known to be empty
+        self.seen: tuple[int, int] | None = None
         self.entered = 0
 
     def enter(self, job_id: str) -> str:
@@ -349,13 +349,13 @@ class JobFolders:
         try:
             os.rename(self.spare, job_dir)
         except OSError:
-            self.mtime = None  # none (a first job, or the last one left files)
+            self.seen = None  # none (a first job, or the last one left files)
         else:
             try:
                 os.chdir(job_dir)
                 return job_dir
             except OSError:  # not a folder any more
-                self.mtime = None
+                self.seen = None
                 remove_folder(job_dir)
         try:
             os.mkdir(job_dir, 0o700)
@@ -372,19 +372,19 @@ class JobFolders:
             st = os.lstat(job_dir)
             if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 \
                     and st.st_uid == self.uid:
-                if st.st_mtime_ns == self.mtime \
-                        and st.st_mtime_ns < self.entered - self.SETTLED_NS:
-                    empty = True  # nothing was added or removed in it
+                seen = (st.st_ino, st.st_mtime_ns)
+                if seen == self.seen and st.st_mtime_ns < self.entered - self.SETTLED_NS:
+                    empty = True  # nothing was added to it or removed from it
                 else:
                     with os.scandir(job_dir) as entries:
                         empty = next(entries, None) is None
                 if empty:
                     os.rename(job_dir, self.spare)
-                    self.mtime = st.st_mtime_ns
+                    self.seen = seen
                     return
         except OSError:
             pass
-        self.mtime = None
+        self.seen = None
         remove_folder(job_dir)
 
 
