@@ -357,6 +357,7 @@ class Monitor:
                 self._send(make(M.STOPPING))
             self._resend_unacked()
         elif msg.type is M.RUN:
+            self._acknowledged(h["acked"], h["attempts"])
             n = len(h["jobs"])
             shared = dict(zip(h["shared"], msg.blobs[n:]))
             self.blobs.add(shared)
@@ -370,11 +371,7 @@ class Monitor:
         elif msg.type is M.PUT_ACK:
             self._on_put_ack(h)
         elif msg.type is M.RESULT_ACK:
-            for jid, attempt in zip(h["ids"], h["attempts"]):
-                held = self.unacked.get(jid)
-                if held is not None and held[0]["attempt"] == attempt:  # not a later run's
-                    del self.unacked[jid]
-                    self.uploads.pop(jid, None)
+            self._acknowledged(h["ids"], h["attempts"])
             if not h["ids"] and self.stopping:
                 self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
@@ -386,6 +383,14 @@ class Monitor:
                 if h["code"] == "unauthorized":  # refused: register again once allowed
                     self.registered = self.registering = False
                 log.warning("broker error: %s", h["message"])
+
+    def _acknowledged(self, ids: list[str], attempts: list[int]) -> None:
+        """The broker stored these results (of these runs): they need not be kept."""
+        for jid, attempt in zip(ids, attempts):
+            held = self.unacked.get(jid)
+            if held is not None and held[0]["attempt"] == attempt:  # not a later run's
+                del self.unacked[jid]
+                self.uploads.pop(jid, None)
 
     def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes],
                    shared: dict[str, bytes]) -> None:

@@ -524,8 +524,13 @@ class Registered(TypedDict):
 
 
 class Run(TypedDict):
+    """Jobs for a monitor; ``acked`` and ``attempts`` acknowledge results of it, as a
+    RESULT_ACK does (they ride here when a RUN goes anyway)."""
+
     shared: Hashes
     jobs: RunSpecs
+    acked: Ids
+    attempts: Annotated[list[Pos], Meta(max_length=MAX_BATCH)]
 
 
 class Cancel(TypedDict):

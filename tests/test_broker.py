@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dsage import keys
 from dsage.auth import make_client
-from dsage.brokerstate import BrokerConfig, BrokerState
+from dsage.brokerstate import ACK_DELAY, BrokerConfig, BrokerState
 from dsage.protocol import (
     CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
     make,
@@ -448,6 +448,7 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state.on_monitor(0.0, b"m", "k" * 40, False,
                      decode(encode(make(M.RESULT, [b"1", b""] * n, results=items)), ALL))
     sent += state.flush(0.0)
+    sent += state.flush(ACK_DELAY)  # the results' acknowledgement: no RUN took it
     kinds = sorted(o.msg.type.value for o in sent)
     assert kinds == ["ack", "event", "event", "result_ack", "run"], kinds
     writes = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
@@ -458,6 +459,53 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     assert not [s for s in statements if "wal_checkpoint" in s]
     state.tick(1.5)
     assert [s for s in statements if "wal_checkpoint" in s]
+    store.close()
+
+
+def test_acknowledgements_ride_on_the_next_run_or_leave_after_a_delay(tmp_path: Path) -> None:
+    """A monitor's stored results are acknowledged on the next RUN to it, committed
+    first; with no RUN going, a RESULT_ACK leaves after ACK_DELAY; an empty RESULT
+    (a stopping monitor's) is answered at once, after the acknowledgements."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+    ids = [f"{i:032x}" for i in range(3)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3, req=1, shared=[],
+                                           jobs=[_spec(i) for i in ids]))
+    [run] = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [j["id"] for j in run.header["jobs"]] == ids[:1] and run.header["acked"] == []
+
+    def result(jid: str) -> Message:
+        return make(M.RESULT, [b"1", b""], results=[{
+            "id": jid, "status": "completed", "error": None, "encoding": "data",
+            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
+            "staged": False, "attempt": 1, "retry": False}])
+
+    # the result frees the slot: the next RUN goes before the commit, so without the ack
+    state.on_monitor(0.01, b"m", "k" * 40, False, result(ids[0]))
+    out = state.flush(0.01)
+    assert [o.msg.type for o in out if o.to == b"m"] == [M.RUN]
+    assert out[0].msg.header["acked"] == []
+    # the one after carries it, committed since
+    state.on_monitor(0.02, b"m", "k" * 40, False, result(ids[1]))
+    [run] = [o.msg for o in state.flush(0.02) if o.to == b"m"]
+    assert run.header["acked"] == ids[:1] and run.header["attempts"] == [1]
+    # no job left to send: the last result's acknowledgement waits, then goes alone
+    state.on_monitor(0.03, b"m", "k" * 40, False, result(ids[2]))
+    assert [o for o in state.flush(0.03) if o.to == b"m"] == []
+    assert 0 < state.next_wakeup(0.04) <= ACK_DELAY
+    [ack] = [o.msg for o in state.flush(0.021 + ACK_DELAY) if o.to == b"m"]
+    assert ack.type is M.RESULT_ACK and ack.header["ids"] == ids[1:]
+    # a stopping monitor's empty RESULT is answered at once, acknowledgements first
+    state.on_client(0.1, b"c", OWNER, make(M.SUBMIT, [b"1"], req=2, shared=[],
+                                           jobs=[_spec("e" * 32)]))
+    state.flush(0.1)
+    state.on_monitor(0.1, b"m", "k" * 40, False, result("e" * 32))
+    state.on_monitor(0.1, b"m", "k" * 40, False, make(M.STOPPING))
+    state.on_monitor(0.1, b"m", "k" * 40, False, make(M.RESULT, results=[]))
+    answers = [o.msg.header for o in state.flush(0.1) if o.to == b"m"]
+    assert answers == [{"ids": ["e" * 32], "attempts": [1]}, {"ids": [], "attempts": []}]
     store.close()
 
 
