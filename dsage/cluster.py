@@ -282,7 +282,10 @@ def start_all(workers: int = 2, port: int | None = None,
     them. When another broker (another script's ``start_all``) has the home's job
     store open, this cluster keeps its jobs in a store of its
     own, and says so. ``D.close()`` (or leaving a ``with`` block, or the interpreter
-    exiting) stops everything started here. Other options go to the broker and the
+    exiting) stops everything started here, and the broker then tells every other
+    monitor connected to it (started with ``start_workers``, by hand, on another
+    machine) to stop too: ``shutdown_monitors=False`` leaves those running, to
+    reconnect to the next broker. Other options go to the broker and the
     monitor by name (``heartbeat=0.5``, ``max_jobs_per_slot=100``).
     """
     root = keys_mod.home(home)
@@ -301,6 +304,7 @@ def start_all(workers: int = 2, port: int | None = None,
                   file=sys.stderr)
     shared = {k: options[k] for k in ("heartbeat", "liveness") if k in options}
     broker_opts = {k: v for k, v in options.items() if k in BROKER_FIELDS}
+    broker_opts.setdefault("shutdown_monitors", True)  # the cluster ends together
     monitor_opts = {k: v for k, v in options.items() if k in MONITOR_FIELDS}
     unknown = set(options) - BROKER_FIELDS - MONITOR_FIELDS
     if unknown:

@@ -151,6 +151,8 @@ class M(enum.StrEnum):
     CANCEL = "cancel"
     RESULT_ACK = "result_ack"
     PUT_ACK = "put_ack"
+    #: the broker is stopping and takes its monitors with it: stop, give jobs back
+    SHUTDOWN = "shutdown"
     # broker -> subscribers
     EVENT = "event"
 
@@ -533,6 +535,8 @@ SCHEMAS: dict[M, Schema] = {
     # ``next``: the offset to send next; ``gone``: the job is not the monitor's (any
     # more), so the rest need not be sent
     M.PUT_ACK: Schema({"id": _job_id, "part": _part, "next": _nonneg_int, "gone": _bool}),
+    # only ever from the broker whose key the monitor checked (its CURVE server)
+    M.SHUTDOWN: Schema({"reason": _short_str}),
     M.EVENT: Schema({"seq": _nonneg_int, "epoch": _short_str}, "jobs", RECORD, 2),
     # bytes ``offset``.. of a running job's output, sealed to its owner (LIVE_BYTES at most)
     M.OUTPUT: Schema({"id": _job_id, "offset": _nonneg_int}, blobs=1),
@@ -547,7 +551,7 @@ MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.R
 #: what comes on the events socket
 EVENTS = frozenset({M.EVENT, M.OUTPUT})
 MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK,
-                             M.PUT_ACK, M.ERROR})
+                             M.PUT_ACK, M.SHUTDOWN, M.ERROR})
 _BY_WIRE = {m.value.encode(): m for m in M}
 
 
