@@ -226,8 +226,14 @@ class Broker:
             except OSError:
                 pass
 
+        def on_usr1(signum: int, frame: Any) -> None:
+            log.info("signal %d: stopping, and telling the monitors to stop too", signum)
+            self.options.shutdown_monitors = True  # (`dsage stop --monitors`)
+            self.stop()
+
         old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+        old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
 
         def restore() -> None:
             for s, h in old.items():

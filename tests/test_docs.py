@@ -111,7 +111,8 @@ def test_site_builds_strict_with_the_cli_reference(tmp_path: Path) -> None:
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, r.stdout + r.stderr
     cli = (site / "cli" / "index.html").read_text()
-    for command in ("dsage keys add", "dsage jobs", "dsage slurm submit", "dsage-broker",
+    for command in ("dsage keys add", "dsage jobs", "dsage slurm submit", "dsage stop",
+                    "--shutdown-monitors", "dsage-broker",
                     "dsage-worker", "--max-message-size", "--run-as"):
         assert command in cli, command
     assert "Quick start" in (site / "index.html").read_text()  # the README's, included

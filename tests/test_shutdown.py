@@ -8,10 +8,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 import zmq
 import zmq.utils.monitor
 
 import dsage
+from dsage.cli import main as cli_main
 from dsage.protocol import MONITOR_REPLIES, M, decode, encode, make
 
 from .conftest import HEARTBEAT, LIVENESS, Procs, raw_dealer, wait_for
@@ -42,12 +44,15 @@ def test_a_monitor_started_elsewhere_ends_with_the_cluster_that_owns_the_broker(
     assert _status(home / "db" / "dsage.db", j.job_id) == ("new", 0)
 
 
-def test_a_broker_started_by_hand_leaves_its_monitors_to_reconnect(procs: Procs) -> None:
+def test_a_broker_started_by_hand_leaves_its_monitors_to_reconnect(
+        procs: Procs, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     b = procs.broker()
     m = procs.worker(1)
     d = procs.client()
     procs.wait_workers(d, 1)
-    b.stop()
+    assert cli_main(["stop", "--home", str(home)]) == 0  # the only broker of this home
+    assert f"stopped the broker on port {procs.port} (pid {b.pid})" in capsys.readouterr().out
+    assert b.proc.wait(10) == 0
     wait_for(lambda: "reconnecting" in m.log_tail(50), 30, "the monitor to miss its broker")
     procs.broker()
     assert m.alive()
@@ -97,3 +102,22 @@ def test_nothing_but_the_checked_broker_can_send_shutdown(procs: Procs, home: Pa
     wait_for(lambda: not m.alive(), 30, "the monitor to exit with its broker")
     assert m.proc.returncode == 0
     assert "the broker says stop" in m.log.read_text()
+
+
+def test_dsage_stop_with_monitors_takes_them_along(
+        procs: Procs, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["stop", "--home", str(home)]) == 1  # nothing runs yet: said so
+    assert f"no broker for {home} runs on this machine" in capsys.readouterr().err
+    b = procs.broker()
+    m = procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    j = d(SLEEPER)
+    wait_for(lambda: j.status == "processing", 30, "the job to run")
+    assert cli_main(["stop", "--home", str(home), "--port", str(procs.port),
+                     "--monitors"]) == 0
+    assert "and its monitors" in capsys.readouterr().out
+    assert b.proc.wait(10) == 0
+    wait_for(lambda: not m.alive(), 30, "the monitor to exit with its broker")
+    assert "the broker says stop" in m.log.read_text()
+    assert _status(home / "db" / "dsage.db", j.job_id) == ("new", 0)
