@@ -42,7 +42,7 @@ ANONYMOUS_MAX_FRAME = 8 * 1024 * 1024
 EVENTS_HWM = 64
 #: most seconds a stopping broker (``--shutdown-monitors``) waits for its monitors to
 #: say they stop and give their jobs back
-SHUTDOWN_WAIT = 3.0
+SHUTDOWN_WAIT = 2.0
 
 
 class PortInUse(Exception):
