@@ -156,7 +156,8 @@ def _spawn(name: str, args: list[str], home: Path) -> ManagedProcess:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             # -P: a dsage.py in the working folder (the seed's example file) is not dsage
-            [sys.executable, "-P", "-m", "dsage.cli", *args, "--exit-with-parent", str(os.getpid()),
+            [sys.executable, "-P", "-m", "dsage.cli", *args,
+             "--exit-with-parent", str(os.getpid()),
              "--log-file", "-"],  # its stderr is the log file (crashes included)
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
