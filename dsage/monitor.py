@@ -370,6 +370,8 @@ class Monitor:
                 self._cancel(jid, h["reason"])
         elif msg.type is M.PUT_ACK:
             self._on_put_ack(h)
+        elif msg.type is M.SHUTDOWN:
+            self._shutdown(h["reason"])
         elif msg.type is M.RESULT_ACK:
             self._acknowledged(h["ids"], h["attempts"])
             if not h["ids"] and self.stopping:
@@ -960,6 +962,14 @@ class Monitor:
             log.warning("no word from the broker for %.1f s (--idle-exit %g): stopping",
                         now - self.last_contact, idle)
             self.begin_stop()
+
+    def _shutdown(self, reason: str) -> None:
+        """The broker stops and takes its monitors with it (it came on this
+        connection, whose CURVE handshake checked the broker's key): stop at once,
+        giving running jobs back (the broker queues them for the next start)."""
+        log.warning("the broker says stop (%s): giving jobs back and exiting", reason)
+        self.hurry = True
+        self.begin_stop()
 
     def request_stop(self) -> None:
         """Ask the loop to :meth:`begin_stop` (safe from a signal handler: it sends

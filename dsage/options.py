@@ -114,6 +114,10 @@ class BrokerOptions:
     durable: bool = opt(False, "make every commit reach the disk (survives power loss, "
                         "slower); by default commits survive a crash of the broker but not "
                         "of the machine")
+    shutdown_monitors: bool = opt(False, "when this broker stops, tell every connected "
+                                  "monitor to stop too (their running jobs go back to the "
+                                  "queue, in the store, for the next broker); start_all's "
+                                  "broker does this, so its cluster ends together")
     exit_with_parent: int | None = opt(None, hidden=True)
 
 

@@ -155,6 +155,8 @@ class M(enum.StrEnum):
     CANCEL = "cancel"
     RESULT_ACK = "result_ack"
     PUT_ACK = "put_ack"
+    #: the broker is stopping and takes its monitors with it: stop, give jobs back
+    SHUTDOWN = "shutdown"
     # broker -> subscribers
     EVENT = "event"
 
@@ -562,6 +564,13 @@ class PutAck(TypedDict):
     gone: bool
 
 
+class Shutdown(TypedDict):
+    """The broker stops and takes its monitors with it; only ever from the broker
+    whose key the monitor checked (its CURVE server)."""
+
+    reason: Text
+
+
 class Event(TypedDict):
     seq: NonNeg
     epoch: Text
@@ -636,6 +645,7 @@ SCHEMAS: dict[M, Schema] = {
     M.RESULT_ACK: Schema(ResultAck),
     M.PUT: Schema(Put, blobs=1),
     M.PUT_ACK: Schema(PutAck),
+    M.SHUTDOWN: Schema(Shutdown),
     M.EVENT: Schema(Event, "jobs", 2),
     M.OUTPUT: Schema(Output, blobs=1),
 }
@@ -651,7 +661,7 @@ MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.R
 #: what comes on the events socket
 EVENTS = frozenset({M.EVENT, M.OUTPUT})
 MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK,
-                             M.PUT_ACK, M.ERROR})
+                             M.PUT_ACK, M.SHUTDOWN, M.ERROR})
 _BY_WIRE = {m.value.encode(): m for m in M}
 
 
