@@ -57,7 +57,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "started": st.none() | finite, "finished": finite, "created": finite, "failures": nonneg,
     "host": short, "anonymous": st.booleans(), "key": z85_key,
     "pid": st.integers(-2**31, 2**31), "slots": pos_int, "busy": nonneg, "tags": tags,
-    "ids": ids, "missing": ids, "code": short, "message": text, "client": short,
+    "ids": ids, "acked": ids, "missing": ids, "code": short, "message": text, "client": short,
     "version": short, "epoch": short, "heartbeat": positive, "max_message_size": pos_int,
     "monitor": short, "running": ids, "liveness": pos_int, "cancel": ids, "reason": short,
     "seq": nonneg, "count_failure": st.booleans(), "more": st.booleans(),
