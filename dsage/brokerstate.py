@@ -42,6 +42,10 @@ IDLE_TRUNCATE = 1.0
 #: Seconds a monitor's stored results may wait for their acknowledgement to ride on
 #: the next RUN to it before a RESULT_ACK of their own leaves.
 ACK_DELAY = 0.05
+#: Seconds after its dispatch that a job's "processing" record is announced to its
+#: owner: a job done by then is announced once, final (one record, and one wake-up
+#: of the client, fewer per short job).
+ANNOUNCE_DELAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,9 @@ class BrokerState:
         self.last_prune = 0.0
         self.rotation = 0
         self.idle_since = None
+        #: dispatched jobs whose "processing" record is not announced yet, and when it
+        #: is due (in dispatch order, so due times only grow)
+        self.starting: dict[str, float] = {}
         self._values: dict[Any, Any] = {}
         self._tag_sets: dict[tuple[str, ...], frozenset[str]] = {}
         self._load(now)
@@ -706,8 +713,9 @@ class BrokerState:
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to do."""
+        started = next(iter(self.starting.values()), now + 1.0) - now
         return max(0.0, min(self.last_heartbeat + self.config.heartbeat - now, 1.0,
-                            self.next_ack(now)))
+                            self.next_ack(now), started))
 
     # --- events socket
 
@@ -720,7 +728,7 @@ class BrokerState:
 
     # --- dispatch and flush
 
-    def dispatch(self) -> None:
+    def dispatch(self, now: float) -> None:
         """Send queued jobs to monitors with credit, in turn."""
         if not self.sched.queued or not self.monitors:
             return
@@ -758,7 +766,8 @@ class BrokerState:
                                   "shared": list(j.shared)})
                     for d, _ in uses[i]:
                         sent.setdefault(d, blobs[j.owner, d])
-                    self._announce(j.owner, _open_record(j, None, worker))
+                    self.starting.pop(j.id, None)  # (dispatched again: due later)
+                    self.starting[j.id] = now + ANNOUNCE_DELAY
                 self._send("monitor", m.rid, make(
                     M.RUN, payloads[part.start:part.stop] + list(sent.values()), jobs=specs,
                     shared=list(sent), acked=[i for i, _ in acked],
@@ -791,7 +800,7 @@ class BrokerState:
         it registers again, and keeps it). Acknowledgements and final states still
         leave only after the commit."""
         try:
-            self.dispatch()
+            self.dispatch(now)
             if send_early is not None:
                 runs = [o for o in self.outbox if o.msg.type is M.RUN]
                 if runs:
@@ -802,6 +811,7 @@ class BrokerState:
             self.reload(now, str(e))
             return []
         self._acknowledge(now)
+        self._announce_started(now)
         out, self.outbox = self.outbox, []
         for owner, records in self.events.items():
             topic = owner.encode()
@@ -839,6 +849,18 @@ class BrokerState:
             if m.answer_due:
                 m.answer_due = False
                 self._send("monitor", m.rid, make(M.RESULT_ACK, ids=[], attempts=[]))
+
+    def _announce_started(self, now: float) -> None:
+        """Announce the jobs dispatched ANNOUNCE_DELAY ago that are still running there."""
+        while self.starting:
+            jid, due = next(iter(self.starting.items()))
+            if due > now:
+                return
+            del self.starting[jid]
+            job = self.sched.jobs.get(jid)
+            m = self.by_id.get(job.monitor) if job is not None and job.monitor else None
+            if job is not None and job.where is Where.ASSIGNED and m is not None:
+                self._announce(job.owner, _open_record(job, None, m.ref()))
 
     def next_ack(self, now: float) -> float:
         """Seconds until a monitor's acknowledgements are due (see :meth:`_acknowledge`)."""

@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dsage import keys
 from dsage.auth import make_client
-from dsage.brokerstate import ACK_DELAY, BrokerConfig, BrokerState
+from dsage.brokerstate import ACK_DELAY, ANNOUNCE_DELAY, BrokerConfig, BrokerState
 from dsage.protocol import (
     CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
     make,
@@ -450,7 +450,8 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     sent += state.flush(0.0)
     sent += state.flush(ACK_DELAY)  # the results' acknowledgement: no RUN took it
     kinds = sorted(o.msg.type.value for o in sent)
-    assert kinds == ["ack", "event", "event", "result_ack", "run"], kinds
+    # one event: the jobs were done before their "processing" records were due
+    assert kinds == ["ack", "event", "result_ack", "run"], kinds
     writes = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
     assert len(writes) <= 3 * n, writes[:5]
     assert sum(s.startswith("COMMIT") for s in statements) <= 2
@@ -506,6 +507,32 @@ def test_acknowledgements_ride_on_the_next_run_or_leave_after_a_delay(tmp_path: 
     state.on_monitor(0.1, b"m", "k" * 40, False, make(M.RESULT, results=[]))
     answers = [o.msg.header for o in state.flush(0.1) if o.to == b"m"]
     assert answers == [{"ids": ["e" * 32], "attempts": [1]}, {"ids": [], "attempts": []}]
+    store.close()
+
+
+def test_a_running_job_is_announced_processing_after_a_delay_and_a_quick_one_only_final(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[], version="0"))
+    slow, quick = "a" * 32, "b" * 32
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 2, req=1, shared=[],
+                                           jobs=[_spec(slow), _spec(quick)]))
+
+    def events(now: float) -> list[tuple[str, str]]:
+        return [(r["id"], r["status"]) for o in state.flush(now) if o.dest == "event"
+                for r in o.msg.header["jobs"]]
+
+    assert events(0.0) == []
+    assert 0 < state.next_wakeup(0.01) <= ANNOUNCE_DELAY
+    state.on_monitor(0.05, b"m", "k" * 40, False, make(M.RESULT, [b"1", b""], results=[{
+        "id": quick, "status": "completed", "error": None, "encoding": "data",
+        "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
+        "staged": False, "attempt": 1, "retry": False}]))
+    assert events(0.05) == [(quick, "completed")]
+    assert events(ANNOUNCE_DELAY * 1.01) == [(slow, "processing")]
+    assert events(ANNOUNCE_DELAY * 3) == []  # once
     store.close()
 
 
@@ -568,7 +595,7 @@ def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: P
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("e" * 32)], shared=[]))
     late = state.flush(0.0, lambda outs: order.extend(o.msg.type.value for o in outs))
     assert order == ["run", "commit"]
-    assert sorted(o.msg.type.value for o in late) == ["ack", "event"]
+    assert sorted(o.msg.type.value for o in late) == ["ack"]  # "processing" comes later
     store.close()
 
 
