@@ -8,6 +8,7 @@ outbox is sent. Payloads are never deserialised here.
 from __future__ import annotations
 
 import errno
+import math
 import logging
 import os
 import signal
@@ -135,7 +136,8 @@ class Broker:
 
     def step(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for messages, handle them, send what follows."""
-        ready = dict(self.poller.poll(int(timeout * 1000)))
+        # whole milliseconds, rounded up: a timer due in 0.4 ms must not spin the loop
+        ready = dict(self.poller.poll(math.ceil(timeout * 1000)))
         now = time.monotonic()
         if self.clients in ready:
             self._drain_clients(now)
