@@ -514,7 +514,9 @@ def test_the_demo_runs_the_seeds_session_with_progress(home: Path) -> None:
 def test_a_second_ctrl_c_while_the_session_closes_ends_it_quietly(home: Path,
                                                                   tmp_path: Path) -> None:
     """A second Ctrl-C while start_all's cluster closed at exit once printed a traceback
-    from the atexit callback."""
+    from the atexit callback. The broker is frozen (SIGSTOP) so that closing the
+    session takes seconds; the second Ctrl-C comes once the monitor's log shows it
+    giving its job back, a step of that close."""
     (tmp_path / "scripts").mkdir()  # not beside the home folder 'dsage' (it would shadow)
     script = tmp_path / "scripts" / "session.py"
     script.write_text(
@@ -528,13 +530,23 @@ def test_a_second_ctrl_c_while_the_session_closes_ends_it_quietly(home: Path,
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "DSAGE_HOME": str(home)})
+    broker_pid = 0
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "running\n"
+        [broker] = running.brokers(home)
+        broker_pid = broker.pid
+        [monitor_log] = (home / "logs").glob("worker-*.log")
+        os.kill(broker_pid, signal.SIGSTOP)  # a broker slow to stop: the close waits 3 s
         proc.send_signal(signal.SIGINT)  # the script ends; its cluster closes at exit
-        proc.send_signal(signal.SIGINT)  # and a second one while it does
+        wait_for(lambda: "giving 1 running job back" in monitor_log.read_text(), 30,
+                 "the session's close to stop its monitor")
+        assert proc.poll() is None  # still closing (its broker gets 3 s)
+        proc.send_signal(signal.SIGINT)  # a second Ctrl-C while it does
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
+        if broker_pid and alive(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)  # not left frozen when the test fails
     assert "atexit" not in err and "Exception ignored" not in err, err
     wait_for(lambda: not running.brokers(home), 20, "the session's broker gone")
