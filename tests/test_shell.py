@@ -145,6 +145,23 @@ def test_status_lists_jobs_by_state_and_monitors(one_slot: dsage.DSage) -> None:
         done.kill()  # purged: the broker no longer knows it
 
 
+def test_kill_all_kills_thousands_of_queued_jobs_a_page_at_a_time(procs: Procs) -> None:
+    """kill_all once listed every unfinished job into wrappers before killing any."""
+    procs.broker()  # no monitor: the jobs stay queued
+    d = procs.client()
+    jobs = [d("1") for _ in range(3500)]
+    wait_for(lambda: d.status().jobs["new"] == 3500, 60, "the jobs stored")
+    other = procs.client()  # as `dsage kill --all` in a shell: a client with no wrappers
+    before = other._io.sent_messages.copy()
+    assert other.kill_all() == 3500
+    sent = other._io.sent_messages - before
+    assert sent[b"list"] == 4 + 1 and sent[b"kill"] == 4  # pages of 1,000 (and "processing")
+    assert not other._io.jobs  # nothing held per job
+    wait_for(lambda: all(j.status == "killed" for j in jobs), 60, "the submitter's wrappers")
+    assert d.status().jobs["killed"] == 3500 and d.status().jobs["new"] == 0
+    assert other.kill_all() == 0
+
+
 def test_get_my_jobs_pages_through_thousands(cluster: dsage.DSage) -> None:
     jobs = [cluster("0", name="n1" if i < 1500 else "n2", priority=9) for i in range(2500)]
     for j in jobs:
