@@ -142,8 +142,9 @@ class ClusterStatus:
         return sum(w.busy for w in self.workers)
 
 
-class _Page(list[JobWrapper]):
-    """One LIST reply's wrappers, and where the next page starts (None: the last)."""
+class _Page(list[Any]):
+    """One LIST reply's wrappers (or its jobs' ids and states), and where the next
+    page starts (None: the last)."""
 
     next: int | None = None
 
@@ -490,9 +491,11 @@ class _IO(threading.Thread):
         except OSError:
             pass  # the thread has ended (the client is closed)
 
-    def request(self, type_: M, timeout: float, wrap: bool = False, **header: Any) -> Any:
+    def request(self, type_: M, timeout: float, wrap: bool | str = False, **header: Any) -> Any:
         """Send a request and wait for its reply: the Message, or with ``wrap`` the
-        JobWrappers of the records in its JOBS reply (made by this thread)."""
+        JobWrappers of the records in its JOBS reply (made by this thread), or with
+        ``wrap="states"`` their ``(id, status)`` pairs (no wrapper made for a job
+        that has none)."""
         fut: Future[Any] = Future()
         self.command("request", type_, header, fut, wrap)
         try:
@@ -876,7 +879,9 @@ class _IO(threading.Thread):
         elif msg.type is M.CHUNK:
             self._on_chunk(h, msg.blobs[0])
         elif msg.type is M.JOBS:
-            wrappers = self._apply(h["jobs"], msg.blobs, adopt=wrap)
+            wrappers: list[Any] = self._apply(h["jobs"], msg.blobs, adopt=wrap is True)
+            if wrap == "states":
+                wrappers = [(r["id"], r["status"]) for r in h["jobs"]]
             self._unknown(h["missing"])
             if h["more"]:  # the rest of the answer follows
                 if entry is not None:
@@ -1416,17 +1421,26 @@ class DSage:
     def kill_all(self, status: str | None = None, timeout: float = 30.0) -> int:
         """Kill every unfinished job of this key (only the queued ones with
         ``status='new'``, only the running ones with ``'processing'``); returns how
-        many were killed."""
+        many were killed. A page of ids at a time is listed and killed, so a million
+        queued jobs cost this process no more than a thousand (and no wrappers)."""
         if status not in (None, Status.NEW.value, Status.PROCESSING.value):
             raise ValueError(f"status={status!r}: choose 'new', 'processing' or None (both)")
-        wanted = [status] if status else [Status.NEW.value, Status.PROCESSING.value]
-        ids = [j.job_id for s in wanted for j in self.get_my_jobs(s, limit=None, timeout=timeout)]
+        self._check_usable()
         killed = 0
-        for part in batches([0] * len(ids)):
-            # with 'new', only jobs still queued: one that started meanwhile goes on
-            wrappers = self._io.request(M.KILL, timeout, wrap=True, ids=ids[part.start:part.stop],
-                                        queued_only=status == Status.NEW.value)
-            killed += sum(w.status == Status.KILLED for w in wrappers)
+        for wanted in [status] if status else [Status.NEW.value, Status.PROCESSING.value]:
+            after: int | None = 0
+            while after is not None:
+                page: _Page = self._io.request(M.LIST, timeout, wrap="states", status=wanted,
+                                               name=None, since=None, after=after,
+                                               limit=MAX_BATCH)
+                after = page.next  # the pages follow the store's order: kills change no page
+                if not page:
+                    continue
+                # with 'new', only jobs still queued: one that started meanwhile goes on
+                states = self._io.request(M.KILL, timeout, wrap="states",
+                                          ids=[jid for jid, _ in page],
+                                          queued_only=status == Status.NEW.value)
+                killed += sum(st == Status.KILLED.value for _, st in states)
         return killed
 
     def purge(self, before: float | None = None, timeout: float = 30.0) -> int:
