@@ -1,6 +1,7 @@
 """What a monitor's machine can run, advertised as tags beside those of ``--tags``:
-``povray`` when the ``povray`` binary is on PATH, ``sage`` when ``import sage.all``
-works (tried in a child process: it takes seconds and much memory)."""
+``povray`` when the ``povray`` binary is on PATH, ``sage`` when Sage jobs can run
+(``python -m dsage.sage`` says so, in a child process: importing Sage takes seconds
+and much memory). ``dsage-worker --no-detect`` offers only its ``--tags``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+
+from .sage import SAGE_TAG
 
 __all__ = ["detected_tags", "offered_tags"]
 
@@ -22,7 +25,7 @@ def _sage_imports() -> bool:
     except (ImportError, ValueError):
         return False
     try:
-        return subprocess.run([sys.executable, "-c", "import sage.all"], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "dsage.sage"], capture_output=True,
                               timeout=SAGE_CHECK_TIMEOUT).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -34,10 +37,10 @@ def detected_tags() -> list[str]:
     if shutil.which("povray"):
         tags.append("povray")
     if _sage_imports():
-        tags.append("sage")
+        tags.append(SAGE_TAG)
     return tags
 
 
-def offered_tags(given: list[str]) -> list[str]:
-    """``given`` (from ``--tags``) and the detected tags, each once."""
-    return list(dict.fromkeys([*given, *detected_tags()]))
+def offered_tags(given: list[str], detect: bool = True) -> list[str]:
+    """``given`` (from ``--tags``) and, with ``detect``, the detected tags, each once."""
+    return list(dict.fromkeys([*given, *(detected_tags() if detect else [])]))

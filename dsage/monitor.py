@@ -156,7 +156,7 @@ class Monitor:
             self.tmpdir = Path(runas.working_folder(tempfile.gettempdir(), self.run_as))
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         #: the tags offered: ``--tags`` and what is installed (povray, sage)
-        self.tags = offered_tags(options.tags)
+        self.tags = offered_tags(options.tags, detect=not options.no_detect)
         self.monitor_id = uuid.uuid4().hex
         #: when the broker was last heard from on any connection (for ``--idle-exit``)
         self.last_contact = time.monotonic()
