@@ -104,6 +104,23 @@ def test_start_all_with_kind_sage_runs_the_seeds_session(
         D.close()
 
 
+def test_a_slot_loads_sage_once_and_keeps_it_for_the_next_sage_jobs(
+        sage: None, procs: Procs) -> None:
+    """Sage's import starts a BLAS thread pool, rebinds names in the modules it loads
+    and doubles the slot's memory: all the slot's, not the job's, so the slot that
+    ran one Sage job runs the next ones too (without reloading Sage for each)."""
+    procs.broker()
+    procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    code = "import os\n(os.getpid(), 2^10)"
+    first = d(code, kind="sage").result(120)
+    rest = [d(code, kind="sage").result(60) for _ in range(3)]
+    python = d("import os\nos.getpid()").result(60)
+    assert first[1] == 1024 and {r for r in rest} == {first}  # the same process
+    assert python == first[0]
+
+
 def test_a_sage_result_loads_in_a_client_that_has_not_imported_sage(
         sage: None, cluster: dsage.DSage, procs: Procs) -> None:
     r = run_python(_client_script(procs.port, (
