@@ -40,7 +40,7 @@ from typing import Any
 
 from . import chunks, contain, runas
 from .attach import Attachments, place, unwrap
-from .codec import encode_result
+from .codec import encode_result, mentions_sage
 from .functions import LoadError, preload
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status, exception_name
 
@@ -707,7 +707,8 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
         except (EOFError, OSError):
             return 0
         base_rss = 0  # the slot's size anew, when it grew by loading Sage
-        if spec["kind"] == Kind.SAGE and not sage_loaded:
+        if not sage_loaded and (spec["kind"] == Kind.SAGE or (
+                spec["kind"] == Kind.FUNCTION and mentions_sage(payload))):
             sage_loaded = load_sage(baseline)
             base_rss = _rss() if sage_loaded else 0
         reply, result, output = run_job(spec, payload, capture, tmpdir, blobs)
@@ -719,11 +720,11 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
 
 
 def load_sage(baseline: Baseline) -> bool:
-    """Import Sage into the slot before its first Sage job, as a part of the slot
-    rather than of the job (its import rebinds names in modules it loads, and
-    numpy's BLAS would start a thread per core: one is enough in a slot), so that
-    it is loaded once, not again in a new slot after each Sage job. False when Sage
-    cannot run here (the job fails, saying so)."""
+    """Import Sage into the slot before its first Sage job (or call that pickles
+    Sage objects), as a part of the slot rather than of the job (its import rebinds
+    names in modules it loads, and numpy's BLAS would start a thread per core: one
+    is enough in a slot), so that it is loaded once, not again in a new slot after
+    each Sage job. False when Sage cannot run here (the job fails, saying so)."""
     from .sage import check
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the job's environment is put back

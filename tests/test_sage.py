@@ -121,6 +121,30 @@ def test_a_slot_loads_sage_once_and_keeps_it_for_the_next_sage_jobs(
     assert python == first[0]
 
 
+def _pid_and_load(blob: bytes) -> tuple[int, str]:
+    import os
+
+    import dill
+
+    return os.getpid(), str(dill.loads(blob))
+
+
+def test_calls_of_sage_objects_load_sage_in_the_slot_once(sage: None, procs: Procs) -> None:
+    """A function job whose arguments are Sage objects has the slot load Sage first
+    too, so the slot runs the next such call as well."""
+    procs.broker()
+    procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    # in a slot of its own, so that the monitor's slot has not loaded Sage
+    j = done(d("factor(2^64 + 1)", kind="sage", isolate=True), 120)
+    sage_pickle = j._result_blob[4 + int.from_bytes(j._result_blob[:4], "big"):]
+    assert b"sage." in sage_pickle
+    calls = [d.eval_function(_pid_and_load, (sage_pickle,)).result(120) for _ in range(3)]
+    assert {text for _, text in calls} == {"274177 * 67280421310721"}
+    assert len({pid for pid, _ in calls}) == 1
+
+
 def test_a_sage_result_loads_in_a_client_that_has_not_imported_sage(
         sage: None, cluster: dsage.DSage, procs: Procs) -> None:
     r = run_python(_client_script(procs.port, (
