@@ -5,8 +5,9 @@ usual arithmetic (integers, rationals, factoring, matrices): passagemath's
 ``repl``, ``pari`` and ``modules`` distributions. Those have no ``sage.all``;
 each has a top-level namespace module ``sage.all__sagemath_NAME`` instead. A
 job's globals are ``sage.all`` where the whole of Sage is installed, else the
-union of those modules. ``python -m dsage.sage`` exits 0 when this Python can
-run Sage jobs (a monitor runs it to decide whether to offer the ``sage`` tag).
+union of those modules. :func:`missing` says, without importing Sage, whether
+it is installed (a monitor offers the ``sage`` tag when it is); :func:`check`
+imports it, and says what fails if it does not.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def _entry_points() -> list[str]:
         return []
     return sorted(f"sage.{m.name}" for m in pkgutil.iter_modules(sage.__path__)
                   if m.name.startswith(DISTRIBUTION_PREFIX))
+
+
+def missing() -> str | None:
+    """What Sage jobs lack here, found without importing Sage (in a millisecond):
+    None when Sage's namespace modules and its preparser are installed."""
+    if not _entry_points():
+        return f"Sage is not installed here: {INSTALL_HINT}"
+    try:
+        found = importlib.util.find_spec("sage.repl.preparse") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return f"Sage's preparser (passagemath-repl) is not installed here: {INSTALL_HINT}"
+    return None
 
 
 def _load_namespace() -> dict[str, Any]:
@@ -117,13 +132,10 @@ def sage_namespace() -> dict[str, Any]:
 
 
 def main() -> int:
+    """0 when Sage jobs can run here (Sage imports); else 1, saying why on stderr."""
     try:
         check()
     except ImportError as e:
         print(e, file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,10 +29,11 @@ from .test_distributed import P20, Q21, R10  # primes of 20, 21 and 10 digits
 
 @functools.cache
 def _sage_problem() -> str | None:
-    """Why this Python cannot run Sage jobs (asked in a child process, as monitors
-    do, so that this one does not import Sage), or None."""
-    r = subprocess.run([sys.executable, "-m", "dsage.sage"], capture_output=True, text=True,
-                       timeout=120)
+    """Why this Python cannot run Sage jobs (Sage imported in a child process, so
+    that this one does not import it), or None."""
+    check = "import dsage.sage as s; raise SystemExit(s.main())"
+    r = subprocess.run([sys.executable, "-c", check],
+                       capture_output=True, text=True, timeout=120)
     return None if r.returncode == 0 else (r.stderr.strip() or "Sage does not import")
 
 
@@ -238,6 +239,20 @@ def test_the_kind_is_checked_and_the_sage_tag_counts_against_the_limit(procs: Pr
     with pytest.raises(ValueError, match="at most 64 tags"):
         D.eval_file(Path(__file__), kind="sage", requires=[f"t{i}" for i in range(64)])
     assert D.get_my_jobs() == []
+
+
+def test_monitors_find_sage_without_importing_it(sage: None) -> None:
+    r = run_python("import sys, dsage.sage as s\nprint(s.missing())\n"
+                   "print(sorted(m for m in sys.modules if m.startswith('sage.')))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["None", "['sage.repl']"]  # its package, not Sage
+    r = run_python("import sys\nsys.modules['sage'] = None\n"
+                   "from dsage.capabilities import detected_tags\n"
+                   "import dsage.sage as s\nprint(s.missing())\nprint(detected_tags())")
+    assert r.returncode == 0, r.stderr
+    missing, tags = r.stdout.splitlines()
+    assert missing == "Sage is not installed here: pip install 'dsage[sage]'"
+    assert "sage" not in tags
 
 
 def test_which_pickles_refer_to_sage_and_malformed_sage_results() -> None:
