@@ -274,8 +274,9 @@ def _close_all() -> None:
 
 def start_all(workers: int = 2, port: int | None = None,
               home: str | os.PathLike[str] | None = None, timeout: float = 60.0,
-              **options: Any) -> DSage:
+              kind: str = "python", **options: Any) -> DSage:
     """Start a local broker and a monitor with ``workers`` slots; return a connected DSage.
+    ``kind='sage'`` makes it run code jobs as Sage by default (``D('2^10')`` is 1024).
 
     Runs ``dsage setup`` first when there is no keypair yet. The broker uses three
     free ports (``dsage status`` and the other shell commands find it), or ``port``
@@ -319,7 +320,7 @@ def start_all(workers: int = 2, port: int | None = None,
         assert monitor is not None
         cluster.monitors.append(monitor)
         d = DSage("127.0.0.1", port, home=root, connect_timeout=0,
-                  heartbeat=shared.get("heartbeat", 1.0))
+                  heartbeat=shared.get("heartbeat", 1.0), kind=kind)
         d._cluster = cluster
         deadline = time.monotonic() + timeout
         while not d._io.conn.welcomed.wait(0.05):

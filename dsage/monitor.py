@@ -81,7 +81,7 @@ MAX_BACKOFF = 30.0
 _READY_KEYS = frozenset({"ready", "rss"})
 _FAILED_KEYS = frozenset({"failed"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
-                         "finished", "rss", "replace", "retry"})
+                         "finished", "rss", "replace", "retry", "base_rss"})
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Monitor:
             self.tmpdir = Path(runas.working_folder(tempfile.gettempdir(), self.run_as))
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         #: the tags offered: ``--tags`` and what is installed (povray, sage)
-        self.tags = offered_tags(options.tags)
+        self.tags = offered_tags(options.tags, detect=not options.no_detect)
         self.monitor_id = uuid.uuid4().hex
         #: when the broker was last heard from on any connection (for ``--idle-exit``)
         self.last_contact = time.monotonic()
@@ -672,6 +672,8 @@ class Monitor:
             return
         slot.job, slot.deadline = None, None
         slot.jobs_done += 1
+        if reply["base_rss"]:  # the slot loaded Sage: its growth counts from there
+            slot.base_rss = reply["base_rss"]
         recycle = (self._worn(slot, reply["rss"]) or bool(reply["replace"])
                    or self.options.isolate or bool(job.get("isolate")))
         if not recycle:

@@ -150,6 +150,8 @@ class MonitorOptions:
                           "requires=[...] ('povray' and 'sage' are added when POV-Ray is on "
                           "PATH and Sage imports)", parse=tag_list, metavar="TAG,TAG",
                           default_factory=list)
+    no_detect: bool = opt(False, "offer only the --tags given, not 'povray' and 'sage' for "
+                          "what is installed (this machine then runs no Sage jobs)")
     max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
                                 "largest frame accepted, in bytes (default 256 MiB)",
                                 parse=positive_int)

@@ -103,6 +103,9 @@ class Encoding(enum.StrEnum):
     NONE = "none"  # no result
     DILL = "dill"  # a dill pickle: only ever loaded from trusted workers
     DATA = "data"  # dsage.codec's data-only encoding, safe to decode
+    #: a Sage object: its repr, for a client without Sage, then its dill pickle
+    #: (dsage.codec.dump_sage); loaded only from trusted workers
+    SAGE = "sage"
     #: a failed job's full error text (UTF-8); its record's ``error`` keeps only the type
     ERROR = "error"
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from . import chunks, contain, runas
 from .attach import Attachments, place, unwrap
-from .codec import encode_result
+from .codec import encode_result, mentions_sage
 from .functions import LoadError, preload
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status, exception_name
 
@@ -411,7 +411,10 @@ class ModuleWatch:
     the job."""
 
     #: modules whose names change as a matter of course
-    SKIP = frozenset({"sys", "__main__", "__mp_main__", "builtins"})
+    SKIP = frozenset({"sys", "__main__", "__mp_main__", "builtins", "sage"})
+    #: Sage's modules rebind their own names as a matter of course (lazy imports and
+    #: lazy class attributes resolve on first use): a job's changes there go unseen
+    SKIP_PREFIX = "sage."
 
     def __init__(self) -> None:
         #: per module noted: its name, namespace, values then and namespace then
@@ -431,7 +434,8 @@ class ModuleWatch:
     def note(self, name: str) -> None:
         """Remember what the module ``name`` (and each class it binds) is bound to now."""
         d = getattr(sys.modules.get(name), "__dict__", None)
-        if name in self.known or name in self.SKIP or not isinstance(d, dict):
+        if name in self.known or name in self.SKIP or not isinstance(d, dict) \
+                or name.startswith(self.SKIP_PREFIX):
             return
         self.known.add(name)
         self.names.append(name)
@@ -480,6 +484,14 @@ class ModuleWatch:
                         self.class_copies[i] = dict(attrs)
         self.add_new()
         return out
+
+    def accept(self) -> None:
+        """Take every module and class as it is now: what the slot itself loaded (Sage)
+        is not a job's change."""
+        self.add_new()
+        self.values = [list(d.values()) for d in self.dicts]
+        self.copies = [dict(d) for d in self.dicts]
+        self.class_copies = [dict(a) for a in self.attrs]
 
 
 def _any_differ(now: Any, then: list[Any]) -> bool:
@@ -556,6 +568,13 @@ class Baseline:
         self.modules = ModuleWatch()
         self.modules.install()
         self.rlimits = {r: resource.getrlimit(r) for r in _RLIMITS}
+        self.threads = self.tasks = 1
+
+    def accept(self) -> None:
+        """Take the slot's modules and threads as they are now (once it loaded Sage)."""
+        self.modules.accept()
+        self.threads = threading.active_count()
+        self.tasks = len(os.listdir("/proc/self/task"))
 
     def _extra_fds(self) -> set[int]:
         """Files open now that were not before the first job (the listing's own is not)."""
@@ -575,7 +594,8 @@ class Baseline:
         why = []
         if left:
             why.append(f"it left {len(left)} processes running (killed)")
-        if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+        if threading.active_count() > self.threads \
+                or len(os.listdir("/proc/self/task")) > self.tasks:
             why.append("it left threads running")
         for sig, handler in self.handlers.items():
             try:
@@ -680,16 +700,40 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
         send_frame(sock, {"failed": f"{type(e).__name__}: {e}"[:1000]})
         return 3
     send_frame(sock, {"ready": True, "rss": _rss()})
+    sage_loaded = False
     while True:
         try:
             spec, payload, blobs = recv_frame(sock)
         except (EOFError, OSError):
             return 0
+        base_rss = 0  # the slot's size anew, when it grew by loading Sage
+        if not sage_loaded and (spec["kind"] == Kind.SAGE or (
+                spec["kind"] == Kind.FUNCTION and mentions_sage(payload))):
+            sage_loaded = load_sage(baseline)
+            base_rss = _rss() if sage_loaded else 0
         reply, result, output = run_job(spec, payload, capture, tmpdir, blobs)
+        reply["base_rss"] = base_rss
         capture.reset()  # before the reply: what the monitor reads next is the next job's
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
         remove_folder(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
+
+
+def load_sage(baseline: Baseline) -> bool:
+    """Import Sage into the slot before its first Sage job (or call that pickles
+    Sage objects), as a part of the slot rather than of the job (its import rebinds
+    names in modules it loads, and numpy's BLAS would start a thread per core: one
+    is enough in a slot), so that it is loaded once, not again in a new slot after
+    each Sage job. False when Sage cannot run here (the job fails, saying so)."""
+    from .sage import check
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the job's environment is put back
+    try:
+        check()
+    except ImportError:
+        return False
+    baseline.accept()
+    return True
 
 
 def template(fd: int, tmpdir: str, run_as: str = "") -> int:
