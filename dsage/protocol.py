@@ -229,7 +229,7 @@ JobShared = Annotated[list[Hash], Meta(max_length=MAX_SHARED)]
 KindName = Literal["python", "sage", "function"]
 StatusName = Literal["new", "processing", "completed", "failed", "killed"]
 FinalStatusName = Literal["completed", "failed", "killed"]
-EncodingName = Literal["none", "dill", "data", "error"]
+EncodingName = Literal["none", "dill", "data", "error", "sage"]
 ResultFromName = Literal["none", "expression", "DSAGE_RESULT", "return"]
 Part = Literal["result", "output"]
 

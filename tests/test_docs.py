@@ -47,6 +47,7 @@ NOT_RUN_EXPECTED = {
 #: the files the examples name, as a user would have them beside the script
 EXAMPLE_FILES = {
     "dsage.py": "import random\nDSAGE_RESULT = sorted(random.sample(range(100), 5))\n",
+    "dsage.sage": "DSAGE_RESULT = factor(randint(10^20, 10^30))\n",
     "urls.txt": "https://example.org\n",
     "fetch.py": "def fetch(url):\n    return f'the page at {url}'\n",
     "input/data.csv": "a,b\n1,2\n",
