@@ -27,7 +27,7 @@ from .limits import AnonymousConnections, RateLimit
 from .options import BrokerOptions
 from .protocol import (
     CLIENT_REQUESTS, MAX_FRAMES, MONITOR_REQUESTS, M, Message, ProtocolError, decode, encode, error,
-    make, message_budget,
+    make, message_budget, result_ids,
 )
 from .sockets import send_frames
 from .store import Store
@@ -290,6 +290,8 @@ class Broker:
                     continue
                 log.warning("bad message from monitor %s: %s", key[:8], e)
                 self._send(Out("monitor", rid, error(e.code, str(e))))
+                if ids := result_ids(body):
+                    self.state.on_unreadable_result(now, rid, key, ids, str(e))
                 continue
             if trusted and not self.keyring.is_worker(key):
                 self._not_a_worker(now, rid, key)

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from . import __version__
 from .protocol import (
-    CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, M, Message, Status, batches, clip, error, make,
-    shared_batches,
+    CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, M, Message, Status, batches, clip, error,
+    make, shared_batches,
 )
 from .seal import OVERHEAD as SEAL_OVERHEAD
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
@@ -586,6 +586,33 @@ class BrokerState:
             # always answered: a stopping monitor waits for the answer to its empty
             # RESULT, which comes after any RUN sent before its STOPPING was read
             entry.answer_due = True
+
+    def on_unreadable_result(self, now: float, rid: bytes, key: str, ids: list[str],
+                             why: str) -> None:
+        """A registered monitor sent a RESULT this broker cannot read (``why``), for
+        ``ids``: those of its jobs fail saying so, and are acknowledged so that it
+        drops them, rather than staying ``processing`` with their result stuck there."""
+        entry = self.monitors.get(rid)
+        if entry is None or entry.key != key:
+            return
+        for jid in ids:
+            job = self.sched.jobs.get(jid)
+            if job is None or job.monitor != entry.monitor_id:
+                continue
+            message = clip(f"its worker ({entry.host}) sent a result this broker cannot read "
+                           f"({why}); is dsage on the worker the broker's version?",
+                           MAX_LONG_TEXT)
+            outcome = Outcome(Status.FAILED, message, "none", "none", False, job.started,
+                              time.time(), b"", b"")
+            try:
+                done = self.store.finish(jid, outcome, entry.ref())
+            except sqlite3.Error as e:
+                log.error("could not store the failure of job %s: %s", jid, e)
+                continue
+            entry.acks.append((jid, job.attempt))
+            self._forget(job)
+            if done:
+                self._announce(*done)
 
     def _retry(self, job: Job) -> None:
         """The job's code raised an exception it may be re-run for: back to its queue,

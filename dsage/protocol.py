@@ -710,6 +710,24 @@ def decode(frames: Sequence[bytes], allowed: frozenset[M]) -> Message:
     return Message(type_, header, blobs)
 
 
+def result_ids(frames: Sequence[bytes]) -> list[str]:
+    """The job ids a RESULT that :func:`decode` refused names, read as leniently as
+    it can be (a header of another dsage version, say), so that the broker can fail
+    those jobs instead of leaving them running forever; [] when there are none."""
+    if len(frames) < 3 or bytes(frames[1]) != M.RESULT.value.encode() \
+            or len(frames[2]) > MAX_HEADER:
+        return []
+    try:
+        header = msgspec.json.decode(frames[2])
+    except (msgspec.DecodeError, RecursionError):
+        return []
+    items = header.get("results") if isinstance(header, dict) else None
+    if not isinstance(items, list):
+        return []
+    ids = [r.get("id") for r in items[:MAX_BATCH] if isinstance(r, dict)]
+    return [i for i in ids if isinstance(i, str) and _JOB_ID.match(i) and len(i) == 32]
+
+
 def error(code: str, message: str, req: int | None = None) -> Message:
     return make(M.ERROR, code=code, message=clip(message, MAX_LONG_TEXT), req=req)
 

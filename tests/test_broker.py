@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dsage import keys
+from dsage import JobError, keys
 from dsage.auth import make_client
 from dsage.brokerstate import ACK_DELAY, ANNOUNCE_DELAY, BrokerConfig, BrokerState
 from dsage.protocol import (
@@ -367,6 +367,35 @@ def test_a_monitor_re_registering_under_a_new_id_strands_nothing(procs: Procs,
         _replies(mon, M.REGISTERED)
         procs.worker(1)
         assert j.result(60) == "done"
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_result_the_broker_cannot_read_fails_its_job_and_is_acknowledged(
+        procs: Procs, home: Path) -> None:
+    """A monitor of another dsage version sends a result whose header this broker
+    refuses (an encoding it does not know): the job fails saying so, and the monitor
+    is told to drop the result, instead of the job staying 'processing' forever."""
+    procs.broker()
+    D = procs.client()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        mon = _dealer(ctx, home, procs.port + 1)
+        mon.send_multipart(_register("newer"))
+        _replies(mon, M.REGISTERED)
+        j = D("'done'")
+        run = _replies(mon, M.RUN)
+        item = {"id": j.job_id, "status": "completed", "error": None,
+                "encoding": "a-future-encoding", "result_from": "expression", "sealed": True,
+                "started": 1.0, "finished": 2.0, "staged": False, "attempt": 1, "retry": False}
+        mon.send_multipart(_raw("result", {"results": [item]}) + [b"x", b""])
+        assert _replies(mon, M.ERROR).header["code"] == "header"
+        with pytest.raises(JobError, match="cannot read .*the broker.s version"):
+            j.result(30)
+        assert j.status == "failed"
+        ack = _replies(mon, M.RESULT_ACK)
+        assert ack.header["ids"] == [j.job_id]
+        assert ack.header["attempts"] == [run.header["jobs"][0]["attempt"]]
     finally:
         ctx.destroy(linger=0)
 
