@@ -8,6 +8,7 @@ outbox is sent. Payloads are never deserialised here.
 from __future__ import annotations
 
 import errno
+import math
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from .limits import AnonymousConnections, RateLimit
 from .options import BrokerOptions
 from .protocol import (
     CLIENT_REQUESTS, MAX_FRAMES, MONITOR_REQUESTS, M, Message, ProtocolError, decode, encode, error,
-    message_budget,
+    make, message_budget, result_ids,
 )
 from .sockets import send_frames
 from .store import Store
@@ -40,6 +41,9 @@ DRAIN_LIMIT = 2000
 ANONYMOUS_MAX_FRAME = 8 * 1024 * 1024
 #: most event messages queued per subscriber (each at most protocol.BATCH_BYTES of blobs)
 EVENTS_HWM = 64
+#: most seconds a stopping broker (``--shutdown-monitors``) waits for its monitors to
+#: say they stop and give their jobs back
+SHUTDOWN_WAIT = 2.0
 
 
 class PortInUse(Exception):
@@ -132,7 +136,8 @@ class Broker:
 
     def step(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for messages, handle them, send what follows."""
-        ready = dict(self.poller.poll(int(timeout * 1000)))
+        # whole milliseconds, rounded up: a timer due in 0.4 ms must not spin the loop
+        ready = dict(self.poller.poll(math.ceil(timeout * 1000)))
         now = time.monotonic()
         if self.clients in ready:
             self._drain_clients(now)
@@ -166,10 +171,37 @@ class Broker:
             running.record(self.home, self.options.port)
             while not self.stopping:
                 self.step(self.state.next_wakeup(time.monotonic()))
+            if self.options.shutdown_monitors:
+                self._shutdown_monitors()
         finally:
             running.forget(self.home, self.options.port)
             restore()
             self.close()
+
+    def _shutdown_monitors(self) -> None:
+        """Tell every registered monitor to stop (SHUTDOWN), then serve on until each
+        has said it stops (STOPPING) and given its jobs back, or SHUTDOWN_WAIT passed:
+        those jobs are queued in the store for the next broker, not left running."""
+        told = {m.monitor_id for m in self.state.monitors.values() if m.reachable}
+        if not told:
+            return
+        log.info("stopping: telling %d monitors to stop too", len(told))
+        for m in list(self.state.monitors.values()):
+            if m.monitor_id in told:
+                self._send(Out("monitor", m.rid, make(M.SHUTDOWN, reason="its broker stopped")))
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        while time.monotonic() < deadline and not self._monitors_gone(told):
+            self.step(0.05)
+
+    def _monitors_gone(self, told: set[str]) -> bool:
+        """Whether each of the monitors ``told`` said it stops, or was lost, and holds
+        no job of this broker's any more."""
+        for monitor_id in told:
+            entry = self.state.by_id.get(monitor_id)
+            if (entry is not None and not entry.stopping) \
+                    or self.state.sched.of_monitor(monitor_id):
+                return False
+        return True
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (safe from a signal handler or another thread)."""
@@ -196,8 +228,14 @@ class Broker:
             except OSError:
                 pass
 
+        def on_usr1(signum: int, frame: Any) -> None:
+            log.info("signal %d: stopping, and telling the monitors to stop too", signum)
+            self.options.shutdown_monitors = True  # (`dsage stop --monitors`)
+            self.stop()
+
         old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+        old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
 
         def restore() -> None:
             for s, h in old.items():
@@ -252,6 +290,8 @@ class Broker:
                     continue
                 log.warning("bad message from monitor %s: %s", key[:8], e)
                 self._send(Out("monitor", rid, error(e.code, str(e))))
+                if ids := result_ids(body):
+                    self.state.on_unreadable_result(now, rid, key, ids, str(e))
                 continue
             if trusted and not self.keyring.is_worker(key):
                 self._not_a_worker(now, rid, key)

@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from . import __version__
 from .protocol import (
-    CHUNK_BYTES, LIVE_BYTES, M, Message, Status, batches, clip, error, make, shared_batches,
+    CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, M, Message, Status, batches, clip, error,
+    make, shared_batches,
 )
 from .seal import OVERHEAD as SEAL_OVERHEAD
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
@@ -38,6 +39,13 @@ Dest = Literal["client", "monitor", "event"]
 
 #: seconds without open jobs after which the broker empties the store's WAL
 IDLE_TRUNCATE = 1.0
+#: Seconds a monitor's stored results may wait for their acknowledgement to ride on
+#: the next RUN to it before a RESULT_ACK of their own leaves.
+ACK_DELAY = 0.05
+#: Seconds after its dispatch that a job's "processing" record is announced to its
+#: owner: a job done by then is announced once, final (one record, and one wake-up
+#: of the client, fewer per short job).
+ANNOUNCE_DELAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,14 @@ class MonitorEntry:
     #: hashes of the shared blobs sent to it since it registered: it keeps them (in
     #: a cache; one it dropped comes back in a RELEASE's ``missing_blobs``)
     blobs: set[str] = field(default_factory=set)
+    #: results stored this loop turn: acknowledged once committed, as (id, attempt)
+    acks: list[tuple[str, int]] = field(default_factory=list)
+    #: committed results not yet acknowledged, since ``acks_since``: they ride on the
+    #: next RUN to this monitor, or go in a RESULT_ACK after ACK_DELAY
+    committed_acks: list[tuple[str, int]] = field(default_factory=list)
+    acks_since: float = 0.0
+    #: it sent an empty RESULT (it is stopping): answer it after the commit
+    answer_due: bool = False
 
     def __post_init__(self) -> None:
         self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous)
@@ -119,6 +135,9 @@ class BrokerState:
         self.last_prune = 0.0
         self.rotation = 0
         self.idle_since = None
+        #: dispatched jobs whose "processing" record is not announced yet, and when it
+        #: is due (in dispatch order, so due times only grow)
+        self.starting: dict[str, float] = {}
         self._values: dict[Any, Any] = {}
         self._tag_sets: dict[tuple[str, ...], frozenset[str]] = {}
         self._load(now)
@@ -562,12 +581,38 @@ class BrokerState:
             self._forget(job)
             if done:
                 self._announce(*done)
-        # always answered, also when empty: a stopping monitor waits for that answer,
-        # which comes after any RUN sent before its STOPPING was read
-        for part in batches([0] * len(acked)) or [range(0)]:
-            done_part = acked[part.start:part.stop]
-            self._send("monitor", entry.rid, make(M.RESULT_ACK, ids=[i for i, _ in done_part],
-                                                  attempts=[a for _, a in done_part]))
+        entry.acks.extend(acked)
+        if not msg.header["results"]:
+            # always answered: a stopping monitor waits for the answer to its empty
+            # RESULT, which comes after any RUN sent before its STOPPING was read
+            entry.answer_due = True
+
+    def on_unreadable_result(self, now: float, rid: bytes, key: str, ids: list[str],
+                             why: str) -> None:
+        """A registered monitor sent a RESULT this broker cannot read (``why``), for
+        ``ids``: those of its jobs fail saying so, and are acknowledged so that it
+        drops them, rather than staying ``processing`` with their result stuck there."""
+        entry = self.monitors.get(rid)
+        if entry is None or entry.key != key:
+            return
+        for jid in ids:
+            job = self.sched.jobs.get(jid)
+            if job is None or job.monitor != entry.monitor_id:
+                continue
+            message = clip(f"its worker ({entry.host}) sent a result this broker cannot read "
+                           f"({why}); is dsage on the worker the broker's version?",
+                           MAX_LONG_TEXT)
+            outcome = Outcome(Status.FAILED, message, "none", "none", False, job.started,
+                              time.time(), b"", b"")
+            try:
+                done = self.store.finish(jid, outcome, entry.ref())
+            except sqlite3.Error as e:
+                log.error("could not store the failure of job %s: %s", jid, e)
+                continue
+            entry.acks.append((jid, job.attempt))
+            self._forget(job)
+            if done:
+                self._announce(*done)
 
     def _retry(self, job: Job) -> None:
         """The job's code raised an exception it may be re-run for: back to its queue,
@@ -695,7 +740,9 @@ class BrokerState:
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to do."""
-        return max(0.0, min(self.last_heartbeat + self.config.heartbeat - now, 1.0))
+        started = next(iter(self.starting.values()), now + 1.0) - now
+        return max(0.0, min(self.last_heartbeat + self.config.heartbeat - now, 1.0,
+                            self.next_ack(now), started))
 
     # --- events socket
 
@@ -708,7 +755,7 @@ class BrokerState:
 
     # --- dispatch and flush
 
-    def dispatch(self) -> None:
+    def dispatch(self, now: float) -> None:
         """Send queued jobs to monitors with credit, in turn."""
         if not self.sched.queued or not self.monitors:
             return
@@ -731,6 +778,7 @@ class BrokerState:
             blobs = self._shared_blobs(jobs, m.blobs)
             uses = [[(d, len(blobs[j.owner, d])) for d in j.shared if (j.owner, d) in blobs]
                     for j in jobs]
+            acked, m.committed_acks = m.committed_acks[:MAX_BATCH], m.committed_acks[MAX_BATCH:]
             for part in shared_batches([len(p) for p in payloads], uses):
                 specs = []
                 sent: dict[str, bytes] = {}
@@ -745,10 +793,13 @@ class BrokerState:
                                   "shared": list(j.shared)})
                     for d, _ in uses[i]:
                         sent.setdefault(d, blobs[j.owner, d])
-                    self._announce(j.owner, _open_record(j, None, worker))
+                    self.starting.pop(j.id, None)  # (dispatched again: due later)
+                    self.starting[j.id] = now + ANNOUNCE_DELAY
                 self._send("monitor", m.rid, make(
                     M.RUN, payloads[part.start:part.stop] + list(sent.values()), jobs=specs,
-                    shared=list(sent)))
+                    shared=list(sent), acked=[i for i, _ in acked],
+                    attempts=[a for _, a in acked]))
+                acked = []
                 m.blobs.update(sent)
 
     def _shared_blobs(self, jobs: list[Job], has: set[str]) -> dict[tuple[str, str], bytes]:
@@ -776,7 +827,7 @@ class BrokerState:
         it registers again, and keeps it). Acknowledgements and final states still
         leave only after the commit."""
         try:
-            self.dispatch()
+            self.dispatch(now)
             if send_early is not None:
                 runs = [o for o in self.outbox if o.msg.type is M.RUN]
                 if runs:
@@ -786,6 +837,8 @@ class BrokerState:
         except sqlite3.Error as e:
             self.reload(now, str(e))
             return []
+        self._acknowledge(now)
+        self._announce_started(now)
         out, self.outbox = self.outbox, []
         for owner, records in self.events.items():
             topic = owner.encode()
@@ -801,6 +854,46 @@ class BrokerState:
                     M.EVENT, [records[i] for i in part], seq=seq, epoch=self.config.epoch)))
         self.events = {}
         return out
+
+
+    def _acknowledge(self, now: float) -> None:
+        """After a commit: the results stored since are acknowledged, on the next RUN
+        to their monitor or, after ACK_DELAY (at once when it is stopping), in a
+        RESULT_ACK. Either way one message fewer per job than an answer per RESULT."""
+        for m in self.monitors.values():
+            if m.acks:
+                if not m.committed_acks:
+                    m.acks_since = now
+                m.committed_acks.extend(m.acks)
+                m.acks = []
+            if m.committed_acks and (m.answer_due or m.stopping
+                                     or now - m.acks_since >= ACK_DELAY):
+                acked, m.committed_acks = m.committed_acks, []
+                for part in batches([0] * len(acked)):
+                    done = acked[part.start:part.stop]
+                    self._send("monitor", m.rid, make(M.RESULT_ACK, ids=[i for i, _ in done],
+                                                      attempts=[a for _, a in done]))
+            if m.answer_due:
+                m.answer_due = False
+                self._send("monitor", m.rid, make(M.RESULT_ACK, ids=[], attempts=[]))
+
+    def _announce_started(self, now: float) -> None:
+        """Announce the jobs dispatched ANNOUNCE_DELAY ago that are still running there."""
+        while self.starting:
+            jid, due = next(iter(self.starting.items()))
+            if due > now:
+                return
+            del self.starting[jid]
+            job = self.sched.jobs.get(jid)
+            m = self.by_id.get(job.monitor) if job is not None and job.monitor else None
+            if job is not None and job.where is Where.ASSIGNED and m is not None:
+                self._announce(job.owner, _open_record(job, None, m.ref()))
+
+    def next_ack(self, now: float) -> float:
+        """Seconds until a monitor's acknowledgements are due (see :meth:`_acknowledge`)."""
+        due = [m.acks_since + ACK_DELAY - now for m in self.monitors.values()
+               if m.committed_acks]
+        return max(0.0, min(due)) if due else 1.0
 
 
 def _open_record(job: Job, reason: str | None, worker: WorkerRef | None = None) -> Record:

@@ -1,31 +1,17 @@
 """What a monitor's machine can run, advertised as tags beside those of ``--tags``:
-``povray`` when the ``povray`` binary is on PATH, ``sage`` when ``import sage.all``
-works (tried in a child process: it takes seconds and much memory)."""
+``povray`` when the ``povray`` binary is on PATH, ``sage`` when Sage's namespace
+and its preparser are installed (:func:`dsage.sage.missing`: found without
+importing Sage, which takes a second, so that a monitor starts at once; a slot
+imports Sage before its first Sage job). ``dsage-worker --no-detect`` offers
+only its ``--tags``."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import subprocess
-import sys
+
+from .sage import SAGE_TAG, missing
 
 __all__ = ["detected_tags", "offered_tags"]
-
-#: how long the check that Sage imports may take
-SAGE_CHECK_TIMEOUT = 120.0
-
-
-def _sage_imports() -> bool:
-    try:
-        if importlib.util.find_spec("sage") is None:
-            return False
-    except (ImportError, ValueError):
-        return False
-    try:
-        return subprocess.run([sys.executable, "-c", "import sage.all"], capture_output=True,
-                              timeout=SAGE_CHECK_TIMEOUT).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def detected_tags() -> list[str]:
@@ -33,11 +19,11 @@ def detected_tags() -> list[str]:
     tags = []
     if shutil.which("povray"):
         tags.append("povray")
-    if _sage_imports():
-        tags.append("sage")
+    if missing() is None:
+        tags.append(SAGE_TAG)
     return tags
 
 
-def offered_tags(given: list[str]) -> list[str]:
-    """``given`` (from ``--tags``) and the detected tags, each once."""
-    return list(dict.fromkeys([*given, *detected_tags()]))
+def offered_tags(given: list[str], detect: bool = True) -> list[str]:
+    """``given`` (from ``--tags``) and, with ``detect``, the detected tags, each once."""
+    return list(dict.fromkeys([*given, *(detected_tags() if detect else [])]))

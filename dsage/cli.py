@@ -18,6 +18,7 @@ from . import keys as keys_mod
 from . import logs
 from . import shell
 from . import slurm
+from . import stop
 from .broker import BrokerFailed, PortInUse, run_broker
 from .errors import DSageError
 from .monitor import run_monitor
@@ -247,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_keys)
     shell.add_commands(sub)
     slurm.add_commands(sub)
+    stop.add_command(sub)
     sub.add_parser("broker", help="run a broker (as dsage-broker)", add_help=False)
     sub.add_parser("worker", help="run a monitor (as dsage-worker)", add_help=False)
     return p

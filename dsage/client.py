@@ -52,6 +52,7 @@ from .protocol import (
     shared_batches, text_problem,
 )
 from .protocol import batch_bytes
+from .sage import SAGE_TAG
 from .seal import Opener, binding
 from .sockets import send_frames
 from .words import plural
@@ -142,8 +143,9 @@ class ClusterStatus:
         return sum(w.busy for w in self.workers)
 
 
-class _Page(list[JobWrapper]):
-    """One LIST reply's wrappers, and where the next page starts (None: the last)."""
+class _Page(list[Any]):
+    """One LIST reply's wrappers (or its jobs' ids and states), and where the next
+    page starts (None: the last)."""
 
     next: int | None = None
 
@@ -235,6 +237,14 @@ def _check_retries(retries: int, retry_on: Iterable[type[BaseException] | str] |
     if len(names) > MAX_TAGS:
         raise ValueError(f"retry_on: at most {MAX_TAGS} exception classes")
     return retries, names if retries else []
+
+
+def _check_code_kind(kind: str) -> str:
+    """A code job's kind, ``'python'`` or ``'sage'``."""
+    if kind not in (Kind.PYTHON, Kind.SAGE):
+        raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
+                         f"(use D.eval_function for functions)")
+    return str(kind)
 
 
 def _check_tags(requires: Iterable[str]) -> list[str]:
@@ -490,9 +500,11 @@ class _IO(threading.Thread):
         except OSError:
             pass  # the thread has ended (the client is closed)
 
-    def request(self, type_: M, timeout: float, wrap: bool = False, **header: Any) -> Any:
+    def request(self, type_: M, timeout: float, wrap: bool | str = False, **header: Any) -> Any:
         """Send a request and wait for its reply: the Message, or with ``wrap`` the
-        JobWrappers of the records in its JOBS reply (made by this thread)."""
+        JobWrappers of the records in its JOBS reply (made by this thread), or with
+        ``wrap="states"`` their ``(id, status)`` pairs (no wrapper made for a job
+        that has none)."""
         fut: Future[Any] = Future()
         self.command("request", type_, header, fut, wrap)
         try:
@@ -876,7 +888,9 @@ class _IO(threading.Thread):
         elif msg.type is M.CHUNK:
             self._on_chunk(h, msg.blobs[0])
         elif msg.type is M.JOBS:
-            wrappers = self._apply(h["jobs"], msg.blobs, adopt=wrap)
+            wrappers: list[Any] = self._apply(h["jobs"], msg.blobs, adopt=wrap is True)
+            if wrap == "states":
+                wrappers = [(r["id"], r["status"]) for r in h["jobs"]]
             self._unknown(h["missing"])
             if h["more"]:  # the rest of the answer follows
                 if entry is not None:
@@ -1078,6 +1092,9 @@ class DSage:
     that, a submit blocks until acknowledgements make room (for as long as the
     broker is unreachable). A DSage belongs to the process that made it: in a
     forked child every call raises :class:`DSageError`.
+
+    ``kind`` is the kind of code jobs when :meth:`eval` is given none: ``'python'``,
+    or ``'sage'`` to run every code job through Sage's preparser (as the seed did).
     """
 
     def __init__(self, server: str = "localhost", port: int = 8081,
@@ -1086,9 +1103,11 @@ class DSage:
                  heartbeat: float = 1.0,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  max_unacked_jobs: int = MAX_UNACKED_JOBS,
-                 max_unacked_bytes: int = MAX_UNACKED_BYTES) -> None:
+                 max_unacked_bytes: int = MAX_UNACKED_BYTES, kind: str = "python") -> None:
         if max_unacked_jobs < 1 or max_unacked_bytes < 1:
             raise ValueError("max_unacked_jobs and max_unacked_bytes must be at least 1")
+        #: the kind of code jobs that do not name one
+        self.kind = _check_code_kind(kind)
         self.server, self.port = server, port
         self.home = keys_mod.home(home)
         self.keys = keys_mod.load_keypair(self.home)
@@ -1183,7 +1202,8 @@ class DSage:
         return self.eval(code, **options)
 
     def eval(self, code: str, timeout: float | None = 600, priority: int = DEFAULT_PRIORITY,
-             name: str | None = None, kind: str = "python", memory: int | str | None = None,
+             name: str | None = None, kind: str | None = None,
+             memory: int | str | None = None,
              anonymous_ok: bool = False, requires: Iterable[str] = (),
              isolate: bool = False, retries: int = 0,
              retry_on: Iterable[type[BaseException] | str] | None = None,
@@ -1193,7 +1213,9 @@ class DSage:
         """Run ``code`` on a worker. The result is ``DSAGE_RESULT`` if the code sets it,
         otherwise the value of its final expression.
 
-        ``kind`` is ``'python'`` or ``'sage'``; ``timeout`` (seconds, None for no limit)
+        ``kind`` is ``'python'`` or ``'sage'`` (default: the client's
+        :attr:`kind`); a Sage job requires the ``sage`` tag, so it waits for a worker
+        that has Sage; ``timeout`` (seconds, None for no limit)
         and ``memory`` (bytes or ``'2GB'``) are hard limits; ``priority`` runs from 0
         (most urgent) to 9; ``anonymous_ok`` lets anonymous workers run the job;
         ``requires`` lists tags a worker must offer; ``isolate`` runs the job in a
@@ -1208,9 +1230,7 @@ class DSage:
             hint = (f"; to run a function, use D.eval_function({getattr(code, '__name__', 'f')}"
                     f", args, kwargs)" if callable(code) else "")
             raise TypeError(f"code must be a string, not {type(code).__name__}{hint}")
-        if kind not in (Kind.PYTHON, Kind.SAGE):
-            raise ValueError(f"kind={kind!r}: choose 'python' or 'sage' "
-                             f"(use D.eval_function for functions)")
+        kind = self.kind if kind is None else _check_code_kind(kind)
         payload, shared = attach.wrap(code.encode(),
                                       attach.collect(files, user_vars, load_files))
         return self._submit(payload, kind, timeout, priority, name, memory, anonymous_ok,
@@ -1219,13 +1239,15 @@ class DSage:
     def eval_file(self, path: str | os.PathLike[str], name: str | None = None,
                   **options: Any) -> JobWrapper:
         """Run a file's code; its ``DSAGE_RESULT`` is the result. ``.sage`` files run as
-        Sage. Takes :meth:`eval`'s options."""
+        Sage, ``.py`` files as Python, others as the client's :attr:`kind`. Takes
+        :meth:`eval`'s options."""
         p = Path(path)
         try:
             code = p.read_text()
         except OSError as e:
             raise FileNotFoundError(f"cannot read {p}: {e.strerror}") from None
-        options.setdefault("kind", "sage" if p.suffix == ".sage" else "python")
+        options.setdefault("kind", {".sage": Kind.SAGE.value, ".py": Kind.PYTHON.value}.get(
+            p.suffix, self.kind))
         return self.eval(code, name=name if name is not None else p.name, **options)
 
     def eval_function(self, func: Callable[..., Any], args: Iterable[Any] = (),
@@ -1266,10 +1288,14 @@ class DSage:
         if unknown:
             raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
         retries, names = _check_retries(retries, retry_on)
+        tags = _check_tags(requires)
+        if kind == Kind.SAGE and SAGE_TAG not in tags:
+            # only a worker with Sage takes it; on others it waits, saying why
+            tags = _check_tags([*tags, SAGE_TAG])
         return {"id": os.urandom(16).hex(), "name": _check_name(name), "kind": kind,
                 "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
-                "requires": _check_tags(requires), "isolate": bool(isolate),
+                "requires": tags, "isolate": bool(isolate),
                 "retries": retries, "retry_on": names, "shared": list(shared)}
 
     def _submit_specs(self, jobs: Sequence[tuple[dict[str, Any], bytes]],
@@ -1416,17 +1442,26 @@ class DSage:
     def kill_all(self, status: str | None = None, timeout: float = 30.0) -> int:
         """Kill every unfinished job of this key (only the queued ones with
         ``status='new'``, only the running ones with ``'processing'``); returns how
-        many were killed."""
+        many were killed. A page of ids at a time is listed and killed, so a million
+        queued jobs cost this process no more than a thousand (and no wrappers)."""
         if status not in (None, Status.NEW.value, Status.PROCESSING.value):
             raise ValueError(f"status={status!r}: choose 'new', 'processing' or None (both)")
-        wanted = [status] if status else [Status.NEW.value, Status.PROCESSING.value]
-        ids = [j.job_id for s in wanted for j in self.get_my_jobs(s, limit=None, timeout=timeout)]
+        self._check_usable()
         killed = 0
-        for part in batches([0] * len(ids)):
-            # with 'new', only jobs still queued: one that started meanwhile goes on
-            wrappers = self._io.request(M.KILL, timeout, wrap=True, ids=ids[part.start:part.stop],
-                                        queued_only=status == Status.NEW.value)
-            killed += sum(w.status == Status.KILLED for w in wrappers)
+        for wanted in [status] if status else [Status.NEW.value, Status.PROCESSING.value]:
+            after: int | None = 0
+            while after is not None:
+                page: _Page = self._io.request(M.LIST, timeout, wrap="states", status=wanted,
+                                               name=None, since=None, after=after,
+                                               limit=MAX_BATCH)
+                after = page.next  # the pages follow the store's order: kills change no page
+                if not page:
+                    continue
+                # with 'new', only jobs still queued: one that started meanwhile goes on
+                states = self._io.request(M.KILL, timeout, wrap="states",
+                                          ids=[jid for jid, _ in page],
+                                          queued_only=status == Status.NEW.value)
+                killed += sum(st == Status.KILLED.value for _, st in states)
         return killed
 
     def purge(self, before: float | None = None, timeout: float = 30.0) -> int:

@@ -155,7 +155,9 @@ def _spawn(name: str, args: list[str], home: Path) -> ManagedProcess:
     env = {**os.environ, "DSAGE_HOME": str(home)}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsage.cli", *args, "--exit-with-parent", str(os.getpid()),
+            # -P: a dsage.py in the working folder (the seed's example file) is not dsage
+            [sys.executable, "-P", "-m", "dsage.cli", *args,
+             "--exit-with-parent", str(os.getpid()),
              "--log-file", "-"],  # its stderr is the log file (crashes included)
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
@@ -272,8 +274,9 @@ def _close_all() -> None:
 
 def start_all(workers: int = 2, port: int | None = None,
               home: str | os.PathLike[str] | None = None, timeout: float = 60.0,
-              **options: Any) -> DSage:
+              kind: str = "python", **options: Any) -> DSage:
     """Start a local broker and a monitor with ``workers`` slots; return a connected DSage.
+    ``kind='sage'`` makes it run code jobs as Sage by default (``D('2^10')`` is 1024).
 
     Runs ``dsage setup`` first when there is no keypair yet. The broker uses three
     free ports (``dsage status`` and the other shell commands find it), or ``port``
@@ -282,7 +285,10 @@ def start_all(workers: int = 2, port: int | None = None,
     them. When another broker (another script's ``start_all``) has the home's job
     store open, this cluster keeps its jobs in a store of its
     own, and says so. ``D.close()`` (or leaving a ``with`` block, or the interpreter
-    exiting) stops everything started here. Other options go to the broker and the
+    exiting) stops everything started here, and the broker then tells every other
+    monitor connected to it (started with ``start_workers``, by hand, on another
+    machine) to stop too: ``shutdown_monitors=False`` leaves those running, to
+    reconnect to the next broker. Other options go to the broker and the
     monitor by name (``heartbeat=0.5``, ``max_jobs_per_slot=100``).
     """
     root = keys_mod.home(home)
@@ -301,6 +307,7 @@ def start_all(workers: int = 2, port: int | None = None,
                   file=sys.stderr)
     shared = {k: options[k] for k in ("heartbeat", "liveness") if k in options}
     broker_opts = {k: v for k, v in options.items() if k in BROKER_FIELDS}
+    broker_opts.setdefault("shutdown_monitors", True)  # the cluster ends together
     monitor_opts = {k: v for k, v in options.items() if k in MONITOR_FIELDS}
     unknown = set(options) - BROKER_FIELDS - MONITOR_FIELDS
     if unknown:
@@ -313,7 +320,7 @@ def start_all(workers: int = 2, port: int | None = None,
         assert monitor is not None
         cluster.monitors.append(monitor)
         d = DSage("127.0.0.1", port, home=root, connect_timeout=0,
-                  heartbeat=shared.get("heartbeat", 1.0))
+                  heartbeat=shared.get("heartbeat", 1.0), kind=kind)
         d._cluster = cluster
         deadline = time.monotonic() + timeout
         while not d._io.conn.welcomed.wait(0.05):

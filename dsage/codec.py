@@ -11,23 +11,49 @@ values and can never run code. Unpickling is kept to :func:`load_trusted`.
 from __future__ import annotations
 
 import base64
-import importlib
 import io
 import json
 import math
 import pickle
+import re
+import struct
 import sys
 from typing import Any
 
 import dill
 
 from .protocol import Encoding
+from .sage import INSTALL_HINT, import_sage
 
 MAX_DEPTH = 100
 
 
+#: most characters of a Sage result's repr sent beside its pickle
+MAX_SAGE_REPR = 10_000
+#: a Sage module named in a pickle (not ``dsage.``, nor words such as ``message.``):
+#: after a string's length byte, or the GLOBAL opcode ``c`` of protocols 0 to 3
+_SAGE_MODULE = re.compile(rb"(?:(?<![\w.])|(?<=c))sage\.[a-z]")
+_REPR_LENGTH = struct.Struct(">I")
+
+
 class UntrustedResult(str):
     """A result from an anonymous worker that was not plain data: its repr, as text."""
+
+
+class NeedsSage(str):
+    """A Sage result read where Sage is not installed: the repr the worker sent, as
+    text; ``pickle`` is the object itself, for a process that has Sage."""
+
+    pickle: bytes = b""
+
+    def __repr__(self) -> str:
+        return (f"{str(self)}  # a Sage object, shown as its repr: Sage is not installed "
+                f"here ({INSTALL_HINT} to load the object itself)")
+
+
+def mentions_sage(blob: bytes) -> bool:
+    """Whether a pickle refers to a module of Sage."""
+    return b"sage." in blob and _SAGE_MODULE.search(blob) is not None  # memmem first: fast
 
 
 def dump_trusted(value: Any) -> bytes:
@@ -89,12 +115,38 @@ def load_trusted(blob: bytes) -> Any:
     """Unpickle a call or a result; only ever called for trusted peers' pickles. A
     pickle of Sage objects is loaded with Sage imported whole first, where Sage is
     installed (its modules import each other in an order unpickling does not keep)."""
-    if b"sage." in blob and "sage.all" not in sys.modules:
-        try:
-            importlib.import_module("sage.all")
-        except ImportError:
-            pass  # loading fails below, and says Sage is needed
+    if mentions_sage(blob):
+        import_sage()  # where Sage is missing, loading fails below and says so
     return dill.loads(blob)
+
+
+def dump_sage(value: Any, pickled: bytes) -> bytes:
+    """A Sage result for the way back: its repr (for a client without Sage) and its
+    pickle, as one blob."""
+    try:
+        text = repr(value)
+    except Exception as e:  # noqa: BLE001 - a repr must not lose the result
+        text = f"<{type(value).__name__} object whose repr failed: {e}>"
+    if len(text) > MAX_SAGE_REPR:
+        text = text[:MAX_SAGE_REPR - 3] + "..."
+    encoded = text.encode(errors="replace")
+    return _REPR_LENGTH.pack(len(encoded)) + encoded + pickled
+
+
+def load_sage(blob: bytes) -> Any:
+    """A Sage result from :func:`dump_sage`: the object where Sage imports here, else
+    its repr as :class:`NeedsSage` text. Raises ValueError for a malformed blob."""
+    if len(blob) < _REPR_LENGTH.size:
+        raise ValueError("malformed Sage result")
+    (n,) = _REPR_LENGTH.unpack_from(blob)
+    if _REPR_LENGTH.size + n > len(blob):
+        raise ValueError("malformed Sage result")
+    start = _REPR_LENGTH.size + n
+    if import_sage():
+        return dill.loads(blob[start:])
+    text = NeedsSage(blob[_REPR_LENGTH.size:start].decode(errors="replace"))
+    text.pickle = blob[start:]
+    return text
 
 
 def needs_sage(e: BaseException) -> bool:
@@ -188,7 +240,11 @@ def load_data(blob: bytes) -> Any:
 
 
 def encode_result(value: Any, trusted: bool) -> tuple[Encoding, bytes]:
-    """Encode a job's result for the way back; untrusted slots use data only."""
+    """Encode a job's result for the way back; untrusted slots use data only. A
+    pickle of Sage objects travels with the value's repr (see :func:`dump_sage`)."""
     if trusted:
-        return Encoding.DILL, dump_trusted(value)
+        data = dump_trusted(value)
+        if "sage" in sys.modules and mentions_sage(data):
+            return Encoding.SAGE, dump_sage(value, data)
+        return Encoding.DILL, data
     return Encoding.DATA, dump_data(value)

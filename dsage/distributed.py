@@ -56,7 +56,7 @@ _OPTIONS = {"timeout": 600, "priority": 5, "memory": None, "anonymous_ok": False
 
 class Job:
     """One job of a DistributedFunction: ``code`` (Python, or Sage with
-    ``kind='sage'``) or a call ``func(*args, **kwargs)``; ``files`` (name to
+    ``kind='sage'``; by default the client's kind) or a call ``func(*args, **kwargs)``; ``files`` (name to
     bytes or text) are written into the job's folder before it runs; ``options``
     are DSage.eval's (``timeout``, ``priority``, ``memory``, ``requires``,
     ``anonymous_ok``, ``isolate``). ``tag`` is any value of yours, kept beside
@@ -88,7 +88,8 @@ class Job:
                                  f"folder")
         if kind is not None and kind not in (Kind.PYTHON, Kind.SAGE):
             raise ValueError(f"kind={kind!r}: choose 'python' or 'sage'")
-        self.kind = kind or (Kind.FUNCTION.value if func is not None else Kind.PYTHON.value)
+        #: None for code of the client's kind (``DSage.kind``)
+        self.kind = kind or (Kind.FUNCTION.value if func is not None else None)
         self.tag = tag
         self.options = {**_OPTIONS, **options}
         # checked now, where the mistake is, not when the run submits the job
@@ -361,7 +362,7 @@ class DistributedFunction:
                 adopted.append((self._replay.popleft(), job))
                 continue
             o = job.options
-            spec = self.dsage._spec(job.kind, o["timeout"], o["priority"], self.name,
+            spec = self.dsage._spec(job.kind or self.dsage.kind, o["timeout"], o["priority"], self.name,
                                     o["memory"], o["anonymous_ok"], o["requires"], o["isolate"])
             fresh.append((spec, job.payload()))
             fresh_jobs.append(job)

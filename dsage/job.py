@@ -449,6 +449,8 @@ class JobWrapper(Future[Any]):
                 f"job {self.job_id} ran on an anonymous worker, which sent a pickle: "
                 f"it is not loaded, as it could run code")
         try:
+            if self._encoding == Encoding.SAGE:  # Sage's object, or its repr without Sage
+                return codec.load_sage(self._result_blob)
             return codec.load_trusted(self._result_blob)
         except Exception as e:  # noqa: BLE001 - anything unpickling runs may raise
             if codec.needs_sage(e):

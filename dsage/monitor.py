@@ -81,7 +81,7 @@ MAX_BACKOFF = 30.0
 _READY_KEYS = frozenset({"ready", "rss"})
 _FAILED_KEYS = frozenset({"failed"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
-                         "finished", "rss", "replace", "retry"})
+                         "finished", "rss", "replace", "retry", "base_rss"})
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Monitor:
             self.tmpdir = Path(runas.working_folder(tempfile.gettempdir(), self.run_as))
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         #: the tags offered: ``--tags`` and what is installed (povray, sage)
-        self.tags = offered_tags(options.tags)
+        self.tags = offered_tags(options.tags, detect=not options.no_detect)
         self.monitor_id = uuid.uuid4().hex
         #: when the broker was last heard from on any connection (for ``--idle-exit``)
         self.last_contact = time.monotonic()
@@ -357,6 +357,7 @@ class Monitor:
                 self._send(make(M.STOPPING))
             self._resend_unacked()
         elif msg.type is M.RUN:
+            self._acknowledged(h["acked"], h["attempts"])
             n = len(h["jobs"])
             shared = dict(zip(h["shared"], msg.blobs[n:]))
             self.blobs.add(shared)
@@ -369,12 +370,10 @@ class Monitor:
                 self._cancel(jid, h["reason"])
         elif msg.type is M.PUT_ACK:
             self._on_put_ack(h)
+        elif msg.type is M.SHUTDOWN:
+            self._shutdown(h["reason"])
         elif msg.type is M.RESULT_ACK:
-            for jid, attempt in zip(h["ids"], h["attempts"]):
-                held = self.unacked.get(jid)
-                if held is not None and held[0]["attempt"] == attempt:  # not a later run's
-                    del self.unacked[jid]
-                    self.uploads.pop(jid, None)
+            self._acknowledged(h["ids"], h["attempts"])
             if not h["ids"] and self.stopping:
                 self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
@@ -386,6 +385,14 @@ class Monitor:
                 if h["code"] == "unauthorized":  # refused: register again once allowed
                     self.registered = self.registering = False
                 log.warning("broker error: %s", h["message"])
+
+    def _acknowledged(self, ids: list[str], attempts: list[int]) -> None:
+        """The broker stored these results (of these runs): they need not be kept."""
+        for jid, attempt in zip(ids, attempts):
+            held = self.unacked.get(jid)
+            if held is not None and held[0]["attempt"] == attempt:  # not a later run's
+                del self.unacked[jid]
+                self.uploads.pop(jid, None)
 
     def _take_jobs(self, specs: list[dict[str, Any]], payloads: list[bytes],
                    shared: dict[str, bytes]) -> None:
@@ -667,6 +674,8 @@ class Monitor:
             return
         slot.job, slot.deadline = None, None
         slot.jobs_done += 1
+        if reply["base_rss"]:  # the slot loaded Sage: its growth counts from there
+            slot.base_rss = reply["base_rss"]
         recycle = (self._worn(slot, reply["rss"]) or bool(reply["replace"])
                    or self.options.isolate or bool(job.get("isolate")))
         if not recycle:
@@ -958,6 +967,14 @@ class Monitor:
             log.warning("no word from the broker for %.1f s (--idle-exit %g): stopping",
                         now - self.last_contact, idle)
             self.begin_stop()
+
+    def _shutdown(self, reason: str) -> None:
+        """The broker stops and takes its monitors with it (it came on this
+        connection, whose CURVE handshake checked the broker's key): stop at once,
+        giving running jobs back (the broker queues them for the next start)."""
+        log.warning("the broker says stop (%s): giving jobs back and exiting", reason)
+        self.hurry = True
+        self.begin_stop()
 
     def request_stop(self) -> None:
         """Ask the loop to :meth:`begin_stop` (safe from a signal handler: it sends

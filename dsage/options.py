@@ -114,6 +114,10 @@ class BrokerOptions:
     durable: bool = opt(False, "make every commit reach the disk (survives power loss, "
                         "slower); by default commits survive a crash of the broker but not "
                         "of the machine")
+    shutdown_monitors: bool = opt(False, "when this broker stops, tell every connected "
+                                  "monitor to stop too (their running jobs go back to the "
+                                  "queue, in the store, for the next broker); start_all's "
+                                  "broker does this, so its cluster ends together")
     exit_with_parent: int | None = opt(None, hidden=True)
 
 
@@ -146,6 +150,8 @@ class MonitorOptions:
                           "requires=[...] ('povray' and 'sage' are added when POV-Ray is on "
                           "PATH and Sage imports)", parse=tag_list, metavar="TAG,TAG",
                           default_factory=list)
+    no_detect: bool = opt(False, "offer only the --tags given, not 'povray' and 'sage' for "
+                          "what is installed (this machine then runs no Sage jobs)")
     max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
                                 "largest frame accepted, in bytes (default 256 MiB)",
                                 parse=positive_int)

@@ -4,12 +4,15 @@
 (``with dsage.progress(jobs) as p:`` also ends it with the block; ``p.wait()``
 blocks until the jobs are done). It is driven by the client's job events: the
 I/O thread hands over the wrappers that changed, so nothing polls the broker
-or walks all the jobs. On a terminal (or in Jupyter) it is a rich progress
-bar; otherwise a plain line every ``interval`` seconds and one at the end.
+or walks all the jobs. On a terminal it is a rich progress bar; in Jupyter an
+output that is updated in place (an HTML ``<progress>`` bar and the line, through
+IPython's display ids: no ipywidgets needed); otherwise a plain line every
+``interval`` seconds and one at the end.
 """
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from collections.abc import Iterable
@@ -50,6 +53,10 @@ def _state(w: JobWrapper) -> str:
     return "running" if w.status == Status.PROCESSING else "queued"
 
 
+#: seconds between updates of the Jupyter view (each is one message to the notebook)
+JUPYTER_REFRESH = 0.5
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(0.0, seconds))
     h, rest = divmod(seconds, 3600)
@@ -86,6 +93,9 @@ class JobProgress:
         self._closed = False
         self._closing = False
         self._live: Live | None = None
+        #: the Jupyter output updated in place (an IPython DisplayHandle)
+        self._jupyter: Any = None
+        self._in_jupyter = False
         self._ticker: threading.Thread | None = None
         self._wake = threading.Event()
         self.add(jobs)
@@ -155,9 +165,9 @@ class JobProgress:
 
     # --- showing it
 
-    def line(self) -> str:
-        """The state in one line of text."""
-        c = self.snapshot()
+    def line(self, counts: Counts | None = None) -> str:
+        """The state (now, or ``counts``) in one line of text."""
+        c = counts or self.snapshot()
         elapsed = time.monotonic() - self.started
         rate = c.done / elapsed if elapsed > 0 else 0.0
         left = c.total - c.done
@@ -171,7 +181,7 @@ class JobProgress:
         grid.add_column(no_wrap=True)
         grid.add_column(no_wrap=True)
         grid.add_column(overflow="fold")
-        text = Text(self.line())
+        text = Text(self.line(c))
         if c.failed:
             start = len(f"{c.done}/{c.total} done, ")
             text.stylize("bold red", start, start + len(f"{c.failed} failed"))
@@ -179,36 +189,81 @@ class JobProgress:
                      ProgressBar(total=max(c.total, 1), completed=c.done, width=30), text)
         return grid
 
+    def _mimebundle(self) -> dict[str, str]:
+        """The state for Jupyter: the line as text, and as HTML a ``<progress>`` bar and
+        the line with the failures in red."""
+        c = self.snapshot()
+        line = self.line(c)
+        done = f"{c.done}/{c.total} done, "  # the line starts so (as in __rich__)
+        failed = (f'<span class="dsage-failed" style="color:#c62828;font-weight:bold">'
+                  f'{c.failed} failed</span>' if c.failed else f"{c.failed} failed")
+        rest = line[len(done) + len(f"{c.failed} failed"):]
+        html_line = html.escape(done) + failed + html.escape(rest)
+        return {"text/plain": f"{self.title}: {line}",
+                "text/html": (f'<div class="dsage-progress"><b>{html.escape(self.title)}</b> '
+                              f'<progress value="{c.done}" max="{max(c.total, 1)}" '
+                              f'style="width:16em;vertical-align:middle"></progress> '
+                              f'<span style="font-family:monospace">{html_line}</span></div>')}
+
+    def __repr__(self) -> str:
+        return f"<JobProgress {self.title}: {self.line()}>"
+
+    def _ipython_display_(self) -> None:
+        """At an IPython or Jupyter prompt: the live view is already an output of the
+        cell that started it, so a cell ending in ``dsage.progress(jobs)`` shows it
+        once; otherwise (``enabled=False``, not in Jupyter) the state now."""
+        if self._in_jupyter:
+            return
+        from IPython.display import display
+
+        display(self._mimebundle(), raw=True)
+
     def _start_display(self) -> None:
-        if self.console.is_terminal or self.console.is_jupyter:
+        if self.console.is_jupyter:
+            # rich's Live needs ipywidgets in Jupyter; an output updated by its display
+            # id needs nothing but IPython
+            from IPython.display import display
+
+            self._jupyter = display(self._mimebundle(), raw=True, display_id=True)
+            self._in_jupyter = True
+        elif self.console.is_terminal:
             self._live = Live(self, console=self.console, refresh_per_second=4, transient=False)
             self._live.start()
         self._ticker = threading.Thread(target=self._tick, name="dsage-progress", daemon=True)
         self._ticker.start()
 
     def _tick(self) -> None:
-        """Stop the display once all jobs are done; without a terminal, print a line
-        every ``interval`` seconds."""
+        """Stop the display once all jobs are done; update the Jupyter view every
+        ``JUPYTER_REFRESH`` seconds; without either, print a line every ``interval``
+        seconds."""
+        wait = (None if self._live is not None else
+                JUPYTER_REFRESH if self._jupyter is not None else self.interval)
         while not self._closed:
-            self._wake.wait(None if self._live is not None else self.interval)
+            self._wake.wait(wait)
             self._wake.clear()
             if self._closed:
                 return
             if (self._all_done.is_set() and not self._until_closed) or self._closing:
                 self._stop_display()
                 return
-            if self._live is None:
+            jupyter = self._jupyter
+            if jupyter is not None:
+                jupyter.update(self._mimebundle(), raw=True)
+            elif self._live is None:
                 self.console.print(f"{self.title}: {self.line()}", markup=False,
                                    highlight=False, soft_wrap=True)
 
     def _stop_display(self) -> None:
         with self._lock:
             live, self._live = self._live, None
+            jupyter, self._jupyter = self._jupyter, None
             printed_final = self._closed
             self._closed = True
         if live is not None:
             live.update(self, refresh=True)
             live.stop()
+        elif jupyter is not None:
+            jupyter.update(self._mimebundle(), raw=True)  # the final state stays shown
         elif self.enabled and not printed_final:
             self.console.print(f"{self.title}: {self.line()}", markup=False, highlight=False,
                                soft_wrap=True)

@@ -4,8 +4,11 @@ A message is a list of frames::
 
     [VERSION, type, header, blob, blob, ...]
 
-``header`` is a JSON object whose keys and value types are fixed per message
-type (unknown or missing keys are errors); blobs are opaque bytes (job
+``header`` is a JSON object of a type fixed per message type: a ``TypedDict``
+below, whose annotations carry every bound (lengths, ranges, patterns, item
+counts), checked by msgspec while it parses. A missing key or a value out of
+its type is an error; a key the type does not name is dropped, so a newer peer
+may add optional keys. Blobs are opaque bytes (job
 payloads, results, captured output) that the broker never looks into. Batched
 messages carry a list of items in the header and a fixed number of blobs per
 item, in order. On the events socket a topic frame (the subscriber's z85 key)
@@ -18,12 +21,13 @@ short code; nothing here asserts on network input.
 from __future__ import annotations
 
 import enum
-import json
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, TypedDict, get_args, get_type_hints
+
+import msgspec
+from msgspec import Meta
 
 VERSION = b"DSG1"
 #: Most items (jobs, results, records, ids) in one message; senders split larger
@@ -99,6 +103,9 @@ class Encoding(enum.StrEnum):
     NONE = "none"  # no result
     DILL = "dill"  # a dill pickle: only ever loaded from trusted workers
     DATA = "data"  # dsage.codec's data-only encoding, safe to decode
+    #: a Sage object: its repr, for a client without Sage, then its dill pickle
+    #: (dsage.codec.dump_sage); loaded only from trusted workers
+    SAGE = "sage"
     #: a failed job's full error text (UTF-8); its record's ``error`` keeps only the type
     ERROR = "error"
 
@@ -151,6 +158,8 @@ class M(enum.StrEnum):
     CANCEL = "cancel"
     RESULT_ACK = "result_ack"
     PUT_ACK = "put_ack"
+    #: the broker is stopping and takes its monitors with it: stop, give jobs back
+    SHUTDOWN = "shutdown"
     # broker -> subscribers
     EVENT = "event"
 
@@ -171,11 +180,16 @@ class Message:
     blobs: list[bytes] = field(default_factory=list)
 
 
-# --- validators: each takes a decoded JSON value, returns it or raises ValueError
+# --- the typed headers: one TypedDict per message type, its bounds in its types.
+# msgspec validates a header against its type while it parses the JSON (in C):
+# types, ranges, lengths, patterns and item counts, with no surrogates, NaN or
+# infinity; keys a type does not name are dropped, so a newer peer may add
+# optional keys.
 
-Validator = Callable[[Any], Any]
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_JOB_ID_PATTERN = "^[0-9a-f]{32}$"
+_Z85_PATTERN = r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$"
+_HASH_PATTERN = "^[0-9a-f]{64}$"
+_JOB_ID = re.compile(_JOB_ID_PATTERN)
 
 
 def text_problem(v: str, limit: int) -> str | None:
@@ -191,154 +205,33 @@ def text_problem(v: str, limit: int) -> str | None:
     return None
 
 
-def _text(limit: int) -> Validator:
-    def check(v: Any) -> str:
-        if not isinstance(v, str):
-            raise ValueError("not a string")
-        problem = text_problem(v, limit)
-        if problem:
-            raise ValueError(problem)
-        return v
-
-    return check
-
-
-_str = _text(MAX_LONG_TEXT)
-_short_str = _text(MAX_TEXT)
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError("not an integer")
-    if not -MAX_INT <= v <= MAX_INT:
-        raise ValueError("out of the 64-bit range")
-    return v
-
-
-def _nonneg_int(v: Any) -> int:
-    if _int(v) < 0:
-        raise ValueError("negative")
-    return v
-
-
-def _pos_int(v: Any) -> int:
-    if _int(v) <= 0:
-        raise ValueError("not positive")
-    return v
-
-
-def _bounded_int(low: int, high: int) -> Validator:
-    def check(v: Any) -> int:
-        if not low <= _int(v) <= high:
-            raise ValueError(f"not between {low} and {high}")
-        return v
-
-    return check
-
-
-def _float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError("not a number")
-    if isinstance(v, int):
-        v = _int(v)
-    if not math.isfinite(v):
-        raise ValueError("not a finite number")
-    return float(v)
-
-
-def _pos_float(v: Any) -> float:
-    if _float(v) <= 0:
-        raise ValueError("not positive")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("not a boolean")
-    return v
-
-
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-
-
-def _hash(v: Any) -> str:
-    if not isinstance(v, str) or not _HASH.match(v):
-        raise ValueError("not a SHA-256 hash (64 lowercase hex digits)")
-    return v
-
-
-def _job_id(v: Any) -> str:
-    if not isinstance(v, str) or not _JOB_ID.match(v):
-        raise ValueError("not a job id (32 lowercase hex digits)")
-    return v
-
-
-def _key(v: Any) -> str:
-    if not isinstance(v, str) or not _Z85.match(v):
-        raise ValueError("not a z85 key")
-    return v
-
-
-def _priority(v: Any) -> int:
-    if not 0 <= _int(v) <= MAX_PRIORITY:
-        raise ValueError(f"priority must be 0..{MAX_PRIORITY}")
-    return v
-
-
-def _one_of(enum_type: type[enum.StrEnum]) -> Validator:
-    values = {e.value for e in enum_type}
-
-    def check(v: Any) -> Any:
-        if not isinstance(v, str) or v not in values:  # a list or dict is not hashable
-            raise ValueError(f"not one of {sorted(values)}")
-        return v
-
-    return check
-
-
-def _final_status(v: Any) -> str:
-    if not isinstance(v, str) or v not in {s.value for s in FINAL}:
-        raise ValueError("not a final status")
-    return v
-
-
-def _optional(check: Validator) -> Validator:
-    def opt(v: Any) -> Any:
-        return None if v is None else check(v)
-
-    return opt
-
-
-def _list_of(check: Validator, limit: int = MAX_BATCH) -> Validator:
-    def lst(v: Any) -> list[Any]:
-        if not isinstance(v, list) or len(v) > limit:
-            raise ValueError(f"not a list of at most {limit} items")
-        return [check(x) for x in v]
-
-    return lst
-
-
-def _obj(fields: Mapping[str, Validator]) -> Validator:
-    def check(v: Any) -> dict[str, Any]:
-        if not isinstance(v, dict):
-            raise ValueError("not an object")
-        missing = fields.keys() - v.keys()
-        extra = v.keys() - fields.keys()
-        if missing or extra:
-            raise ValueError(f"missing {sorted(missing)} / unknown {sorted(extra)} keys")
-        for k, f in fields.items():
-            try:
-                f(v[k])
-            except ValueError as e:
-                raise ValueError(f"{k}: {e}") from None
-        return v
-
-    return check
-
-
-_tags = _list_of(_short_str, MAX_TAGS)
+Int = Annotated[int, Meta(ge=-MAX_INT, le=MAX_INT)]
+NonNeg = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Pos = Annotated[int, Meta(ge=1, le=MAX_INT)]
+PosFloat = Annotated[float, Meta(gt=0)]
+#: a name, tag, host or other short text
+Text = Annotated[str, Meta(max_length=MAX_TEXT)]
+#: an error or message text
+LongText = Annotated[str, Meta(max_length=MAX_LONG_TEXT)]
+JobId = Annotated[str, Meta(min_length=32, max_length=32, pattern=_JOB_ID_PATTERN)]
+#: a public key, z85-encoded
+Key = Annotated[str, Meta(min_length=40, max_length=40, pattern=_Z85_PATTERN)]
+#: a SHA-256 content hash (64 lowercase hex digits)
+Hash = Annotated[str, Meta(min_length=64, max_length=64, pattern=_HASH_PATTERN)]
+Priority = Annotated[int, Meta(ge=0, le=MAX_PRIORITY)]
+Tags = Annotated[list[Text], Meta(max_length=MAX_TAGS)]
 #: names of exception classes ('ValueError', 'mymodule.MyError')
-_exception_names = _list_of(_short_str, MAX_TAGS)
+ExceptionNames = Annotated[list[Text], Meta(max_length=MAX_TAGS)]
+Ids = Annotated[list[JobId], Meta(max_length=MAX_BATCH)]
+Hashes = Annotated[list[Hash], Meta(max_length=MAX_BATCH)]
+#: the shared blobs (attached files) one job uses, by content hash
+JobShared = Annotated[list[Hash], Meta(max_length=MAX_SHARED)]
+KindName = Literal["python", "sage", "function"]
+StatusName = Literal["new", "processing", "completed", "failed", "killed"]
+FinalStatusName = Literal["completed", "failed", "killed"]
+EncodingName = Literal["none", "dill", "data", "error", "sage"]
+ResultFromName = Literal["none", "expression", "DSAGE_RESULT", "return"]
+Part = Literal["result", "output"]
 
 
 def exception_name(cls: type) -> str:
@@ -348,117 +241,356 @@ def exception_name(cls: type) -> str:
         f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _retries(v: Any) -> int:
-    if not 0 <= _int(v) <= MAX_RETRIES:
-        raise ValueError(f"retries must be 0..{MAX_RETRIES}")
-    return v
+class JobSpec(TypedDict):
+    """A job as a client submits it."""
 
-
-def _part(v: Any) -> str:
-    if v not in ("result", "output"):
-        raise ValueError("not 'result' or 'output'")
-    return str(v)
-_ids = _list_of(_job_id)
-#: the shared blobs a job uses, by content hash
-_job_shared = _list_of(_hash, MAX_SHARED)
-
-JOB_SPEC = {
-    "id": _job_id,
-    "name": _optional(_short_str),
-    "kind": _one_of(Kind),
-    "timeout": _optional(_pos_float),
-    "priority": _priority,
-    "memory": _optional(_pos_int),
-    "anonymous_ok": _bool,
-    "requires": _tags,
+    id: JobId
+    name: Text | None
+    kind: KindName
+    timeout: PosFloat | None
+    priority: Priority
+    memory: Pos | None
+    anonymous_ok: bool
+    requires: Tags
     #: run in a slot process no earlier job has run in
-    "isolate": _bool,
+    isolate: bool
     #: re-run the job up to this many times when its code raises one of ``retry_on``
-    "retries": _retries,
-    "retry_on": _exception_names,
+    retries: Annotated[int, Meta(ge=0, le=MAX_RETRIES)]
+    retry_on: ExceptionNames
     #: content hashes of the shared blobs (attached files) the job uses, each sent
     #: once per message as a trailing blob (see :class:`Schema`)
-    "shared": _job_shared,
-}
-RUN_SPEC = {
-    "id": _job_id,
-    "name": _optional(_short_str),
-    "kind": _one_of(Kind),
-    "timeout": _optional(_pos_float),
-    "memory": _optional(_pos_int),
-    "owner": _key,
-    "trusted": _bool,
-    "isolate": _bool,
+    shared: JobShared
+
+
+class RunSpec(TypedDict):
+    """A job as the broker hands it to a monitor."""
+
+    id: JobId
+    name: Text | None
+    kind: KindName
+    timeout: PosFloat | None
+    memory: Pos | None
+    owner: Key
+    trusted: bool
+    isolate: bool
     #: which run of the job this is (1, then 2 after a retry): DSAGE_ATTEMPT
-    "attempt": _pos_int,
+    attempt: Pos
     #: exceptions that make the slot say ``retry``; empty when no retry is left
-    "retry_on": _exception_names,
-    "shared": _job_shared,
-}
-RESULT_SPEC = {
-    "id": _job_id,
-    "status": _final_status,
-    "error": _optional(_str),
-    "encoding": _one_of(Encoding),
-    "result_from": _one_of(ResultFrom),
-    "sealed": _bool,
-    "started": _optional(_float),
-    "finished": _float,
+    retry_on: ExceptionNames
+    shared: JobShared
+
+
+class ResultSpec(TypedDict):
+    """A job's outcome as its monitor reports it."""
+
+    id: JobId
+    status: FinalStatusName
+    error: LongText | None
+    encoding: EncodingName
+    result_from: ResultFromName
+    sealed: bool
+    started: float | None
+    finished: float
     #: the result and output were uploaded with PUT (the blob frames are empty)
-    "staged": _bool,
+    staged: bool
     #: the run this is the outcome of (a result of an earlier run is stale)
-    "attempt": _pos_int,
+    attempt: Pos
     #: the code raised an exception named in the run's ``retry_on``
-    "retry": _bool,
-}
-WORKER_INFO = {
-    "id": _short_str,
-    "host": _short_str,
-    "anonymous": _bool,
-    "key": _key,
-}
-RECORD = {
-    "id": _job_id,
-    "name": _optional(_short_str),
-    "kind": _one_of(Kind),
-    "status": _one_of(Status),
-    "priority": _priority,
-    "created": _float,
-    "started": _optional(_float),
-    "finished": _optional(_float),
-    "failures": _nonneg_int,
+    retry: bool
+
+
+class WorkerInfo(TypedDict):
+    id: Text
+    host: Text
+    anonymous: bool
+    key: Key
+
+
+class Record(TypedDict):
+    """A job as the broker tells its owner about it."""
+
+    id: JobId
+    name: Text | None
+    kind: KindName
+    status: StatusName
+    priority: Priority
+    created: float
+    started: float | None
+    finished: float | None
+    failures: NonNeg
     #: the job's run: 1, then one more after each retry
-    "attempt": _pos_int,
-    "error": _optional(_str),
-    "worker": _optional(_obj(WORKER_INFO)),
-    "encoding": _one_of(Encoding),
-    "result_from": _one_of(ResultFrom),
-    "sealed": _bool,
+    attempt: Pos
+    error: LongText | None
+    worker: WorkerInfo | None
+    encoding: EncodingName
+    result_from: ResultFromName
+    sealed: bool
     #: why a queued job is waiting (no connected worker can run it, say), else None
-    "reason": _optional(_short_str),
+    reason: Text | None
     #: the result and output are not in this message: their owner fetches them
     #: with FETCH, in chunks (large results do not ride the events socket)
-    "by_ref": _bool,
-}
-MONITOR_INFO = {
-    "id": _short_str,
-    "host": _short_str,
-    "pid": _int,
-    "slots": _pos_int,
-    "busy": _nonneg_int,
-    "anonymous": _bool,
-    "tags": _tags,
+    by_ref: bool
+
+
+class MonitorInfo(TypedDict):
+    id: Text
+    host: Text
+    pid: Int
+    slots: Pos
+    busy: NonNeg
+    anonymous: bool
+    tags: Tags
     #: None when the asking key may not see other monitors' keys (no worker role)
-    "key": _optional(_key),
+    key: Key | None
     #: seconds since the broker last heard from the monitor
-    "quiet": _float,
-}
-ERROR_ITEM = {"id": _job_id, "code": _short_str, "message": _str}
+    quiet: float
+
+
+class ErrorItem(TypedDict):
+    id: JobId
+    code: Text
+    message: LongText
+
+
+#: a key's jobs by state
+class JobCounts(TypedDict):
+    new: NonNeg
+    processing: NonNeg
+    completed: NonNeg
+    failed: NonNeg
+    killed: NonNeg
+
+
+Monitors = Annotated[list[MonitorInfo], Meta(max_length=MAX_BATCH)]
+
+
+JobSpecs = Annotated[list[JobSpec], Meta(max_length=MAX_BATCH)]
+RunSpecs = Annotated[list[RunSpec], Meta(max_length=MAX_BATCH)]
+ResultSpecs = Annotated[list[ResultSpec], Meta(max_length=MAX_BATCH)]
+Records = Annotated[list[Record], Meta(max_length=MAX_BATCH)]
+ErrorItems = Annotated[list[ErrorItem], Meta(max_length=MAX_BATCH)]
+
+
+class Hello(TypedDict):
+    req: NonNeg
+    client: Text
+    version: Text
+
+
+class Submit(TypedDict):
+    req: NonNeg
+    shared: Hashes
+    jobs: JobSpecs
+
+
+class Kill(TypedDict):
+    req: NonNeg
+    ids: Ids
+    #: cancel, not kill: only jobs still in the broker's queue end
+    queued_only: bool
+
+
+class Query(TypedDict):
+    req: NonNeg
+    ids: Ids
+
+
+class ListJobs(TypedDict):
+    """One page of a key's jobs, oldest first: ``after`` is the previous page's ``next``."""
+
+    req: NonNeg
+    status: StatusName | None
+    name: Text | None
+    since: float | None
+    after: NonNeg
+    limit: Annotated[int, Meta(ge=1, le=MAX_LIST)]
+
+
+class Request(TypedDict):
+    """A request with no arguments (WORKERS, STATUS)."""
+
+    req: NonNeg
+
+
+class Empty(TypedDict):
+    pass
+
+
+class Fetch(TypedDict):
+    req: NonNeg
+    id: JobId
+    part: Part
+    offset: NonNeg
+
+
+class Purge(TypedDict):
+    """Drop this key's final jobs (that finished before ``before``, if given)."""
+
+    req: NonNeg
+    before: float | None
+
+
+class Chunk(TypedDict):
+    req: NonNeg
+    id: JobId
+    part: Part
+    offset: NonNeg
+    total: NonNeg
+
+
+class Welcome(TypedDict):
+    req: NonNeg
+    version: Text
+    key: Key
+    epoch: Text
+    heartbeat: PosFloat
+    max_message_size: Pos
+
+
+class Ack(TypedDict):
+    req: NonNeg
+    ids: Ids
+    errors: ErrorItems
+
+
+class Jobs(TypedDict):
+    """A long answer comes in several JOBS messages: all but the last say ``more``;
+    the last page of a LIST says where the next one starts (``next``), if there is one."""
+
+    req: NonNeg
+    missing: Ids
+    more: bool
+    next: NonNeg | None
+    jobs: Records
+
+
+class State(TypedDict):
+    """The broker's view for STATUS: this key's jobs by state, all queued and running
+    jobs, and the monitors (as in WORKER_LIST)."""
+
+    req: NonNeg
+    version: Text
+    uptime: float
+    jobs: JobCounts
+    queued: NonNeg
+    processing: NonNeg
+    workers: Monitors
+
+
+class Purged(TypedDict):
+    req: NonNeg
+    count: NonNeg
+
+
+class WorkerList(TypedDict):
+    req: NonNeg
+    workers: Monitors
+
+
+class Pong(TypedDict):
+    seq: NonNeg
+    epoch: Text
+
+
+class ErrorReply(TypedDict):
+    req: NonNeg | None
+    code: Text
+    message: LongText
+
+
+class Register(TypedDict):
+    monitor: Text
+    host: Text
+    pid: Int
+    slots: Pos
+    tags: Tags
+    running: Ids
+    version: Text
+
+
+class Results(TypedDict):
+    results: ResultSpecs
+
+
+class Release(TypedDict):
+    """``missing_blobs``: shared blobs the monitor was thought to keep and does not
+    (it dropped them): the broker sends them again with the jobs."""
+
+    ids: Ids
+    reason: Text
+    count_failure: bool
+    missing_blobs: Hashes
+
+
+class Registered(TypedDict):
+    heartbeat: PosFloat
+    liveness: Pos
+    cancel: Ids
+
+
+class Run(TypedDict):
+    """Jobs for a monitor; ``acked`` and ``attempts`` acknowledge results of it, as a
+    RESULT_ACK does (they ride here when a RUN goes anyway)."""
+
+    shared: Hashes
+    jobs: RunSpecs
+    acked: Ids
+    attempts: Annotated[list[Pos], Meta(max_length=MAX_BATCH)]
+
+
+class Cancel(TypedDict):
+    ids: Ids
+    reason: Text
+
+
+class ResultAck(TypedDict):
+    """``attempts``: of each acknowledged result, in the order of ``ids``."""
+
+    ids: Ids
+    attempts: Annotated[list[Pos], Meta(max_length=MAX_BATCH)]
+
+
+class Put(TypedDict):
+    id: JobId
+    part: Part
+    offset: NonNeg
+    total: NonNeg
+
+
+class PutAck(TypedDict):
+    """``next``: the offset to send next; ``gone``: the job is not the monitor's (any
+    more), so the rest need not be sent."""
+
+    id: JobId
+    part: Part
+    next: NonNeg
+    gone: bool
+
+
+class Shutdown(TypedDict):
+    """The broker stops and takes its monitors with it; only ever from the broker
+    whose key the monitor checked (its CURVE server)."""
+
+    reason: Text
+
+
+class Event(TypedDict):
+    seq: NonNeg
+    epoch: Text
+    jobs: Records
+
+
+class Output(TypedDict):
+    """Bytes ``offset``.. of a running job's output, sealed to its owner (LIVE_BYTES at
+    most)."""
+
+    id: JobId
+    offset: NonNeg
 
 
 @dataclass(frozen=True)
 class Schema:
-    """Header keys and blob layout of one message type.
+    """Header type and blob layout of one message type.
 
     ``items`` names the list in the header whose entries each own
     ``blobs_per_item`` blobs; otherwise the message has ``blobs`` blobs.
@@ -466,77 +598,62 @@ class Schema:
     after those: content that several items use, sent once.
     """
 
-    fields: dict[str, Validator]
+    header: Any  # a TypedDict class
     items: str | None = None
-    item_fields: dict[str, Validator] | None = None
     blobs_per_item: int = 0
     blobs: int = 0
     shared: str | None = None
 
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The header's keys and their types."""
+        return get_type_hints(self.header, include_extras=True)
 
-_req = {"req": _nonneg_int}
+    @property
+    def item_type(self) -> Any:
+        """The TypedDict of one item of ``items``, or None."""
+        if self.items is None:
+            return None
+        return get_args(get_args(self.fields[self.items])[0])[0]
+
+
 SCHEMAS: dict[M, Schema] = {
-    M.HELLO: Schema({**_req, "client": _short_str, "version": _short_str}),
-    M.SUBMIT: Schema({**_req, "shared": _list_of(_hash)}, "jobs", JOB_SPEC, 1, shared="shared"),
-    # ``queued_only``: cancel, not kill: only jobs still in the broker's queue end
-    M.KILL: Schema({**_req, "ids": _ids, "queued_only": _bool}),
-    M.QUERY: Schema({**_req, "ids": _ids}),
-    # one page of a key's jobs, oldest first: ``after`` is the previous page's ``next``
-    M.LIST: Schema({**_req, "status": _optional(_one_of(Status)), "name": _optional(_short_str),
-                    "since": _optional(_float), "after": _nonneg_int,
-                    "limit": _bounded_int(1, MAX_LIST)}),
-    M.WORKERS: Schema({**_req}),
-    M.PING: Schema({}),
-    M.FETCH: Schema({**_req, "id": _job_id, "part": _part, "offset": _nonneg_int}),
-    M.STATUS: Schema({**_req}),
-    # drop this key's final jobs (that finished before ``before``, if given)
-    M.PURGE: Schema({**_req, "before": _optional(_float)}),
-    M.CHUNK: Schema({**_req, "id": _job_id, "part": _part, "offset": _nonneg_int,
-                     "total": _nonneg_int}, blobs=1),
-    M.WELCOME: Schema(
-        {**_req, "version": _short_str, "key": _key, "epoch": _short_str,
-         "heartbeat": _pos_float, "max_message_size": _pos_int}
-    ),
-    M.ACK: Schema({**_req, "ids": _ids, "errors": _list_of(_obj(ERROR_ITEM))}),
-    # a long answer comes in several JOBS messages: all but the last say ``more``; the
-    # last page of a LIST says where the next one starts (``next``), if there is one
-    M.JOBS: Schema({**_req, "missing": _ids, "more": _bool, "next": _optional(_nonneg_int)},
-                   "jobs", RECORD, 2),
-    # the broker's view for STATUS: this key's jobs by state, all queued and running
-    # jobs, and the monitors (as in WORKER_LIST)
-    M.STATE: Schema({**_req, "version": _short_str, "uptime": _float,
-                     "jobs": _obj({s.value: _nonneg_int for s in Status}),
-                     "queued": _nonneg_int, "processing": _nonneg_int,
-                     "workers": _list_of(_obj(MONITOR_INFO))}),
-    M.PURGED: Schema({**_req, "count": _nonneg_int}),
-    M.WORKER_LIST: Schema({**_req, "workers": _list_of(_obj(MONITOR_INFO))}),
-    M.PONG: Schema({"seq": _nonneg_int, "epoch": _short_str}),
-    M.ERROR: Schema({"req": _optional(_nonneg_int), "code": _short_str, "message": _str}),
-    M.REGISTER: Schema(
-        {"monitor": _short_str, "host": _short_str, "pid": _int, "slots": _pos_int,
-         "tags": _tags, "running": _ids, "version": _short_str}
-    ),
-    M.HEARTBEAT: Schema({}),
-    M.RESULT: Schema({}, "results", RESULT_SPEC, 2),
-    M.STOPPING: Schema({}),
-    # ``missing_blobs``: shared blobs the monitor was thought to keep and does not
-    # (it dropped them): the broker sends them again with the jobs
-    M.RELEASE: Schema({"ids": _ids, "reason": _short_str, "count_failure": _bool,
-                       "missing_blobs": _list_of(_hash)}),
-    M.REGISTERED: Schema({"heartbeat": _pos_float, "liveness": _pos_int, "cancel": _ids}),
-    M.RUN: Schema({"shared": _list_of(_hash)}, "jobs", RUN_SPEC, 1, shared="shared"),
-    M.CANCEL: Schema({"ids": _ids, "reason": _short_str}),
-    # ``attempts``: of each acknowledged result, in the order of ``ids``
-    M.RESULT_ACK: Schema({"ids": _ids, "attempts": _list_of(_pos_int)}),
-    M.PUT: Schema({"id": _job_id, "part": _part, "offset": _nonneg_int, "total": _nonneg_int},
-                  blobs=1),
-    # ``next``: the offset to send next; ``gone``: the job is not the monitor's (any
-    # more), so the rest need not be sent
-    M.PUT_ACK: Schema({"id": _job_id, "part": _part, "next": _nonneg_int, "gone": _bool}),
-    M.EVENT: Schema({"seq": _nonneg_int, "epoch": _short_str}, "jobs", RECORD, 2),
-    # bytes ``offset``.. of a running job's output, sealed to its owner (LIVE_BYTES at most)
-    M.OUTPUT: Schema({"id": _job_id, "offset": _nonneg_int}, blobs=1),
+    M.HELLO: Schema(Hello),
+    M.SUBMIT: Schema(Submit, "jobs", 1, shared="shared"),
+    M.KILL: Schema(Kill),
+    M.QUERY: Schema(Query),
+    M.LIST: Schema(ListJobs),
+    M.WORKERS: Schema(Request),
+    M.PING: Schema(Empty),
+    M.FETCH: Schema(Fetch),
+    M.STATUS: Schema(Request),
+    M.PURGE: Schema(Purge),
+    M.CHUNK: Schema(Chunk, blobs=1),
+    M.WELCOME: Schema(Welcome),
+    M.ACK: Schema(Ack),
+    M.JOBS: Schema(Jobs, "jobs", 2),
+    M.STATE: Schema(State),
+    M.PURGED: Schema(Purged),
+    M.WORKER_LIST: Schema(WorkerList),
+    M.PONG: Schema(Pong),
+    M.ERROR: Schema(ErrorReply),
+    M.REGISTER: Schema(Register),
+    M.HEARTBEAT: Schema(Empty),
+    M.RESULT: Schema(Results, "results", 2),
+    M.STOPPING: Schema(Empty),
+    M.RELEASE: Schema(Release),
+    M.REGISTERED: Schema(Registered),
+    M.RUN: Schema(Run, "jobs", 1, shared="shared"),
+    M.CANCEL: Schema(Cancel),
+    M.RESULT_ACK: Schema(ResultAck),
+    M.PUT: Schema(Put, blobs=1),
+    M.PUT_ACK: Schema(PutAck),
+    M.SHUTDOWN: Schema(Shutdown),
+    M.EVENT: Schema(Event, "jobs", 2),
+    M.OUTPUT: Schema(Output, blobs=1),
 }
+_DECODERS = {m: msgspec.json.Decoder(s.header) for m, s in SCHEMAS.items()}
+_ENCODER = msgspec.json.Encoder()
 
 CLIENT_REQUESTS = frozenset({M.HELLO, M.SUBMIT, M.KILL, M.QUERY, M.LIST, M.WORKERS, M.PING,
                              M.FETCH, M.STATUS, M.PURGE})
@@ -547,18 +664,13 @@ MONITOR_REQUESTS = frozenset({M.REGISTER, M.HEARTBEAT, M.RESULT, M.STOPPING, M.R
 #: what comes on the events socket
 EVENTS = frozenset({M.EVENT, M.OUTPUT})
 MONITOR_REPLIES = frozenset({M.REGISTERED, M.HEARTBEAT, M.RUN, M.CANCEL, M.RESULT_ACK,
-                             M.PUT_ACK, M.ERROR})
+                             M.PUT_ACK, M.SHUTDOWN, M.ERROR})
 _BY_WIRE = {m.value.encode(): m for m in M}
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def encode(msg: Message) -> list[bytes]:
     """Frames for ``msg`` (no routing or topic frame)."""
-    header = json.dumps(msg.header, separators=(",", ":"), allow_nan=False).encode()
-    return [VERSION, msg.type.value.encode(), header, *msg.blobs]
+    return [VERSION, msg.type.value.encode(), _ENCODER.encode(msg.header), *msg.blobs]
 
 
 def make(type_: M, blobs: Sequence[bytes] = (), **header: Any) -> Message:
@@ -584,32 +696,36 @@ def decode(frames: Sequence[bytes], allowed: frozenset[M]) -> Message:
     if len(frames[2]) > MAX_HEADER:
         raise ProtocolError("size", "header too large")
     try:
-        header = json.loads(bytes(frames[2]), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ProtocolError("header", f"header is not JSON: {e}") from None
+        header = _DECODERS[type_].decode(frames[2])
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:  # ValidationError first
+        raise ProtocolError("header", f"bad '{type_}' header: {e}") from None
     schema = SCHEMAS[type_]
     blobs = [bytes(f) for f in frames[3:]]
-    try:
-        _obj(_with_items(schema))(header)
-        if schema.items is not None:
-            assert schema.item_fields is not None
-            items = _list_of(_obj(schema.item_fields))(header[schema.items])
-            expected = schema.blobs_per_item * len(items)
-        else:
-            expected = schema.blobs
-        if schema.shared is not None:
-            expected += len(header[schema.shared])
-    except ValueError as e:
-        raise ProtocolError("header", f"bad '{type_}' header: {e}") from None
+    expected = schema.blobs_per_item * len(header[schema.items]) if schema.items is not None \
+        else schema.blobs
+    if schema.shared is not None:
+        expected += len(header[schema.shared])
     if len(blobs) != expected:
         raise ProtocolError("frames", f"'{type_}' needs {expected} blob frames, got {len(blobs)}")
     return Message(type_, header, blobs)
 
 
-def _with_items(schema: Schema) -> dict[str, Validator]:
-    if schema.items is None:
-        return schema.fields
-    return {**schema.fields, schema.items: lambda v: v}
+def result_ids(frames: Sequence[bytes]) -> list[str]:
+    """The job ids a RESULT that :func:`decode` refused names, read as leniently as
+    it can be (a header of another dsage version, say), so that the broker can fail
+    those jobs instead of leaving them running forever; [] when there are none."""
+    if len(frames) < 3 or bytes(frames[1]) != M.RESULT.value.encode() \
+            or len(frames[2]) > MAX_HEADER:
+        return []
+    try:
+        header = msgspec.json.decode(frames[2])
+    except (msgspec.DecodeError, RecursionError):
+        return []
+    items = header.get("results") if isinstance(header, dict) else None
+    if not isinstance(items, list):
+        return []
+    ids = [r.get("id") for r in items[:MAX_BATCH] if isinstance(r, dict)]
+    return [i for i in ids if isinstance(i, str) and _JOB_ID.match(i) and len(i) == 32]
 
 
 def error(code: str, message: str, req: int | None = None) -> Message:

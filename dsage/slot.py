@@ -46,7 +46,7 @@ import msgspec
 
 from . import chunks, contain, runas, versions
 from .attach import Attachments, place, unwrap
-from .codec import encode_result
+from .codec import encode_result, mentions_sage
 from .functions import LoadError, preload
 from .protocol import MAX_HEADER, Encoding, Kind, ResultFrom, Status, exception_name
 
@@ -539,7 +539,10 @@ class ModuleWatch:
     job."""
 
     #: modules whose names change as a matter of course
-    SKIP = frozenset({"sys", "__main__", "__mp_main__", "builtins"})
+    SKIP = frozenset({"sys", "__main__", "__mp_main__", "builtins", "sage"})
+    #: Sage's modules rebind their own names as a matter of course (lazy imports and
+    #: lazy class attributes resolve on first use): a job's changes there go unseen
+    SKIP_PREFIX = "sage."
 
     def __init__(self, tags: bool = versions.WORKS) -> None:
         self.tags = tags
@@ -564,7 +567,8 @@ class ModuleWatch:
     def note(self, name: str) -> None:
         """Remember what the module ``name`` (and each class it binds) is bound to now."""
         d = getattr(sys.modules.get(name), "__dict__", None)
-        if name in self.known or name in self.SKIP or not isinstance(d, dict):
+        if name in self.known or name in self.SKIP or not isinstance(d, dict) \
+                or name.startswith(self.SKIP_PREFIX):
             return
         self.known.add(name)
         self.names.append(name)
@@ -635,6 +639,15 @@ class ModuleWatch:
                 self._note_class(i)
         self.add_new()
         return out
+
+    def accept(self) -> None:
+        """Take every module and class as it is now: what the slot itself loaded (Sage)
+        is not a job's change."""
+        self.add_new()
+        for i in range(len(self.dicts)):
+            self._note_module(i)
+        for i in range(len(self.classes)):
+            self._note_class(i)
 
 
 def _moved(now: Any, then: list[Any]) -> list[int]:
@@ -720,6 +733,13 @@ class Baseline:
         self.rlimits = {r: resource.getrlimit(r) for r in _RLIMITS}
         self.rlimit_values = list(self.rlimits.values())
         self.fd_count = _fd_count()
+        self.threads = self.tasks = 1
+
+    def accept(self) -> None:
+        """Take the slot's modules and threads as they are now (once it loaded Sage)."""
+        self.modules.accept()
+        self.threads = threading.active_count()
+        self.tasks = _threads()
 
     def _extra_fds(self) -> set[int]:
         """Files open now that were not before the first job (the listing's own is not).
@@ -742,7 +762,7 @@ class Baseline:
                 contain.kill_tree(os.getpid(), include_self=False)
                 why.append(f"it left {len(left)} processes running (killed)")
             contain.reap_children()
-        if threading.active_count() > 1 or _threads() > 1:
+        if threading.active_count() > self.threads or _threads() > self.tasks:
             why.append("it left threads running")
         try:
             moved = any(map(operator.is_not, map(_signal.getsignal, self.handlers),
@@ -859,16 +879,40 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
     send_frame(sock, {"ready": True, "rss": _rss()})
     folders = JobFolders(tmpdir, spare_folder(capture_path))
     remove_folder(folders.spare)  # what an earlier slot of the same capture file left
+    sage_loaded = False
     while True:
         try:
             spec, payload, blobs = recv_frame(sock)
         except (EOFError, OSError):
             return 0
+        base_rss = 0  # the slot's size anew, when it grew by loading Sage
+        if not sage_loaded and (spec["kind"] == Kind.SAGE or (
+                spec["kind"] == Kind.FUNCTION and mentions_sage(payload))):
+            sage_loaded = load_sage(baseline)
+            base_rss = _rss() if sage_loaded else 0
         reply, result, output = run_job(spec, payload, capture, folders, blobs)
+        reply["base_rss"] = base_rss
         capture.reset()  # before the reply: what the monitor reads next is the next job's
         reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
         folders.leave(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
+
+
+def load_sage(baseline: Baseline) -> bool:
+    """Import Sage into the slot before its first Sage job (or call that pickles
+    Sage objects), as a part of the slot rather than of the job (its import rebinds
+    names in modules it loads, and numpy's BLAS would start a thread per core: one
+    is enough in a slot), so that it is loaded once, not again in a new slot after
+    each Sage job. False when Sage cannot run here (the job fails, saying so)."""
+    from .sage import check
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the job's environment is put back
+    try:
+        check()
+    except ImportError:
+        return False
+    baseline.accept()
+    return True
 
 
 def template(fd: int, tmpdir: str, run_as: str = "") -> int:

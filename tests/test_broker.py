@@ -18,9 +18,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dsage import keys
+from dsage import JobError, keys
 from dsage.auth import make_client
-from dsage.brokerstate import BrokerConfig, BrokerState
+from dsage.brokerstate import ACK_DELAY, ANNOUNCE_DELAY, BrokerConfig, BrokerState
 from dsage.protocol import (
     CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
     make,
@@ -371,6 +371,35 @@ def test_a_monitor_re_registering_under_a_new_id_strands_nothing(procs: Procs,
         ctx.destroy(linger=0)
 
 
+def test_a_result_the_broker_cannot_read_fails_its_job_and_is_acknowledged(
+        procs: Procs, home: Path) -> None:
+    """A monitor of another dsage version sends a result whose header this broker
+    refuses (an encoding it does not know): the job fails saying so, and the monitor
+    is told to drop the result, instead of the job staying 'processing' forever."""
+    procs.broker()
+    D = procs.client()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        mon = _dealer(ctx, home, procs.port + 1)
+        mon.send_multipart(_register("newer"))
+        _replies(mon, M.REGISTERED)
+        j = D("'done'")
+        run = _replies(mon, M.RUN)
+        item = {"id": j.job_id, "status": "completed", "error": None,
+                "encoding": "a-future-encoding", "result_from": "expression", "sealed": True,
+                "started": 1.0, "finished": 2.0, "staged": False, "attempt": 1, "retry": False}
+        mon.send_multipart(_raw("result", {"results": [item]}) + [b"x", b""])
+        assert _replies(mon, M.ERROR).header["code"] == "header"
+        with pytest.raises(JobError, match="cannot read .*the broker.s version"):
+            j.result(30)
+        assert j.status == "failed"
+        ack = _replies(mon, M.RESULT_ACK)
+        assert ack.header["ids"] == [j.job_id]
+        assert ack.header["attempts"] == [run.header["jobs"][0]["attempt"]]
+    finally:
+        ctx.destroy(linger=0)
+
+
 # --- one broker per store
 
 
@@ -448,8 +477,10 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state.on_monitor(0.0, b"m", "k" * 40, False,
                      decode(encode(make(M.RESULT, [b"1", b""] * n, results=items)), ALL))
     sent += state.flush(0.0)
+    sent += state.flush(ACK_DELAY)  # the results' acknowledgement: no RUN took it
     kinds = sorted(o.msg.type.value for o in sent)
-    assert kinds == ["ack", "event", "event", "result_ack", "run"], kinds
+    # one event: the jobs were done before their "processing" records were due
+    assert kinds == ["ack", "event", "result_ack", "run"], kinds
     writes = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
     assert len(writes) <= 3 * n, writes[:5]
     assert sum(s.startswith("COMMIT") for s in statements) <= 2
@@ -458,6 +489,79 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     assert not [s for s in statements if "wal_checkpoint" in s]
     state.tick(1.5)
     assert [s for s in statements if "wal_checkpoint" in s]
+    store.close()
+
+
+def test_acknowledgements_ride_on_the_next_run_or_leave_after_a_delay(tmp_path: Path) -> None:
+    """A monitor's stored results are acknowledged on the next RUN to it, committed
+    first; with no RUN going, a RESULT_ACK leaves after ACK_DELAY; an empty RESULT
+    (a stopping monitor's) is answered at once, after the acknowledgements."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+    ids = [f"{i:032x}" for i in range(3)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3, req=1, shared=[],
+                                           jobs=[_spec(i) for i in ids]))
+    [run] = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [j["id"] for j in run.header["jobs"]] == ids[:1] and run.header["acked"] == []
+
+    def result(jid: str) -> Message:
+        return make(M.RESULT, [b"1", b""], results=[{
+            "id": jid, "status": "completed", "error": None, "encoding": "data",
+            "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
+            "staged": False, "attempt": 1, "retry": False}])
+
+    # the result frees the slot: the next RUN goes before the commit, so without the ack
+    state.on_monitor(0.01, b"m", "k" * 40, False, result(ids[0]))
+    out = state.flush(0.01)
+    assert [o.msg.type for o in out if o.to == b"m"] == [M.RUN]
+    assert out[0].msg.header["acked"] == []
+    # the one after carries it, committed since
+    state.on_monitor(0.02, b"m", "k" * 40, False, result(ids[1]))
+    [run] = [o.msg for o in state.flush(0.02) if o.to == b"m"]
+    assert run.header["acked"] == ids[:1] and run.header["attempts"] == [1]
+    # no job left to send: the last result's acknowledgement waits, then goes alone
+    state.on_monitor(0.03, b"m", "k" * 40, False, result(ids[2]))
+    assert [o for o in state.flush(0.03) if o.to == b"m"] == []
+    assert 0 < state.next_wakeup(0.04) <= ACK_DELAY
+    [ack] = [o.msg for o in state.flush(0.021 + ACK_DELAY) if o.to == b"m"]
+    assert ack.type is M.RESULT_ACK and ack.header["ids"] == ids[1:]
+    # a stopping monitor's empty RESULT is answered at once, acknowledgements first
+    state.on_client(0.1, b"c", OWNER, make(M.SUBMIT, [b"1"], req=2, shared=[],
+                                           jobs=[_spec("e" * 32)]))
+    state.flush(0.1)
+    state.on_monitor(0.1, b"m", "k" * 40, False, result("e" * 32))
+    state.on_monitor(0.1, b"m", "k" * 40, False, make(M.STOPPING))
+    state.on_monitor(0.1, b"m", "k" * 40, False, make(M.RESULT, results=[]))
+    answers = [o.msg.header for o in state.flush(0.1) if o.to == b"m"]
+    assert answers == [{"ids": ["e" * 32], "attempts": [1]}, {"ids": [], "attempts": []}]
+    store.close()
+
+
+def test_a_running_job_is_announced_processing_after_a_delay_and_a_quick_one_only_final(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
+    state.on_monitor(0.0, b"m", "k" * 40, False, make(
+        M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[], version="0"))
+    slow, quick = "a" * 32, "b" * 32
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 2, req=1, shared=[],
+                                           jobs=[_spec(slow), _spec(quick)]))
+
+    def events(now: float) -> list[tuple[str, str]]:
+        return [(r["id"], r["status"]) for o in state.flush(now) if o.dest == "event"
+                for r in o.msg.header["jobs"]]
+
+    assert events(0.0) == []
+    assert 0 < state.next_wakeup(0.01) <= ANNOUNCE_DELAY
+    state.on_monitor(0.05, b"m", "k" * 40, False, make(M.RESULT, [b"1", b""], results=[{
+        "id": quick, "status": "completed", "error": None, "encoding": "data",
+        "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
+        "staged": False, "attempt": 1, "retry": False}]))
+    assert events(0.05) == [(quick, "completed")]
+    assert events(ANNOUNCE_DELAY * 1.01) == [(slow, "processing")]
+    assert events(ANNOUNCE_DELAY * 3) == []  # once
     store.close()
 
 
@@ -520,7 +624,7 @@ def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: P
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("e" * 32)], shared=[]))
     late = state.flush(0.0, lambda outs: order.extend(o.msg.type.value for o in outs))
     assert order == ["run", "commit"]
-    assert sorted(o.msg.type.value for o in late) == ["ack", "event"]
+    assert sorted(o.msg.type.value for o in late) == ["ack"]  # "processing" comes later
     store.close()
 
 

@@ -311,16 +311,6 @@ def test_priorities_order_the_queue(procs: Procs) -> None:
     assert all(urgent.started <= j.started for j in low)
 
 
-def test_sage_job_without_sage_says_how_to_get_it(cluster: dsage.DSage) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("sage") is not None:
-        assert cluster("2^10", kind="sage").result(120) == 1024
-        return
-    j = done(cluster("2^10", kind="sage"), 60)
-    assert j.status == "failed" and "Sage extra" in j.output
-
-
 def test_job_error_message_shows_the_end_of_a_long_output(cluster: dsage.DSage) -> None:
     j = done(cluster("print('x' * 100_000)\nraise ValueError('the end')"), 60)
     with pytest.raises(dsage.JobError) as e:

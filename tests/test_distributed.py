@@ -197,12 +197,12 @@ def test_a_stopped_factoring_resumes_in_a_new_client(procs: Procs) -> None:
     d = procs.client()
     procs.wait_workers(d, 2)
     a, b = 1000000000039, 10000000000037
-    run = DistributedFactor(d, a * b * a * 3).start()
+    run = DistributedFactor(d, a * b * a * 3, sage=False).start()
     wait_for(lambda: len(run.jobs) >= 4, 30, "ECM jobs")
     run.stop()
     d.close()
     again = DistributedFactor.restore(procs.client(), run.name)
-    assert again.parallel == run.parallel
+    assert again.parallel == run.parallel and again.sage is False
     assert again.wait(120) == [(3, 1), (a, 2), (b, 1)]
 
 
@@ -252,7 +252,7 @@ def test_factor_without_jobs_when_local_work_suffices(cluster: dsage.DSage, n: i
 
 def test_factor_repeated_factors_found_by_ecm(cluster: dsage.DSage) -> None:
     a, b = 1000000000039, 10000000000037
-    run = DistributedFactor(cluster, a ** 2 * b * 7).start()
+    run = DistributedFactor(cluster, a ** 2 * b * 7, sage=False).start()
     assert run.wait(120) == [(7, 1), (a, 2), (b, 1)]
     assert run.certificates[a] == PROVEN_MR and run.certificates[7] == PROVEN_TRIAL
     assert any(j.kind == "function" for j, _ in run.jobs.values())
@@ -264,7 +264,7 @@ def test_factor_the_issues_number_within_three_minutes_on_two_slots(
         cluster: dsage.DSage) -> None:
     n = P20 * Q21 * R10 ** 2
     start = time.monotonic()
-    run = DistributedFactor(cluster, n).start()
+    run = DistributedFactor(cluster, n, sage=False).start()  # pure-Python ECM, on any worker
     assert run.wait(180) == sorted([(P20, 1), (Q21, 1), (R10, 2)])
     took = time.monotonic() - start
     assert took < 180
@@ -345,11 +345,16 @@ def test_povray_failure_is_reported(povray: None, cluster: dsage.DSage, tmp_path
 
 def test_monitors_advertise_povray(povray: None, procs: Procs) -> None:
     procs.broker()
+    procs.worker(1, tags=["big", "povray"], no_detect=True)
     procs.worker(1, tags=["big", "povray"])
     d = procs.client()
-    procs.wait_workers(d, 1)
-    assert [w.tags for w in d.workers()] == [["big", "povray"]]  # each tag once
-    assert offered_tags(["big"]) == ["big", "povray"]
+    procs.wait_workers(d, 2)
+    # each tag once ('sage' too where Sage is installed); nothing added with no_detect
+    detected = offered_tags(["big", "povray"])
+    assert detected[:2] == ["big", "povray"] and set(detected) <= {"big", "povray", "sage"}
+    assert sorted(w.tags for w in d.workers()) == sorted([["big", "povray"], detected])
+    assert offered_tags(["big"])[:2] == ["big", "povray"]
+    assert offered_tags(["big"], detect=False) == ["big"]
 
 
 # --- PNG (pure)

@@ -179,7 +179,8 @@ class FakeBroker:
         specs = [{"id": jid, "name": None, "kind": "python", "timeout": None, "memory": None,
                   "owner": self.owner, "trusted": True, "isolate": False, "attempt": attempt,
                   "retry_on": list(retry_on), "shared": []} for jid in ids]
-        self.send(make(M.RUN, [c.encode() for c in codes], jobs=specs, shared=[]))
+        self.send(make(M.RUN, [c.encode() for c in codes], jobs=specs, shared=[], acked=[],
+                       attempts=[]))
         return ids
 
     def results(self, ids: list[str], ack: bool = False) -> dict[str, dict[str, object]]:
@@ -468,17 +469,20 @@ def test_attached_files_come_once_and_one_the_monitor_lacks_sends_the_job_back(
     specs = [{"id": jid, "name": None, "kind": "python", "timeout": None, "memory": None,
               "owner": fake.owner, "trusted": True, "isolate": False, "attempt": 1,
               "retry_on": [], "shared": [digest]} for jid in ids]
-    fake.send(make(M.RUN, [payload] * 3 + [shared[digest]], jobs=specs, shared=[digest]))
+    fake.send(make(M.RUN, [payload] * 3 + [shared[digest]], jobs=specs, shared=[digest],
+                   acked=[], attempts=[]))
     got = fake.results(ids, ack=True)
     assert all(got[i]["status"] == "completed" for i in ids)  # three jobs, one copy
     later = uuid.uuid4().hex
-    fake.send(make(M.RUN, [payload], jobs=[{**specs[0], "id": later}], shared=[]))
+    fake.send(make(M.RUN, [payload], jobs=[{**specs[0], "id": later}], shared=[], acked=[],
+                   attempts=[]))
     assert fake.results([later], ack=True)[later]["status"] == "completed"
     (tmp_path / "b.txt").write_text("never sent")
     other, other_shared = attach.wrap(b"1", attach.collect([tmp_path / "b.txt"]))
     lacking = uuid.uuid4().hex
     fake.send(make(M.RUN, [other], jobs=[{**specs[0], "id": lacking,
-                                          "shared": list(other_shared)}], shared=[]))
+                                          "shared": list(other_shared)}], shared=[],
+                   acked=[], attempts=[]))
     release = fake.expect(M.RELEASE)
     assert release.header["ids"] == [lacking] and not release.header["count_failure"]
     assert release.header["missing_blobs"] == list(other_shared)

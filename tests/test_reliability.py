@@ -15,7 +15,7 @@ import pytest
 
 import dsage
 from dsage.cluster import ManagedProcess
-from dsage.brokerstate import BrokerConfig, BrokerState
+from dsage.brokerstate import ACK_DELAY, BrokerConfig, BrokerState
 from dsage.protocol import MONITOR_REQUESTS, M, Message, Status, decode, encode, make
 from dsage.store import Outcome, Store
 
@@ -512,7 +512,9 @@ class _World:
         item = {"id": job_id, "status": "completed", "error": None, "encoding": "data",
                 "result_from": "expression", "sealed": False, "started": None,
                 "finished": 1.0, "staged": False, "attempt": 1, "retry": False}
-        return self.monitor(rid, make(M.RESULT, [value, b""], results=[item]))
+        sent = self.monitor(rid, make(M.RESULT, [value, b""], results=[item]))
+        self.now += 2 * ACK_DELAY  # its acknowledgement, when no RUN to that monitor took it
+        return sent + self.flush(rid)
 
     def flush(self, rid: bytes | None = None) -> list[Message]:
         """Flush; record what went to each routing id; return what went to ``rid``."""

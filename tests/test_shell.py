@@ -145,6 +145,23 @@ def test_status_lists_jobs_by_state_and_monitors(one_slot: dsage.DSage) -> None:
         done.kill()  # purged: the broker no longer knows it
 
 
+def test_kill_all_kills_thousands_of_queued_jobs_a_page_at_a_time(procs: Procs) -> None:
+    """kill_all once listed every unfinished job into wrappers before killing any."""
+    procs.broker()  # no monitor: the jobs stay queued
+    d = procs.client()
+    jobs = [d("1") for _ in range(3500)]
+    wait_for(lambda: d.status().jobs["new"] == 3500, 60, "the jobs stored")
+    other = procs.client()  # as `dsage kill --all` in a shell: a client with no wrappers
+    before = other._io.sent_messages.copy()
+    assert other.kill_all() == 3500
+    sent = other._io.sent_messages - before
+    assert sent[b"list"] == 4 + 1 and sent[b"kill"] == 4  # pages of 1,000 (and "processing")
+    assert not other._io.jobs  # nothing held per job
+    wait_for(lambda: all(j.status == "killed" for j in jobs), 60, "the submitter's wrappers")
+    assert d.status().jobs["killed"] == 3500 and d.status().jobs["new"] == 0
+    assert other.kill_all() == 0
+
+
 def test_get_my_jobs_pages_through_thousands(cluster: dsage.DSage) -> None:
     jobs = [cluster("0", name="n1" if i < 1500 else "n2", priority=9) for i in range(2500)]
     for j in jobs:
@@ -514,7 +531,9 @@ def test_the_demo_runs_the_seeds_session_with_progress(home: Path) -> None:
 def test_a_second_ctrl_c_while_the_session_closes_ends_it_quietly(home: Path,
                                                                   tmp_path: Path) -> None:
     """A second Ctrl-C while start_all's cluster closed at exit once printed a traceback
-    from the atexit callback."""
+    from the atexit callback. The broker is frozen (SIGSTOP) so that closing the
+    session takes seconds; the second Ctrl-C comes once the monitor's log shows it
+    giving its job back, a step of that close."""
     (tmp_path / "scripts").mkdir()  # not beside the home folder 'dsage' (it would shadow)
     script = tmp_path / "scripts" / "session.py"
     script.write_text(
@@ -528,13 +547,23 @@ def test_a_second_ctrl_c_while_the_session_closes_ends_it_quietly(home: Path,
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "DSAGE_HOME": str(home)})
+    broker_pid = 0
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "running\n"
+        [broker] = running.brokers(home)
+        broker_pid = broker.pid
+        [monitor_log] = (home / "logs").glob("worker-*.log")
+        os.kill(broker_pid, signal.SIGSTOP)  # a broker slow to stop: the close waits 3 s
         proc.send_signal(signal.SIGINT)  # the script ends; its cluster closes at exit
-        proc.send_signal(signal.SIGINT)  # and a second one while it does
+        wait_for(lambda: "giving 1 running job back" in monitor_log.read_text(), 30,
+                 "the session's close to stop its monitor")
+        assert proc.poll() is None  # still closing (its broker gets 3 s)
+        proc.send_signal(signal.SIGINT)  # a second Ctrl-C while it does
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
+        if broker_pid and alive(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)  # not left frozen when the test fails
     assert "atexit" not in err and "Exception ignored" not in err, err
     wait_for(lambda: not running.brokers(home), 20, "the session's broker gone")

@@ -6,6 +6,10 @@ curves run on each number (GMP-ECM's table: B1 = 2,000 for factors of ~15
 digits, 11,000 for ~20, 50,000 for ~25 ...). Each factor found splits every
 number left; a part that is prime (or a perfect power) leaves the ECM work,
 and jobs on a number that was split are killed.
+
+When a worker offers the ``sage`` tag (Sage is installed there), each number
+left goes instead to one job on such a worker that factors it whole with Sage's
+``factor`` (PARI's ``factorint``), its primes proven.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from ..client import DSage
 from ..distributed import DistributedFunction, Job
 from ..job import JobWrapper
 from ..protocol import Status
+from ..sage import SAGE_TAG
 from .ecm import PROVEN_TRIAL, certify, ecm_job, perfect_power, trial_division
+from .sagefactor import PROVEN_SAGE, sage_factor_job
 
 __all__ = ["DistributedFactor", "LEVELS"]
 
@@ -37,11 +43,13 @@ class DistributedFactor(DistributedFunction):
 
     ``trial_bound`` is the local trial division's bound; ``parallel`` the ECM jobs
     in flight (default: twice the workers' slots); ``job_options`` apply to every
-    job (``priority``, ``requires``...)."""
+    job (``priority``, ``requires``...). ``sage`` factors each number left with
+    Sage on a worker that offers the ``sage`` tag, instead of ECM in pure Python
+    (default: when a connected worker offers it)."""
 
     def __init__(self, dsage: DSage, n: int, name: str | None = None, progress: bool = False,
                  trial_bound: int = 100_000, parallel: int | None = None,
-                 **job_options: Any) -> None:
+                 sage: bool | None = None, **job_options: Any) -> None:
         super().__init__(dsage, name=name, progress=progress)
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
@@ -60,10 +68,14 @@ class DistributedFactor(DistributedFunction):
             self._add_prime(p, e, PROVEN_TRIAL if p <= trial_bound else None)
         if rest > 1:
             self._add(rest, 1)
+        trusted = [w for w in dsage.workers() if not w.anonymous] if self.composites else []
         if parallel is None and self.composites:
-            parallel = 2 * max(1, sum(w.slots for w in dsage.workers() if not w.anonymous))
+            parallel = 2 * max(1, sum(w.slots for w in trusted))
         self.parallel = parallel or 1
-        self._init_args[1]["parallel"] = self.parallel  # a restored run replays the same jobs
+        #: whether the numbers left go to Sage's factor on workers with Sage
+        self.sage = any(SAGE_TAG in w.tags for w in trusted) if sage is None else bool(sage)
+        # a restored run replays the same jobs
+        self._init_args[1].update(parallel=self.parallel, sage=self.sage)
         self._fill()
         self._check_done()
 
@@ -109,7 +121,10 @@ class DistributedFactor(DistributedFunction):
 
     def _fill(self) -> None:
         """Keep ``parallel`` ECM jobs in flight, round-robin over the numbers left,
-        smallest first."""
+        smallest first; or, with Sage, one job per number left."""
+        if self.sage:
+            self._fill_sage()
+            return
         open_count = len(self.open_jobs()) + len(self.outstanding_jobs)
         numbers = sorted(self.composites)
         i = 0
@@ -126,6 +141,25 @@ class DistributedFactor(DistributedFunction):
                 tag=m, **self.job_options))
             open_count += 1
 
+    def _fill_sage(self) -> None:
+        """One Sage factoring job for each number left that has none in flight."""
+        busy = {self.job_of(w).tag for w in self.open_jobs()}
+        busy.update(j.tag for j in self.outstanding_jobs if isinstance(j, Job))
+        options = dict(self.job_options)
+        options["requires"] = [*options.get("requires", ()), SAGE_TAG]
+        for m in sorted(set(self.composites) - busy):
+            self._jobs_sent += 1
+            self.outstanding_jobs.append(Job(func=sage_factor_job, args=(m,), tag=m, **options))
+
+    def _take_sage_factors(self, m: int, pairs: list[tuple[int, int]]) -> None:
+        """Take in Sage's factorisation of the number left ``m``."""
+        product = math.prod(p ** e for p, e in pairs)
+        if product != m or any(p < 2 for p, _ in pairs):
+            raise RuntimeError(f"Sage's factorisation of {m} is wrong: {pairs}")
+        e = self.composites.pop(m)[0]
+        for p, k in pairs:
+            self._add_prime(p, e * k, PROVEN_SAGE)
+
     def _check_done(self) -> None:
         if not self.composites:
             self.result = sorted(self.factors.items())
@@ -133,12 +167,18 @@ class DistributedFactor(DistributedFunction):
 
     def process_result(self, job: JobWrapper) -> None:
         m = self.job_of(job).tag
+        sage = self.job_of(job).func is sage_factor_job
         if job.status == Status.COMPLETED:
-            f, _ = job.result()
-            if f > 1:
-                self._split(f)
+            if sage:
+                if m in self.composites:
+                    self._take_sage_factors(m, job.result())
+            else:
+                f, _ = job.result()
+                if f > 1:
+                    self._split(f)
         elif job.status != Status.KILLED and m in self.composites:
-            raise RuntimeError(f"an ECM job failed: {job.error}")
+            what = "a Sage factoring job" if sage else "an ECM job"
+            raise RuntimeError(f"{what} failed: {job.error}")
         self._check_done()
         if self.done:
             return
