@@ -103,10 +103,14 @@ def _works() -> bool:
             return False
         dicts = Tags(classes=False)
         dicts.add(d)
-        seen = []
-        for change in ("d['b'] = 2", "d['a'] = 3", "del d['b']", "d.pop('a')"):
-            seen.append(dicts[0])
-            exec(change, {"d": d})
+        seen = [dicts[0]]
+        d["b"] = 2  # added
+        seen.append(dicts[0])
+        d["a"] = 3  # rebound
+        seen.append(dicts[0])
+        del d["b"]  # removed
+        seen.append(dicts[0])
+        d.clear()
         seen.append(dicts.read()[0])
         return len(set(seen)) == len(seen)
     except Exception:  # noqa: BLE001 - any surprise: compare contents instead
