@@ -74,11 +74,16 @@ CREATE TABLE IF NOT EXISTS chunks (
     data BLOB NOT NULL,
     PRIMARY KEY (job_id, uploader, part, offset)
 );
-CREATE INDEX IF NOT EXISTS queue ON jobs(priority, seq) WHERE status = 'new';
-CREATE INDEX IF NOT EXISTS queue_anon ON jobs(priority, seq)
-    WHERE status = 'new' AND anonymous_ok = 1;
 CREATE INDEX IF NOT EXISTS by_owner ON jobs(owner, status);
-CREATE INDEX IF NOT EXISTS by_status ON jobs(status);
+-- the open jobs, loaded at start: a job leaves this index once, when it ends
+CREATE INDEX IF NOT EXISTS open ON jobs(seq) WHERE status IN ('new', 'processing');
+-- the final jobs, by age, for the prune
+CREATE INDEX IF NOT EXISTS by_finished ON jobs(finished) WHERE finished IS NOT NULL;
+-- indexes of earlier versions: the queue is the broker's, in memory, and every
+-- status change paid for these
+DROP INDEX IF EXISTS queue;
+DROP INDEX IF EXISTS queue_anon;
+DROP INDEX IF EXISTS by_status;
 """
 
 #: columns added since the first schema, with their definitions
