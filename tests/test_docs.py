@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import dsage
+import dsage.sage
 from dsage import cli
 
 from .conftest import skip_or_fail
@@ -33,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")) \
     + ["README.md"]
 NOT_RUN = re.compile(r"<!-- not run: (.+?) -->")
+#: a block that runs only where an optional part is installed (``sage``): elsewhere
+#: the page's other blocks run, and the test then skips (fails in CI) naming it
+NEEDS = re.compile(r"<!-- needs: (sage) -->")
 #: the Python blocks each page does not run, by reason: a new one must be added here
 #: too, so that the convention stays the exception it is
 NOT_RUN_EXPECTED = {
@@ -63,6 +67,7 @@ class Block:
     lang: str
     code: str
     not_run: str | None
+    needs: str | None = None
 
 
 def blocks(page: str, text: str | None = None) -> list[Block]:
@@ -73,9 +78,10 @@ def blocks(page: str, text: str | None = None) -> list[Block]:
     for m in re.finditer(r"^( *)```(\w*)\n(.*?)^\1```$", text, flags=re.S | re.M):
         before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         mark = NOT_RUN.fullmatch(before.strip())
+        needs = NEEDS.fullmatch(before.strip())
         code = textwrap.dedent(m.group(3))  # a block in a list item is indented
         out.append(Block(page, text[:m.start()].count("\n") + 2, m.group(2), code,
-                         mark.group(1) if mark else None))
+                         mark.group(1) if mark else None, needs.group(1) if needs else None))
     return out
 
 
@@ -121,7 +127,8 @@ def test_site_builds_strict_with_the_cli_reference(tmp_path: Path) -> None:
 
 
 def test_blocks_and_their_marks_are_found() -> None:
-    page = ("```python\nx = 1\n```\n\n<!-- not run: needs HOST -->\n```python\ny = 2\n```\n"
+    page = ("<!-- needs: sage -->\n```python\nx = 1\n```\n\n<!-- not run: needs HOST -->\n"
+            "```python\ny = 2\n```\n"
             "- a list item:\n\n  ```python\n  z = 3\n  ```\n"
             "\n```sh\n$ dsage status --json\ndsage slurm submit --nodes 2 \\\n"
             "    --workers-per-node 4   # a comment\nbroker  localhost:1\n```\n")
@@ -129,7 +136,8 @@ def test_blocks_and_their_marks_are_found() -> None:
     assert [(b.lang, b.code, b.not_run) for b in found] == [
         ("python", "x = 1\n", None), ("python", "y = 2\n", "needs HOST"),
         ("python", "z = 3\n", None), ("sh", found[3].code, None)]
-    assert found[1].line == 7
+    assert found[1].line == 8
+    assert [b.needs for b in found] == ["sage", None, None, None]
     assert commands(found[3].code) == ["dsage status --json",
                                        "dsage slurm submit --nodes 2 --workers-per-node 4"
                                        "   # a comment"]
@@ -186,9 +194,13 @@ def test_python_blocks_run(page: str, cluster: dsage.DSage, tmp_path: Path,
     monkeypatch.setitem(sys.modules, "__main__", module)
     namespace = module.__dict__
     namespace.update(D=cluster, dsage=dsage)  # what a session has by then
+    lacking: list[str] = []
     try:
         for block in blocks(page):
             if block.lang != "python" or block.not_run:
+                continue
+            if block.needs == "sage" and (why := dsage.sage.missing()) is not None:
+                lacking.append(f"{page}:{block.line} needs Sage ({why})")
                 continue
             exec(compile(block.code, f"{page}:{block.line}", "exec"), namespace)
         # the jobs the page leaves in names ran through (a page that kills one says so)
@@ -200,3 +212,5 @@ def test_python_blocks_run(page: str, cluster: dsage.DSage, tmp_path: Path,
         for value in list(namespace.values()):
             if isinstance(value, dsage.DSage) and value is not cluster:
                 value.close()
+    if lacking:
+        skip_or_fail("the page's other blocks ran; " + "; ".join(lacking))
