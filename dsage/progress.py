@@ -38,18 +38,23 @@ class Counts:
 
     total: int = 0
     completed: int = 0
-    failed: int = 0  # failed or killed, or abandoned by a closed client
+    failed: int = 0  # failed, or abandoned by a closed client
     running: int = 0
     queued: int = 0
+    #: killed or cancelled (as a DistributedFunction does with the jobs it no longer
+    #: needs): over, but not a failure
+    killed: int = 0
 
     @property
     def done(self) -> int:
-        return self.completed + self.failed
+        return self.completed + self.failed + self.killed
 
 
 def _state(w: JobWrapper) -> str:
     if w.done():
-        return "completed" if w.status == Status.COMPLETED else "failed"
+        if w.status == Status.COMPLETED:
+            return "completed"
+        return "killed" if w.status == Status.KILLED else "failed"
     return "running" if w.status == Status.PROCESSING else "queued"
 
 
@@ -136,7 +141,7 @@ class JobProgress:
     def _count(self, state: str, delta: int) -> None:
         setattr(self.counts, state, getattr(self.counts, state) + delta)
         c = self.counts
-        c.total = max(self._expected, c.completed + c.failed + c.running + c.queued)
+        c.total = max(self._expected, c.done + c.running + c.queued)
 
     def _changed(self, wrappers: list[JobWrapper]) -> None:
         """From a client's I/O thread: these wrappers changed."""
@@ -161,7 +166,7 @@ class JobProgress:
     def snapshot(self) -> Counts:
         with self._lock:
             c = self.counts
-            return Counts(c.total, c.completed, c.failed, c.running, c.queued)
+            return Counts(c.total, c.completed, c.failed, c.running, c.queued, c.killed)
 
     # --- showing it
 
@@ -172,7 +177,8 @@ class JobProgress:
         rate = c.done / elapsed if elapsed > 0 else 0.0
         left = c.total - c.done
         eta = _clock(left / rate) if rate > 0 and left else ("0:00" if not left else "?")
-        return (f"{c.done}/{c.total} done, {c.failed} failed, {c.running} running, "
+        killed = f"{c.killed} killed, " if c.killed else ""
+        return (f"{c.done}/{c.total} done, {c.failed} failed, {killed}{c.running} running, "
                 f"{c.queued} queued, {rate:.1f} {self.unit}/s, {_clock(elapsed)} elapsed, ETA {eta}")
 
     def __rich__(self) -> RenderableType:
@@ -238,6 +244,7 @@ class JobProgress:
         seconds."""
         wait = (None if self._live is not None else
                 JUPYTER_REFRESH if self._jupyter is not None else self.interval)
+        printed = time.monotonic()
         while not self._closed:
             self._wake.wait(wait)
             self._wake.clear()
@@ -249,7 +256,11 @@ class JobProgress:
             jupyter = self._jupyter
             if jupyter is not None:
                 jupyter.update(self._mimebundle(), raw=True)
-            elif self._live is None:
+            elif self._live is None and self.counts.total \
+                    and time.monotonic() - printed >= 0.9 * self.interval:
+                # a line every interval (not at each wake-up: the jobs so far being
+                # done wakes it too), once there are jobs to speak of
+                printed = time.monotonic()
                 self.console.print(f"{self.title}: {self.line()}", markup=False,
                                    highlight=False, soft_wrap=True)
 

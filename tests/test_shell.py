@@ -412,11 +412,45 @@ def test_progress_counts_follow_recorded_events() -> None:
     event(jobs[2], "completed")
     assert "3/4 done, 1 failed, 0 running, 1 queued" in p.line()
     assert not p.wait(0)
-    event(jobs[3], "completed")
+    event(jobs[3], "killed")  # over, but no failure (a DistributedFunction's leftovers)
     assert p.wait(10)
     wait_for(lambda: not host.watchers, 10, "the view to end and stop watching")
-    assert "4/4 done, 1 failed, 0 running, 0 queued" in out.getvalue()
+    assert "4/4 done, 1 failed, 1 killed, 0 running, 0 queued" in out.getvalue()
     assert out.getvalue().count("\n") == 1  # not a terminal: one final line here
+
+
+def test_progress_prints_no_line_before_there_are_jobs_nor_at_every_batch_done() -> None:
+    """Without a terminal, a line every ``interval`` seconds once there are jobs, and
+    the last one: a computation that adds jobs as it goes (and is done with each batch
+    before the next) printed a line per batch, and '0/0 done' before its first."""
+    import io
+
+    from rich.console import Console
+
+    from dsage.job import JobWrapper
+
+    host = _RecordingHost()
+    out = io.StringIO()
+    p = dsage.progress([], console=Console(file=out, width=200), interval=3600,
+                       until_closed=True)
+
+    def event(w: JobWrapper, status: str) -> None:
+        if w._update(_rec(w.job_id, status), [b"", b""]):
+            with host.changed:
+                w._settle()
+        for watcher in list(host.watchers):
+            watcher([w])
+
+    for batch in range(3):
+        jobs = [JobWrapper(host, f"{batch}{i:031x}", None, "python")  # type: ignore[arg-type]
+                for i in range(2)]
+        p.add(jobs)
+        for w in jobs:
+            event(w, "completed")
+        assert p.wait(10)
+    p.close()
+    assert out.getvalue().count("\n") == 1, out.getvalue()
+    assert "6/6 done, 0 failed, 0 running, 0 queued" in out.getvalue()
 
 
 def test_progress_on_a_live_cluster_and_in_a_pty(home: Path, tmp_path: Path) -> None:
