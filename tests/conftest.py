@@ -119,6 +119,14 @@ class Procs:
 
     clients: list[dsage.DSage]
 
+    def up(self, slots: int = 2) -> dsage.DSage:
+        """A broker, a monitor with ``slots`` slots, and a client that sees them."""
+        self.broker()
+        self.worker(slots)
+        d = self.client()
+        self.wait_workers(d, slots)
+        return d
+
     def wait_workers(self, d: dsage.DSage, slots: int, timeout: float = 30.0) -> None:
         wait_for(lambda: sum(w.slots for w in d.workers()) >= slots, timeout,
                  f"{slots} worker slots")
@@ -151,10 +159,7 @@ def procs(home: Path, port: int) -> Iterator[Procs]:
 @pytest.fixture
 def cluster(procs: Procs) -> Iterator[dsage.DSage]:
     """A broker, a monitor with 2 slots and a connected client."""
-    procs.broker()
-    procs.worker(2)
-    d = procs.client()
-    procs.wait_workers(d, 2)
+    d = procs.up()
     yield d
 
 

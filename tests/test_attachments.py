@@ -97,10 +97,7 @@ def test_attachment_errors_are_clear_and_in_the_call(procs: Procs, data: Path) -
 
 
 def test_every_job_call_takes_every_option(procs: Procs, data: Path) -> None:
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     script = data / "one.py"
     script.write_text("DSAGE_RESULT = 1\n")
     common: dict[str, Any] = {

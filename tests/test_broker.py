@@ -52,6 +52,15 @@ def _register(monitor_id: str, running: list[str] = (), host: str = "h") -> list
                              "tags": [], "running": list(running), "version": "0"})
 
 
+def _registered(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int,
+                monitor_id: str) -> zmq.Socket[bytes]:
+    """A monitor spoken by hand, registered with the broker on ``port``."""
+    mon = _dealer(ctx, home, port)
+    mon.send_multipart(_register(monitor_id))
+    _replies(mon, M.REGISTERED)
+    return mon
+
+
 def _replies(sock: zmq.Socket[bytes], want: M) -> Message:
     """The next message of type ``want`` (skipping heartbeats and the like)."""
     while True:
@@ -82,9 +91,7 @@ def test_values_that_once_killed_the_broker_are_refused(procs: Procs, home: Path
         anon.send_multipart(_register("m" * 8, host="host\udcff"))
         assert _replies(anon, M.ERROR).header["code"] == "header"
         # a trusted monitor whose job's error text holds one
-        mon = _dealer(ctx, home, procs.port + 1)
-        mon.send_multipart(_register("raw-monitor"))
-        _replies(mon, M.REGISTERED)
+        mon = _registered(ctx, home, procs.port + 1, "raw-monitor")
         j = D("1 + 1")
         wait_for(lambda: j.status == "processing" or j.done(), 30, "the job dispatched")
         item = {"id": j.job_id, "status": "failed", "error": "KeyError: '\udcff'",
@@ -136,10 +143,7 @@ def test_a_full_disk_loses_nothing_and_does_not_stop_the_broker(procs: Procs,
 
 
 def test_requires_is_honoured_and_a_waiting_job_says_why(procs: Procs) -> None:
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     gpu = D("'ran on gpu'", requires=["gpu"])
     plain = D("'plain'")
     assert plain.result(60) == "plain"
@@ -357,9 +361,7 @@ def test_a_monitor_re_registering_under_a_new_id_strands_nothing(procs: Procs,
     D = procs.client()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        mon = _dealer(ctx, home, procs.port + 1)
-        mon.send_multipart(_register("first-id"))
-        _replies(mon, M.REGISTERED)
+        mon = _registered(ctx, home, procs.port + 1, "first-id")
         j = D("'done'")
         run = _replies(mon, M.RUN)
         assert run.header["jobs"][0]["id"] == j.job_id
@@ -380,9 +382,7 @@ def test_a_result_the_broker_cannot_read_fails_its_job_and_is_acknowledged(
     D = procs.client()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        mon = _dealer(ctx, home, procs.port + 1)
-        mon.send_multipart(_register("newer"))
-        _replies(mon, M.REGISTERED)
+        mon = _registered(ctx, home, procs.port + 1, "newer")
         j = D("'done'")
         run = _replies(mon, M.RUN)
         item = {"id": j.job_id, "status": "completed", "error": None,

@@ -167,10 +167,7 @@ def test_get_my_jobs_and_workers(cluster: dsage.DSage) -> None:
 
 
 def test_kill_running_and_queued_jobs(procs: Procs) -> None:
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     running = D("import time; time.sleep(60)")
     wait_for(lambda: running.status == "processing", 30, "the job to start")
     queued = D("1")

@@ -156,10 +156,7 @@ def test_progress_view_counts_the_jobs_as_they_are_submitted(cluster: dsage.DSag
 
 
 def test_a_stopped_run_resumes_from_the_broker_in_a_new_client(procs: Procs) -> None:
-    procs.broker()
-    procs.worker(2)
-    d = procs.client()
-    procs.wait_workers(d, 2)
+    d = procs.up()
     run = Chain(d, target=6, nap=0.4).start()
     wait_for(lambda: len(run.seen) >= 2, 60, "two results")
     run.stop()  # usually with job 3 running
@@ -192,10 +189,7 @@ def test_stop_from_process_result_submits_nothing_more(cluster: dsage.DSage) -> 
 
 
 def test_a_stopped_factoring_resumes_in_a_new_client(procs: Procs) -> None:
-    procs.broker()
-    procs.worker(2)
-    d = procs.client()
-    procs.wait_workers(d, 2)
+    d = procs.up()
     a, b = 1000000000039, 10000000000037
     run = DistributedFactor(d, a * b * a * 3, sage=False).start()
     wait_for(lambda: len(run.jobs) >= 4, 30, "ECM jobs")

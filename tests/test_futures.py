@@ -32,10 +32,7 @@ def gated(gate: Path, value: Any, marker: Path | None = None) -> str:
 @pytest.fixture
 def one_slot(procs: Procs) -> Iterator[dsage.DSage]:
     """A broker, a monitor with one slot (and the default prefetch of one job), a client."""
-    procs.broker()
-    procs.worker(1)
-    d = procs.client()
-    procs.wait_workers(d, 1)
+    d = procs.up(1)
     yield d
 
 

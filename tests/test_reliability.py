@@ -219,10 +219,7 @@ def test_a_dropped_event_is_noticed_and_the_result_still_arrives(procs: Procs,
     timeouts, which would query by themselves)."""
     if os.geteuid() != 0 or shutil.which("ss") is None:
         skip_or_fail("cutting one TCP connection needs root and `ss` (iproute2)")
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     gate = tmp_path / "gate"
     j = D(_gated(gate, "'arrived'"))
     wait_for(lambda: _processing(j), 30, "the job running")
@@ -238,10 +235,7 @@ def test_a_dropped_event_is_noticed_and_the_result_still_arrives(procs: Procs,
 
 
 def test_results_wait_for_a_client_that_disconnected(procs: Procs, tmp_path: Path) -> None:
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     gate = tmp_path / "gate"
     j = D(_gated(gate, "'kept'"))
     job_id = j.job_id
@@ -284,10 +278,7 @@ def _slot_pid_job(D: dsage.DSage) -> int:
 
 def test_kill_ends_the_process_within_a_second_and_the_slot_returns(
         procs: Procs, tmp_path: Path) -> None:
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     marker = tmp_path / "pid"
     j = D(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
           f"time.sleep(300)")
@@ -372,10 +363,7 @@ def test_max_jobs_per_slot_recycles_the_slot(procs: Procs) -> None:
 
 
 def test_memory_growth_recycles_the_slot(procs: Procs) -> None:
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     small = [_slot_pid_job(D) for _ in range(2)]
     assert small[0] == small[1]  # no growth, no recycling
     grown = done(D("import os, sys\nsys.dsage_keep = b'x' * (100 * 10**6)\nos.getpid()"), 60)

@@ -68,10 +68,7 @@ def test_retry_on_names_classes_and_their_bases_and_nothing_else_is_retried(
 def test_a_lost_worker_is_not_a_retry(procs: Procs, tmp_path: Path) -> None:
     """The job's slot is SIGKILLed from outside on its first run: the job goes back
     to the queue as a lost worker (failures 1), on the same attempt, its retry unused."""
-    procs.broker()
-    procs.worker(1)
-    D = procs.client()
-    procs.wait_workers(D, 1)
+    D = procs.up(1)
     marker = tmp_path / "killed-once"
     j = D(f"import os, signal\nif not os.path.exists({str(marker)!r}):\n"
           f"    open({str(marker)!r}, 'w').close()\n    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -110,10 +110,7 @@ def test_a_slot_loads_sage_once_and_keeps_it_for_the_next_sage_jobs(
     """Sage's import starts a BLAS thread pool, rebinds names in the modules it loads
     and doubles the slot's memory: all the slot's, not the job's, so the slot that
     ran one Sage job runs the next ones too (without reloading Sage for each)."""
-    procs.broker()
-    procs.worker(1)
-    d = procs.client()
-    procs.wait_workers(d, 1)
+    d = procs.up(1)
     code = "import os\n(os.getpid(), 2^10)"
     first = d(code, kind="sage").result(120)
     rest = [d(code, kind="sage").result(60) for _ in range(3)]
@@ -133,10 +130,7 @@ def _pid_and_load(blob: bytes) -> tuple[int, str]:
 def test_calls_of_sage_objects_load_sage_in_the_slot_once(sage: None, procs: Procs) -> None:
     """A function job whose arguments are Sage objects has the slot load Sage first
     too, so the slot runs the next such call as well."""
-    procs.broker()
-    procs.worker(1)
-    d = procs.client()
-    procs.wait_workers(d, 1)
+    d = procs.up(1)
     # in a slot of its own, so that the monitor's slot has not loaded Sage
     j = done(d("factor(2^64 + 1)", kind="sage", isolate=True), 120)
     sage_pickle = j._result_blob[4 + int.from_bytes(j._result_blob[:4], "big"):]

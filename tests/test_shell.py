@@ -114,10 +114,7 @@ def test_running_brokers_are_recorded_and_stale_records_dropped(tmp_path: Path) 
 @pytest.fixture
 def one_slot(procs: Procs) -> dsage.DSage:
     """A broker, a monitor with one slot, and a connected client."""
-    procs.broker()
-    procs.worker(1)
-    d = procs.client()
-    procs.wait_workers(d, 1)
+    d = procs.up(1)
     return d
 
 

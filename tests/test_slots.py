@@ -586,10 +586,7 @@ def test_isolated_jobs_go_on_when_the_template_dies(procs: Procs) -> None:
 
 
 def test_isolate_on_one_job_gives_it_a_process_no_earlier_job_ran_in(procs: Procs) -> None:
-    procs.broker()
-    procs.worker(1)
-    d = procs.client()
-    procs.wait_workers(d, 1)
+    d = procs.up(1)
     pid = "import os; os.getpid()"
     first, second = d(pid).result(30), d(pid).result(30)
     assert first == second  # ordinary jobs share their slot
