@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypedDict, get_args, get_type_hints
+from typing import (
+    TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypedDict, get_args, get_type_hints,
+)
 
 import msgspec
 from msgspec import Meta
@@ -226,11 +228,26 @@ Ids = Annotated[list[JobId], Meta(max_length=MAX_BATCH)]
 Hashes = Annotated[list[Hash], Meta(max_length=MAX_BATCH)]
 #: the shared blobs (attached files) one job uses, by content hash
 JobShared = Annotated[list[Hash], Meta(max_length=MAX_SHARED)]
-KindName = Literal["python", "sage", "function"]
-StatusName = Literal["new", "processing", "completed", "failed", "killed"]
-FinalStatusName = Literal["completed", "failed", "killed"]
-EncodingName = Literal["none", "dill", "data", "error", "sage"]
-ResultFromName = Literal["none", "expression", "DSAGE_RESULT", "return"]
+
+
+def _values(members: Iterable[enum.StrEnum]) -> Any:
+    """The header type of a field that holds one of ``members``, by value (a plain
+    ``str`` once decoded, as SQLite stores it)."""
+    return Literal[tuple(m.value for m in members)]
+
+
+if TYPE_CHECKING:  # the values are strings
+    KindName: TypeAlias = str
+    StatusName: TypeAlias = str
+    FinalStatusName: TypeAlias = str
+    EncodingName: TypeAlias = str
+    ResultFromName: TypeAlias = str
+else:
+    KindName = _values(Kind)
+    StatusName = _values(Status)
+    FinalStatusName = _values(s for s in Status if s in FINAL)
+    EncodingName = _values(Encoding)
+    ResultFromName = _values(ResultFrom)
 Part = Literal["result", "output"]
 
 
