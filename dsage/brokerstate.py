@@ -147,6 +147,9 @@ class BrokerState:
         a grace period for their monitor to register again before being re-queued."""
         self.monitors: dict[bytes, MonitorEntry] = {}
         self.by_id: dict[str, MonitorEntry] = {}
+        #: the monitors with results to acknowledge (see :meth:`_acknowledge`), so that a
+        #: loop turn looks at those only
+        self.acking: dict[bytes, MonitorEntry] = {}
         self.sched = Scheduler()
         self.payload_bytes = 0
         for o in self.store.open_jobs(self.config.payload_memory):
@@ -582,6 +585,7 @@ class BrokerState:
             if done:
                 self._announce(*done)
         entry.acks.extend(acked)
+        self.acking[entry.rid] = entry
         if not msg.header["results"]:
             # always answered: a stopping monitor waits for the answer to its empty
             # RESULT, which comes after any RUN sent before its STOPPING was read
@@ -610,6 +614,7 @@ class BrokerState:
                 log.error("could not store the failure of job %s: %s", jid, e)
                 continue
             entry.acks.append((jid, job.attempt))
+            self.acking[entry.rid] = entry
             self._forget(job)
             if done:
                 self._announce(*done)
@@ -855,12 +860,14 @@ class BrokerState:
         self.events = {}
         return out
 
-
     def _acknowledge(self, now: float) -> None:
         """After a commit: the results stored since are acknowledged, on the next RUN
         to their monitor or, after ACK_DELAY (at once when it is stopping), in a
         RESULT_ACK. Either way one message fewer per job than an answer per RESULT."""
-        for m in self.monitors.values():
+        for rid, m in list(self.acking.items()):
+            if self.monitors.get(rid) is not m:  # gone: it sends its results again
+                del self.acking[rid]
+                continue
             if m.acks:
                 if not m.committed_acks:
                     m.acks_since = now
@@ -876,6 +883,8 @@ class BrokerState:
             if m.answer_due:
                 m.answer_due = False
                 self._send("monitor", m.rid, make(M.RESULT_ACK, ids=[], attempts=[]))
+            if not m.committed_acks:
+                del self.acking[rid]
 
     def _announce_started(self, now: float) -> None:
         """Announce the jobs dispatched ANNOUNCE_DELAY ago that are still running there."""
@@ -891,7 +900,7 @@ class BrokerState:
 
     def next_ack(self, now: float) -> float:
         """Seconds until a monitor's acknowledgements are due (see :meth:`_acknowledge`)."""
-        due = [m.acks_since + ACK_DELAY - now for m in self.monitors.values()
+        due = [m.acks_since + ACK_DELAY - now for m in self.acking.values()
                if m.committed_acks]
         return max(0.0, min(due)) if due else 1.0
 
