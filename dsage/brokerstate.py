@@ -46,6 +46,22 @@ ACK_DELAY = 0.05
 #: owner: a job done by then is announced once, final (one record, and one wake-up
 #: of the client, fewer per short job).
 ANNOUNCE_DELAY = 0.1
+#: Seconds of work a monitor running short jobs is sent beyond its free slots (as
+#: estimated from its jobs' run times), so that it runs them from its own queue while
+#: their results and the next jobs travel, many to a message; at most MAX_PREFETCH
+#: jobs. Long jobs get only the configured prefetch (default 1), which keeps them
+#: spread over the monitors as they free up.
+PREFETCH_TIME = 0.005
+MAX_PREFETCH = 64
+#: seconds a slot takes to go from one job to the next, beyond the job's own run time
+#: (the round trip to its monitor, and the reset between jobs)
+SLOT_TURNAROUND = 0.0002
+#: the weight of each new run time in a monitor's average
+RUN_TIME_WEIGHT = 0.1
+#: Seconds after which a monitor's oldest job out shows that its jobs are no longer
+#: short, whatever its average says: it is sent the configured prefetch only (and
+#: gives back what waits there beyond that: the monitor's GIVE_BACK_AFTER).
+STALE_AFTER = 0.05
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,9 @@ class MonitorEntry:
     acks_since: float = 0.0
     #: it sent an empty RESULT (it is stopping): answer it after the commit
     answer_due: bool = False
+    #: the average run time of its jobs (a moving average, in seconds; None before the
+    #: first result)
+    run_time: float | None = None
 
     def __post_init__(self) -> None:
         self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous)
@@ -217,8 +236,13 @@ class BrokerState:
     def _credit(self, m: MonitorEntry) -> int:
         if m.stopping or not m.reachable:
             return 0
-        busy = len(self.sched.assigned.get(m.monitor_id, ()))
-        return max(0, m.slots + self.config.prefetch - busy)
+        out = self.sched.assigned.get(m.monitor_id, ())
+        run_time = m.run_time
+        if out and run_time is not None:
+            jobs, now = self.sched.jobs, time.time()
+            if any(now - (jobs[j].started or now) > STALE_AFTER for j in out if j in jobs):
+                run_time = None  # a job runs longer than the average says: trust it no more
+        return max(0, m.slots + prefetch(m.slots, run_time, self.config.prefetch) - len(out))
 
     def _cancel_on(self, monitor_id: str | None, job_id: str, reason: str) -> None:
         m = self.by_id.get(monitor_id) if monitor_id is not None else None
@@ -524,7 +548,8 @@ class BrokerState:
         log.info("monitor %s registered from %s (%s%s, %d held)", monitor_id, entry.host,
                  plural(entry.slots, "slot"), ", anonymous" if anonymous else "", len(adopted))
         self._send("monitor", rid, make(M.REGISTERED, heartbeat=self.config.heartbeat,
-                                        liveness=self.config.liveness, cancel=cancel))
+                                        liveness=self.config.liveness, cancel=cancel,
+                                        prefetch=self.config.prefetch))
 
     def _live_output(self, entry: MonitorEntry, msg: Message) -> None:
         """What a running job printed lately: passed on to its owner's events, not
@@ -570,6 +595,8 @@ class BrokerState:
                 # else: a late result of a lost run; the run going on elsewhere decides
                 acked.append((jid, r["attempt"]))
                 continue
+            if r["started"] is not None and r["finished"] is not None:
+                entry.run_time = moving_average(entry.run_time, r["finished"] - r["started"])
             outcome = Outcome(Status(r["status"]), r["error"], r["encoding"], r["result_from"],
                               r["sealed"], r["started"], r["finished"],
                               msg.blobs[2 * i], msg.blobs[2 * i + 1], r["staged"])
@@ -903,6 +930,23 @@ class BrokerState:
         due = [m.acks_since + ACK_DELAY - now for m in self.acking.values()
                if m.committed_acks]
         return max(0.0, min(due)) if due else 1.0
+
+
+def prefetch(slots: int, run_time: float | None, least: int) -> int:
+    """How many jobs a monitor with ``slots`` slots is sent beyond its free ones: enough
+    to keep the slots busy for PREFETCH_TIME at its jobs' average ``run_time``, and at
+    least ``least`` (also before any job of its has run)."""
+    if run_time is None:
+        return least
+    per_slot = PREFETCH_TIME / (max(0.0, run_time) + SLOT_TURNAROUND)
+    return max(least, min(MAX_PREFETCH, int(slots * per_slot)))
+
+
+def moving_average(average: float | None, value: float) -> float:
+    """``average`` moved toward ``value`` by RUN_TIME_WEIGHT (``value`` if there is none)."""
+    if average is None:
+        return value
+    return average + RUN_TIME_WEIGHT * (value - average)
 
 
 def _open_record(job: Job, reason: str | None, worker: WorkerRef | None = None) -> Record:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,14 @@ OOM_KILLED = ("the job's process was killed by the OOM killer (SIGKILL): memory 
 REAP_WAIT = 1.0
 #: how often what running jobs print is sent on (seconds)
 LIVE_INTERVAL = 0.5
+#: the longest a finished job's result waits for others to go in one message with it,
+#: while jobs queued here keep the slots busy (seconds; see Monitor._holding)
+HOLD_TIME = 0.002
+#: Seconds after which a job queued here behind the next one to start goes back to
+#: the broker, while every slot is busy: the broker sent it on its estimate that the
+#: jobs here are short (its STALE_AFTER), and they are not. A monitor keeps the
+#: broker's configured prefetch, and gives back the rest for idle monitors to take.
+GIVE_BACK_AFTER = 0.05
 #: a slot's program: ``python -m dsage.slot`` would run the module a second time, as
 #: ``__main__``, after the package's imports had loaded it (and warn about it). ``-c``
 #: puts '' (the current folder) first on sys.path; it is made absolute, as ``-m``
@@ -182,13 +192,17 @@ class Monitor:
         self.stop_deadline: float | None = None
         #: jobs received and not started yet, in order (the broker may send more
         #: jobs than there are free slots)
-        #: (run spec, payload, the shared blobs it uses as (hash, content))
-        self.pending: OrderedDict[str, tuple[dict[str, Any], bytes, list[tuple[str, bytes]]]] \
-            = OrderedDict()
+        #: (run spec, payload, the shared blobs it uses as (hash, content), when it came)
+        self.pending: OrderedDict[
+            str, tuple[dict[str, Any], bytes, list[tuple[str, bytes]], float]] = OrderedDict()
+        #: jobs kept queued here when the others go back (the broker's ``--prefetch``)
+        self.keep_queued = 1
         #: finished jobs whose result the broker has not acknowledged: (item, result, output)
         self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
-        #: results to send at the end of this loop turn (an ordered set)
+        #: results to send at the end of this loop turn, or a little later (an ordered
+        #: set; see :meth:`_holding`), and when the first of them was queued
         self.outgoing: dict[str, None] = {}
+        self.held_since = 0.0
         #: large results being uploaded: job id -> (part, offset of the chunk in flight)
         self.uploads: dict[str, tuple[str, int]] = {}
         self.stalled_uploads: dict[str, float] = {}
@@ -349,6 +363,7 @@ class Monitor:
         h = msg.header
         if msg.type is M.REGISTERED:
             self.registered, self.registering = True, False
+            self.keep_queued = h.get("prefetch", 1)
             for jid in h["cancel"]:
                 self._cancel(jid, "taken back by the broker")
             if self.stopping:
@@ -401,6 +416,7 @@ class Monitor:
         queued twice, and jobs that reach a stopping monitor (sent before the broker
         had its STOPPING) go back at once, counting no failure."""
         running = set(self._running())
+        now = time.monotonic()
         give_back = []
         lacking: dict[str, list[str]] = {}
         for spec, payload in zip(specs, payloads):
@@ -412,7 +428,7 @@ class Monitor:
                 self.uploads.pop(jid, None)
                 held = None
             if held is not None:
-                self.outgoing[jid] = None
+                self._queue_result(jid)
             elif jid in self.pending or jid in running:
                 continue
             elif self.stopping:
@@ -424,7 +440,8 @@ class Monitor:
                     lacking[jid] = missing  # dropped from the cache: the broker resends
                 else:
                     self.pending[jid] = (spec, payload,
-                                         [(d, b) for d, b in found.items() if b is not None])
+                                         [(d, b) for d, b in found.items() if b is not None],
+                                         now)
         if give_back:
             self._release(give_back, "sent to a monitor that is stopping")
         if lacking:
@@ -489,9 +506,19 @@ class Monitor:
                 if jid in self.uploads and jid in self.unacked:
                     self._upload(jid, *self.uploads[jid])
 
-    def _flush_results(self) -> None:
-        """Send this loop turn's results (when not registered, they go after REGISTERED)."""
-        if self.outgoing:
+    def _queue_result(self, jid: str) -> None:
+        if not self.outgoing:
+            self.held_since = time.monotonic()
+        self.outgoing[jid] = None
+
+    def _holding(self, now: float) -> bool:
+        return not self.stopping and holding(len(self.outgoing), len(self.pending),
+                                             self.held_since, now)
+
+    def _flush_results(self, now: float) -> None:
+        """Send the results held (when not registered, they go after REGISTERED), unless
+        they are :meth:`_holding` for more."""
+        if self.outgoing and not self._holding(now):
             ids, self.outgoing = list(self.outgoing), {}
             if self.registered:
                 self._send_results(ids)
@@ -620,6 +647,20 @@ class Monitor:
             os.close(slot.pidfd)
             slot.pidfd = -1
 
+    def _give_back_stale(self, now: float) -> None:
+        """Give the broker back the jobs queued here beyond ``keep_queued`` that have
+        waited GIVE_BACK_AFTER with every slot busy (no failure counted)."""
+        if any(s.job is None for s in self.slots):
+            return  # a slot is free, or starting: the jobs go to it
+        first = next(islice(self.pending.values(), self.keep_queued, None))
+        if now - first[3] < GIVE_BACK_AFTER:
+            return  # (the oldest of them has not waited so long)
+        ids = list(self.pending)[self.keep_queued:]
+        for jid in ids:
+            del self.pending[jid]
+        self._release(ids, "its monitor's slots are busy with longer jobs than it was "
+                      "sent them for")
+
     def _start_jobs(self) -> None:
         for slot in self.slots:
             if not self.pending:
@@ -640,7 +681,7 @@ class Monitor:
                 self._start_template()
             self._respawn(slot)
             return
-        _, (spec, payload, blobs) = self.pending.popitem(last=False)
+        _, (spec, payload, blobs, _) = self.pending.popitem(last=False)
         slot.job, slot.started, slot.owner = spec, time.time(), spec["owner"]
         slot.live_offset = 0  # (the slot emptied its capture file before its last reply)
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
@@ -848,7 +889,7 @@ class Monitor:
         result = self.sealer.seal(job["owner"], result, binding(*bound, "result"))
         output = self.sealer.seal(job["owner"], output, binding(*bound, "output"))
         self.unacked[job["id"]] = (item, result, output)
-        self.outgoing[job["id"]] = None
+        self._queue_result(job["id"])
 
     def _fit(self, item: dict[str, Any], result: bytes, output: bytes) -> tuple[bytes, bytes]:
         """Keep each blob within the message size limit (less the sealing overhead):
@@ -884,7 +925,9 @@ class Monitor:
     def step(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds; handle the broker, the slots, timeouts; send
         this turn's results."""
-        ready = dict(self.poller.poll(int(timeout * 1000)))
+        if self.outgoing:  # held: sent by HOLD_TIME after the first of them at the latest
+            timeout = min(timeout, max(0.0, self.held_since + HOLD_TIME - time.monotonic()))
+        ready = dict(self.poller.poll(math.ceil(timeout * 1000)))
         if self._wake_r.fileno() in ready:
             try:
                 self._wake_r.recv(4096)
@@ -911,7 +954,9 @@ class Monitor:
                 slot.kill_reason = "timeout"
                 slot.kill()
         self._start_jobs()
-        self._flush_results()
+        if len(self.pending) > self.keep_queued:
+            self._give_back_stale(now)
+        self._flush_results(now)
         if now - self.last_live >= LIVE_INTERVAL:
             self.last_live = now
             self._stream_output()
@@ -1100,6 +1145,17 @@ class Monitor:
         self._wake_r.close()
         self._wake_w.close()
         log.info("dsage-worker stopped")
+
+
+def holding(held: int, queued: int, since: float, now: float) -> bool:
+    """Whether ``held`` results, the first finished at ``since``, wait for more before
+    they are sent: only while the ``queued`` jobs waiting here for a slot outnumber
+    them (so the slots stay busy until the broker, told of these results, sends more),
+    and at most HOLD_TIME. A monitor kept busy by many short jobs so sends their
+    results many to a message, and the broker handles them, and sends the next jobs,
+    many per loop turn; a monitor that is idle, or about to be, sends each result at
+    once."""
+    return held < min(queued, MAX_BATCH) and now < since + HOLD_TIME
 
 
 def _open_capture(path: Path) -> int:

@@ -100,7 +100,8 @@ class BrokerOptions:
     retention_days: float = opt(7.0, "finished jobs are deleted after this many days "
                                 "(default 7)", parse=positive_float)
     prefetch: int = opt(1, "jobs sent to a monitor beyond its free slots, so no slot waits "
-                        "for a round trip (default 1)", parse=nonneg_int)
+                        "for a round trip, at least (default 1; a monitor whose jobs are "
+                        "short is sent enough for a few ms of work)", parse=nonneg_int)
     max_anonymous: int = opt(64, "most anonymous monitors registered at once (default 64)",
                              parse=nonneg_int)
     max_anonymous_connections: int = opt(

@@ -25,7 +25,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import (
-    TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypedDict, get_args, get_type_hints,
+    TYPE_CHECKING, Annotated, Any, Literal, NotRequired, TypeAlias, TypedDict, get_args,
+    get_type_hints,
 )
 
 import msgspec
@@ -543,6 +544,9 @@ class Registered(TypedDict):
     heartbeat: PosFloat
     liveness: Pos
     cancel: Ids
+    #: the broker's configured prefetch: the jobs a monitor keeps queued beyond its busy
+    #: slots when it gives back the others (1 when missing)
+    prefetch: NotRequired[NonNeg]
 
 
 class Run(TypedDict):

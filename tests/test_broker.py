@@ -5,10 +5,12 @@ processes, and pure-state tests of the scheduler (a hypothesis state machine).""
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dsage import JobError, keys
 from dsage.auth import make_client
-from dsage.brokerstate import ACK_DELAY, ANNOUNCE_DELAY, BrokerConfig, BrokerState
+from dsage.brokerstate import (
+    ACK_DELAY, ANNOUNCE_DELAY, MAX_PREFETCH, STALE_AFTER, BrokerConfig, BrokerState,
+    moving_average, prefetch,
+)
+from dsage.monitor import HOLD_TIME, holding
 from dsage.protocol import (
     CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
     make,
@@ -490,6 +496,113 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state.tick(1.5)
     assert [s for s in statements if "wal_checkpoint" in s]
     store.close()
+
+
+def test_prefetch_grows_for_short_jobs_only() -> None:
+    """Before any result, and for long jobs, a monitor gets the configured prefetch;
+    for short jobs, enough to keep its slots busy for a few milliseconds, capped."""
+    assert prefetch(2, None, 1) == 1
+    assert prefetch(2, 10.0, 1) == prefetch(2, 0.05, 1) == 1
+    assert prefetch(2, 10.0, 3) == 3
+    assert 1 < prefetch(2, 0.001, 1) < prefetch(2, 0.0001, 1) <= MAX_PREFETCH
+    assert prefetch(1000, 0.0, 1) == MAX_PREFETCH
+    assert prefetch(2, -1.0, 1) == prefetch(2, 0.0, 1)  # a clock that went back
+    assert moving_average(None, 2.0) == 2.0
+    assert 1.0 < moving_average(1.0, 2.0) < 1.5
+
+
+def test_results_wait_for_more_only_while_jobs_queued_keep_the_slots_busy() -> None:
+    """A monitor holds finished results while more jobs are queued there than results
+    held, for HOLD_TIME at most; idle, or about to be, it sends each result at once."""
+    assert holding(1, 10, since=0.0, now=0.0)
+    assert not holding(1, 0, since=0.0, now=0.0)  # nothing queued: the round trip matters
+    assert not holding(5, 5, since=0.0, now=0.0)  # the broker is to send more now
+    assert not holding(1, 10, since=0.0, now=HOLD_TIME)
+    assert not holding(MAX_BATCH, 10 * MAX_BATCH, since=0.0, now=0.0)
+
+
+def test_a_monitor_of_short_jobs_is_sent_many_at_a_time(tmp_path: Path) -> None:
+    """Once its results show that its jobs are short, a monitor's credit grows: one
+    RUN carries many jobs, not one per free slot."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
+    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[],
+                    version="0")
+    state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
+    specs = [_spec(f"{i:032x}") for i in range(200)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 200, req=1, jobs=specs,
+                                           shared=[]))
+    first = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert [len(m.header["jobs"]) for m in first] == [3]  # 2 slots and 1 prefetched
+    items = [{"id": j["id"], "status": "completed", "error": None, "encoding": "data",
+              "result_from": "expression", "sealed": False, "started": 1.0,
+              "finished": 1.0001, "staged": False, "attempt": 1, "retry": False}
+             for j in first[0].header["jobs"]]
+    state.on_monitor(0.0, b"m", "k" * 40, False,
+                     decode(encode(make(M.RESULT, [b"1", b""] * 3, results=items)), ALL))
+    then = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert sum(len(m.header["jobs"]) for m in then) >= 20
+    store.close()
+
+
+def test_a_monitor_whose_jobs_turn_long_is_sent_no_more_than_its_prefetch(
+        tmp_path: Path) -> None:
+    """Short results let a monitor's credit grow; once one of its jobs has been out
+    longer than STALE_AFTER, it is back to its slots and the configured prefetch,
+    whatever its average says."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
+    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
+                    version="0")
+    state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
+    [entry] = state.monitors.values()
+    entry.run_time = 0.0001  # as after short jobs
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 100, req=1, shared=[],
+                                           jobs=[_spec(f"{i:032x}") for i in range(100)]))
+    [run] = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
+    assert len(run.header["jobs"]) > 2
+    for jid in state.sched.of_monitor("m"):
+        state.sched.jobs[jid].started = time.time() - STALE_AFTER - 1  # out for long
+    release = make(M.RELEASE, ids=[j["id"] for j in run.header["jobs"][2:]],
+                   reason="given back", count_failure=False, missing_blobs=[])
+    state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(release), ALL))
+    assert not [o for o in state.flush(0.0) if o.msg.type is M.RUN]  # 1 slot + 1 prefetched
+    assert len(state.sched.of_monitor("m")) == 2
+    store.close()
+
+
+def test_jobs_queued_on_a_monitor_busy_with_long_jobs_go_to_an_idle_one(
+        procs: Procs) -> None:
+    """Two monitors of one slot, whose short jobs made the broker send them many at a
+    time; then four jobs of a second each. All four go to the first monitor with
+    credit; it keeps one queued beyond its busy slot and gives the others back, so
+    the idle monitor runs them."""
+    procs.broker()
+    procs.worker(1)
+    procs.worker(1)
+    d = procs.client()
+    procs.wait_workers(d, 2)
+    for _ in range(3):  # each monitor's average: short
+        assert [j.result(60) for j in [d.eval_function(operator.neg, (i,))
+                                       for i in range(200)]] == [-i for i in range(200)]
+    jobs = [d("import time; time.sleep(1)") for _ in range(4)]
+    for j in jobs:
+        j.wait(60)
+    assert all(j.status == "completed" for j in jobs)
+    assert len({j.worker.id for j in jobs if j.worker is not None}) == 2
+
+
+def test_a_busy_monitor_sends_results_many_to_a_message(procs: Procs) -> None:
+    """2,000 tiny jobs: their results reach the client in far fewer events than jobs,
+    as the monitor sends them many to a message while it has jobs queued (one event
+    per job or nearly, before)."""
+    d = procs.up(2)
+    assert d.eval_function(operator.neg, (1,)).result(60) == -1
+    before = d._io.last_seq
+    jobs = [d.eval_function(operator.neg, (i,)) for i in range(2000)]
+    assert [j.result(120) for j in jobs] == [-i for i in range(2000)]
+    events = d._io.last_seq - before
+    assert events <= len(jobs) / 2, events
 
 
 def test_acknowledgements_ride_on_the_next_run_or_leave_after_a_delay(tmp_path: Path) -> None:

@@ -166,10 +166,12 @@ class FakeBroker:
     def send(self, msg: Message) -> None:
         self.sock.send_multipart([self.rid, *encode(msg)])
 
-    def register(self, cancel: Sequence[str] = ()) -> Message:
-        """Wait for REGISTER and answer it; returns the REGISTER."""
+    def register(self, cancel: Sequence[str] = (), prefetch: int = 16) -> Message:
+        """Wait for REGISTER and answer it as a broker whose prefetch lets the monitor
+        keep queued what it is sent (``prefetch`` jobs); returns the REGISTER."""
         reg = self.expect(M.REGISTER)
-        self.send(make(M.REGISTERED, heartbeat=0.2, liveness=50, cancel=list(cancel)))
+        self.send(make(M.REGISTERED, heartbeat=0.2, liveness=50, cancel=list(cancel),
+                       prefetch=prefetch))
         return reg
 
     def run(self, codes: list[str], ids: list[str] | None = None, attempt: int = 1,
@@ -285,6 +287,26 @@ def test_the_monitor_keeps_and_lists_every_job_it_holds(
     done = fake.results([b, c], ack=True)
     assert done[b]["status"] == done[c]["status"] == "completed"
     assert _runs(runs) == Counter("abc")
+
+
+def test_jobs_queued_beyond_the_prefetch_go_back_once_they_have_waited(
+        procs: Procs, fake: FakeBroker, tmp_path: Path) -> None:
+    """A one-slot monitor of a broker with a prefetch of one (told at REGISTERED; one
+    that does not say means one) is sent four jobs while its slot is busy. It keeps
+    one queued and gives the other two back, counting no failure, once they have
+    waited GIVE_BACK_AFTER; the one kept runs after the first."""
+    procs.worker(1, **PATIENT)
+    reg = fake.expect(M.REGISTER)
+    fake.send(Message(M.REGISTERED, {"heartbeat": 0.2, "liveness": 50, "cancel": []}, []))
+    assert reg.header["slots"] == 1
+    gate, runs = tmp_path / "gate", tmp_path / "runs"
+    a, b, c, d = fake.run([_recorded(runs, "a", gate), _recorded(runs, "b"),
+                           _recorded(runs, "c"), _recorded(runs, "d")])
+    released = fake.expect(M.RELEASE)
+    assert released.header["ids"] == [c, d] and not released.header["count_failure"]
+    gate.touch()
+    assert set(fake.results([a, b], ack=True)) == {a, b}
+    assert _runs(runs) == Counter("ab")
 
 
 # --- jobs that cross the monitor's STOPPING

@@ -59,7 +59,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "pid": st.integers(-2**31, 2**31), "slots": pos_int, "busy": nonneg, "tags": tags,
     "ids": ids, "acked": ids, "missing": ids, "code": short, "message": text, "client": short,
     "version": short, "epoch": short, "heartbeat": positive, "max_message_size": pos_int,
-    "monitor": short, "running": ids, "liveness": pos_int, "cancel": ids, "reason": short,
+    "monitor": short, "running": ids, "liveness": pos_int, "cancel": ids, "prefetch": nonneg, "reason": short,
     "seq": nonneg, "count_failure": st.booleans(), "more": st.booleans(),
     "staged": st.booleans(), "next": nonneg, "gone": st.booleans(), "quiet": finite,
     "uptime": finite, "queued": nonneg, "processing": nonneg, "count": nonneg, "after": nonneg,
