@@ -48,8 +48,8 @@ from .job import JobWrapper
 from .protocol import (
     BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, EVENTS, FINAL,
     MAX_BATCH, MAX_HEADER, MAX_INT, MAX_LIST, MAX_PRIORITY, MAX_RETRIES, MAX_TAGS, MAX_TEXT,
-    Kind, M, Message, ProtocolError, Status, batches, decode, encode, exception_name, make,
-    shared_batches, text_problem,
+    Kind, M, Message, ProtocolError, Status, batches, decode, encode, exception_name,
+    is_job_id, make, new_job_id, shared_batches, text_problem,
 )
 from .protocol import batch_bytes
 from .sage import SAGE_TAG
@@ -83,7 +83,6 @@ _HASH_BYTES = 67
 _SPEC_BUDGET = MAX_HEADER - _HEADER_SLACK
 #: JSON bytes of one job id in a list of ids (quotes and comma)
 _ID_BYTES = 35
-_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 log = logging.getLogger("dsage.client")
@@ -95,7 +94,7 @@ REFUSED_GRACE = 3.0
 
 def check_job_id(job_id: Any) -> str:
     """``job_id`` if it is a job id (32 lowercase hex digits), else ValueError."""
-    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+    if not is_job_id(job_id):
         raise ValueError(f"{job_id!r} is not a job id (32 hex digits)")
     return job_id
 
@@ -1292,7 +1291,7 @@ class DSage:
         if kind == Kind.SAGE and SAGE_TAG not in tags:
             # only a worker with Sage takes it; on others it waits, saying why
             tags = _check_tags([*tags, SAGE_TAG])
-        return {"id": os.urandom(16).hex(), "name": _check_name(name), "kind": kind,
+        return {"id": new_job_id(), "name": _check_name(name), "kind": kind,
                 "timeout": _check_timeout(timeout), "priority": _check_priority(priority),
                 "memory": parse_memory(memory), "anonymous_ok": bool(anonymous_ok),
                 "requires": tags, "isolate": bool(isolate),

@@ -11,7 +11,6 @@ chunks complete, also while it waits for an earlier one.
 from __future__ import annotations
 
 import itertools
-import os
 import pickle
 import time
 from collections import deque
@@ -24,7 +23,7 @@ from .errors import DSageError, ItemError, JobError, RemoteTraceback
 from .functions import dump_function, dump_items
 from .job import JobWrapper
 from .progress import JobProgress
-from .protocol import MAX_TEXT, Kind, Status
+from .protocol import MAX_TEXT, Kind, Status, new_job_id
 
 if TYPE_CHECKING:
     from .client import DSage
@@ -139,7 +138,7 @@ class MapRun:
                 self.with_function -= 1
             payload = pickle.dumps((run_chunk, (self.digest, function, c.items, self.star), {}),
                                    protocol=pickle.HIGHEST_PROTOCOL)
-            spec = dict(self.template, id=os.urandom(16).hex(),
+            spec = dict(self.template, id=new_job_id(),
                         name=f"{self.template['name']} [{c.start}:{c.start + c.count}]")
             if c.resends:  # ahead of the map's later chunks, whose turn it had come before
                 spec["priority"] = max(0, spec["priority"] - 1)

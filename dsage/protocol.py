@@ -21,6 +21,7 @@ short code; nothing here asserts on network input.
 from __future__ import annotations
 
 import enum
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -193,6 +194,17 @@ _JOB_ID_PATTERN = "^[0-9a-f]{32}$"
 _Z85_PATTERN = r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$"
 _HASH_PATTERN = "^[0-9a-f]{64}$"
 _JOB_ID = re.compile(_JOB_ID_PATTERN)
+
+
+def is_job_id(value: Any) -> bool:
+    """Whether ``value`` is a job id: 32 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 32 and _JOB_ID.match(value) is not None
+
+
+def new_job_id() -> str:
+    """A new job id: 128 random bits, made by the client, so a submit never waits for
+    the broker to name its job."""
+    return os.urandom(16).hex()
 
 
 def text_problem(v: str, limit: int) -> str | None:
@@ -746,7 +758,7 @@ def result_ids(frames: Sequence[bytes]) -> list[str]:
     if not isinstance(items, list):
         return []
     ids = [r.get("id") for r in items[:MAX_BATCH] if isinstance(r, dict)]
-    return [i for i in ids if isinstance(i, str) and _JOB_ID.match(i) and len(i) == 32]
+    return [i for i in ids if is_job_id(i)]
 
 
 def error(code: str, message: str, req: int | None = None) -> Message:
