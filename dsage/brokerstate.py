@@ -499,6 +499,11 @@ class BrokerState:
     def _register(self, now: float, rid: bytes, key: str, anonymous: bool,
                   h: dict[str, Any]) -> None:
         monitor_id = h["monitor"]
+        problem = version_problem(h["version"])
+        if problem is not None:
+            log.warning("refused monitor %s on %s: %s", monitor_id[:8], h["host"], problem)
+            self._send("monitor", rid, error("version", problem))
+            return
         old = self.by_id.get(monitor_id)
         if old is not None and old.key != key:
             log.warning("refused a monitor registering as %s with another key (%s)",
@@ -930,6 +935,17 @@ class BrokerState:
         due = [m.acks_since + ACK_DELAY - now for m in self.acking.values()
                if m.committed_acks]
         return max(0.0, min(due)) if due else 1.0
+
+
+def version_problem(theirs: str, ours: str = __version__) -> str | None:
+    """Why a monitor of dsage ``theirs`` cannot work for a broker of ``ours``, or None:
+    their major and minor versions must be the same (the messages and their fields
+    may change between minor versions until 1.0), a different patch version is fine."""
+    if theirs.split(".")[:2] == ours.split(".")[:2]:
+        return None
+    return (f"this broker runs dsage {ours} and the worker dsage {theirs}: their messages "
+            f"differ; install dsage {'.'.join(ours.split('.')[:2])}.x on the worker "
+            "(or the worker's version on the broker)")
 
 
 def prefetch(slots: int, run_time: float | None, least: int) -> int:

@@ -106,10 +106,9 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "dsage-worker") -
     _logging(a, "worker")
     try:
         server_key = keys_mod.parse_public_key(a.server_key) if a.server_key else None
-        run_monitor(from_args(MonitorOptions, a, server_key=server_key))
+        return run_monitor(from_args(MonitorOptions, a, server_key=server_key))
     except (keys_mod.KeyProblem, RunAsError) as e:
         return _fail(prog, str(e))
-    return 0
 
 
 def _ssh_workers(parser: argparse.ArgumentParser, a: argparse.Namespace, prog: str) -> int:

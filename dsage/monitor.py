@@ -179,6 +179,9 @@ class Monitor:
         self.registering = False
         #: the broker's refusal of this anonymous worker was logged
         self._busy_said = False
+        #: the broker refused this monitor for good (another dsage version): it exits
+        #: with status 2
+        self.refused = False
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
         self.last_live = 0.0
@@ -392,7 +395,12 @@ class Monitor:
             if not h["ids"] and self.stopping:
                 self.stop_confirmed = True  # the answer to the empty RESULT after STOPPING
         elif msg.type is M.ERROR:
-            if h["code"] == "unregistered":
+            if h["code"] == "version":  # a broker of another dsage version: nothing to do
+                log.error("the broker refused this worker: %s; stopping", h["message"])
+                self.refused = True
+                self.request_stop()
+                self.request_stop()  # no grace: it runs nothing for this broker
+            elif h["code"] == "unregistered":
                 self.registered = False
                 if not self.registering:  # an answer to what we sent before registering
                     self._register()
@@ -1241,6 +1249,9 @@ def error_summary(error: str) -> str:
     return error
 
 
-def run_monitor(options: MonitorOptions) -> None:
-    """Run a monitor in this process until it is stopped."""
-    Monitor(options).run()
+def run_monitor(options: MonitorOptions) -> int:
+    """Run a monitor in this process until it is stopped; its exit status: 0, or 2 when
+    the broker refused it for good (another dsage version)."""
+    monitor = Monitor(options)
+    monitor.run()
+    return 2 if monitor.refused else 0

@@ -20,11 +20,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dsage import JobError, keys
+from dsage import JobError, __version__, keys
 from dsage.auth import make_client
 from dsage.brokerstate import (
     ACK_DELAY, ANNOUNCE_DELAY, MAX_PREFETCH, STALE_AFTER, BrokerConfig, BrokerState,
-    moving_average, prefetch,
+    moving_average, prefetch, version_problem,
 )
 from dsage.monitor import HOLD_TIME, holding
 from dsage.protocol import (
@@ -55,7 +55,7 @@ def _raw(type_: str, header: dict[str, Any], *blobs: bytes) -> list[bytes]:
 
 def _register(monitor_id: str, running: list[str] = (), host: str = "h") -> list[bytes]:
     return _raw("register", {"monitor": monitor_id, "host": host, "pid": 1, "slots": 1,
-                             "tags": [], "running": list(running), "version": "0"})
+                             "tags": [], "running": list(running), "version": __version__})
 
 
 def _registered(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int,
@@ -253,7 +253,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def register(self, mid: str, gpu: bool) -> None:
         held = self.state.sched.of_monitor(mid)
         self._monitor(mid, make(M.REGISTER, monitor=mid, host="h", pid=1, slots=2,
-                                tags=["gpu"] if gpu else [], running=held[:1], version="0"))
+                                tags=["gpu"] if gpu else [], running=held[:1], version=__version__))
 
     @rule(mid=st.sampled_from(["m1", "m2"]), data=st.data())
     def result(self, mid: str, data: st.DataObject) -> None:
@@ -470,7 +470,7 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
     n = 100
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=n, tags=[], running=[],
-                    version="0")
+                    version=__version__)
     state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
     state.flush(0.0)
     statements.clear()
@@ -495,6 +495,35 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     assert not [s for s in statements if "wal_checkpoint" in s]
     state.tick(1.5)
     assert [s for s in statements if "wal_checkpoint" in s]
+    store.close()
+
+
+def test_a_monitor_of_another_minor_version_is_refused_saying_why(tmp_path: Path) -> None:
+    """A monitor whose dsage differs in its major or minor version is refused at
+    REGISTER, with both versions named (its messages may differ, and once only some
+    of them failed to parse); another patch version registers."""
+    assert version_problem("0.1.7", "0.1.0") is None
+    problem = version_problem("0.2.0", "0.1.3")
+    assert problem is not None and "0.1.3" in problem and "0.2.0" in problem
+    assert version_problem("1.1.0", "0.1.0") is not None
+    assert version_problem("garbage", "0.1.0") is not None
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    major, minor, _ = __version__.split(".")
+    for version, accepted in ((f"{major}.{int(minor) + 1}.0", False),
+                              (f"{major}.{minor}.99", True)):
+        register = make(M.REGISTER, monitor=version, host="h", pid=1, slots=1, tags=[],
+                        running=[], version=version)
+        state.on_monitor(0.0, b"m" + version.encode(), "k" * 40, False,
+                         decode(encode(register), ALL))
+        [reply] = [o.msg for o in state.flush(0.0)]
+        if accepted:
+            assert reply.type is M.REGISTERED
+        else:
+            assert reply.type is M.ERROR and reply.header["code"] == "version"
+            assert version in reply.header["message"]
+            assert __version__ in reply.header["message"]
+    assert [m.monitor_id for m in state.monitors.values()] == [f"{major}.{minor}.99"]
     store.close()
 
 
@@ -527,7 +556,7 @@ def test_a_monitor_of_short_jobs_is_sent_many_at_a_time(tmp_path: Path) -> None:
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[],
-                    version="0")
+                    version=__version__)
     state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
     specs = [_spec(f"{i:032x}") for i in range(200)]
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 200, req=1, jobs=specs,
@@ -553,7 +582,7 @@ def test_a_monitor_whose_jobs_turn_long_is_sent_no_more_than_its_prefetch(
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version="0")
+                    version=__version__)
     state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
     [entry] = state.monitors.values()
     entry.run_time = 0.0001  # as after short jobs
@@ -612,7 +641,7 @@ def test_acknowledgements_ride_on_the_next_run_or_leave_after_a_delay(tmp_path: 
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
     state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
     ids = [f"{i:032x}" for i in range(3)]
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3, req=1, shared=[],
                                            jobs=[_spec(i) for i in ids]))
@@ -657,7 +686,7 @@ def test_a_running_job_is_announced_processing_after_a_delay_and_a_quick_one_onl
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
     state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[], version="0"))
+        M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[], version=__version__))
     slow, quick = "a" * 32, "b" * 32
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 2, req=1, shared=[],
                                            jobs=[_spec(slow), _spec(quick)]))
@@ -682,7 +711,7 @@ def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version="0")
+                    version=__version__)
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     jid = "f" * 32
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
@@ -730,7 +759,7 @@ def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: P
     store.db.set_trace_callback(lambda sql: order.append("commit") if sql == "COMMIT" else None)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version="0")
+                    version=__version__)
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     state.flush(0.0)
     order.clear()
@@ -747,7 +776,7 @@ def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) ->
     for rid, mid in ((b"m", "m"), (b"n", "n")):
         state.on_monitor(0.0, rid, "k" * 40, False, make(
             M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
-            version="0"))
+            version=__version__))
     jid = "d" * 32
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
     state.flush(0.0)
@@ -880,7 +909,7 @@ def test_anonymous_peers_have_a_message_rate_and_a_count() -> None:
         def register(rid: bytes, mid: str, anonymous: bool) -> Message:
             state.on_monitor(0.0, rid, mid * 40, anonymous, make(
                 M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
-                version="0"))
+                version=__version__))
             [reply] = [o.msg for o in state.flush(0.0) if o.to == rid]
             return reply
 
@@ -906,7 +935,7 @@ def test_a_retried_job_keeps_its_attempt_across_a_broker_restart(tmp_path: Path)
     spec = _spec("a" * 32, retries=1, retry_on=["KeyError"])
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[spec], shared=[]))
     state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
     runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert [r.header["jobs"][0]["attempt"] for r in runs] == [1]
     assert runs[0].header["jobs"][0]["retry_on"] == ["KeyError"]
@@ -926,7 +955,7 @@ def test_a_retried_job_keeps_its_attempt_across_a_broker_restart(tmp_path: Path)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     assert state.sched.jobs["a" * 32].attempt == 2
     state.on_monitor(0.0, b"m2", "k" * 40, False, make(
-        M.REGISTER, monitor="m2", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+        M.REGISTER, monitor="m2", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
     runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert [(r.header["jobs"][0]["attempt"], r.header["jobs"][0]["retry_on"])
             for r in runs] == [(2, [])]
@@ -992,7 +1021,7 @@ def test_shared_blobs_are_kept_once_and_sent_once_per_run(tmp_path: Path) -> Non
     store = Store(path)  # a restart: the blob is kept with the jobs
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=20, tags=[], running=[], version="0"))
+        M.REGISTER, monitor="m", host="h", pid=1, slots=20, tags=[], running=[], version=__version__))
     runs = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert sum(len(r.header["jobs"]) for r in runs) == 12
     assert [r.header["shared"] for r in runs] == [[digest]] * len(runs) and len(runs) == 1
@@ -1021,7 +1050,7 @@ def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
     store = Store(path)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version="0")
+                    version=__version__)
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("f" * 32)],
                                            shared=[]))
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
@@ -1049,7 +1078,7 @@ def test_a_monitor_gets_a_shared_blob_once_until_it_says_it_dropped_it(tmp_path:
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3 + [data], req=1, shared=[digest],
                                            jobs=[_spec(i, shared=[digest]) for i in ids]))
     state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version="0"))
+        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
 
     def run() -> Message:
         [msg] = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]

@@ -259,6 +259,19 @@ def test_results_finished_during_a_broker_stall_are_not_run_again(
 # --- what the monitor holds (the broker may send more jobs than free slots)
 
 
+def test_a_monitor_refused_for_its_version_says_so_and_exits(
+        procs: Procs, fake: FakeBroker) -> None:
+    """A broker of another dsage version refuses the monitor at REGISTER: the monitor
+    logs the broker's reason and exits with status 2, rather than registering again
+    every second."""
+    worker = procs.worker(1, **PATIENT)
+    fake.expect(M.REGISTER)
+    fake.send(make(M.ERROR, code="version", req=None,
+                   message="this broker runs dsage 9.9.0 and the worker dsage 0.1.0"))
+    assert worker.proc.wait(30) == 2
+    assert "this broker runs dsage 9.9.0" in worker.log.read_text()
+
+
 def test_the_monitor_keeps_and_lists_every_job_it_holds(
         procs: Procs, fake: FakeBroker, tmp_path: Path) -> None:
     """A one-slot monitor is sent four jobs at once. When it registers again, it

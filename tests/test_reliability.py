@@ -494,7 +494,7 @@ class _World:
 
     def register(self, rid: bytes, monitor_id: str, running: list[str] = ()) -> list[Message]:
         return self.monitor(rid, make(M.REGISTER, monitor=monitor_id, host="h", pid=1, slots=1,
-                                      tags=[], running=list(running), version="0"))
+                                      tags=[], running=list(running), version=dsage.__version__))
 
     def result(self, rid: bytes, job_id: str, value: bytes) -> list[Message]:
         item = {"id": job_id, "status": "completed", "error": None, "encoding": "data",

@@ -532,7 +532,7 @@ def test_live_output_only_from_the_jobs_own_monitor(tmp_path: Path) -> None:
     for mid in ("m1", "m2"):
         state.on_monitor(0.0, mid.encode(), "k" * 40, False,
                          make(M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[],
-                              running=[], version="0"))
+                              running=[], version=dsage.__version__))
     owner = "o" * 40
     spec = {"id": "a" * 32, "name": None, "kind": "python", "timeout": None, "priority": 5,
             "memory": None, "anonymous_ok": False, "requires": [], "isolate": False,
