@@ -58,9 +58,10 @@ MAX_PREFETCH = 64
 SLOT_TURNAROUND = 0.0002
 #: the weight of each new run time in a monitor's average
 RUN_TIME_WEIGHT = 0.1
-#: Seconds after which a monitor's oldest job out shows that its jobs are no longer
-#: short, whatever its average says: it is sent the configured prefetch only (and
-#: gives back what waits there beyond that: the monitor's GIVE_BACK_AFTER).
+#: Seconds without a result from a monitor with jobs out after which its jobs are no
+#: longer taken for short, whatever its average says: it is sent the configured
+#: prefetch only (and gives back what waits there beyond that: the monitor's
+#: GIVE_BACK_AFTER).
 STALE_AFTER = 0.05
 
 
@@ -125,6 +126,8 @@ class MonitorEntry:
     #: the average run time of its jobs (a moving average, in seconds; None before the
     #: first result)
     run_time: float | None = None
+    #: when (broker time) it last sent results, or was sent jobs with none out
+    progress: float = 0.0
 
     def __post_init__(self) -> None:
         self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous)
@@ -233,15 +236,13 @@ class BrokerState:
     def _takers(self) -> list[Taker]:
         return [m.taker for m in self.monitors.values() if m.reachable and not m.stopping]
 
-    def _credit(self, m: MonitorEntry) -> int:
+    def _credit(self, m: MonitorEntry, now: float) -> int:
         if m.stopping or not m.reachable:
             return 0
         out = self.sched.assigned.get(m.monitor_id, ())
         run_time = m.run_time
-        if out and run_time is not None:
-            jobs, now = self.sched.jobs, time.time()
-            if any(now - (jobs[j].started or now) > STALE_AFTER for j in out if j in jobs):
-                run_time = None  # a job runs longer than the average says: trust it no more
+        if out and now - m.progress > STALE_AFTER:
+            run_time = None  # its jobs run longer than the average says: trust it no more
         return max(0, m.slots + prefetch(m.slots, run_time, self.config.prefetch) - len(out))
 
     def _cancel_on(self, monitor_id: str | None, job_id: str, reason: str) -> None:
@@ -481,6 +482,7 @@ class BrokerState:
                 "unregistered", "this monitor is not registered (or was lost): register again"))
             return
         if msg.type is M.RESULT:
+            entry.progress = now
             self._results(entry, msg)
         elif msg.type is M.PUT:
             self._put(entry, msg.header, msg.blobs[0])
@@ -801,12 +803,15 @@ class BrokerState:
         for m in monitors[self.rotation:] + monitors[:self.rotation]:
             if not self.sched.queued:
                 break
-            credit = self._credit(m)
+            credit = self._credit(m, now)
             if credit <= 0:
                 continue
+            idle = m.monitor_id not in self.sched.assigned
             jobs = self.sched.take(m.taker, credit)
             if not jobs:
                 continue
+            if idle:
+                m.progress = now
             wall = time.time()
             worker = m.ref()
             self.store.start([j.id for j in jobs], worker, wall)

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -576,9 +575,9 @@ def test_a_monitor_of_short_jobs_is_sent_many_at_a_time(tmp_path: Path) -> None:
 
 def test_a_monitor_whose_jobs_turn_long_is_sent_no_more_than_its_prefetch(
         tmp_path: Path) -> None:
-    """Short results let a monitor's credit grow; once one of its jobs has been out
-    longer than STALE_AFTER, it is back to its slots and the configured prefetch,
-    whatever its average says."""
+    """Short results let a monitor's credit grow; once it has had jobs out for
+    STALE_AFTER without sending a result, it is back to its slots and the configured
+    prefetch, whatever its average says."""
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
     register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
@@ -590,12 +589,11 @@ def test_a_monitor_whose_jobs_turn_long_is_sent_no_more_than_its_prefetch(
                                            jobs=[_spec(f"{i:032x}") for i in range(100)]))
     [run] = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert len(run.header["jobs"]) > 2
-    for jid in state.sched.of_monitor("m"):
-        state.sched.jobs[jid].started = time.time() - STALE_AFTER - 1  # out for long
+    later = STALE_AFTER * 2  # and no result since
     release = make(M.RELEASE, ids=[j["id"] for j in run.header["jobs"][2:]],
                    reason="given back", count_failure=False, missing_blobs=[])
-    state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(release), ALL))
-    assert not [o for o in state.flush(0.0) if o.msg.type is M.RUN]  # 1 slot + 1 prefetched
+    state.on_monitor(later, b"m", "k" * 40, False, decode(encode(release), ALL))
+    assert not [o for o in state.flush(later) if o.msg.type is M.RUN]  # 1 slot, 1 prefetched
     assert len(state.sched.of_monitor("m")) == 2
     store.close()
 
