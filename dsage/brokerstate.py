@@ -156,7 +156,7 @@ class BrokerState:
         self.started = now
         self.last_prune = 0.0
         self.rotation = 0
-        self.idle_since = None
+        self.idle_since: float | None = None
         #: dispatched jobs whose "processing" record is not announced yet, and when it
         #: is due (in dispatch order, so due times only grow)
         self.starting: dict[str, float] = {}
@@ -765,7 +765,7 @@ class BrokerState:
                         self._requeue(self.sched.jobs[jid], False, "its monitor did not come "
                                       "back after a broker restart", monitor_id)
         if self.sched.jobs:
-            self.idle_since: float | None = None
+            self.idle_since = None
         elif self.idle_since is None:
             self.idle_since = now
         elif now - self.idle_since >= IDLE_TRUNCATE and self.store.changed_since_truncate():

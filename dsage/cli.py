@@ -200,7 +200,8 @@ def _protect_keys(args: list[str]) -> list[str]:
         rest = args[i + 1:]
         if "--" not in rest and any(keys_mod.looks_like_key(r) and r.startswith("-")
                                     for r in rest):
-            options, positionals = [], []
+            options: list[str] = []
+            positionals: list[str] = []
             j = 0
             while j < len(rest):
                 if rest[j] == "--role" and j + 1 < len(rest):

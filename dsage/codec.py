@@ -104,7 +104,7 @@ def _make_pickler() -> Any:
         make, args = reduce_code(code)
         return make, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
 
-    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    class Pickler(cloudpickle.Pickler):
         dispatch_table = ChainMap({types.CodeType: code_keeping_filename},
                                   cloudpickle.Pickler.dispatch_table)
 

@@ -45,7 +45,7 @@ class DSageExecutor(Executor):
         self._prune_at = 1024
         self._maps: weakref.WeakSet[MapRun] = weakref.WeakSet()
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any,  # type: ignore[override]
+    def submit(self, fn: Callable[..., Any], /, *args: Any,
                **kwargs: Any) -> JobWrapper:  # (until JobWrapper is a Future)
         """Run ``fn(*args, **kwargs)`` on a worker; its JobWrapper is the future."""
         with self._lock:

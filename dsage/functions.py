@@ -129,7 +129,7 @@ def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or type(func).__name__
 
 
-class _NamingUnpickler(dill.Unpickler):  # type: ignore[misc]
+class _NamingUnpickler(dill.Unpickler):
     """dill's unpickler, remembering the last global it looked up, to name it."""
 
     looking_up: str | None = None

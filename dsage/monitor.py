@@ -550,8 +550,11 @@ class Monitor:
             os.path.join(g, name), self.options.slot_memory if g == self.memory_group else None))
         memory_group = next((g for g in groups if g.startswith(self.memory_group + "/")), "") \
             if self.memory_group else ""
-        proc = None if template else self._fork(child, capture, groups)
-        if proc is None:
+        adopted = None if template else self._fork(child, capture, groups)
+        proc: subprocess.Popen[bytes] | contain.Adopted
+        if adopted is not None:
+            proc = adopted
+        else:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _SLOT_MAIN, str(child.fileno()),
                  TEMPLATE if template else str(capture), str(self.tmpdir),

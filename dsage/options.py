@@ -178,10 +178,10 @@ class MonitorOptions:
 
 def _parser_type(f: dataclasses.Field[Any], hint: Any) -> Callable[[str], Any]:
     if f.metadata.get("parse"):
-        return f.metadata["parse"]  # type: ignore[no-any-return]
+        return f.metadata["parse"]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if isinstance(hint, types.UnionType) and args else hint
-    return base if base in (int, float, str, Path) else str  # type: ignore[no-any-return]
+    return base if base in (int, float, str, Path) else str
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:

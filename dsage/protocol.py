@@ -26,8 +26,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import (
-    TYPE_CHECKING, Annotated, Any, Literal, NotRequired, TypeAlias, TypedDict, get_args,
-    get_type_hints,
+    TYPE_CHECKING, Annotated, Any, Literal, NotRequired, TypeAlias, TypedDict, TypeGuard,
+    get_args, get_type_hints,
 )
 
 import msgspec
@@ -196,7 +196,7 @@ _HASH_PATTERN = "^[0-9a-f]{64}$"
 _JOB_ID = re.compile(_JOB_ID_PATTERN)
 
 
-def is_job_id(value: Any) -> bool:
+def is_job_id(value: Any) -> TypeGuard[str]:
     """Whether ``value`` is a job id: 32 lowercase hex digits."""
     return isinstance(value, str) and len(value) == 32 and _JOB_ID.match(value) is not None
 

@@ -122,7 +122,7 @@ def preparse(code: str) -> str:
     _require()
     from sage.repl.preparse import preparse_file
 
-    return preparse_file(code)  # type: ignore[no-any-return]
+    return preparse_file(code)  # type: ignore[no-any-return,unused-ignore]
 
 
 def sage_namespace() -> dict[str, Any]:

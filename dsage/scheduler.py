@@ -295,6 +295,7 @@ def waiting_reason(job: Job, takers: list[Taker]) -> str | None:
     if not job.anonymous_ok and all(t.anonymous for t in takers):
         return "only anonymous workers are connected, and the job is not anonymous_ok"
     offered = [t for t in takers if job.anonymous_ok or not t.anonymous]
-    missing = sorted(min((job.requires - t.tags for t in offered), key=len))
+    fewest = min((job.requires - t.tags for t in offered), key=len)
+    missing = sorted(fewest)
     return f"no connected worker offers the tag{'s' if len(missing) > 1 else ''} " \
            f"{', '.join(missing)} that the job requires"

@@ -693,7 +693,7 @@ class _ImportWatch:
             if spec is not None:
                 if type(spec) is importlib.machinery.ModuleSpec:
                     spec.__class__ = _NotedSpec
-                    spec.watch = self.watch
+                    setattr(spec, "watch", self.watch)  # (now a _NotedSpec)
                 return spec
         return None
 

@@ -62,7 +62,7 @@ def stop_broker(home: Path, port: int | None = None, monitors: bool = False,
     return broker
 
 
-def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stop", help="stop this home's broker on this machine (with "
                        "--monitors, every monitor connected to it too)")
     p.add_argument("--port", type=int, default=None,

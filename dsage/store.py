@@ -472,7 +472,8 @@ class Store:
         """Delete ``owner``'s final jobs (that finished before ``before``, if given) and
         their chunks; returns how many."""
         finals = ",".join(f"'{s.value}'" for s in FINAL)
-        q, args = f"DELETE FROM jobs WHERE owner=? AND status IN ({finals})", [owner]
+        q = f"DELETE FROM jobs WHERE owner=? AND status IN ({finals})"
+        args: list[str | float] = [owner]
         if before is not None:
             q += " AND finished<?"
             args.append(before)

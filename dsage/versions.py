@@ -93,7 +93,7 @@ def _works() -> bool:
         classes.add(base)
         tag_class(cls)
         before = classes.read()
-        base.x = 1  # a base class changed: the subclass's tag goes too
+        setattr(base, "x", 1)  # a base class changed: the subclass's tag goes too
         cleared = classes.read()
         tag_class(cls)
         if 0 in before or cleared != [0, 0] or classes[0] in (0, before[0]):
