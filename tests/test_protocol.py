@@ -168,8 +168,9 @@ def malformed(draw: st.DrawFn, allowed: frozenset[M] = ALL,
         frames[2] = b'{"req": NaN}'
         return frames, "header"
     if how == "missing_key":
-        assume(header)
-        del header[draw(st.sampled_from(sorted(header)))]
+        required = sorted(k for k in header if k in SCHEMAS[msg.type].header.__required_keys__)
+        assume(required)
+        del header[draw(st.sampled_from(required))]
         frames[2] = json.dumps(header).encode()
         return frames, "header"
     if how == "bad_value":
