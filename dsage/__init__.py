@@ -15,7 +15,8 @@ from .cluster import (  # noqa: E402
     Cluster, ManagedProcess, RemoteProcess, StartError, server, start_all, start_workers, worker,
 )
 from .errors import (  # noqa: E402
-    BrokerUnreachable, DSageError, ItemError, JobCancelled, JobError, KeyRejected,
+    BrokerUnreachable, DSageError, IncompatibleVersion, ItemError, JobCancelled, JobError,
+    KeyRejected,
     RemoteTraceback, SubmitRejected, UnknownJob, UntrustedResultError,
 )
 from .distributed import DistributedFunction, Job  # noqa: E402
@@ -28,7 +29,8 @@ from . import display as _display  # noqa: E402
 _display.install()
 
 __all__ = [
-    "BrokerUnreachable", "Cluster", "DSage", "DSageError", "DistributedFunction", "ItemError",
+    "BrokerUnreachable", "Cluster", "DSage", "DSageError", "DistributedFunction",
+    "IncompatibleVersion", "ItemError",
     "Job", "JobCancelled", "JobError", "JobProgress", "JobWrapper", "KeyRejected", "ManagedProcess",
     "MonitorInfo", "RemoteProcess", "RemoteTraceback", "SlurmJob", "StartError",
     "SubmitRejected", "UnknownJob", "UntrustedResultError", "WorkerInfo", "progress", "server",

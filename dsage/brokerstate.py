@@ -26,7 +26,7 @@ from typing import Any, Literal
 from . import __version__
 from .protocol import (
     CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, M, Message, Status, batches, clip, error,
-    make, shared_batches,
+    make, shared_batches, version_problem,
 )
 from .seal import OVERHEAD as SEAL_OVERHEAD
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
@@ -258,6 +258,11 @@ class BrokerState:
             self._unauthorized_client(rid, msg)
             return
         if msg.type is M.HELLO:
+            problem = version_problem(h["version"], "client")
+            if problem is not None:
+                log.warning("refused client %s: %s", key[:8], problem)
+                self._send("client", rid, error("version", problem, req=h["req"]))
+                return
             self._send("client", rid, make(
                 M.WELCOME, req=h["req"], version=__version__, key=key, epoch=self.config.epoch,
                 heartbeat=self.config.heartbeat, max_message_size=self.config.max_message_size))
@@ -501,7 +506,7 @@ class BrokerState:
     def _register(self, now: float, rid: bytes, key: str, anonymous: bool,
                   h: dict[str, Any]) -> None:
         monitor_id = h["monitor"]
-        problem = version_problem(h["version"])
+        problem = version_problem(h["version"], "worker")
         if problem is not None:
             log.warning("refused monitor %s on %s: %s", monitor_id[:8], h["host"], problem)
             self._send("monitor", rid, error("version", problem))
@@ -940,17 +945,6 @@ class BrokerState:
         due = [m.acks_since + ACK_DELAY - now for m in self.acking.values()
                if m.committed_acks]
         return max(0.0, min(due)) if due else 1.0
-
-
-def version_problem(theirs: str, ours: str = __version__) -> str | None:
-    """Why a monitor of dsage ``theirs`` cannot work for a broker of ``ours``, or None:
-    their major and minor versions must be the same (the messages and their fields
-    may change between minor versions until 1.0), a different patch version is fine."""
-    if theirs.split(".")[:2] == ours.split(".")[:2]:
-        return None
-    return (f"this broker runs dsage {ours} and the worker dsage {theirs}: their messages "
-            f"differ; install dsage {'.'.join(ours.split('.')[:2])}.x on the worker "
-            "(or the worker's version on the broker)")
 
 
 def prefetch(slots: int, run_time: float | None, least: int) -> int:

@@ -43,7 +43,9 @@ from . import __version__, attach, display
 from . import keys as keys_mod
 from .auth import make_client
 from .functions import dump_call
-from .errors import BrokerUnreachable, DSageError, KeyRejected, SubmitRejected, UnknownJob
+from .errors import (
+    BrokerUnreachable, DSageError, IncompatibleVersion, KeyRejected, SubmitRejected, UnknownJob,
+)
 from .job import JobWrapper
 from .protocol import (
     BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, EVENTS, FINAL,
@@ -356,6 +358,8 @@ class _Conn:
         #: handshakes that failed other than by a key refusal (a wrong server key)
         self.handshake_failures = 0
         self.rejected: str | None = None
+        #: the broker's refusal of this client's dsage version
+        self.incompatible: str | None = None
         #: what the peer at the address said it is, when it is not a broker's client port
         self.wrong_port: str | None = None
         #: when the first connection attempt was refused (nothing listens at the
@@ -792,9 +796,11 @@ class _IO(threading.Thread):
                                 version=__version__))
 
     def _fail_requests(self) -> None:
+        c = self.conn
         for fut, _ in self.requests.values():
             if not fut.done():
-                fut.set_exception(KeyRejected(self.conn.rejected))
+                fut.set_exception(IncompatibleVersion(c.incompatible) if c.incompatible
+                                  else KeyRejected(c.rejected))
         self.requests.clear()
 
     def _on_welcome(self, h: dict[str, Any]) -> None:
@@ -864,6 +870,10 @@ class _IO(threading.Thread):
         if msg.type is M.PONG:
             self._check_missed_events(h["seq"], h["epoch"])
             self._on_pong(time.monotonic())
+            return
+        if msg.type is M.ERROR and h["code"] == "version" and not self.conn.welcomed.is_set():
+            self.conn.incompatible = h["message"]  # the answer to HELLO
+            self._fail_requests()
             return
         if msg.type is M.ERROR and h["code"] == "wrong_port" and not self.conn.welcomed.is_set():
             self.conn.wrong_port = h["message"]
@@ -1159,6 +1169,8 @@ class DSage:
         start = time.monotonic()
         c = self._io.conn
         while not c.welcomed.wait(0.05):
+            if c.incompatible:
+                raise IncompatibleVersion(c.incompatible)
             if c.rejected:
                 raise KeyRejected(c.rejected)
             waited = time.monotonic() - start
@@ -1173,6 +1185,8 @@ class DSage:
 
     def _unreachable(self, waited: float) -> DSageError:
         c = self._io.conn
+        if c.incompatible:
+            return IncompatibleVersion(c.incompatible)
         if c.rejected:
             return KeyRejected(c.rejected)
         where = f"{self.server}:{self.port}"

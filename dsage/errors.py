@@ -26,6 +26,10 @@ class KeyRejected(DSageError, PermissionError):
     """The broker refused this client's key."""
 
 
+class IncompatibleVersion(DSageError):
+    """The broker runs a dsage of another major or minor version: their messages differ."""
+
+
 class UnknownJob(DSageError, KeyError):
     """The broker knows no job with this id for this client's key: it never did,
     it pruned the job (past ``--retention-days``), or its store was replaced.

@@ -201,6 +201,22 @@ def is_job_id(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and len(value) == 32 and _JOB_ID.match(value) is not None
 
 
+def version_problem(theirs: str, who: str, ours: str | None = None) -> str | None:
+    """Why a peer (``who``: "client" or "worker") of dsage ``theirs`` cannot work with
+    a broker of ``ours`` (this package's version), or None: their major and minor
+    versions must be the same, as the messages and their fields may change between
+    minor versions until 1.0; a different patch version is fine."""
+    if ours is None:
+        from . import __version__
+
+        ours = __version__
+    if theirs.split(".")[:2] == ours.split(".")[:2]:
+        return None
+    return (f"this broker runs dsage {ours} and the {who} dsage {theirs}: their messages "
+            f"differ; install dsage {'.'.join(ours.split('.')[:2])}.x on the {who} "
+            f"(or the {who}'s version on the broker)")
+
+
 def new_job_id() -> str:
     """A new job id: 128 random bits, made by the client, so a submit never waits for
     the broker to name its job."""

@@ -23,9 +23,10 @@ from dsage import JobError, __version__, keys
 from dsage.auth import make_client
 from dsage.brokerstate import (
     ACK_DELAY, ANNOUNCE_DELAY, MAX_PREFETCH, STALE_AFTER, BrokerConfig, BrokerState,
-    moving_average, prefetch, version_problem,
+    moving_average, prefetch,
 )
 from dsage.monitor import HOLD_TIME, holding
+from dsage.protocol import version_problem
 from dsage.protocol import (
     CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
     make,
@@ -501,11 +502,11 @@ def test_a_monitor_of_another_minor_version_is_refused_saying_why(tmp_path: Path
     """A monitor whose dsage differs in its major or minor version is refused at
     REGISTER, with both versions named (its messages may differ, and once only some
     of them failed to parse); another patch version registers."""
-    assert version_problem("0.1.7", "0.1.0") is None
-    problem = version_problem("0.2.0", "0.1.3")
+    assert version_problem("0.1.7", "worker", "0.1.0") is None
+    problem = version_problem("0.2.0", "worker", "0.1.3")
     assert problem is not None and "0.1.3" in problem and "0.2.0" in problem
-    assert version_problem("1.1.0", "0.1.0") is not None
-    assert version_problem("garbage", "0.1.0") is not None
+    assert version_problem("1.1.0", "worker", "0.1.0") is not None
+    assert version_problem("garbage", "worker", "0.1.0") is not None
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     major, minor, _ = __version__.split(".")

@@ -522,6 +522,25 @@ def test_a_forked_child_gets_a_clear_error_and_leaves_the_parent_alone(
     assert D("2").result(60) == 2
 
 
+def test_a_client_of_another_minor_version_is_refused_saying_why(
+        procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client whose dsage differs from the broker's in its major or minor version is
+    refused at HELLO: connecting raises IncompatibleVersion naming both versions, at
+    once. Before, such a client connected and then waited forever on messages it
+    could not read."""
+    procs.broker()
+    import dsage.client
+
+    monkeypatch.setattr(dsage.client, "__version__", "99.1.0")
+    start = time.monotonic()
+    with pytest.raises(dsage.IncompatibleVersion, match="99.1.0") as e:
+        procs.client()
+    assert dsage.__version__ in str(e.value) and "client" in str(e.value)
+    assert time.monotonic() - start < 20  # said, not timed out (the wait is 30 s)
+    monkeypatch.undo()
+    assert procs.client().status().version == dsage.__version__  # the same one is welcome
+
+
 # --- 4. errors in their own module; 5. the reason a job waits
 
 
@@ -529,7 +548,7 @@ def test_errors_have_their_own_module_and_job_does_not_import_client() -> None:
     from dsage import errors
 
     for name in ("DSageError", "BrokerUnreachable", "KeyRejected", "UnknownJob",
-                 "SubmitRejected", "JobError", "UntrustedResultError"):
+                 "SubmitRejected", "JobError", "UntrustedResultError", "IncompatibleVersion"):
         assert getattr(dsage, name) is getattr(errors, name)
     from dsage.client import SubmitRejected, UnknownJob  # the old import path still works
 
