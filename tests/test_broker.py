@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -26,10 +27,9 @@ from dsage.brokerstate import (
     moving_average, prefetch,
 )
 from dsage.monitor import HOLD_TIME, holding
-from dsage.protocol import version_problem
 from dsage.protocol import (
     CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
-    make,
+    make, version_problem,
 )
 from dsage.scheduler import Job, Scheduler, Taker, Where
 from dsage.store import Store, StoreLocked
@@ -56,6 +56,13 @@ def _raw(type_: str, header: dict[str, Any], *blobs: bytes) -> list[bytes]:
 def _register(monitor_id: str, running: list[str] = (), host: str = "h") -> list[bytes]:
     return _raw("register", {"monitor": monitor_id, "host": host, "pid": 1, "slots": 1,
                              "tags": [], "running": list(running), "version": __version__})
+
+
+def _register_msg(monitor: str, slots: int = 1, tags: Sequence[str] = (),
+                  running: Sequence[str] = (), version: str = __version__) -> Message:
+    """A monitor's REGISTER, as the broker's state takes it."""
+    return make(M.REGISTER, monitor=monitor, host="h", pid=1, slots=slots, tags=list(tags),
+                running=list(running), version=version)
 
 
 def _registered(ctx: zmq.Context[zmq.Socket[bytes]], home: Path, port: int,
@@ -252,8 +259,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(mid=st.sampled_from(["m1", "m2"]), gpu=st.booleans())
     def register(self, mid: str, gpu: bool) -> None:
         held = self.state.sched.of_monitor(mid)
-        self._monitor(mid, make(M.REGISTER, monitor=mid, host="h", pid=1, slots=2,
-                                tags=["gpu"] if gpu else [], running=held[:1], version=__version__))
+        self._monitor(mid, _register_msg(mid, slots=2, tags=["gpu"] if gpu else [],
+                                         running=held[:1]))
 
     @rule(mid=st.sampled_from(["m1", "m2"]), data=st.data())
     def result(self, mid: str, data: st.DataObject) -> None:
@@ -469,8 +476,7 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     store.db.set_trace_callback(statements.append)
     state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
     n = 100
-    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=n, tags=[], running=[],
-                    version=__version__)
+    register = _register_msg("m", slots=n)
     state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
     state.flush(0.0)
     statements.clear()
@@ -512,8 +518,7 @@ def test_a_monitor_of_another_minor_version_is_refused_saying_why(tmp_path: Path
     major, minor, _ = __version__.split(".")
     for version, accepted in ((f"{major}.{int(minor) + 1}.0", False),
                               (f"{major}.{minor}.99", True)):
-        register = make(M.REGISTER, monitor=version, host="h", pid=1, slots=1, tags=[],
-                        running=[], version=version)
+        register = _register_msg(version, version=version)
         state.on_monitor(0.0, b"m" + version.encode(), "k" * 40, False,
                          decode(encode(register), ALL))
         [reply] = [o.msg for o in state.flush(0.0)]
@@ -555,8 +560,7 @@ def test_a_monitor_of_short_jobs_is_sent_many_at_a_time(tmp_path: Path) -> None:
     RUN carries many jobs, not one per free slot."""
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
-    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[],
-                    version=__version__)
+    register = _register_msg("m", slots=2)
     state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
     specs = [_spec(f"{i:032x}") for i in range(200)]
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 200, req=1, jobs=specs,
@@ -581,8 +585,7 @@ def test_a_monitor_whose_jobs_turn_long_is_sent_no_more_than_its_prefetch(
     prefetch, whatever its average says."""
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=1), 0.0, lambda k: True)
-    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version=__version__)
+    register = _register_msg("m")
     state.on_monitor(0.0, b"m", "k" * 40, False, decode(encode(register), ALL))
     [entry] = state.monitors.values()
     entry.run_time = 0.0001  # as after short jobs
@@ -639,8 +642,7 @@ def test_acknowledgements_ride_on_the_next_run_or_leave_after_a_delay(tmp_path: 
     (a stopping monitor's) is answered at once, after the acknowledgements."""
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
-    state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
+    state.on_monitor(0.0, b"m", "k" * 40, False, _register_msg("m"))
     ids = [f"{i:032x}" for i in range(3)]
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3, req=1, shared=[],
                                            jobs=[_spec(i) for i in ids]))
@@ -684,8 +686,7 @@ def test_a_running_job_is_announced_processing_after_a_delay_and_a_quick_one_onl
         tmp_path: Path) -> None:
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(prefetch=0), 0.0, lambda k: True)
-    state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=2, tags=[], running=[], version=__version__))
+    state.on_monitor(0.0, b"m", "k" * 40, False, _register_msg("m", slots=2))
     slow, quick = "a" * 32, "b" * 32
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 2, req=1, shared=[],
                                            jobs=[_spec(slow), _spec(quick)]))
@@ -709,8 +710,7 @@ def test_a_running_job_is_announced_processing_after_a_delay_and_a_quick_one_onl
 def test_large_results_are_announced_by_reference_and_fetched_in_chunks(tmp_path: Path) -> None:
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
-    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version=__version__)
+    register = _register_msg("m")
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     jid = "f" * 32
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
@@ -757,8 +757,7 @@ def test_jobs_leave_for_monitors_before_the_commit_and_acks_after_it(tmp_path: P
     order: list[str] = []
     store.db.set_trace_callback(lambda sql: order.append("commit") if sql == "COMMIT" else None)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
-    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version=__version__)
+    register = _register_msg("m")
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     state.flush(0.0)
     order.clear()
@@ -773,9 +772,7 @@ def test_uploaded_chunks_make_the_result_and_are_fetched_back(tmp_path: Path) ->
     store = Store(tmp_path / "dsage.db")
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     for rid, mid in ((b"m", "m"), (b"n", "n")):
-        state.on_monitor(0.0, rid, "k" * 40, False, make(
-            M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
-            version=__version__))
+        state.on_monitor(0.0, rid, "k" * 40, False, _register_msg(mid))
     jid = "d" * 32
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)], shared=[]))
     state.flush(0.0)
@@ -906,9 +903,7 @@ def test_anonymous_peers_have_a_message_rate_and_a_count() -> None:
                             lambda k: True)
 
         def register(rid: bytes, mid: str, anonymous: bool) -> Message:
-            state.on_monitor(0.0, rid, mid * 40, anonymous, make(
-                M.REGISTER, monitor=mid, host="h", pid=1, slots=1, tags=[], running=[],
-                version=__version__))
+            state.on_monitor(0.0, rid, mid * 40, anonymous, _register_msg(mid))
             [reply] = [o.msg for o in state.flush(0.0) if o.to == rid]
             return reply
 
@@ -933,8 +928,7 @@ def test_a_retried_job_keeps_its_attempt_across_a_broker_restart(tmp_path: Path)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     spec = _spec("a" * 32, retries=1, retry_on=["KeyError"])
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[spec], shared=[]))
-    state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
+    state.on_monitor(0.0, b"m", "k" * 40, False, _register_msg("m"))
     runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert [r.header["jobs"][0]["attempt"] for r in runs] == [1]
     assert runs[0].header["jobs"][0]["retry_on"] == ["KeyError"]
@@ -953,8 +947,7 @@ def test_a_retried_job_keeps_its_attempt_across_a_broker_restart(tmp_path: Path)
     store = Store(path)  # a restart
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
     assert state.sched.jobs["a" * 32].attempt == 2
-    state.on_monitor(0.0, b"m2", "k" * 40, False, make(
-        M.REGISTER, monitor="m2", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
+    state.on_monitor(0.0, b"m2", "k" * 40, False, _register_msg("m2"))
     runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert [(r.header["jobs"][0]["attempt"], r.header["jobs"][0]["retry_on"])
             for r in runs] == [(2, [])]
@@ -1019,8 +1012,7 @@ def test_shared_blobs_are_kept_once_and_sent_once_per_run(tmp_path: Path) -> Non
 
     store = Store(path)  # a restart: the blob is kept with the jobs
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
-    state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=20, tags=[], running=[], version=__version__))
+    state.on_monitor(0.0, b"m", "k" * 40, False, _register_msg("m", slots=20))
     runs = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert sum(len(r.header["jobs"]) for r in runs) == 12
     assert [r.header["shared"] for r in runs] == [[digest]] * len(runs) and len(runs) == 1
@@ -1048,8 +1040,7 @@ def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
     path = tmp_path / "dsage.db"
     store = Store(path)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
-    register = make(M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[],
-                    version=__version__)
+    register = _register_msg("m")
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec("f" * 32)],
                                            shared=[]))
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
@@ -1076,8 +1067,7 @@ def test_a_monitor_gets_a_shared_blob_once_until_it_says_it_dropped_it(tmp_path:
     ids = [f"{i:032x}" for i in range(3)]
     state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"] * 3 + [data], req=1, shared=[digest],
                                            jobs=[_spec(i, shared=[digest]) for i in ids]))
-    state.on_monitor(0.0, b"m", "k" * 40, False, make(
-        M.REGISTER, monitor="m", host="h", pid=1, slots=1, tags=[], running=[], version=__version__))
+    state.on_monitor(0.0, b"m", "k" * 40, False, _register_msg("m"))
 
     def run() -> Message:
         [msg] = [decode(encode(o.msg), ALL) for o in state.flush(0.0) if o.msg.type is M.RUN]

@@ -166,12 +166,13 @@ class FakeBroker:
     def send(self, msg: Message) -> None:
         self.sock.send_multipart([self.rid, *encode(msg)])
 
-    def register(self, cancel: Sequence[str] = (), prefetch: int = 16) -> Message:
+    def register(self, cancel: Sequence[str] = (), prefetch: int | None = 16) -> Message:
         """Wait for REGISTER and answer it as a broker whose prefetch lets the monitor
-        keep queued what it is sent (``prefetch`` jobs); returns the REGISTER."""
+        keep queued what it is sent (``prefetch`` jobs; None: a broker that does not
+        say); returns the REGISTER."""
         reg = self.expect(M.REGISTER)
-        self.send(make(M.REGISTERED, heartbeat=0.2, liveness=50, cancel=list(cancel),
-                       prefetch=prefetch))
+        told = {} if prefetch is None else {"prefetch": prefetch}
+        self.send(make(M.REGISTERED, heartbeat=0.2, liveness=50, cancel=list(cancel), **told))
         return reg
 
     def run(self, codes: list[str], ids: list[str] | None = None, attempt: int = 1,
@@ -309,8 +310,7 @@ def test_jobs_queued_beyond_the_prefetch_go_back_once_they_have_waited(
     one queued and gives the other two back, counting no failure, once they have
     waited GIVE_BACK_AFTER; the one kept runs after the first."""
     procs.worker(1, **PATIENT)
-    reg = fake.expect(M.REGISTER)
-    fake.send(Message(M.REGISTERED, {"heartbeat": 0.2, "liveness": 50, "cancel": []}, []))
+    reg = fake.register(prefetch=None)
     assert reg.header["slots"] == 1
     gate, runs = tmp_path / "gate", tmp_path / "runs"
     a, b, c, d = fake.run([_recorded(runs, "a", gate), _recorded(runs, "b"),

@@ -127,8 +127,9 @@ def test_status_lists_jobs_by_state_and_monitors(one_slot: dsage.DSage) -> None:
     wait_for(lambda: busy.status == "processing", 60, "the first job to run")
     # after the short first job, the monitor may have been sent all four; it keeps one
     # beyond its busy slot, and gives the others back once they have waited a while
-    st = wait_for(lambda: (lambda s: s if s.jobs["new"] == 2 else None)(d.status()), 60,
-                  "the jobs beyond the prefetch queued at the broker")
+    wait_for(lambda: d.status().jobs["new"] == 2, 60,
+             "the jobs beyond the prefetch queued at the broker")
+    st = d.status()
     assert st.jobs["completed"] == 1 and st.jobs["processing"] == 2
     assert st.slots == 1 and st.busy == 1 and st.uptime > 0 and st.version == dsage.__version__
     [w] = st.workers
@@ -383,6 +384,16 @@ def _rec(job_id: str, status: str) -> dict[str, Any]:
             "encoding": "none", "result_from": "none", "sealed": False, "reason": None}
 
 
+def _event(host: _RecordingHost, w: Any, status: str) -> None:
+    """Apply a record of ``status`` to ``w`` as the I/O thread does, and tell the
+    watchers."""
+    if w._update(_rec(w.job_id, status), [b"", b""]):
+        with host.changed:
+            w._settle()
+    for watcher in list(host.watchers):
+        watcher([w])
+
+
 def test_progress_counts_follow_recorded_events() -> None:
     import io
 
@@ -397,22 +408,15 @@ def test_progress_counts_follow_recorded_events() -> None:
     assert len(host.watchers) == 1
     assert (p.counts.total, p.counts.queued) == (4, 4)
 
-    def event(w: JobWrapper, status: str) -> None:  # as the I/O thread applies one
-        if w._update(_rec(w.job_id, status), [b"", b""]):
-            with host.changed:
-                w._settle()
-        for watcher in list(host.watchers):
-            watcher([w])
-
-    event(jobs[0], "processing")
-    event(jobs[1], "processing")
+    _event(host, jobs[0], "processing")
+    _event(host, jobs[1], "processing")
     assert (p.counts.running, p.counts.queued) == (2, 2)
-    event(jobs[0], "completed")
-    event(jobs[1], "failed")
-    event(jobs[2], "completed")
+    _event(host, jobs[0], "completed")
+    _event(host, jobs[1], "failed")
+    _event(host, jobs[2], "completed")
     assert "3/4 done, 1 failed, 0 running, 1 queued" in p.line()
     assert not p.wait(0)
-    event(jobs[3], "killed")  # over, but no failure (a DistributedFunction's leftovers)
+    _event(host, jobs[3], "killed")  # over, but no failure (a DistributedFunction's leftovers)
     assert p.wait(10)
     wait_for(lambda: not host.watchers, 10, "the view to end and stop watching")
     assert "4/4 done, 1 failed, 1 killed, 0 running, 0 queued" in out.getvalue()
@@ -434,19 +438,12 @@ def test_progress_prints_no_line_before_there_are_jobs_nor_at_every_batch_done()
     p = dsage.progress([], console=Console(file=out, width=200), interval=3600,
                        until_closed=True)
 
-    def event(w: JobWrapper, status: str) -> None:
-        if w._update(_rec(w.job_id, status), [b"", b""]):
-            with host.changed:
-                w._settle()
-        for watcher in list(host.watchers):
-            watcher([w])
-
     for batch in range(3):
         jobs = [JobWrapper(host, f"{batch}{i:031x}", None, "python")  # type: ignore[arg-type]
                 for i in range(2)]
         p.add(jobs)
         for w in jobs:
-            event(w, "completed")
+            _event(host, w, "completed")
         assert p.wait(10)
     p.close()
     assert out.getvalue().count("\n") == 1, out.getvalue()
