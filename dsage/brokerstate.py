@@ -258,7 +258,7 @@ class BrokerState:
             self._unauthorized_client(rid, msg)
             return
         if msg.type is M.HELLO:
-            problem = version_problem(h["version"], "client")
+            problem = version_problem(h["version"], "client", __version__)
             if problem is not None:
                 log.warning("refused client %s: %s", key[:8], problem)
                 self._send("client", rid, error("version", problem, req=h["req"]))
@@ -506,7 +506,7 @@ class BrokerState:
     def _register(self, now: float, rid: bytes, key: str, anonymous: bool,
                   h: dict[str, Any]) -> None:
         monitor_id = h["monitor"]
-        problem = version_problem(h["version"], "worker")
+        problem = version_problem(h["version"], "worker", __version__)
         if problem is not None:
             log.warning("refused monitor %s on %s: %s", monitor_id[:8], h["host"], problem)
             self._send("monitor", rid, error("version", problem))

@@ -369,6 +369,17 @@ class _Conn:
         #: the broker's largest accepted frame, from its welcome
         self.max_message_size: int | None = None
 
+    @property
+    def denied(self) -> bool:
+        """Whether the broker refused this client (its key, or its dsage version)."""
+        return bool(self.incompatible or self.rejected)
+
+    def refusal(self) -> DSageError:
+        """The error the broker's refusal of this client is."""
+        if self.incompatible:
+            return IncompatibleVersion(self.incompatible)
+        return KeyRejected(self.rejected)
+
 
 class _Host:
     """What a client's JobWrappers see of it (:class:`dsage.job.JobHost`)."""
@@ -796,11 +807,9 @@ class _IO(threading.Thread):
                                 version=__version__))
 
     def _fail_requests(self) -> None:
-        c = self.conn
         for fut, _ in self.requests.values():
             if not fut.done():
-                fut.set_exception(IncompatibleVersion(c.incompatible) if c.incompatible
-                                  else KeyRejected(c.rejected))
+                fut.set_exception(self.conn.refusal())
         self.requests.clear()
 
     def _on_welcome(self, h: dict[str, Any]) -> None:
@@ -1169,10 +1178,8 @@ class DSage:
         start = time.monotonic()
         c = self._io.conn
         while not c.welcomed.wait(0.05):
-            if c.incompatible:
-                raise IncompatibleVersion(c.incompatible)
-            if c.rejected:
-                raise KeyRejected(c.rejected)
+            if c.denied:
+                raise c.refusal()
             waited = time.monotonic() - start
             # Said at once: the port is another of the broker's, or a server drops
             # handshake after handshake (it cannot decrypt ours: the wrong server key
@@ -1185,10 +1192,8 @@ class DSage:
 
     def _unreachable(self, waited: float) -> DSageError:
         c = self._io.conn
-        if c.incompatible:
-            return IncompatibleVersion(c.incompatible)
-        if c.rejected:
-            return KeyRejected(c.rejected)
+        if c.denied:
+            return c.refusal()
         where = f"{self.server}:{self.port}"
         if c.wrong_port:
             return BrokerUnreachable(f"{where} is not a broker's client port: {c.wrong_port}")

@@ -60,7 +60,7 @@ REAP_WAIT = 1.0
 #: how often what running jobs print is sent on (seconds)
 LIVE_INTERVAL = 0.5
 #: the longest a finished job's result waits for others to go in one message with it,
-#: while jobs queued here keep the slots busy (seconds; see Monitor._holding)
+#: while jobs queued here keep the slots busy (seconds; see :func:`holding`)
 HOLD_TIME = 0.002
 #: Seconds after which a job queued here behind the next one to start goes back to
 #: the broker, while every slot is busy: the broker sent it on its estimate that the
@@ -203,7 +203,7 @@ class Monitor:
         #: finished jobs whose result the broker has not acknowledged: (item, result, output)
         self.unacked: dict[str, tuple[dict[str, Any], bytes, bytes]] = {}
         #: results to send at the end of this loop turn, or a little later (an ordered
-        #: set; see :meth:`_holding`), and when the first of them was queued
+        #: set; see :func:`holding`), and when the first of them was queued
         self.outgoing: dict[str, None] = {}
         self.held_since = 0.0
         #: large results being uploaded: job id -> (part, offset of the chunk in flight)
@@ -519,14 +519,11 @@ class Monitor:
             self.held_since = time.monotonic()
         self.outgoing[jid] = None
 
-    def _holding(self, now: float) -> bool:
-        return not self.stopping and holding(len(self.outgoing), len(self.pending),
-                                             self.held_since, now)
-
     def _flush_results(self, now: float) -> None:
         """Send the results held (when not registered, they go after REGISTERED), unless
-        they are :meth:`_holding` for more."""
-        if self.outgoing and not self._holding(now):
+        they are :func:`holding` for more (never while stopping)."""
+        if self.outgoing and (self.stopping or not holding(
+                len(self.outgoing), len(self.pending), self.held_since, now)):
             ids, self.outgoing = list(self.outgoing), {}
             if self.registered:
                 self._send_results(ids)

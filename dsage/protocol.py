@@ -201,15 +201,11 @@ def is_job_id(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and len(value) == 32 and _JOB_ID.match(value) is not None
 
 
-def version_problem(theirs: str, who: str, ours: str | None = None) -> str | None:
+def version_problem(theirs: str, who: str, ours: str) -> str | None:
     """Why a peer (``who``: "client" or "worker") of dsage ``theirs`` cannot work with
-    a broker of ``ours`` (this package's version), or None: their major and minor
-    versions must be the same, as the messages and their fields may change between
-    minor versions until 1.0; a different patch version is fine."""
-    if ours is None:
-        from . import __version__
-
-        ours = __version__
+    a broker of ``ours``, or None: their major and minor versions must be the same, as
+    the messages and their fields may change between minor versions until 1.0; a
+    different patch version is fine."""
     if theirs.split(".")[:2] == ours.split(".")[:2]:
         return None
     return (f"this broker runs dsage {ours} and the {who} dsage {theirs}: their messages "
