@@ -87,11 +87,16 @@ FORK_WAIT = 5.0
 SPAWN_FAILURES = 3
 #: the longest pause between tries to start slots that keep failing
 MAX_BACKOFF = 30.0
-#: the header of a slot's first frame, and of its frame after each job
+#: the header of a slot's first frame, of its frame after each job, and of the one
+#: that asks for a fresh process after a job (see dsage.slot)
 _READY_KEYS = frozenset({"ready", "rss"})
 _FAILED_KEYS = frozenset({"failed"})
 _REPLY_KEYS = frozenset({"id", "status", "error", "encoding", "result_from", "started",
-                         "finished", "rss", "replace", "retry", "base_rss"})
+                         "finished", "rss", "retry", "base_rss"})
+_REPLACE_KEYS = frozenset({"replace", "id"})
+#: a job queued on a monitor: run spec, payload, the shared blobs it uses as (hash,
+#: content), when it came
+Queued = tuple[dict[str, Any], bytes, list[tuple[str, bytes]], float]
 
 
 @dataclass
@@ -111,6 +116,10 @@ class Slot:
     memory_group: str = ""
     ready: bool = False
     job: dict[str, Any] | None = None
+    #: the job as it was queued, to queue again if the slot never starts it
+    queued: Queued | None = None
+    #: the id of the last job the slot answered for
+    last_job: str = ""
     started: float = 0.0
     deadline: float | None = None
     #: why the monitor killed the slot while it ran a job ('killed', 'timeout', ...)
@@ -195,9 +204,7 @@ class Monitor:
         self.stop_deadline: float | None = None
         #: jobs received and not started yet, in order (the broker may send more
         #: jobs than there are free slots)
-        #: (run spec, payload, the shared blobs it uses as (hash, content), when it came)
-        self.pending: OrderedDict[
-            str, tuple[dict[str, Any], bytes, list[tuple[str, bytes]], float]] = OrderedDict()
+        self.pending: OrderedDict[str, Queued] = OrderedDict()
         #: jobs kept queued here when the others go back (the broker's ``--prefetch``)
         self.keep_queued = 1
         #: finished jobs whose result the broker has not acknowledged: (item, result, output)
@@ -689,7 +696,8 @@ class Monitor:
                 self._start_template()
             self._respawn(slot)
             return
-        _, (spec, payload, blobs, _) = self.pending.popitem(last=False)
+        _, slot.queued = self.pending.popitem(last=False)
+        spec, payload, blobs, _ = slot.queued
         slot.job, slot.started, slot.owner = spec, time.time(), spec["owner"]
         slot.live_offset = 0  # (the slot emptied its capture file before its last reply)
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
@@ -703,7 +711,7 @@ class Monitor:
     def _on_slot(self, slot: Slot) -> None:
         try:
             reply, result, output = recv_frame(slot.sock)
-            if reply.keys() not in (_READY_KEYS, _REPLY_KEYS, _FAILED_KEYS):
+            if reply.keys() not in (_READY_KEYS, _REPLY_KEYS, _FAILED_KEYS, _REPLACE_KEYS):
                 raise FrameError(f"a frame with the header keys {sorted(reply)[:10]}")
         except (EOFError, OSError) as e:
             if isinstance(e, FrameError):
@@ -718,29 +726,45 @@ class Monitor:
             self._slot_started()
             self._start_next(slot)
             return
+        if "replace" in reply:
+            self._replace(slot, str(reply["replace"])[:1000])
+            return
         job = slot.job
         if job is None or reply.get("id") != job["id"]:
             return
-        slot.job, slot.deadline = None, None
+        slot.job, slot.deadline, slot.queued = None, None, None
+        slot.last_job = job["id"]
         slot.jobs_done += 1
         if reply["base_rss"]:  # the slot loaded Sage: its growth counts from there
             slot.base_rss = reply["base_rss"]
-        recycle = (self._worn(slot, reply["rss"]) or bool(reply["replace"])
-                   or self.options.isolate or bool(job.get("isolate")))
+        recycle = (self._worn(slot, reply["rss"]) or self.options.isolate
+                   or bool(job.get("isolate")))
         if not recycle:
             self._start_next(slot)  # before anything else: the slot idles for no result
         self._finish(job, reply, result, output)
         if recycle:
             if self.options.isolate or job.get("isolate"):
                 self._start_template()  # every isolated job leaves its slot
-            elif reply["replace"]:
-                log.info("replacing slot %d: job %s %s", slot.index, job["id"],
-                         reply["replace"])
             else:
                 log.info("recycling slot %d after %d jobs (%d MB)", slot.index,
                          slot.jobs_done, reply["rss"] >> 20)
             self._respawn(slot)
             remove_folder(str(self.tmpdir / job["id"]))  # if the slot was killed before it could
+
+    def _replace(self, slot: Slot, why: str) -> None:
+        """The slot could not put itself back as it was after its last job: a fresh
+        process takes its place. A job sent to it since was never started, and is first
+        in line again."""
+        log.info("replacing slot %d: job %s %s", slot.index, slot.last_job, why)
+        if slot.job is not None and slot.queued is not None:
+            jid = slot.job["id"]
+            log.info("job %s, sent to slot %d since, goes to the fresh one", jid, slot.index)
+            self.pending[jid] = slot.queued
+            self.pending.move_to_end(jid, last=False)
+        slot.job, slot.deadline, slot.queued = None, None, None
+        self._respawn(slot)
+        if slot.last_job:
+            remove_folder(str(self.tmpdir / slot.last_job))  # if the slot could not
 
     def _worn(self, slot: Slot, rss: int) -> bool:
         """Whether a slot is due for a fresh process: it ran its quota of jobs, or its

@@ -16,7 +16,10 @@ Messages on the pair are frames of our own (:func:`send_frame`,
 :func:`recv_frame`): a JSON header and two raw blobs. In: the run spec, with
 the payload as the first blob. Out: ``{"ready": true, "rss": N}`` once, then
 per job its outcome fields, with the encoded result and the captured output
-as the blobs. The blobs are never pickled or copied on the way.
+as the blobs. The blobs are never pickled or copied on the way. The slot puts
+itself back as it was (:class:`Baseline`) after the reply, so that the result
+does not wait for it; when it cannot, it then sends ``{"replace": why, "id":
+job id}`` and runs nothing more (a job sent meanwhile was never started).
 """
 
 from __future__ import annotations
@@ -893,9 +896,24 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
         reply, result, output = run_job(spec, payload, capture, folders, blobs)
         reply["base_rss"] = base_rss
         capture.reset()  # before the reply: what the monitor reads next is the next job's
-        reply["replace"] = baseline.restore()
         send_frame(sock, reply, result, output)
-        folders.leave(os.path.join(tmpdir, spec["id"]))  # after the reply: off the job's path
+        # After the reply, off the job's path: the monitor may send the next job
+        # meanwhile, and it waits in the pipe until the slot is as good as new.
+        why = baseline.restore()
+        folders.leave(os.path.join(tmpdir, spec["id"]))
+        if why is not None:
+            send_frame(sock, {"replace": why, "id": spec["id"]})
+            return _await_end(sock)
+
+
+def _await_end(sock: socket.socket) -> int:
+    """After asking to be replaced: run nothing more (a job the monitor sent before it
+    read the request stays queued there) until the monitor closes the pipe."""
+    while True:
+        try:
+            recv_frame(sock)
+        except (EOFError, OSError):
+            return 0
 
 
 def load_sage(baseline: Baseline) -> bool:

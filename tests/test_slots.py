@@ -3,9 +3,11 @@ cannot start steps back, and what a job changes does not reach the next job."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -13,12 +15,14 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import dsage
 from dsage import contain, versions
-from dsage.slot import JobFolders, ModuleWatch, spare_folder
+from dsage.protocol import new_job_id
+from dsage.slot import JobFolders, ModuleWatch, recv_frame, send_frame, spare_folder
 
 from .conftest import Procs, done, skip_or_fail, wait_for
 
@@ -390,6 +394,64 @@ def test_a_job_does_not_change_the_next_one(one_slot: dsage.DSage, name: str) ->
         assert "LEAK" not in out, out
         if name != "thread":
             assert "visible" in out, out
+
+
+def test_a_slot_answers_before_it_puts_itself_back_and_then_asks_to_be_replaced(
+        tmp_path: Path) -> None:
+    """The result leaves before the slot restores itself; a slot that cannot then says
+    so in a frame of its own and starts nothing more, not even a job already sent."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsage.slot", str(theirs.fileno()), str(tmp_path / "cap"),
+         str(tmp_path / "work"), "0"], pass_fds=[theirs.fileno()], process_group=0)
+    theirs.close()
+    try:
+        ours.settimeout(60)
+        assert recv_frame(ours)[0]["ready"]
+        first, second = new_job_id(), new_job_id()
+        for jid, code in ((first, "import math; math.pi = 3; 1"), (second, "2")):
+            send_frame(ours, {"id": jid, "kind": "python", "attempt": 1}, code.encode())
+        reply = recv_frame(ours)[0]
+        assert (reply["id"], reply["status"], "replace" in reply) == (first, "completed", False)
+        assert recv_frame(ours)[0] == {"replace": "it changed math", "id": first}
+        ours.shutdown(socket.SHUT_WR)
+        assert proc.wait(60) == 0
+        assert recv_frame_or_end(ours) is None  # the second job never ran
+        assert not (tmp_path / "work" / second).exists()
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def recv_frame_or_end(sock: socket.socket) -> dict[str, Any] | None:
+    try:
+        return recv_frame(sock)[0]
+    except EOFError:
+        return None
+
+
+def test_a_job_sent_to_a_slot_that_asks_to_be_replaced_runs_in_a_fresh_one(
+        procs: Procs) -> None:
+    """The job queued behind one that changes its slot is handed to that slot while it
+    puts itself back (which here takes long: a garbage collection over many objects, as
+    the job left a file open); it is never started there, but given to the fresh slot
+    that replaces it, with no failure counted."""
+    procs.broker()
+    worker = procs.worker(1, grace=0.5)
+    one_slot = procs.client()
+    procs.wait_workers(one_slot, 1)
+    dirty = one_slot("import math, os; math.pi = 3; math.keep = [[] for _ in range(2 * 10**5)]; "
+                     "math.f = open(os.devnull); os.getpid()")
+    clean = one_slot("import math, os; (math.pi, os.getpid())")
+    assert done(dirty, 60).status == "completed", (dirty.status, dirty.error)
+    assert done(clean, 60).status == "completed", (clean.status, clean.error)
+    pi, pid = clean.result()
+    assert pi == math.pi and pid != dirty.result()
+    assert clean.failures == 0 and clean.attempt == 1
+    assert f"job {clean.job_id}, sent to slot 0 since, goes to the fresh one" \
+        in worker.log.read_text()
 
 
 def test_output_is_kept_when_a_job_closes_its_own_fds(one_slot: dsage.DSage) -> None:
