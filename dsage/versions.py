@@ -1,13 +1,15 @@
 """The version tags CPython keeps on dicts and classes, read in place.
 
 CPython (3.11 to 3.13, 64-bit) gives every dict a version that changes whenever an
-entry is added, removed or rebound to another object (``ma_version_tag``), and every
-class a tag that is cleared whenever one of its attributes, or a base class's, is
-set or deleted (``tp_version_tag``; it gets a new, never reused value on the next
-attribute lookup). Neither is reachable from Python, so they are read at their
-offsets in the C structures, many at once (:class:`Tags`). A slot compares them to
-tell, in a few microseconds, which module namespaces and classes a job may have
-changed (:class:`dsage.slot.ModuleWatch`), instead of comparing every name.
+entry is added, removed or rebound to another object (``ma_version_tag``, from a
+counter all dicts share, so a changed dict's tag is higher than any tag before), and
+every class a tag that is cleared whenever one of its attributes, or a base class's,
+is set or deleted (``tp_version_tag``; it gets a new value on the next attribute
+lookup, from a counter all classes share, so higher than any tag before). Neither is
+reachable from Python, so they are read at their offsets in the C structures, many
+at once (:class:`Tags`). A slot reads them to tell, in a few microseconds, which
+module namespaces and classes a job may have changed
+(:class:`dsage.slot.ModuleWatch`), instead of comparing every name.
 
 :data:`WORKS` says whether the layout and the behaviour were checked here at import
 (on objects made for the purpose); where not, callers compare contents instead.
@@ -56,13 +58,13 @@ class Tags:
         """The tag of the ``i``-th object added (0 for a class that has none now)."""
         return int(self.view[self.places[i]])
 
-    def read(self) -> list[int]:
+    def read(self) -> tuple[int, ...]:
         """Every tag, in the order the objects were added."""
         if self._get is None:
             places = self.places
             self._get = (operator.itemgetter(*places) if len(places) > 1
-                         else lambda view: [view[p] for p in places])
-        return list(self._get(self.view))
+                         else lambda view: tuple(view[p] for p in places))
+        return self._get(self.view)  # type: ignore[no-any-return]
 
 
 def tag_class(cls: type) -> None:
@@ -96,8 +98,8 @@ def _works() -> bool:
         setattr(base, "x", 1)  # a base class changed: the subclass's tag goes too
         cleared = classes.read()
         tag_class(cls)
-        if 0 in before or cleared != [0, 0] or classes[0] in (0, before[0]):
-            return False
+        if 0 in before or cleared != (0, 0) or classes[0] <= max(before):
+            return False  # (a class's new tag is higher than any before it)
         d: dict[str, int] = {"a": 1}
         if ctypes.c_ssize_t.from_address(id(d) + _USED * _WORD).value != 1:
             return False
@@ -112,7 +114,7 @@ def _works() -> bool:
         seen.append(dicts[0])
         d.clear()
         seen.append(dicts.read()[0])
-        return len(set(seen)) == len(seen)
+        return seen == sorted(set(seen))  # each change makes the tag higher
     except Exception:  # noqa: BLE001 - any surprise: compare contents instead
         return False
 

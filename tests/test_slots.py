@@ -580,6 +580,17 @@ def test_the_module_watch_reports_rebound_names_and_nothing_else(watched: types.
     assert watch.changed() == ["dsage_watched.Base"]
     watched.Base.f = watch.class_copies[watch.classes.index(watched.Base)]["f"]
     assert watch.changed() == []
+    # looked up since the change (through a subclass too): a new tag, not none
+    original, watched.Base.f = watched.Base.f, lambda self: 3
+    assert watched.Sub().f() == watched.Base().f() == 3
+    assert watch.changed() == ["dsage_watched.Base"]
+    watched.Base.f = original
+    assert watched.Sub().f() == 1
+    assert watch.changed() == []
+    del watched.value
+    assert watch.changed() == ["dsage_watched"]
+    watched.value = 1
+    assert watch.changed() == []
 
 
 def test_version_tags_are_read_on_the_pythons_that_keep_them() -> None:
