@@ -6,6 +6,7 @@ serving."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from dsage.protocol import (
     CLIENT_REQUESTS, MONITOR_REQUESTS, SCHEMAS, VERSION, FINAL, Encoding, ErrorItem, JobSpec, Kind,
     M, Message, MonitorInfo, ProtocolError, Record, ResultFrom, ResultSpec, RunSpec, Status,
-    WorkerInfo, decode, encode,
+    WorkerInfo, decode, encode, is_job_id, new_job_id,
 )
 
 from .conftest import Procs, done, raw_dealer as _dealer, wait_for
@@ -375,3 +376,23 @@ def test_batches_cover_every_item_once_within_limits(sizes: list[int], max_items
     for r in parts:
         assert 1 <= len(r) <= max_items
         assert len(r) == 1 or sum(sizes[i] for i in r) <= max_bytes
+
+
+def test_job_ids_are_unique_and_a_forked_child_never_gives_out_its_parents() -> None:
+    """Ids are read from the system many at a time; a child forked while some are
+    unread draws its own, not the ones its parent gives out next."""
+    first = new_job_id()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write its next ids, then leave at once
+        os.close(r)
+        os.write(w, "".join(new_job_id() for _ in range(600)).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    theirs = {text[i:i + 32] for i in range(0, len(text), 32)}
+    ours = {new_job_id() for _ in range(600)} | {first}
+    assert len(theirs) == 600 and len(ours) == 601 and not theirs & ours
+    assert all(is_job_id(i) for i in theirs | ours)
