@@ -314,8 +314,8 @@ class Store:
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (spec["id"], owner, spec["name"], spec["kind"], Status.NEW.value, spec["priority"],
              int(spec["anonymous_ok"]), spec["timeout"], spec["memory"],
-             json.dumps(spec["requires"]), now, payload, int(spec["isolate"]),
-             spec["retries"], json.dumps(spec["retry_on"]), json.dumps(spec["shared"])),
+             _json_list(spec["requires"]), now, payload, int(spec["isolate"]),
+             spec["retries"], _json_list(spec["retry_on"]), _json_list(spec["shared"])),
         )
         return cur.lastrowid if cur.rowcount == 1 else None
 
@@ -515,6 +515,11 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
                             (job_id, uploader, part, offset, data))
         return offset + len(data)
+
+
+def _json_list(items: list[str]) -> str:
+    """A list of strings as JSON (most jobs' are empty: no encoder call for those)."""
+    return json.dumps(items) if items else "[]"
 
 
 def _private_file(path: Path) -> None:
