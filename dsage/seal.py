@@ -30,9 +30,11 @@ holds for them too. An empty blob stays empty (there is nothing to hide).
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 
+from nacl.bindings import crypto_box_easy_afternm, crypto_box_open_easy_afternm
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from zmq.utils import z85
@@ -52,25 +54,42 @@ class SealError(ValueError):
     """A sealed blob could not be opened: malformed, tampered with, or for another key."""
 
 
+_NONCE = 24
+#: random nonces not used yet, read from the system many at a time
+_nonces: list[bytes] = []
+os.register_at_fork(after_in_child=_nonces.clear)  # a child never uses its parent's
+_NONCES_PER_READ = 256
+
+
+def _nonce() -> bytes:
+    """A fresh random nonce."""
+    try:
+        return _nonces.pop()
+    except IndexError:
+        raw = os.urandom(_NONCE * _NONCES_PER_READ)
+        _nonces.extend(raw[i:i + _NONCE] for i in range(0, len(raw), _NONCE))
+        return _nonces.pop()
+
+
 class _BoxCache:
-    """Precomputed ``Box`` objects of one own secret key, by peer public key
-    (z85 or raw, as ``to_raw`` says; decoding only happens on a miss)."""
+    """The precomputed shared keys of ``Box`` es of one own secret key, by peer public
+    key (z85 or raw, as ``to_raw`` says; decoding only happens on a miss)."""
 
     def __init__(self, secret: PrivateKey, to_raw: Callable[[bytes], bytes]) -> None:
         self.secret = secret
         self.to_raw = to_raw
-        self.boxes: OrderedDict[bytes, Box] = OrderedDict()
+        self.keys: OrderedDict[bytes, bytes] = OrderedDict()
 
-    def get(self, peer: bytes) -> Box:
-        box = self.boxes.get(peer)
-        if box is None:
-            box = Box(self.secret, PublicKey(self.to_raw(peer)))
-            self.boxes[peer] = box
-            if len(self.boxes) > CACHE_SIZE:
-                self.boxes.popitem(last=False)
+    def get(self, peer: bytes) -> bytes:
+        key = self.keys.get(peer)
+        if key is None:
+            key = Box(self.secret, PublicKey(self.to_raw(peer))).shared_key()
+            self.keys[peer] = key
+            if len(self.keys) > CACHE_SIZE:
+                self.keys.popitem(last=False)
         else:
-            self.boxes.move_to_end(peer)
-        return box
+            self.keys.move_to_end(peer)
+        return key
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
@@ -97,9 +116,10 @@ class Sealer:
         """Encrypt ``data`` to the owner's public key (z85), bound to ``bind``. Empty
         data is sealed too, so that a blob cannot be blanked unnoticed."""
         owner = owner_z85.encode() if isinstance(owner_z85, str) else owner_z85
-        box = self._cache.get(owner)
-        plain = len(bind).to_bytes(2, "big") + bind + data
-        return VERSION + self.public_raw + bytes(box.encrypt(plain))
+        nonce = _nonce()
+        plain = b"".join((len(bind).to_bytes(2, "big"), bind, data))
+        return b"".join((VERSION, self.public_raw, nonce,
+                         crypto_box_easy_afternm(plain, nonce, self._cache.get(owner))))
 
 
 class Opener:
@@ -111,15 +131,16 @@ class Opener:
     def open(self, data: bytes, bind: bytes, sender_z85: str | None = None) -> bytes:
         """Decrypt a sealed blob, checking its binding and (when given) its sender;
         raises :class:`SealError` if anything does not match."""
-        if len(data) < _HEADER + Box.NONCE_SIZE + 16 + 2 or data[:1] != VERSION:
+        if len(data) < _HEADER + _NONCE + 16 + 2 or data[:1] != VERSION:
             raise SealError("not a sealed dsage blob bound to its job (missing, an unknown "
                             "format, or too short)")
         sender = bytes(data[1:_HEADER])
         if sender_z85 is not None and sender != _raw_key(sender_z85):
             raise SealError("sealed by another key than the worker that ran the job")
-        box = self._cache.get(sender)
+        key = self._cache.get(sender)
         try:
-            plain = bytes(box.decrypt(bytes(data[_HEADER:])))
+            plain = crypto_box_open_easy_afternm(bytes(data[_HEADER + _NONCE:]),
+                                                 bytes(data[_HEADER:_HEADER + _NONCE]), key)
         except CryptoError:
             raise SealError("a sealed blob failed authentication: tampered with, or sealed "
                             "to another key") from None

@@ -205,6 +205,39 @@ def test_sealed_blobs_open_only_for_their_owner_job_and_worker() -> None:
         Opener(owner).open(b"", bind)
 
 
+def test_sealed_blobs_are_nacl_boxes_with_fresh_nonces_also_in_a_forked_child() -> None:
+    """A sealed blob is a NaCl Box's message (as results kept in a store from before
+    open); its nonce is never used twice, also by a child forked while nonces read
+    from the system were left unused."""
+    from nacl.public import Box, PrivateKey, PublicKey
+    from zmq.utils import z85
+
+    from dsage.seal import VERSION, Opener, Sealer, binding
+
+    monitor, owner = (keys.Keypair(*zmq.curve_keypair()) for _ in range(2))
+    bind = binding("a" * 32, owner.public.decode(), "completed", "dill", "expression", "result")
+    box = Box(PrivateKey(z85.decode(monitor.secret)), PublicKey(z85.decode(owner.public)))
+    made_by_box = VERSION + z85.decode(monitor.public) + bytes(
+        box.encrypt(len(bind).to_bytes(2, "big") + bind + b"data"))
+    assert Opener(owner).open(made_by_box, bind, monitor.public.decode()) == b"data"
+    sealer = Sealer(monitor)
+    nonce = slice(33, 57)
+    first = sealer.seal(owner.public, b"x", bind)[nonce]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write the nonces of its next blobs, then leave at once
+        os.close(r)
+        os.write(w, b"".join(sealer.seal(owner.public, b"x", bind)[nonce] for _ in range(300)))
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    theirs = {data[i:i + 24] for i in range(0, len(data), 24)}
+    ours = {sealer.seal(owner.public, b"x", bind)[nonce] for _ in range(300)} | {first}
+    assert len(theirs) == 300 and len(ours) == 301 and not theirs & ours
+
+
 def test_swapped_or_planted_results_in_the_store_are_refused(procs: Procs, home: Path) -> None:
     """With the broker stopped, swapping two jobs' sealed results in its database, or
     planting an unsealed pickle, once made the client return the wrong result or run
