@@ -649,7 +649,10 @@ class _IO(threading.Thread):
                     self._queue_job(jid, job)
             elif cmd[0] == "request":
                 type_, header, fut, wrap = cmd[1:]
-                if fut.set_running_or_notify_cancel():
+                if self.conn.denied or self.conn.wrong_port:
+                    if fut.set_running_or_notify_cancel():
+                        fut.set_exception(self.unreachable(0.0))  # no answer would come
+                elif fut.set_running_or_notify_cancel():
                     req = self._next_req()
                     self.requests[req] = (fut, wrap)
                     self._send(make(type_, req=req, **header))
@@ -807,9 +810,11 @@ class _IO(threading.Thread):
                                 version=__version__))
 
     def _fail_requests(self) -> None:
+        """The broker refused this client, or the port is not a client port: each
+        request waiting for an answer fails, saying which."""
         for fut, _ in self.requests.values():
             if not fut.done():
-                fut.set_exception(self.conn.refusal())
+                fut.set_exception(self.unreachable(0.0))
         self.requests.clear()
 
     def _on_welcome(self, h: dict[str, Any]) -> None:

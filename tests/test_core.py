@@ -236,6 +236,22 @@ def test_the_monitor_and_event_ports_are_named_to_a_client(procs: Procs) -> None
         dsage.DSage("127.0.0.1", procs.port + 2, connect_timeout=60)
 
 
+def test_requests_on_the_monitor_port_fail_naming_it(procs: Procs) -> None:
+    """A request made before the broker's answer to the greeting, or after it, fails
+    as the connection does: the port is named. The one made before once raised
+    KeyRejected with no message."""
+    procs.broker()
+    D = dsage.DSage("127.0.0.1", procs.port + 1, connect_timeout=0)
+    try:
+        for _ in range(2):  # the first is sent at once; the second after the answer
+            with pytest.raises(dsage.BrokerUnreachable,
+                               match=f"port {procs.port + 1} is this broker's port for "
+                                     f"monitors"):
+                D.status(timeout=60)
+    finally:
+        D.close()
+
+
 def test_no_keypair_says_run_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSAGE_HOME", str(tmp_path / "empty"))
     with pytest.raises(keys.NoKeypair, match="dsage setup"):
