@@ -55,7 +55,7 @@ from .protocol import (
 )
 from .protocol import batch_bytes
 from .sage import SAGE_TAG
-from .seal import Opener, binding
+from .seal import RESULT_ALONE, Opener, binding
 from .sockets import send_frames
 from .words import plural
 
@@ -416,6 +416,8 @@ class _Host:
         sender = rec["worker"]["key"] if rec["worker"] else None
         bound = (rec["id"], self._client.keys.public.decode(), rec["status"], rec["encoding"],
                  rec["result_from"])
+        if not output:  # the job printed nothing, as its result must say (see dsage.seal)
+            return opener.open(result, binding(*bound, RESULT_ALONE), sender), b""
         return (opener.open(result, binding(*bound, "result"), sender),
                 opener.open(output, binding(*bound, "output"), sender))
 

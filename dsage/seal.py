@@ -18,13 +18,18 @@ worker's the record names, so a result cannot be moved to another job, given
 another status or encoding, or claimed by another worker, even by someone who
 can edit the broker's store.
 
+A job's result is always sealed, even when empty. Its output is sealed when
+the job printed something (part ``output``, the result's part ``result``);
+when it printed nothing there is no output blob at all, and the result's part
+is :data:`RESULT_ALONE`, so an output cannot be blanked unnoticed either.
+
 Why not ``SealedBox``: it makes a fresh ephemeral keypair for every blob, so
 each job costs two X25519 scalar multiplications to seal and two to open
 (about 0.4 ms in all on a 2-core machine, as much as a whole round trip).
 A ``Box`` does the scalar multiplication once per (monitor, owner) pair; the
 precomputed shared key is cached, and each blob then costs a few
 microseconds. Anonymous monitors use a fresh keypair per process, so this
-holds for them too. An empty blob stays empty (there is nothing to hide).
+holds for them too.
 """
 
 from __future__ import annotations
@@ -97,6 +102,10 @@ def _raw_key(z85_key: str) -> bytes:
     """A z85 public key's bytes (decoding one in Python is ~10 us; a client checks
     the sender of every result it opens)."""
     return z85.decode(z85_key)
+
+
+#: the part a result is bound to when its job printed nothing (it has no output blob)
+RESULT_ALONE = "result alone"
 
 
 def binding(job_id: str, owner: str, status: str, encoding: str, result_from: str,

@@ -174,7 +174,7 @@ def test_database_holds_only_ciphertext_of_results_and_output(procs: Procs, home
 
 
 def test_sealed_blobs_open_only_for_their_owner_job_and_worker() -> None:
-    from dsage.seal import Opener, SealError, Sealer, binding
+    from dsage.seal import RESULT_ALONE, Opener, SealError, Sealer, binding
 
     monitor, owner, other = (keys.Keypair(*zmq.curve_keypair()) for _ in range(3))
     sealer = Sealer(monitor)
@@ -201,6 +201,11 @@ def test_sealed_blobs_open_only_for_their_owner_job_and_worker() -> None:
             Opener(owner).open(blob, binding(*changed, "result"))
     with pytest.raises(SealError, match="another job or another outcome"):
         Opener(owner).open(blob, binding(*bound, "output"))  # output swapped for result
+    with pytest.raises(SealError, match="another job or another outcome"):
+        Opener(owner).open(blob, binding(*bound, RESULT_ALONE))  # its output blanked
+    alone = sealer.seal(owner.public, b"result", binding(*bound, RESULT_ALONE))
+    with pytest.raises(SealError, match="another job or another outcome"):
+        Opener(owner).open(alone, bind)  # an output planted beside it
     with pytest.raises(SealError):
         Opener(owner).open(b"", bind)
 
@@ -241,12 +246,15 @@ def test_sealed_blobs_are_nacl_boxes_with_fresh_nonces_also_in_a_forked_child() 
 def test_swapped_or_planted_results_in_the_store_are_refused(procs: Procs, home: Path) -> None:
     """With the broker stopped, swapping two jobs' sealed results in its database, or
     planting an unsealed pickle, once made the client return the wrong result or run
-    the planted code."""
+    the planted code. Blanking a job's output is refused too: a job that printed
+    nothing keeps no output blob, and its result says so."""
     procs.broker()
     procs.worker(1)
     D = procs.client()
     one, two = done(D("'one'"), 60), done(D("'two'"), 60)
     planted = done(D("'three'"), 60)
+    printed = done(D("print('printed'); 'four'"), 60)
+    assert printed.result() == "four" and printed.output == "printed\n"
     for p in reversed(procs.started):
         p.stop(timeout=10)
     procs.started.clear()
@@ -257,11 +265,14 @@ def test_swapped_or_planted_results_in_the_store_are_refused(procs: Procs, home:
     db.execute("UPDATE jobs SET result=? WHERE id=?", (r1, two.job_id))
     db.execute("UPDATE jobs SET sealed=0, encoding='dill', result=? WHERE id=?",
                (pickle.dumps("planted"), planted.job_id))
+    assert db.execute("SELECT length(output) FROM jobs WHERE id=?",
+                      (one.job_id,)).fetchone()[0] in (0, None)  # nothing printed: no blob
+    db.execute("UPDATE jobs SET output=x'' WHERE id=?", (printed.job_id,))
     db.commit()
     db.close()
     procs.broker()
     D2 = procs.client()
-    for j in (one, two, planted):
+    for j in (one, two, planted, printed):
         again = done(D2.job(j.job_id), 30)
         assert again.status == "failed" and "unreadable result" in (again.error or "")
         with pytest.raises(dsage.JobError):
