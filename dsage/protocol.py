@@ -21,7 +21,6 @@ short code; nothing here asserts on network input.
 from __future__ import annotations
 
 import enum
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import (
 
 import msgspec
 from msgspec import Meta
+
+from .entropy import RandomPool
 
 VERSION = b"DSG1"
 #: Most items (jobs, results, records, ids) in one message; senders split larger
@@ -213,24 +214,14 @@ def version_problem(theirs: str, who: str, ours: str) -> str | None:
             f"(or the {who}'s version on the broker)")
 
 
-#: job ids drawn from the system's randomness, not yet given out
-_ids: list[str] = []
-os.register_at_fork(after_in_child=_ids.clear)  # a child never gives out its parent's
-#: how many ids one read of the system's randomness makes
-_IDS_PER_READ = 256
+#: the randomness job ids are made of
+_ids = RandomPool(16)
 
 
 def new_job_id() -> str:
     """A new job id: 128 random bits, made by the client, so a submit never waits for
-    the broker to name its job. They are read from the system many at a time: each
-    read lets go of the interpreter lock, which the client's I/O thread then holds
-    for a while."""
-    try:
-        return _ids.pop()
-    except IndexError:
-        raw = os.urandom(16 * _IDS_PER_READ).hex()
-        _ids.extend(raw[i:i + 32] for i in range(0, len(raw), 32))
-        return _ids.pop()
+    the broker to name its job."""
+    return _ids.take().hex()
 
 
 def text_problem(v: str, limit: int) -> str | None:

@@ -35,7 +35,6 @@ holds for them too.
 from __future__ import annotations
 
 import functools
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -44,6 +43,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from zmq.utils import z85
 
+from .entropy import RandomPool
 from .keys import Keypair
 
 VERSION = b"\x02"
@@ -60,20 +60,8 @@ class SealError(ValueError):
 
 
 _NONCE = 24
-#: random nonces not used yet, read from the system many at a time
-_nonces: list[bytes] = []
-os.register_at_fork(after_in_child=_nonces.clear)  # a child never uses its parent's
-_NONCES_PER_READ = 256
-
-
-def _nonce() -> bytes:
-    """A fresh random nonce."""
-    try:
-        return _nonces.pop()
-    except IndexError:
-        raw = os.urandom(_NONCE * _NONCES_PER_READ)
-        _nonces.extend(raw[i:i + _NONCE] for i in range(0, len(raw), _NONCE))
-        return _nonces.pop()
+#: where fresh random nonces come from
+_nonces = RandomPool(_NONCE)
 
 
 class _BoxCache:
@@ -125,7 +113,7 @@ class Sealer:
         """Encrypt ``data`` to the owner's public key (z85), bound to ``bind``. Empty
         data is sealed too, so that a blob cannot be blanked unnoticed."""
         owner = owner_z85.encode() if isinstance(owner_z85, str) else owner_z85
-        nonce = _nonce()
+        nonce = _nonces.take()
         plain = b"".join((len(bind).to_bytes(2, "big"), bind, data))
         return b"".join((VERSION, self.public_raw, nonce,
                          crypto_box_easy_afternm(plain, nonce, self._cache.get(owner))))
