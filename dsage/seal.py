@@ -65,8 +65,9 @@ _nonces = RandomPool(_NONCE)
 
 
 class _BoxCache:
-    """The precomputed shared keys of ``Box`` es of one own secret key, by peer public
-    key (z85 or raw, as ``to_raw`` says; decoding only happens on a miss)."""
+    """The shared keys of one own secret key with peers, precomputed as a ``Box``
+    does, by peer public key (z85 or raw, as ``to_raw`` says; decoding only happens
+    on a miss)."""
 
     def __init__(self, secret: PrivateKey, to_raw: Callable[[bytes], bytes]) -> None:
         self.secret = secret

@@ -538,10 +538,9 @@ class ModuleWatch:
     read and compared whole, in C (~40 us per job for the slot's own 200 modules and
     820 classes, mostly reading them from memory); only when they differ are they
     compared one by one, and a namespace whose stamp moved compared name by name with
-    its copy. A module is noted as soon as
-    its import completes (:meth:`install`), so that one a job imports and then
-    changes is caught too; modules that appear some other way are noted after the
-    job."""
+    its copy. A module is noted as soon as its import completes (:meth:`install`), so
+    that one a job imports and then changes is caught too; modules that appear some
+    other way are noted after the job."""
 
     #: modules whose names change as a matter of course
     SKIP = frozenset({"sys", "__main__", "__mp_main__", "builtins", "sage"})
