@@ -439,10 +439,10 @@ def test_a_job_sent_to_a_slot_that_asks_to_be_replaced_runs_in_a_fresh_one(
     the job left a file open); it is never started there, but given to the fresh slot
     that replaces it, with no failure counted."""
     procs.broker()
-    worker = procs.worker(1, grace=0.5)
+    worker = procs.worker(1, grace=0.5, memory_growth=100.0)  # (the job grows its slot)
     one_slot = procs.client()
     procs.wait_workers(one_slot, 1)
-    dirty = one_slot("import math, os; math.pi = 3; math.keep = [[] for _ in range(2 * 10**5)]; "
+    dirty = one_slot("import math, os; math.pi = 3; math.keep = [[] for _ in range(10**6)]; "
                      "math.f = open(os.devnull); os.getpid()")
     clean = one_slot("import math, os; (math.pi, os.getpid())")
     assert done(dirty, 60).status == "completed", (dirty.status, dirty.error)
