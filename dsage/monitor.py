@@ -753,14 +753,20 @@ class Monitor:
 
     def _replace(self, slot: Slot, why: str) -> None:
         """The slot could not put itself back as it was after its last job: a fresh
-        process takes its place. A job sent to it since was never started, and is first
-        in line again."""
+        process takes its place. A job sent to it since was never started: it is first
+        in line again (given back to the broker, if the monitor is stopping)."""
         log.info("replacing slot %d: job %s %s", slot.index, slot.last_job, why)
         if slot.job is not None and slot.queued is not None:
             jid = slot.job["id"]
-            log.info("job %s, sent to slot %d since, goes to the fresh one", jid, slot.index)
-            self.pending[jid] = slot.queued
-            self.pending.move_to_end(jid, last=False)
+            if self.stopping:  # (its queue was given back already)
+                log.info("job %s, sent to slot %d since, goes back to the broker", jid,
+                         slot.index)
+                self._release([jid], "released by a stopping monitor")
+            else:
+                log.info("job %s, sent to slot %d since, goes to the fresh one", jid,
+                         slot.index)
+                self.pending[jid] = slot.queued
+                self.pending.move_to_end(jid, last=False)
         slot.job, slot.deadline, slot.queued = None, None, None
         self._respawn(slot)
         if slot.last_job:

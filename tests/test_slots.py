@@ -454,6 +454,26 @@ def test_a_job_sent_to_a_slot_that_asks_to_be_replaced_runs_in_a_fresh_one(
         in worker.log.read_text()
 
 
+def test_a_job_sent_to_a_replaced_slot_of_a_stopping_monitor_goes_back(procs: Procs) -> None:
+    """As above, with the monitor told to stop while the slot puts itself back: the job
+    handed to it goes back to the broker (its other jobs went already), counting no
+    failure, and runs on the next monitor."""
+    procs.broker()
+    first = procs.worker(1, grace=0.5, memory_growth=100.0)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    dirty = d("import math, os; math.pi = 3; math.keep = [[] for _ in range(2 * 10**6)]; "
+              "math.f = open(os.devnull); 1")
+    clean = d("import math; math.pi")
+    assert done(dirty, 60).status == "completed", (dirty.status, dirty.error)
+    os.kill(first.pid, signal.SIGTERM)  # the slot is still collecting the garbage
+    first.proc.wait(60)
+    assert f"job {clean.job_id}, sent to slot 0 since, goes back to the broker" \
+        in first.log.read_text()
+    procs.worker(1)
+    assert clean.result(60) == math.pi and clean.failures == 0
+
+
 def test_output_is_kept_when_a_job_closes_its_own_fds(one_slot: dsage.DSage) -> None:
     j = done(one_slot("import os, sys; print('before', flush=True); os.close(1); os.close(2); "
                  "sys.stdout = None; 7"), 30)
