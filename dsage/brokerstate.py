@@ -42,9 +42,9 @@ IDLE_TRUNCATE = 1.0
 #: Seconds a monitor's stored results may wait for their acknowledgement to ride on
 #: the next RUN to it before a RESULT_ACK of their own leaves.
 ACK_DELAY = 0.05
-#: Seconds after its dispatch that a job's "processing" record is announced to its
-#: owner: a job done by then is announced once, final (one record, and one wake-up
-#: of the client, fewer per short job).
+#: Seconds after its dispatch that a job's "processing" record is stored and
+#: announced to its owner: a job done by then is stored and announced once, final
+#: (one statement, one record, and one wake-up of the client fewer per short job).
 ANNOUNCE_DELAY = 0.1
 #: Seconds of work a monitor running short jobs is sent beyond its free slots (as
 #: estimated from its jobs' run times), so that it runs them from its own queue while
@@ -552,7 +552,7 @@ class BrokerState:
                 adopted.append(job)
         if adopted:
             wall = time.time()
-            self.store.start([j.id for j in adopted], entry.ref(), wall)
+            self.store.start([(j.id, wall) for j in adopted], entry.ref())
             for job in adopted:
                 self.sched.adopt(job.id, monitor_id)
                 job.started = job.started or wall
@@ -818,8 +818,6 @@ class BrokerState:
             if idle:
                 m.progress = now
             wall = time.time()
-            worker = m.ref()
-            self.store.start([j.id for j in jobs], worker, wall)
             payloads = [j.payload if j.payload is not None else self.store.payload(j.id)
                         for j in jobs]
             blobs = self._shared_blobs(jobs, m.blobs)
@@ -871,8 +869,9 @@ class BrokerState:
         delivery guarantee: a RUN promises nothing to the client. If the broker dies
         before the commit, the job is either unacknowledged (its client sends it
         again) or still queued in the store (the monitor that got it lists it when
-        it registers again, and keeps it). Acknowledgements and final states still
-        leave only after the commit."""
+        it registers again, and keeps it); so is a job whose start is not stored yet
+        (see ANNOUNCE_DELAY). Acknowledgements and final states still leave only
+        after the commit."""
         try:
             self.dispatch(now)
             if send_early is not None:
@@ -880,12 +879,12 @@ class BrokerState:
                 if runs:
                     self.outbox = [o for o in self.outbox if o.msg.type is not M.RUN]
                     send_early(runs)
+            self._announce_started(now)
             self.store.commit()
         except sqlite3.Error as e:
             self.reload(now, str(e))
             return []
         self._acknowledge(now)
-        self._announce_started(now)
         out, self.outbox = self.outbox, []
         for owner, records in self.events.items():
             topic = owner.encode()
@@ -929,16 +928,21 @@ class BrokerState:
                 del self.acking[rid]
 
     def _announce_started(self, now: float) -> None:
-        """Announce the jobs dispatched ANNOUNCE_DELAY ago that are still running there."""
+        """Store and announce the start of the jobs dispatched ANNOUNCE_DELAY ago that
+        are still running there (before the commit; the records leave after it)."""
+        started: dict[str, list[tuple[str, float]]] = {}
         while self.starting:
             jid, due = next(iter(self.starting.items()))
             if due > now:
-                return
+                break
             del self.starting[jid]
             job = self.sched.jobs.get(jid)
             m = self.by_id.get(job.monitor) if job is not None and job.monitor else None
             if job is not None and job.where is Where.ASSIGNED and m is not None:
+                started.setdefault(m.monitor_id, []).append((jid, job.started or time.time()))
                 self._announce(job.owner, _open_record(job, None, m.ref()))
+        for monitor_id, jobs in started.items():
+            self.store.start(jobs, self.by_id[monitor_id].ref())
 
     def next_ack(self, now: float) -> float:
         """Seconds until a monitor's acknowledgements are due (see :meth:`_acknowledge`)."""

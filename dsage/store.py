@@ -360,11 +360,13 @@ class Store:
         row = self.db.execute("SELECT payload FROM jobs WHERE id=?", (job_id,)).fetchone()
         return b"" if row is None or row[0] is None else bytes(row[0])
 
-    def start(self, ids: Sequence[str], worker: WorkerRef, now: float) -> None:
+    def start(self, started: Sequence[tuple[str, float]], worker: WorkerRef) -> None:
+        """Jobs run on ``worker``, each since its time in ``started`` (job id, time)."""
         self.db.executemany(
             "UPDATE jobs SET status='processing', started=?, worker_id=?, worker_host=?,"
             " worker_key=?, worker_anonymous=? WHERE id=?",
-            [(now, worker.id, worker.host, worker.key, int(worker.anonymous), i) for i in ids],
+            [(t, worker.id, worker.host, worker.key, int(worker.anonymous), i)
+             for i, t in started],
         )
 
     # --- results and state changes

@@ -328,7 +328,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         attempts = dict(self.store.db.execute(
             "SELECT id, attempt FROM jobs WHERE status IN ('new', 'processing')").fetchall())
         for j in sched.jobs.values():
-            assert rows[j.id] == ("new" if j.where is Where.QUEUED else "processing")
+            # an assigned job's start is stored once it has run ANNOUNCE_DELAY
+            assert rows[j.id] == "new" if j.where is Where.QUEUED else (
+                rows[j.id] == "processing" or j.id in self.state.starting)
             # retries are counted apart from lost workers, kept, and bounded
             assert attempts[j.id] == j.attempt and 1 <= j.attempt <= j.retries + 1
             # each job in at most one place
@@ -469,8 +471,9 @@ def test_start_all_in_a_second_script_gets_a_cluster_of_its_own(home: Path) -> N
 
 def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     """100 jobs through submit, dispatch and results: the broker sends a handful of
-    messages for the whole batch and runs at most 3 SQL statements per job (insert,
-    start, finish) plus a constant number per loop turn."""
+    messages for the whole batch and runs at most 2 SQL statements per job (insert,
+    finish: a job done within ANNOUNCE_DELAY has no start stored) plus a constant
+    number per loop turn."""
     store = Store(tmp_path / "dsage.db")
     statements: list[str] = []
     store.db.set_trace_callback(statements.append)
@@ -494,7 +497,7 @@ def test_messages_and_sql_statements_per_job(tmp_path: Path) -> None:
     # one event: the jobs were done before their "processing" records were due
     assert kinds == ["ack", "event", "result_ack", "run"], kinds
     writes = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
-    assert len(writes) <= 3 * n, writes[:5]
+    assert len(writes) <= 2 * n, writes[:5]
     assert sum(s.startswith("COMMIT") for s in statements) <= 2
     state.tick(0.0)  # idle now, but only just: the WAL is not emptied after every job
     state.tick(0.5)
@@ -702,8 +705,13 @@ def test_a_running_job_is_announced_processing_after_a_delay_and_a_quick_one_onl
         "result_from": "expression", "sealed": False, "started": None, "finished": 1.0,
         "staged": False, "attempt": 1, "retry": False}]))
     assert events(0.05) == [(quick, "completed")]
+    assert store.db.execute("SELECT status FROM jobs WHERE id=?", (slow,)).fetchone() == ("new",)
     assert events(ANNOUNCE_DELAY * 1.01) == [(slow, "processing")]
     assert events(ANNOUNCE_DELAY * 3) == []  # once
+    # its start is stored with the record: the worker, and the time it was sent there
+    row = store.db.execute("SELECT status, worker_id, started FROM jobs WHERE id=?",
+                           (slow,)).fetchone()
+    assert row[:2] == ("processing", "m") and row[2] == state.sched.jobs[slow].started
     store.close()
 
 
@@ -1033,10 +1041,11 @@ def test_shared_blobs_are_kept_once_and_sent_once_per_run(tmp_path: Path) -> Non
 
 def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
         tmp_path: Path) -> None:
-    """The broker dispatched a job (committed as processing on monitor m) and died
-    before the RUN left. Restarted, it learns from m's registration that m does not
-    hold the job: the job goes back to the queue, counting no failure, and runs.
-    (It once stayed 'processing' on m for ever, as m was registered.)"""
+    """The broker dispatched a job (committed as processing on monitor m, as it would
+    be once it ran ANNOUNCE_DELAY) and died before the RUN left. Restarted, it learns
+    from m's registration that m does not hold the job: the job goes back to the
+    queue, counting no failure, and runs. (It once stayed 'processing' on m for ever,
+    as m was registered.)"""
     path = tmp_path / "dsage.db"
     store = Store(path)
     state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
@@ -1045,6 +1054,7 @@ def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
                                            shared=[]))
     state.on_monitor(0.0, b"m", "k" * 40, False, register)
     assert [o.msg.type for o in state.flush(0.0) if o.msg.type is M.RUN] == [M.RUN]
+    state.flush(ANNOUNCE_DELAY)
     store.close()  # the RUN is lost with the broker
 
     store = Store(path)
@@ -1054,6 +1064,33 @@ def test_a_run_lost_in_a_broker_crash_is_sent_again_when_its_monitor_registers(
     runs = [o.msg for o in state.flush(0.0) if o.msg.type is M.RUN]
     assert [r.header["jobs"][0]["id"] for r in runs] == ["f" * 32]
     assert state.sched.jobs["f" * 32].failures == 0
+    store.close()
+
+
+def test_a_job_whose_start_was_not_stored_is_kept_by_the_monitor_that_holds_it(
+        tmp_path: Path) -> None:
+    """The broker died within ANNOUNCE_DELAY of a dispatch, so the store has the job
+    queued. Restarted, the monitor that got the RUN lists it when it registers: it
+    keeps the job (no second RUN, no failure), and the start is stored then."""
+    path = tmp_path / "dsage.db"
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    jid = "e" * 32
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1"], req=1, jobs=[_spec(jid)],
+                                           shared=[]))
+    state.on_monitor(0.0, b"m", "k" * 40, False, _register_msg("m"))
+    assert [o.msg.type for o in state.flush(0.0) if o.msg.type is M.RUN] == [M.RUN]
+    store.close()
+
+    store = Store(path)
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    assert state.sched.jobs[jid].where is Where.QUEUED
+    state.on_monitor(0.0, b"m", "k" * 40, False, _register_msg("m", running=[jid]))
+    assert [o for o in state.flush(0.0) if o.msg.type is M.RUN] == []
+    job = state.sched.jobs[jid]
+    assert (job.where, job.monitor, job.failures) == (Where.ASSIGNED, "m", 0)
+    assert store.db.execute("SELECT status, worker_id FROM jobs WHERE id=?",
+                            (jid,)).fetchone() == ("processing", "m")
     store.close()
 
 

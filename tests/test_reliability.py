@@ -15,7 +15,7 @@ import pytest
 
 import dsage
 from dsage.cluster import ManagedProcess
-from dsage.brokerstate import ACK_DELAY, BrokerConfig, BrokerState
+from dsage.brokerstate import ACK_DELAY, ANNOUNCE_DELAY, BrokerConfig, BrokerState
 from dsage.protocol import MONITOR_REQUESTS, M, Message, Status, decode, encode, make
 from dsage.store import Outcome, Store
 
@@ -548,6 +548,9 @@ def test_late_result_is_accepted_while_the_job_is_open(tmp_path: Path) -> None:
     jid = _job_id(1)
     w.register(b"a", "mon-a")
     w.submit(jid)
+    assert w.record(jid)[0]["status"] == "new"  # its start is stored once due
+    w.now += ANNOUNCE_DELAY
+    w.flush()
     assert w.record(jid)[0]["worker"]["id"] == "mon-a"  # type: ignore[index]
     w.lose(b"a")
     assert w.record(jid)[0]["status"] == "new" and w.record(jid)[0]["failures"] == 1
