@@ -15,6 +15,7 @@ nothing is acknowledged that the store does not hold.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import sqlite3
@@ -30,7 +31,7 @@ from .protocol import (
 )
 from .seal import OVERHEAD as SEAL_OVERHEAD
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
-from .store import Outcome, Record, Store, WorkerRef
+from .store import Outcome, Record, Store, WorkerRef, by_ref, record
 from .words import plural
 
 log = logging.getLogger("dsage.broker")
@@ -412,12 +413,12 @@ class BrokerState:
             why = "cancelled by its owner before it ran" if queued_only else "killed by its owner"
             outcome = Outcome(Status.KILLED, why, "none", "none", False,
                               None, time.time(), b"", b"")
-            done = self.store.finish(jid, outcome)
+            m = self.by_id.get(job.monitor) if job.where is Where.ASSIGNED and job.monitor \
+                else None
+            self._finish(job, outcome, None if m is None else m.ref())
             if job.where is Where.ASSIGNED:
                 self._cancel_on(job.monitor, jid, "killed")
             self._forget(job)
-            if done:
-                self._announce(*done)
 
     def _forget(self, job: Job) -> None:
         self.sched.remove(job.id)
@@ -552,11 +553,11 @@ class BrokerState:
                 adopted.append(job)
         if adopted:
             wall = time.time()
-            self.store.start([(j.id, wall) for j in adopted], entry.ref())
             for job in adopted:
                 self.sched.adopt(job.id, monitor_id)
                 job.started = job.started or wall
                 self._announce(job.owner, _open_record(job, None, entry.ref()))
+            self.store.start([(j.id, j.started or wall) for j in adopted], entry.ref())
         log.info("monitor %s registered from %s (%s%s, %d held)", monitor_id, entry.host,
                  plural(entry.slots, "slot"), ", anonymous" if anonymous else "", len(adopted))
         self._send("monitor", rid, make(M.REGISTERED, heartbeat=self.config.heartbeat,
@@ -613,7 +614,7 @@ class BrokerState:
                               r["sealed"], r["started"], r["finished"],
                               msg.blobs[2 * i], msg.blobs[2 * i + 1], r["staged"])
             try:
-                done = self.store.finish(jid, outcome, entry.ref())
+                self._finish(job, outcome, entry.ref())
             except sqlite3.Error as e:
                 log.error("could not store the result of job %s: %s", jid, e)
                 continue  # not acknowledged: the monitor sends it again
@@ -621,8 +622,6 @@ class BrokerState:
             if job.where is Where.ASSIGNED and job.monitor != entry.monitor_id:
                 self._cancel_on(job.monitor, jid, "finished elsewhere")
             self._forget(job)
-            if done:
-                self._announce(*done)
         entry.acks.extend(acked)
         self.acking[entry.rid] = entry
         if not msg.header["results"]:
@@ -648,15 +647,29 @@ class BrokerState:
             outcome = Outcome(Status.FAILED, message, "none", "none", False, job.started,
                               time.time(), b"", b"")
             try:
-                done = self.store.finish(jid, outcome, entry.ref())
+                self._finish(job, outcome, entry.ref())
             except sqlite3.Error as e:
                 log.error("could not store the failure of job %s: %s", jid, e)
                 continue
             entry.acks.append((jid, job.attempt))
             self.acking[entry.rid] = entry
             self._forget(job)
-            if done:
-                self._announce(*done)
+
+    def _finish(self, job: Job, outcome: Outcome, worker: WorkerRef | None) -> None:
+        """Store an open job's final state, and announce its record (made from what the
+        broker holds, as the store would give it back). A job stopped before its own
+        start time was reported started when it left for its monitor."""
+        if outcome.started is None and job.started is not None:
+            outcome = dataclasses.replace(outcome, started=job.started)
+        if not self.store.finish(job.id, outcome, worker):
+            return
+        big = by_ref(outcome)
+        self._announce(job.owner, record(
+            job.id, job.name, job.kind, outcome.status.value, job.priority, job.created,
+            outcome.started, outcome.finished,
+            job.failures, job.attempt, outcome.error, worker, outcome.encoding,
+            outcome.result_from, outcome.sealed, b"" if big else outcome.result,
+            b"" if big else outcome.output, big))
 
     def _retry(self, job: Job) -> None:
         """The job's code raised an exception it may be re-run for: back to its queue,

@@ -173,16 +173,35 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Record]:
      result, output, owner, big) = row
     worker = None
     if worker_id is not None:
-        worker = {"id": worker_id, "host": worker_host, "key": worker_key,
-                  "anonymous": bool(worker_anon)}
+        worker = WorkerRef(worker_id, worker_host, worker_key, bool(worker_anon))
+    return owner, record(id_, name, kind, status, priority, created, started, finished,
+                         failures, attempt, error, worker, encoding, result_from, bool(sealed),
+                         result or b"", output or b"", bool(big))
+
+
+def record(id_: str, name: str | None, kind: str, status: str, priority: int, created: float,
+           started: float | None, finished: float | None, failures: int, attempt: int,
+           error: str | None, worker: WorkerRef | None, encoding: str, result_from: str,
+           sealed: bool, result: bytes, output: bytes, by_ref: bool) -> Record:
+    """A job's record as clients get it (with ``by_ref``, its result and output are
+    fetched apart, and the blobs given are empty)."""
     header = {
         "id": id_, "name": name, "kind": kind, "status": status, "priority": priority,
         "created": created, "started": started, "finished": finished,
-        "failures": failures, "attempt": attempt, "error": error, "worker": worker,
-        "encoding": encoding,
-        "result_from": result_from, "sealed": bool(sealed), "reason": None, "by_ref": bool(big),
+        "failures": failures, "attempt": attempt, "error": error,
+        "worker": None if worker is None else {
+            "id": worker.id, "host": worker.host, "key": worker.key,
+            "anonymous": worker.anonymous},
+        "encoding": encoding, "result_from": result_from, "sealed": sealed, "reason": None,
+        "by_ref": by_ref,
     }
-    return owner, (header, [result or b"", output or b""])
+    return header, [result, output]
+
+
+def by_ref(outcome: Outcome) -> bool:
+    """Whether an outcome's result and output are too large to ride on an event, or
+    were uploaded in chunks (as ``_BIG`` says of a stored one)."""
+    return outcome.staged or len(outcome.result) + len(outcome.output) > BY_REF_BYTES
 
 
 class Store:
@@ -371,29 +390,27 @@ class Store:
 
     # --- results and state changes
 
-    def finish(self, job_id: str, outcome: Outcome,
-               worker: WorkerRef | None = None) -> tuple[str, Record] | None:
-        """Record a final state; return (owner, record), or None (and no change) if
-        the job is already final.
+    def finish(self, job_id: str, outcome: Outcome, worker: WorkerRef | None = None) -> bool:
+        """Record a final state; False (and no change) if the job is final already.
 
         ``worker`` is the monitor that delivered the outcome, recorded as the one
-        that ran the job.
+        that ran the job. (The caller makes the job's record: reading it back here
+        cost as much as the update.)
         """
         w = (None, None, None, None) if worker is None else (
             worker.id, worker.host, worker.key, int(worker.anonymous))
-        row = self.db.execute(
+        return self.db.execute(
             "UPDATE jobs SET status=?, error=?, encoding=?, result_from=?, sealed=?,"
             " started=COALESCE(?, started), finished=?, result=?, output=?, payload=NULL,"
             " staged=?,"
             " worker_id=COALESCE(?, worker_id), worker_host=COALESCE(?, worker_host),"
             " worker_key=COALESCE(?, worker_key),"
             " worker_anonymous=COALESCE(?, worker_anonymous)"
-            f" WHERE id=? AND status IN ('new', 'processing') RETURNING {_RECORD_COLUMNS}",
+            " WHERE id=? AND status IN ('new', 'processing')",
             (outcome.status.value, outcome.error, outcome.encoding, outcome.result_from,
              int(outcome.sealed), outcome.started, outcome.finished, outcome.result,
              outcome.output, int(outcome.staged), *w, job_id),
-        ).fetchone()
-        return None if row is None else _record(row)
+        ).rowcount == 1
 
     def requeue(self, job_id: str, failures: int) -> None:
         """A processing job is queued again, with ``failures`` counted so far."""

@@ -234,10 +234,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         for out in self.state.flush(self.now):
             msg = decode(encode(out.msg), ALL)  # every message must be a valid one
             if out.dest == "event":
-                for rec in msg.header["jobs"]:
+                for i, rec in enumerate(msg.header["jobs"]):
                     if rec["status"] in ("completed", "failed", "killed"):
                         # one final state, never changed
                         assert self.final.setdefault(rec["id"], rec["status"]) == rec["status"]
+                        # announced as the store gives it back
+                        stored, blobs = self.store.records([rec["id"]])[rec["id"]]
+                        assert decode(encode(make(M.EVENT, blobs, jobs=[stored], seq=1,
+                                                  epoch="e")), ALL).header["jobs"] == [rec]
+                        assert blobs == msg.blobs[2 * i:2 * i + 2]
 
     def _monitor(self, mid: str, msg: Message) -> None:
         msg = decode(encode(msg), ALL)
