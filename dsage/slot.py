@@ -563,8 +563,8 @@ class ModuleWatch:
         self.class_then: list[Any] = []
         if tags:
             self.module_tags, self.class_tags = versions.Tags(False), versions.Tags(True)
-        #: with tags: the stamps noted, as tuples (compared whole, in C), remade when
-        #: one is noted anew
+        #: with tags: the stamps noted, in the order the tags are read (compared whole,
+        #: in C), remade when one is noted anew
         self.module_seen: tuple[Any, ...] | None = None
         self.class_seen: tuple[Any, ...] | None = None
         self.known: set[str] = set()
@@ -638,13 +638,14 @@ class ModuleWatch:
         classes: Any
         if self.tags:
             if self.module_seen is None:
-                self.module_seen = tuple(self.module_then)
+                self.module_seen = self.module_tags.placed(self.module_then)
             if self.class_seen is None:
-                self.class_seen = tuple(self.class_then)
-            now, classes = self.module_tags.read(), self.class_tags.read()
-            if now == self.module_seen and classes == self.class_seen:
+                self.class_seen = self.class_tags.placed(self.class_then)
+            if self.module_tags.read_placed() == self.module_seen \
+                    and self.class_tags.read_placed() == self.class_seen:
                 self.add_new()  # (no tag moved)
                 return out
+            now, classes = self.module_tags.read(), self.class_tags.read()
         else:
             now, classes = map(list, map(dict.values, self.dicts)), self.attrs
         for i in _moved(now, self.module_then):
