@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import (
@@ -214,14 +215,17 @@ def version_problem(theirs: str, who: str, ours: str) -> str | None:
             f"(or the {who}'s version on the broker)")
 
 
-#: the randomness job ids are made of
-_ids = RandomPool(16)
+#: the randomness job ids are made of (beside the time)
+_ids = RandomPool(10)
 
 
 def new_job_id() -> str:
-    """A new job id: 128 random bits, made by the client, so a submit never waits for
-    the broker to name its job."""
-    return _ids.take().hex()
+    """A new job id, made by the client, so a submit never waits for the broker to name
+    its job: the time in milliseconds (48 bits) and 80 random bits, as 32 hex digits.
+    The time first keeps new ids together in the store's index of them, so that a
+    commit writes a few pages of it rather than one per job (about 5 us per job).
+    (Ids need not be secret: the broker answers another key's job id as unknown.)"""
+    return f"{int(time.time() * 1000) & 0xFFFF_FFFF_FFFF:012x}{_ids.take().hex()}"
 
 
 def text_problem(v: str, limit: int) -> str | None:

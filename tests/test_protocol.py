@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -379,8 +380,9 @@ def test_batches_cover_every_item_once_within_limits(sizes: list[int], max_items
 
 
 def test_job_ids_are_unique_and_a_forked_child_never_gives_out_its_parents() -> None:
-    """Ids are read from the system many at a time; a child forked while some are
-    unread draws its own, not the ones its parent gives out next."""
+    """Ids are the time, then random bits read from the system many at a time; a
+    child forked while some are unread draws its own, not the ones its parent gives
+    out next."""
     first = new_job_id()
     r, w = os.pipe()
     pid = os.fork()
@@ -393,6 +395,10 @@ def test_job_ids_are_unique_and_a_forked_child_never_gives_out_its_parents() -> 
         text = f.read()
     os.waitpid(pid, 0)
     theirs = {text[i:i + 32] for i in range(0, len(text), 32)}
-    ours = {new_job_id() for _ in range(600)} | {first}
+    made = [new_job_id() for _ in range(600)]
+    ours = set(made) | {first}
     assert len(theirs) == 600 and len(ours) == 601 and not theirs & ours
     assert all(is_job_id(i) for i in theirs | ours)
+    # the time first, so that new ids sit together in the store's index
+    times = [int(i[:12], 16) for i in made]
+    assert times == sorted(times) and abs(times[-1] / 1000 - time.time()) < 60
