@@ -115,8 +115,8 @@ class Slot:
     #: its v1 memory cgroup, one of ``groups`` ('' without one)
     memory_group: str = ""
     ready: bool = False
-    job: dict[str, Any] | None = None
-    #: the job as it was queued, to queue again if the slot never starts it
+    #: the job the slot was handed, as it was queued (to queue again if the slot never
+    #: starts it)
     queued: Queued | None = None
     #: the id of the last job the slot answered for
     last_job: str = ""
@@ -136,6 +136,11 @@ class Slot:
     #: much of it was sent
     live_fd: int = -1
     live_offset: int = 0
+
+    @property
+    def job(self) -> dict[str, Any] | None:
+        """The run spec of the slot's job, if it has one."""
+        return None if self.queued is None else self.queued[0]
 
     def kill(self) -> None:
         """Kill the slot process and every descendant of it: its cgroup at once, and
@@ -698,7 +703,7 @@ class Monitor:
             return
         _, slot.queued = self.pending.popitem(last=False)
         spec, payload, blobs, _ = slot.queued
-        slot.job, slot.started, slot.owner = spec, time.time(), spec["owner"]
+        slot.started, slot.owner = time.time(), spec["owner"]
         slot.live_offset = 0  # (the slot emptied its capture file before its last reply)
         slot.deadline = time.monotonic() + spec["timeout"] if spec["timeout"] else None
         slot.kill_reason = None
@@ -732,7 +737,7 @@ class Monitor:
         job = slot.job
         if job is None or reply.get("id") != job["id"]:
             return
-        slot.job, slot.deadline, slot.queued = None, None, None
+        slot.queued, slot.deadline = None, None
         slot.last_job = job["id"]
         slot.jobs_done += 1
         if reply["base_rss"]:  # the slot loaded Sage: its growth counts from there
@@ -756,8 +761,8 @@ class Monitor:
         process takes its place. A job sent to it since was never started: it is first
         in line again (given back to the broker, if the monitor is stopping)."""
         log.info("replacing slot %d: job %s %s", slot.index, slot.last_job, why)
-        if slot.job is not None and slot.queued is not None:
-            jid = slot.job["id"]
+        if slot.queued is not None:
+            jid = slot.queued[0]["id"]
             if self.stopping:  # (its queue was given back already)
                 log.info("job %s, sent to slot %d since, goes back to the broker", jid,
                          slot.index)
@@ -767,7 +772,7 @@ class Monitor:
                          slot.index)
                 self.pending[jid] = slot.queued
                 self.pending.move_to_end(jid, last=False)
-        slot.job, slot.deadline, slot.queued = None, None, None
+        slot.queued, slot.deadline = None, None
         self._respawn(slot)
         if slot.last_job:
             remove_folder(str(self.tmpdir / slot.last_job))  # if the slot could not
@@ -860,7 +865,7 @@ class Monitor:
                                "finished": time.time()}, b"", output)
         elif not self.stopping and slot.ready:
             log.warning("slot %d exited (status %s) while idle; restarting it", slot.index, rc)
-        slot.job = None
+        slot.queued = None
         if not self.stopping:
             self._respawn(slot)
 
@@ -1137,7 +1142,7 @@ class Monitor:
             for s in self.slots:
                 if s.job is not None:
                     s.kill_reason = "released"
-                    s.job = None
+                    s.queued = None
                     s.kill()
             self._release(left, "released by a stopping monitor")
         end = time.monotonic() + (0.5 if self.hurry else min(2.0, self.options.grace))
