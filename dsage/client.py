@@ -1185,16 +1185,15 @@ class DSage:
         start = time.monotonic()
         c = self._io.conn
         while not c.welcomed.wait(0.05):
-            if c.denied:
-                raise c.refusal()
             waited = time.monotonic() - start
-            # Said at once: the port is another of the broker's, or a server drops
-            # handshake after handshake (it cannot decrypt ours: the wrong server key
-            # or not a client port); and soon when nothing listens there (refused
-            # for a few seconds: not a broker that is just starting).
+            # Said at once: the broker refused this client, the port is another of the
+            # broker's, or a server drops handshake after handshake (it cannot decrypt
+            # ours: the wrong server key or not a client port); and soon when nothing
+            # listens there (refused for a few seconds: not a broker just starting).
             refused = c.refused_since is not None and (
                 time.monotonic() - c.refused_since >= REFUSED_GRACE)
-            if waited > timeout or c.handshake_failures >= 3 or c.wrong_port or refused:
+            if c.denied or waited > timeout or c.handshake_failures >= 3 or c.wrong_port \
+                    or refused:
                 raise self._unreachable(min(waited, timeout))
 
     def _unreachable(self, waited: float) -> DSageError:
