@@ -16,8 +16,7 @@ from .cluster import (  # noqa: E402
 )
 from .errors import (  # noqa: E402
     BrokerUnreachable, DSageError, IncompatibleVersion, ItemError, JobCancelled, JobError,
-    KeyRejected,
-    RemoteTraceback, SubmitRejected, UnknownJob, UntrustedResultError,
+    KeyRejected, RemoteTraceback, SubmitRejected, UnknownJob, UntrustedResultError,
 )
 from .distributed import DistributedFunction, Job  # noqa: E402
 from .job import JobWrapper, WorkerInfo  # noqa: E402

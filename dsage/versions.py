@@ -50,8 +50,9 @@ class Tags:
         self.offset = (_TYPE_TAG if classes else _DICT_TAG) * _WORD
         self.addresses: list[int] = []
         self._unpack: Callable[[], tuple[int, ...]] | None = None
-        #: per place read, the first object added there; per object, its place
+        #: per place read, the first object added there
         self._firsts: list[int] = []
+        #: the tags as read, put in the order the objects were added
         self._reorder: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
 
     def add(self, obj: Any) -> None:
