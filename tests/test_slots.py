@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import dsage
-from dsage import contain, versions
+from dsage import JobWrapper, ManagedProcess, contain, versions
 from dsage.protocol import new_job_id
 from dsage.slot import JobFolders, ModuleWatch, recv_frame, send_frame, spare_folder
 
@@ -432,20 +432,28 @@ def recv_frame_or_end(sock: socket.socket) -> dict[str, Any] | None:
         return None
 
 
+def dirty_then_clean(procs: Procs, objects: int
+                     ) -> tuple[ManagedProcess, dsage.DSage, JobWrapper, JobWrapper]:
+    """A monitor of one slot, and two jobs on it: one that changes its slot and leaves it
+    a long reset (a garbage collection over ``objects`` lists, as it left a file open),
+    and one queued behind it. Both give their slot's pid; the second also math.pi."""
+    procs.broker()
+    worker = procs.worker(1, grace=0.5, memory_growth=100.0)  # (the job grows its slot)
+    d = procs.client()
+    procs.wait_workers(d, 1)
+    dirty = d(f"import math, os; math.pi = 3; math.keep = [[] for _ in range({objects})]; "
+              "math.f = open(os.devnull); os.getpid()")
+    clean = d("import math, os; (math.pi, os.getpid())")
+    assert done(dirty, 60).status == "completed", (dirty.status, dirty.error)
+    return worker, d, dirty, clean
+
+
 def test_a_job_sent_to_a_slot_that_asks_to_be_replaced_runs_in_a_fresh_one(
         procs: Procs) -> None:
     """The job queued behind one that changes its slot is handed to that slot while it
-    puts itself back (which here takes long: a garbage collection over many objects, as
-    the job left a file open); it is never started there, but given to the fresh slot
-    that replaces it, with no failure counted."""
-    procs.broker()
-    worker = procs.worker(1, grace=0.5, memory_growth=100.0)  # (the job grows its slot)
-    one_slot = procs.client()
-    procs.wait_workers(one_slot, 1)
-    dirty = one_slot("import math, os; math.pi = 3; math.keep = [[] for _ in range(10**6)]; "
-                     "math.f = open(os.devnull); os.getpid()")
-    clean = one_slot("import math, os; (math.pi, os.getpid())")
-    assert done(dirty, 60).status == "completed", (dirty.status, dirty.error)
+    puts itself back (which here takes long); it is never started there, but given to
+    the fresh slot that replaces it, with no failure counted."""
+    worker, _, dirty, clean = dirty_then_clean(procs, 10**6)
     assert done(clean, 60).status == "completed", (clean.status, clean.error)
     pi, pid = clean.result()
     assert pi == math.pi and pid != dirty.result()
@@ -458,20 +466,13 @@ def test_a_job_sent_to_a_replaced_slot_of_a_stopping_monitor_goes_back(procs: Pr
     """As above, with the monitor told to stop while the slot puts itself back: the job
     handed to it goes back to the broker (its other jobs went already), counting no
     failure, and runs on the next monitor."""
-    procs.broker()
-    first = procs.worker(1, grace=0.5, memory_growth=100.0)
-    d = procs.client()
-    procs.wait_workers(d, 1)
-    dirty = d("import math, os; math.pi = 3; math.keep = [[] for _ in range(2 * 10**6)]; "
-              "math.f = open(os.devnull); 1")
-    clean = d("import math; math.pi")
-    assert done(dirty, 60).status == "completed", (dirty.status, dirty.error)
+    first, _, _, clean = dirty_then_clean(procs, 2 * 10**6)
     os.kill(first.pid, signal.SIGTERM)  # the slot is still collecting the garbage
     first.proc.wait(60)
     assert f"job {clean.job_id}, sent to slot 0 since, goes back to the broker" \
         in first.log.read_text()
     procs.worker(1)
-    assert clean.result(60) == math.pi and clean.failures == 0
+    assert clean.result(60)[0] == math.pi and clean.failures == 0
 
 
 def test_output_is_kept_when_a_job_closes_its_own_fds(one_slot: dsage.DSage) -> None:
