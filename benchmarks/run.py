@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks.systems import SYSTEMS, Config, missing, repo_root  # noqa: E402
 from benchmarks.tasks import calibrate  # noqa: E402
 
-DEFAULT_SYSTEMS = "dsage,pool,dask,ray,ipyparallel"
+DEFAULT_SYSTEMS = "dsage,relay,pool,dask,ray,ipyparallel"
 
 #: the targets dsage is held to (DESIGN.md, "Performance"; the issue "Core v2"),
 #: each checked against the numbers of the same run

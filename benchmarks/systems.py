@@ -220,6 +220,24 @@ def bench_dsage(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def bench_relay(cfg: Config) -> dict[str, Any]:
+    """dsage's path with nothing on it (:mod:`benchmarks.relay`): the floor under its
+    round trip and rate on this machine."""
+    import zmq
+
+    from .relay import Relay
+
+    t0 = time.perf_counter()
+    relay = Relay(WORKERS)
+    try:
+        relay.call(ident, 0)
+        out = measure(cfg, time.perf_counter() - t0, lambda x: relay.call(ident, x), relay.map)
+    finally:
+        relay.close()
+    out["version"] = f"pyzmq {zmq.__version__}"
+    return out
+
+
 def bench_dask(cfg: Config) -> dict[str, Any]:
     """dask.distributed: LocalCluster(n_workers=2, threads_per_worker=1)."""
     cfg = capped(cfg)
@@ -311,6 +329,7 @@ def bench_ipyparallel(cfg: Config) -> dict[str, Any]:
 SYSTEMS: dict[str, tuple[str | None, Callable[[Config], dict[str, Any]]]] = {
     # name: (module that must be importable, function)
     "dsage": ("dsage", bench_dsage),
+    "relay": ("zmq", bench_relay),
     "pool": (None, bench_pool),
     "dask": ("distributed", bench_dask),
     "ray": ("ray", bench_ray),
