@@ -55,7 +55,7 @@ from .protocol import (
 )
 from .protocol import batch_bytes
 from .sage import SAGE_TAG
-from .seal import RESULT_ALONE, Opener, binding
+from .seal import Opener, binding
 from .sockets import send_frames
 from .words import plural
 
@@ -412,14 +412,10 @@ class _Host:
 
     def open_sealed(self, rec: dict[str, Any], result: bytes,
                     output: bytes) -> tuple[bytes, bytes]:
-        opener = self._client._opener
-        sender = rec["worker"]["key"] if rec["worker"] else None
-        bound = (rec["id"], self._client.keys.public.decode(), rec["status"], rec["encoding"],
-                 rec["result_from"])
-        if not output:  # the job printed nothing, as its result must say (see dsage.seal)
-            return opener.open(result, binding(*bound, RESULT_ALONE), sender), b""
-        return (opener.open(result, binding(*bound, "result"), sender),
-                opener.open(output, binding(*bound, "output"), sender))
+        return self._client._opener.open_outcome(
+            result, output, (rec["id"], self._client.keys.public.decode(), rec["status"],
+                             rec["encoding"], rec["result_from"]),
+            rec["worker"]["key"] if rec["worker"] else None)
 
     def open_live(self, job_id: str, sender: str | None, offset: int, sealed: bytes) -> bytes:
         """Open a chunk of a running job's output, sealed to this client for that job

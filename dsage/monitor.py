@@ -38,7 +38,7 @@ from .capabilities import offered_tags
 from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
-from .seal import RESULT_ALONE, Sealer, binding
+from .seal import Sealer, binding
 from .slot import TEMPLATE, FrameError, recv_frame, remove_folder, send_frame, spare_folder
 from .sockets import send_frames
 from .protocol import (
@@ -928,12 +928,9 @@ class Monitor:
             # travels sealed, and the broker keeps only its type
             result = item["error"].encode()
             item["encoding"], item["error"] = "error", error_summary(item["error"])
-        bound = (job["id"], job["owner"], item["status"], item["encoding"], item["result_from"])
-        if output:
-            result = self.sealer.seal(job["owner"], result, binding(*bound, "result"))
-            output = self.sealer.seal(job["owner"], output, binding(*bound, "output"))
-        else:  # nothing printed: no output blob, and the result says so (see dsage.seal)
-            result = self.sealer.seal(job["owner"], result, binding(*bound, RESULT_ALONE))
+        result, output = self.sealer.seal_outcome(
+            job["owner"], (job["id"], job["owner"], item["status"], item["encoding"],
+                           item["result_from"]), result, output)
         self.unacked[job["id"]] = (item, result, output)
         self._queue_result(job["id"])
 

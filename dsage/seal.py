@@ -119,6 +119,16 @@ class Sealer:
         return b"".join((VERSION, self.public_raw, nonce,
                          crypto_box_easy_afternm(plain, nonce, self._cache.get(owner))))
 
+    def seal_outcome(self, owner_z85: str, job: tuple[str, str, str, str, str],
+                     result: bytes, output: bytes) -> tuple[bytes, bytes]:
+        """A job's result and output sealed to its owner, bound to ``job`` (its id,
+        owner, status, encoding and where the result came from): both blobs when it
+        printed something, else the result alone (and an empty output)."""
+        if not output:
+            return self.seal(owner_z85, result, binding(*job, RESULT_ALONE)), b""
+        return (self.seal(owner_z85, result, binding(*job, "result")),
+                self.seal(owner_z85, output, binding(*job, "output")))
+
 
 class Opener:
     """The client's side: opens blobs sealed to its keypair, by any monitor."""
@@ -147,3 +157,12 @@ class Opener:
             raise SealError("sealed for another job or another outcome (job id, owner, "
                             "status or encoding differ)")
         return plain[2 + n:]
+
+    def open_outcome(self, result: bytes, output: bytes, job: tuple[str, str, str, str, str],
+                     sender_z85: str | None = None) -> tuple[bytes, bytes]:
+        """A job's result and output as :meth:`Sealer.seal_outcome` sealed them (no
+        output blob: the result must say the job printed nothing)."""
+        if not output:
+            return self.open(result, binding(*job, RESULT_ALONE), sender_z85), b""
+        return (self.open(result, binding(*job, "result"), sender_z85),
+                self.open(output, binding(*job, "output"), sender_z85))
