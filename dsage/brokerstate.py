@@ -413,8 +413,7 @@ class BrokerState:
             why = "cancelled by its owner before it ran" if queued_only else "killed by its owner"
             outcome = Outcome(Status.KILLED, why, "none", "none", False,
                               None, time.time(), b"", b"")
-            m = self.by_id.get(job.monitor) if job.where is Where.ASSIGNED and job.monitor \
-                else None
+            m = self._holder(job)
             self._finish(job, outcome, None if m is None else m.ref())
             if job.where is Where.ASSIGNED:
                 self._cancel_on(job.monitor, jid, "killed")
@@ -579,11 +578,14 @@ class BrokerState:
         job = self.sched.jobs.get(jid)
         if job is None or (entry.anonymous and not job.anonymous_ok):
             return None
-        if job.where is Where.ASSIGNED and job.monitor != entry.monitor_id:
-            other = self.by_id.get(job.monitor) if job.monitor else None
-            if other is not None:
-                return None  # running on another connected monitor already
+        if job.monitor != entry.monitor_id and self._holder(job) is not None:
+            return None  # running on another connected monitor already
         return job
+
+    def _holder(self, job: Job) -> MonitorEntry | None:
+        """The connected monitor a job is assigned to, if any."""
+        return self.by_id.get(job.monitor) if job.where is Where.ASSIGNED and job.monitor \
+            else None
 
     def _results(self, entry: MonitorEntry, msg: Message) -> None:
         acked: list[tuple[str, int]] = []
@@ -943,19 +945,20 @@ class BrokerState:
     def _announce_started(self, now: float) -> None:
         """Store and announce the start of the jobs dispatched ANNOUNCE_DELAY ago that
         are still running there (before the commit; the records leave after it)."""
-        started: dict[str, list[tuple[str, float]]] = {}
+        started: dict[str, tuple[WorkerRef, list[tuple[str, float]]]] = {}
         while self.starting:
             jid, due = next(iter(self.starting.items()))
             if due > now:
                 break
             del self.starting[jid]
             job = self.sched.jobs.get(jid)
-            m = self.by_id.get(job.monitor) if job is not None and job.monitor else None
-            if job is not None and job.where is Where.ASSIGNED and m is not None:
-                started.setdefault(m.monitor_id, []).append((jid, job.started or time.time()))
-                self._announce(job.owner, _open_record(job, None, m.ref()))
-        for monitor_id, jobs in started.items():
-            self.store.start(jobs, self.by_id[monitor_id].ref())
+            m = None if job is None else self._holder(job)
+            if job is not None and m is not None:
+                ref, jobs = started.setdefault(m.monitor_id, (m.ref(), []))
+                jobs.append((jid, job.started or time.time()))
+                self._announce(job.owner, _open_record(job, None, ref))
+        for ref, jobs in started.values():
+            self.store.start(jobs, ref)
 
     def next_ack(self, now: float) -> float:
         """Seconds until a monitor's acknowledgements are due (see :meth:`_acknowledge`)."""
