@@ -151,12 +151,19 @@ class Relay:
         env = {**os.environ, "PYTHONPATH": path,
                "RELAY_PUBLIC": public.decode(), "RELAY_SECRET": secret.decode()}
         cmd = [sys.executable, "-m", "benchmarks.relay"]
-        self.procs = [subprocess.Popen([*cmd, "broker"], stdout=subprocess.PIPE, env=env)]
-        assert self.procs[0].stdout is not None
-        front, back = map(int, self.procs[0].stdout.readline().split())
-        self.procs.append(subprocess.Popen([*cmd, "monitor", str(back), str(slots)], env=env))
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        try:
+            self.procs.append(subprocess.Popen([*cmd, "broker"], stdout=subprocess.PIPE,
+                                               env=env))
+            assert self.procs[0].stdout is not None
+            front, back = map(int, self.procs[0].stdout.readline().split())
+            self.procs.append(subprocess.Popen([*cmd, "monitor", str(back), str(slots)],
+                                               env=env))
+        except BaseException:
+            self.close()  # (a broker that did not say its ports is not left running)
+            raise
         _curve(self.sock, public, None)
         self.sock.connect(f"tcp://127.0.0.1:{front}")
 
