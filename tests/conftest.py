@@ -60,6 +60,21 @@ def alive(pid: int, group: bool = False) -> bool:
     return True
 
 
+def gone(pid: int) -> bool:
+    """A process that no longer runs (absent, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def all_gone(pids: list[int], timeout: float = 15) -> None:
+    """Wait until every process of ``pids`` is :func:`gone`."""
+    wait_for(lambda: all(gone(p) for p in pids), timeout,
+             f"processes {pids} to end (alive: {[p for p in pids if not gone(p)]})")
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, set-up dsage home, also exported as DSAGE_HOME."""

@@ -24,7 +24,7 @@ from dsage import JobWrapper, ManagedProcess, contain, versions
 from dsage.protocol import new_job_id
 from dsage.slot import JobFolders, ModuleWatch, recv_frame, send_frame, spare_folder
 
-from .conftest import Procs, done, skip_or_fail, wait_for
+from .conftest import Procs, all_gone, done, skip_or_fail, wait_for
 
 #: a job that starts a daemon (fork, setsid, fork, sleep: no exec) and a plain child
 #: process, writes their pids to PIDS, then runs TAIL
@@ -50,15 +50,6 @@ while len(open(path).read().split()) < 2 and time.monotonic() < deadline:
 """
 
 
-def gone(pid: int) -> bool:
-    """A process that no longer runs (absent, or a zombie nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def started_pids(path: Path, n: int = 2) -> list[int]:
     def read() -> list[int] | None:
         try:
@@ -67,11 +58,6 @@ def started_pids(path: Path, n: int = 2) -> list[int]:
             return None
         return pids if len(pids) >= n else None
     return wait_for(read, 30, f"{n} pids in {path}")
-
-
-def all_gone(pids: list[int], timeout: float = 15) -> None:
-    wait_for(lambda: all(gone(p) for p in pids), timeout,
-             f"processes {pids} to end (alive: {[p for p in pids if not gone(p)]})")
 
 
 def daemon_job(tmp_path: Path, tail: str) -> tuple[str, Path]:
