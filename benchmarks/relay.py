@@ -108,8 +108,9 @@ def run_monitor(port: int, public: bytes, slots: int) -> None:
     _curve(dealer, public, None)
     dealer.connect(f"tcp://127.0.0.1:{port}")
     dealer.send_multipart([b""])
-    files = {p.fileno(): p.makefile("rb") for p in pipes}
-    free = [p.fileno() for p in pipes]
+    socks = {p.fileno(): p for p in pipes}
+    files = {fd: p.makefile("rb") for fd, p in socks.items()}
+    free = list(socks)
     waiting: deque[list[bytes]] = deque()
     running: dict[int, tuple[int, bytes, bytes]] = {}  # slot -> (tag, client, request)
     poller = zmq.Poller()
@@ -137,7 +138,7 @@ def run_monitor(port: int, public: bytes, slots: int) -> None:
             fd = free.pop()
             tag += 1
             running[fd] = (tag, cid, req)
-            os.write(fd, _FRAME.pack(len(call), tag) + call)
+            socks[fd].sendall(_FRAME.pack(len(call), tag) + call)
 
 
 class Relay:
@@ -188,6 +189,8 @@ class Relay:
         for p in self.procs:
             p.kill()
             p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
 
 
 def main(argv: list[str]) -> None:
