@@ -39,7 +39,8 @@ from . import keys as keys_mod
 from .auth import make_client
 from .options import MonitorOptions
 from .seal import Sealer, binding
-from .slot import TEMPLATE, FrameError, recv_frame, remove_folder, send_frame, spare_folder
+from .slot import (PIPE_LOST, TEMPLATE, FrameError, recv_frame, remove_folder, send_frame,
+                   spare_folder)
 from .sockets import send_frames
 from .protocol import (
     CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES,
@@ -897,9 +898,10 @@ class Monitor:
             return Status.FAILED, slot.cause
         if slot.kill_reason == "timeout":
             return Status.FAILED, f"timed out after {slot.job['timeout']:g} s (the job was killed)"
-        if slot.kill_reason == PIPE_BROKEN:
-            return Status.FAILED, ("the job broke its process's pipe to the monitor (closed it "
-                                   "or wrote into it), so the process was killed")
+        if slot.kill_reason == PIPE_BROKEN or (slot.kill_reason is None and rc == PIPE_LOST):
+            return Status.FAILED, ("the job broke its process's pipe to the monitor (closed it, "
+                                   "replaced it or wrote into it), so the process "
+                                   + ("was killed" if slot.kill_reason else "ended"))
         if slot.kill_reason is not None:
             return Status.KILLED, f"killed ({slot.kill_reason})"
         if rc < 0:

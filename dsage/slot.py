@@ -853,6 +853,9 @@ def _detach_pipe(fd: int) -> None:
 TEMPLATE = "--template"
 #: how long a forked slot waits to be adopted by its monitor
 ADOPT_WAIT = 5.0
+#: the exit status of a slot whose job closed its pipe to the monitor, or put another
+#: file in its place: the one thing the slot can still tell the monitor
+PIPE_LOST = 117
 
 
 def main(argv: list[str]) -> int:
@@ -889,6 +892,7 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
     os.set_inheritable(fd, False)  # the job's own child processes do not get the pipe
     os.register_at_fork(after_in_child=lambda: _detach_pipe(fd))  # nor its forks
     sock = socket.socket(fileno=fd)
+    pipe = _ident(fd)
     os.environ["DSAGE_ATTEMPT"] = "1"  # in the baseline: a first attempt changes nothing
     try:
         os.makedirs(tmpdir, exist_ok=True)  # again, if a job removed it
@@ -914,8 +918,15 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
             base_rss = _rss() if sage_loaded else 0
         reply, result, output = run_job(spec, payload, capture, folders, blobs)
         reply["base_rss"] = base_rss
+        if _ident(fd) != pipe:
+            # The job closed the pipe or put another file in its place: end, before the
+            # capture file is emptied (the monitor reads the job's output from it).
+            os._exit(PIPE_LOST)
         capture.reset()  # before the reply: what the monitor reads next is the next job's
-        send_frame(sock, reply, result, output)
+        try:
+            send_frame(sock, reply, result, output)
+        except OSError:
+            os._exit(PIPE_LOST)
         # After the reply, off the job's path: the monitor may send the next job
         # meanwhile, and it waits in the pipe until the slot is as good as new.
         why = baseline.restore()

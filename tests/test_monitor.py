@@ -81,19 +81,27 @@ def test_a_pipe_that_ends_between_frames_or_inside_one() -> None:
     # closes its pipe and goes on: killed, not waited for
     ("import os, sys, time\nos.close(int(sys.argv[1]))\ntime.sleep(300)",
      "broke its process's pipe"),
+    # closes its pipe and returns: the slot cannot answer, and says so by its exit
+    ("import os, sys\nos.close(int(sys.argv[1]))\n7", "broke its process's pipe"),
+    # puts another socket in its pipe's place and returns: the answer is not sent there
+    ("import builtins, os, socket, sys\nbuiltins.keep = socket.socketpair()\n"
+     "os.dup2(builtins.keep[0].fileno(), int(sys.argv[1]))\n7", "broke its process's pipe"),
     # writes a bogus frame start into it and goes on
     ("import os, sys, time\nos.write(int(sys.argv[1]), b'\\xff' * 20)\ntime.sleep(300)",
      "broke its process's pipe"),
     # writes part of a frame and exits: a truncated frame from a dead slot
     ("import os, sys\nos.write(int(sys.argv[1]), b'\\x05\\x00')\nos._exit(7)",
      "exited with status 7"),
-], ids=["closed", "garbage", "truncated"])
+], ids=["closed", "closed-returns", "replaced", "garbage", "truncated"])
 def test_a_job_that_breaks_its_slot_pipe_fails_and_the_monitor_goes_on(
         cluster: dsage.DSage, code: str, says: str) -> None:
+    """The job fails saying what it did, with what it printed and no traceback of the
+    slot's own; the monitor replaces the slot and runs the next jobs."""
     t0 = time.monotonic()
-    j = done(cluster(code), 30)
+    j = done(cluster("print('printed', flush=True)\n" + code), 30)
     assert j.status == "failed", (j.status, j.error)
     assert says in (j.error or "")
+    assert "printed" in j.output and "Traceback" not in j.output, j.output
     assert time.monotonic() - t0 < 20
     assert [cluster(f"{i} + 1").result(60) for i in range(4)] == [1, 2, 3, 4]
 
