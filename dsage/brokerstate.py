@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from . import __version__
 from .protocol import (
-    CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, M, Message, Status, batches, clip, error,
-    make, shared_batches, version_problem,
+    CHUNK_BYTES, DEFAULT_MAX_MESSAGE_SIZE, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, M, Message,
+    Status, batches, clip, error, make, shared_batches, version_problem,
 )
 from .seal import OVERHEAD as SEAL_OVERHEAD
 from .scheduler import Job, Scheduler, Taker, Where, waiting_reason
@@ -129,9 +129,12 @@ class MonitorEntry:
     run_time: float | None = None
     #: when (broker time) it last sent results, or was sent jobs with none out
     progress: float = 0.0
+    #: the largest frame it takes (its --max-message-size)
+    max_frame: int = DEFAULT_MAX_MESSAGE_SIZE
 
     def __post_init__(self) -> None:
-        self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous)
+        self.taker = Taker(self.monitor_id, frozenset(self.tags), self.anonymous,
+                           self.max_frame)
 
     def ref(self) -> WorkerRef:
         return WorkerRef(self.monitor_id, self.host, self.key, self.anonymous)
@@ -182,7 +185,7 @@ class BrokerState:
                 o.memory, o.anonymous_ok, self._tags(o.requires), o.created, o.failures, o.seq,
                 o.payload, isolate=o.isolate, retries=o.retries,
                 retry_on=self._names(o.retry_on), attempt=o.attempt, shared=self._names(o.shared),
-                monitor=o.worker_id if processing else None, started=o.started))
+                frame=o.frame, monitor=o.worker_id if processing else None, started=o.started))
             self.payload_bytes += len(o.payload or b"")
         self.orphan_deadline: float | None = (
             now + self.config.heartbeat * self.config.liveness * 2
@@ -335,7 +338,7 @@ class BrokerState:
         shared = {digest: data for digest, data in zip(h["shared"], blobs[n:])
                   if hashlib.sha256(data).hexdigest() == digest}
         kept: set[str] = set()
-        in_store: dict[str, bool] = {}
+        in_store: dict[str, int | None] = {}
         for spec, payload in zip(h["jobs"], blobs):
             jid = spec["id"]
             known = self.sched.jobs.get(jid)
@@ -347,8 +350,9 @@ class BrokerState:
                                f"this client already has {cap} queued jobs "
                                f"(the broker's --max-queued-per-client)"})
                 continue
-            if not all(d in shared or self._has_shared(key, d, in_store)
-                       for d in spec["shared"]):
+            sizes = [len(shared[d]) if d in shared else self._shared_size(key, d, in_store)
+                     for d in spec["shared"]]
+            if None in sizes:
                 # the client sends the job again with the content
                 errors.append({"id": jid, "code": "shared", "message":
                                "an attached file's content is neither in this message nor "
@@ -373,7 +377,9 @@ class BrokerState:
                       self._shared(spec["timeout"]), spec["memory"], spec["anonymous_ok"],
                       self._tags(spec["requires"]), wall, 0, seq, payload if keep else None,
                       isolate=spec["isolate"], retries=spec["retries"],
-                      retry_on=self._names(spec["retry_on"]), shared=self._names(spec["shared"]))
+                      retry_on=self._names(spec["retry_on"]), shared=self._names(spec["shared"]),
+                      frame=max([len(payload), *(n for n in sizes if n is not None)])
+                      if sizes else len(payload))
             self.sched.add(job)
             ids.append(jid)
             reason = waiting_reason(job, takers)
@@ -388,10 +394,11 @@ class BrokerState:
         if queued:
             self._announce(key, *queued)
 
-    def _has_shared(self, key: str, digest: str, in_store: dict[str, bool]) -> bool:
-        """Whether the store keeps ``key``'s shared blob ``digest`` (asked once per message)."""
+    def _shared_size(self, key: str, digest: str, in_store: dict[str, int | None]) -> int | None:
+        """The size of ``key``'s shared blob ``digest`` if the store keeps it (asked once
+        per message)."""
         if digest not in in_store:
-            in_store[digest] = self.store.has_shared(key, digest)
+            in_store[digest] = self.store.shared_size(key, digest)
         return in_store[digest]
 
     @staticmethod
@@ -539,7 +546,8 @@ class BrokerState:
                 self._requeue(self.sched.jobs[jid], False,
                               "its monitor reconnected without it", monitor_id)
         entry = MonitorEntry(rid, key, anonymous, monitor_id, h["host"], h["pid"],
-                             h["slots"], h["tags"], now)
+                             h["slots"], h["tags"], now,
+                             max_frame=h.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE))
         self.monitors[rid] = entry
         self.by_id[monitor_id] = entry
         cancel: list[str] = []

@@ -53,7 +53,7 @@ from .protocol import (
     Kind, M, Message, ProtocolError, Status, batches, decode, encode, exception_name,
     is_job_id, make, new_job_id, shared_batches, text_problem,
 )
-from .protocol import batch_bytes
+from .protocol import MIN_MESSAGE_SIZE, batch_bytes
 from .sage import SAGE_TAG
 from .seal import Opener, binding
 from .sockets import send_frames
@@ -1105,8 +1105,8 @@ class DSage:
     ``connect_timeout`` seconds for it; 0 to return at once and let jobs wait
     for the broker). ``server_key`` is the broker's public key (z85 or a key
     file); by default the user's own, as when the keypair was copied.
-    ``max_message_size`` caps every frame received, and jobs larger than it (or
-    than the broker's own limit) are refused without being sent.
+    ``max_message_size`` caps every frame received (at least 1 MiB), and jobs larger
+    than it (or than the broker's own limit) are refused without being sent.
 
     Submitting never waits for the broker, up to ``max_unacked_jobs`` jobs (or
     ``max_unacked_bytes`` of payload) that it has not acknowledged yet; past
@@ -1127,6 +1127,9 @@ class DSage:
                  max_unacked_bytes: int = MAX_UNACKED_BYTES, kind: str = "python") -> None:
         if max_unacked_jobs < 1 or max_unacked_bytes < 1:
             raise ValueError("max_unacked_jobs and max_unacked_bytes must be at least 1")
+        if max_message_size < MIN_MESSAGE_SIZE:
+            raise ValueError(f"max_message_size must be at least {MIN_MESSAGE_SIZE} bytes "
+                             f"(1 MiB): dsage's own messages need that much")
         #: the kind of code jobs that do not name one
         self.kind = _check_code_kind(kind)
         self.server, self.port = server, port

@@ -315,7 +315,7 @@ class Monitor:
         self.registering = self._send(make(
             M.REGISTER, monitor=self.monitor_id, host=self.host, pid=os.getpid(),
             slots=len(self.slots), tags=self.tags, running=self._held(),
-            version=__version__))
+            version=__version__, max_message_size=self.options.max_message_size))
 
     def _running(self) -> list[str]:
         return [s.job["id"] for s in self.slots if s.job is not None]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import DEFAULT_MAX_MESSAGE_SIZE
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MIN_MESSAGE_SIZE
 
 
 def positive_float(text: str) -> float:
@@ -47,6 +47,15 @@ def nonneg_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def message_size(text: str) -> int:
+    value = int(text)
+    if value < MIN_MESSAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text} is less than {MIN_MESSAGE_SIZE} bytes (1 MiB): dsage's own messages "
+            f"need that much")
     return value
 
 
@@ -93,8 +102,8 @@ class BrokerOptions:
     failure_limit: int = opt(3, "a job whose worker was lost this many times fails (default 3)",
                              parse=positive_int)
     max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
-                                "largest frame accepted, in bytes (default 256 MiB)",
-                                parse=positive_int)
+                                "largest frame accepted, in bytes (default 256 MiB, at "
+                                "least 1 MiB)", parse=message_size)
     max_queued_per_client: int = opt(1_000_000, "most queued jobs per client key "
                                      "(default 1,000,000)", parse=positive_int)
     retention_days: float = opt(7.0, "finished jobs are deleted after this many days "
@@ -154,8 +163,8 @@ class MonitorOptions:
     no_detect: bool = opt(False, "offer only the --tags given, not 'povray' and 'sage' for "
                           "what is installed (this machine then runs no Sage jobs)")
     max_message_size: int = opt(DEFAULT_MAX_MESSAGE_SIZE,
-                                "largest frame accepted, in bytes (default 256 MiB)",
-                                parse=positive_int)
+                                "largest frame accepted, in bytes (default 256 MiB, at "
+                                "least 1 MiB)", parse=message_size)
     slot_memory: int | None = opt(None, "memory cap of each slot in bytes, its processes "
                                   "together, kept by the OOM killer of a cgroup per slot "
                                   "(needs a writable cgroup v1 memory hierarchy)",

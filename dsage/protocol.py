@@ -47,6 +47,10 @@ MAX_FRAMES = 3 + 2 * MAX_BATCH
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 #: Most bytes of a message's JSON header (a full batch of job specs is ~200 KB).
 MAX_HEADER = 1024 * 1024
+#: The smallest frame limit (``--max-message-size``) a peer may set: every frame that
+#: dsage makes of its own (a header, a chunk of a large result, a small result on an
+#: event) fits in it; only a job's payload or attached file may be larger.
+MIN_MESSAGE_SIZE = 1024 * 1024
 #: Most blob bytes senders put in one batched message (a single larger blob
 #: travels alone, up to the receiver's frame limit).
 BATCH_BYTES = 8 * 1024 * 1024
@@ -557,6 +561,9 @@ class Register(TypedDict):
     tags: Tags
     running: Ids
     version: Text
+    #: its largest frame accepted: it is sent no job with a larger payload or attached
+    #: file (DEFAULT_MAX_MESSAGE_SIZE when missing, from an earlier patch version)
+    max_message_size: NotRequired[Pos]
 
 
 class Results(TypedDict):

@@ -4,11 +4,13 @@ Pure state, no sockets and no store: :class:`BrokerState` journals every change
 to the store and asks this module what to dispatch.
 
 Queues are kept per priority (0 first), then per owner, then per *class* (the
-tags a job requires and whether anonymous workers may run it), each lane in
+tags a job requires, whether anonymous workers may run it, and its size class),
+each lane in
 submission order. A monitor takes jobs from the most urgent priority that has
 any it may run; within a priority, owners take turns (round-robin), so one
 client's 100,000 jobs do not starve another's ten. A monitor may run a class
-when it offers every required tag, and, if it is anonymous, when the jobs say
+when it offers every required tag, when it takes frames as large as the jobs'
+(its ``--max-message-size``), and, if it is anonymous, when the jobs say
 ``anonymous_ok``.
 
 One owner for each fact: :attr:`Scheduler.jobs` holds every open job, and a
@@ -22,14 +24,26 @@ import enum
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from .protocol import DEFAULT_MAX_MESSAGE_SIZE, MIN_MESSAGE_SIZE
+
 
 class Where(enum.Enum):
     QUEUED = "queued"
     ASSIGNED = "assigned"
 
 
-#: (required tags, anonymous_ok)
-JobClass = tuple[frozenset[str], bool]
+#: (required tags, anonymous_ok, size class)
+JobClass = tuple[frozenset[str], bool, int]
+
+
+def size_class(frame: int) -> int:
+    """The size class of a job whose largest frame (its payload, or an attached file)
+    is ``frame`` bytes: 0 when every monitor takes it, else ``frame`` rounded up to an
+    eighth of a power of two, so that jobs of about the same size share a lane."""
+    if frame <= MIN_MESSAGE_SIZE:
+        return 0
+    step = 1 << (frame.bit_length() - 4)
+    return -(-frame // step) * step
 
 
 @dataclass(slots=True, eq=False)
@@ -66,6 +80,8 @@ class Job:
     attempt: int = 1
     #: content hashes of the shared blobs (attached files) it uses, kept in the store
     shared: tuple[str, ...] = ()
+    #: its largest frame to a monitor, in bytes: its payload or an attached file
+    frame: int = 0
 
     @property
     def retries_left(self) -> int:
@@ -73,7 +89,7 @@ class Job:
 
     @property
     def job_class(self) -> JobClass:
-        return (self.requires, self.anonymous_ok)
+        return (self.requires, self.anonymous_ok, size_class(self.frame))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +99,13 @@ class Taker:
     monitor_id: str
     tags: frozenset[str]
     anonymous: bool
+    #: the largest frame it takes (its ``--max-message-size``)
+    max_frame: int = DEFAULT_MAX_MESSAGE_SIZE
 
     def may_run(self, cls: JobClass) -> bool:
-        requires, anonymous_ok = cls
-        return (anonymous_ok or not self.anonymous) and requires <= self.tags
+        requires, anonymous_ok, size = cls
+        return (anonymous_ok or not self.anonymous) and requires <= self.tags \
+            and size <= self.max_frame
 
 
 class _Level:
@@ -295,7 +314,12 @@ def waiting_reason(job: Job, takers: list[Taker]) -> str | None:
     if not job.anonymous_ok and all(t.anonymous for t in takers):
         return "only anonymous workers are connected, and the job is not anonymous_ok"
     offered = [t for t in takers if job.anonymous_ok or not t.anonymous]
-    fewest = min((job.requires - t.tags for t in offered), key=len)
+    fits = [t for t in offered if size_class(job.frame) <= t.max_frame]
+    if not fits:
+        return (f"its payload or an attached file is {job.frame} bytes, more than any "
+                f"connected worker takes (their --max-message-size is at most "
+                f"{max(t.max_frame for t in offered)} bytes)")
+    fewest = min((job.requires - t.tags for t in fits), key=len)
     missing = sorted(fewest)
     return f"no connected worker offers the tag{'s' if len(missing) > 1 else ''} " \
            f"{', '.join(missing)} that the job requires"

@@ -136,6 +136,8 @@ class OpenJob:
     retry_on: tuple[str, ...] = ()
     attempt: int = 1
     shared: tuple[str, ...] = ()
+    #: its largest frame to a monitor, in bytes: its payload or an attached file
+    frame: int = 0
 
 
 @dataclass(frozen=True)
@@ -355,10 +357,12 @@ class Store:
             if size <= payload_budget:
                 payload = self.payload(r[0])
                 payload_budget -= size
+            shared = tuple(json.loads(r[20]))
+            frame = max([size, *(self.shared_size(r[1], d) or 0 for d in shared)])
             out.append(OpenJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]),
                                json.loads(r[8]), r[9], r[10], r[11], Status(r[12]), r[13],
                                r[14], payload, bool(r[16]), r[17], tuple(json.loads(r[18])),
-                               r[19], tuple(json.loads(r[20]))))
+                               r[19], shared, frame))
         return out
 
     def put_shared(self, owner: str, digest: str, data: bytes) -> None:
@@ -366,9 +370,11 @@ class Store:
         self.db.execute("INSERT OR IGNORE INTO shared_blobs VALUES (?, ?, ?)",
                         (owner, digest, data))
 
-    def has_shared(self, owner: str, digest: str) -> bool:
-        return self.db.execute("SELECT 1 FROM shared_blobs WHERE owner=? AND hash=?",
-                               (owner, digest)).fetchone() is not None
+    def shared_size(self, owner: str, digest: str) -> int | None:
+        """The size of a kept shared blob of ``owner`` (None when it is not kept)."""
+        row = self.db.execute("SELECT length(data) FROM shared_blobs WHERE owner=? AND hash=?",
+                              (owner, digest)).fetchone()
+        return None if row is None else int(row[0])
 
     def shared_blob(self, owner: str, digest: str) -> bytes | None:
         row = self.db.execute("SELECT data FROM shared_blobs WHERE owner=? AND hash=?",

@@ -68,7 +68,7 @@ def test_user_vars_and_load_files_run_before_the_code(cluster: dsage.DSage, data
 
 def test_attachment_errors_are_clear_and_in_the_call(procs: Procs, data: Path) -> None:
     procs.broker()
-    D = procs.client(max_message_size=300_000)
+    D = procs.client(max_message_size=1 << 20)
     with pytest.raises(FileNotFoundError, match="files: no file .*missing.txt"):
         D("1", files=[data / "missing.txt"])
     with pytest.raises(FileNotFoundError, match="load_files: no file"):
@@ -86,7 +86,7 @@ def test_attachment_errors_are_clear_and_in_the_call(procs: Procs, data: Path) -
     with pytest.raises(TypeError, match="eval_function takes no user_vars"):
         D.eval_function(read_attached, args=("x",), user_vars={"a": 1})
     big = data / "big.bin"
-    big.write_bytes(b"x" * 400_000)
+    big.write_bytes(b"x" * (1 << 20))
     with pytest.raises(ValueError, match="with its attachments is .* bytes, more than"):
         D("1", files=[big])
     # the same file twice is one file

@@ -28,10 +28,10 @@ from dsage.brokerstate import (
 )
 from dsage.monitor import HOLD_TIME, holding
 from dsage.protocol import (
-    CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, VERSION, M, Message, decode, encode,
-    make, version_problem,
+    CLIENT_REPLIES, MAX_BATCH, MAX_FRAMES, MAX_HEADER, MIN_MESSAGE_SIZE, VERSION, M, Message,
+    decode, encode, make, version_problem,
 )
-from dsage.scheduler import Job, Scheduler, Taker, Where
+from dsage.scheduler import Job, Scheduler, Taker, Where, size_class, waiting_reason
 from dsage.store import Store, StoreLocked
 
 from .conftest import Procs, done, raw_dealer as _dealer, run_python, skip_or_fail, wait_for
@@ -169,6 +169,28 @@ def test_requires_is_honoured_and_a_waiting_job_says_why(procs: Procs) -> None:
     assert gpu.worker.id in {w.id for w in D.workers() if "gpu" in w.tags}
 
 
+def test_a_job_larger_than_a_monitor_takes_waits_for_one_that_takes_it(procs: Procs) -> None:
+    """A monitor started with a smaller --max-message-size than a job's payload was sent
+    it anyway: libzmq dropped the connection, the monitor registered again and was sent
+    the job again, forever, with the job 'processing' and every other job stuck behind
+    it. Now the monitor says its limit when it registers, and the job waits, saying why,
+    for a monitor that takes it; smaller jobs run meanwhile."""
+    limit = 1 << 20
+    procs.broker()
+    D = procs.client()
+    procs.worker(1, max_message_size=limit)
+    procs.wait_workers(D, 1)
+    big = D(f"s = '{'a' * (2 * limit)}'\nlen(s)")
+    small = D("'small'")
+    assert small.result(60) == "small"
+    wait_for(lambda: big.reason is not None, 30, "the large job to say why it waits")
+    assert big.status == "new"
+    assert f"at most {limit} bytes" in (big.reason or "") and "--max-message-size" in big.reason
+    procs.worker(1)
+    assert big.result(60) == 2 * limit
+    assert D("'after'").result(60) == "after"
+
+
 def _take_all(s: Scheduler, taker: Taker, n: int = 1) -> list[Job]:
     out: list[Job] = []
     while True:
@@ -206,6 +228,26 @@ def test_tags_and_anonymous_eligibility() -> None:
     assert [j.seq for j in s.take(Taker("anon", frozenset({"gpu"}), True), 10)] == [2]
     assert [j.seq for j in s.take(Taker("cpu", frozenset(), False), 10)] == [3]
     assert [j.seq for j in s.take(Taker("gpu", frozenset({"gpu", "x"}), False), 10)] == [1]
+
+
+def test_a_job_goes_only_to_monitors_that_take_its_largest_frame() -> None:
+    """Jobs are classed by size, so a large job waits in a lane of its own and the
+    owner's smaller jobs behind it still go to a monitor with a small frame limit."""
+    s = Scheduler()
+    big = _job(1)
+    big.frame = 3 * MIN_MESSAGE_SIZE
+    s.add(big)
+    s.add(_job(2))
+    small = Taker("small", frozenset(), False, max_frame=MIN_MESSAGE_SIZE)
+    assert [j.seq for j in _take_all(s, small)] == [2]
+    reason = waiting_reason(big, [small])
+    assert reason is not None and f"{big.frame} bytes" in reason
+    assert f"at most {MIN_MESSAGE_SIZE} bytes" in reason
+    assert waiting_reason(big, [small, Taker("large", frozenset(), False)]) is None
+    assert [j.seq for j in s.take(Taker("large", frozenset(), False), 10)] == [1]
+    assert size_class(MIN_MESSAGE_SIZE) == 0  # every monitor takes that much
+    for frame in (MIN_MESSAGE_SIZE + 1, 3 * MIN_MESSAGE_SIZE + 5, 10**9):
+        assert frame <= size_class(frame) <= frame * 1.125
 
 
 class SchedulerMachine(RuleBasedStateMachine):

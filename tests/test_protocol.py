@@ -323,7 +323,7 @@ def test_live_broker_survives_malformed_input(procs: Procs, home: Path) -> None:
 
 
 def test_oversized_frames_are_dropped_and_the_broker_goes_on(procs: Procs, home: Path) -> None:
-    broker = procs.broker(max_message_size=1_000_000)
+    broker = procs.broker(max_message_size=1 << 20)
     procs.worker(1)
     D = procs.client()
     procs.wait_workers(D, 1)

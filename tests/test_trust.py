@@ -798,6 +798,21 @@ def test_max_message_size_is_enforced_with_clear_errors(procs: Procs) -> None:
     assert D("1+1").result(60) == 2  # the connections are fine
 
 
+def test_a_frame_limit_too_small_for_dsage_itself_is_refused_saying_so(home: Path) -> None:
+    """A client with a 300 KB limit waited forever for a 600 KB result: the chunks it is
+    fetched in are 1 MiB, so each one dropped its connection, and the fetch began
+    again. A broker or worker given 5 bytes started, and no peer could complete a
+    handshake with it (a client blamed the key). Limits under what dsage's own
+    messages need are refused where they are given, saying why."""
+    with pytest.raises(ValueError, match=f"at least {protocol.MIN_MESSAGE_SIZE} bytes"):
+        dsage.DSage(home=home, max_message_size=300_000)
+    for launcher in ("broker", "worker"):
+        r = cli(launcher, "--max-message-size", "5", "--home", str(home))
+        assert r.returncode == 2, r.stderr
+        assert f"less than {protocol.MIN_MESSAGE_SIZE} bytes" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
 # --- roles
 
 
