@@ -5,13 +5,12 @@ to the store and asks this module what to dispatch.
 
 Queues are kept per priority (0 first), then per owner, then per *class* (the
 tags a job requires, whether anonymous workers may run it, and its size class),
-each lane in
-submission order. A monitor takes jobs from the most urgent priority that has
-any it may run; within a priority, owners take turns (round-robin), so one
-client's 100,000 jobs do not starve another's ten. A monitor may run a class
-when it offers every required tag, when it takes frames as large as the jobs'
-(its ``--max-message-size``), and, if it is anonymous, when the jobs say
-``anonymous_ok``.
+each lane in submission order. A monitor takes jobs from the most urgent
+priority that has any it may run; within a priority, owners take turns
+(round-robin), so one client's 100,000 jobs do not starve another's ten. A
+monitor may run a class when it offers every required tag, when it takes frames
+as large as the jobs' (its ``--max-message-size``), and, if it is anonymous,
+when the jobs say ``anonymous_ok``.
 
 One owner for each fact: :attr:`Scheduler.jobs` holds every open job, and a
 job's :attr:`Job.monitor` says which monitor has it (``None`` while queued);
