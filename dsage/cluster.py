@@ -27,7 +27,7 @@ from . import remote
 from .broker import run_broker
 from .client import DSage
 from .monitor import run_monitor
-from .options import BrokerOptions, MonitorOptions, names
+from .options import BrokerOptions, MonitorOptions, check_values, names
 from .protocol import Status
 from .store import holder_of
 
@@ -172,6 +172,7 @@ def server(port: int = 8081, blocking: bool = True, home: str | os.PathLike[str]
     root = keys_mod.home(home)
     if blocking:
         _as_args(options, BROKER_FIELDS, "broker")  # validates the names
+        check_values(BrokerOptions, options)  # and the values, as the launcher does
         run_broker(BrokerOptions(port=port, home=root, **options))
         return None
     args = ["broker", "--port", str(port), *_as_args(options, BROKER_FIELDS, "broker")]
@@ -187,6 +188,7 @@ def worker(server: str = "localhost", port: int = 8081, workers: int | None = No
     n = workers or os.cpu_count() or 1
     if blocking:
         _as_args(options, MONITOR_FIELDS, "worker")
+        check_values(MonitorOptions, options)
         if options.get("server_key") is not None:
             options["server_key"] = keys_mod.parse_public_key(options["server_key"])
         run_monitor(MonitorOptions(server=server, port=port, workers=n, home=root, **options))

@@ -214,5 +214,23 @@ def from_args(cls: type[Any], namespace: argparse.Namespace, **override: Any) ->
     return cls(**{**values, **override})
 
 
+def check_values(cls: type[Any], values: dict[str, Any]) -> None:
+    """Check keyword options as the command line checks them (by each field's ``parse``,
+    on the text the launcher would be given); a bad one raises ValueError naming it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        parse = fields[name].metadata.get("parse") if name in fields else None
+        if parse is None or value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, (list, tuple)):
+            text = ",".join(map(str, value))
+        else:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+        try:
+            parse(text)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise ValueError(f"{name}={value!r}: {e}") from None
+
+
 def names(cls: type[Any]) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}

@@ -803,7 +803,9 @@ def test_a_frame_limit_too_small_for_dsage_itself_is_refused_saying_so(home: Pat
     fetched in are 1 MiB, so each one dropped its connection, and the fetch began
     again. A broker or worker given 5 bytes started, and no peer could complete a
     handshake with it (a client blamed the key). Limits under what dsage's own
-    messages need are refused where they are given, saying why."""
+    messages need are refused where they are given, saying why; and dsage.server()
+    and dsage.worker() running in this process check every option as the launchers
+    do (they took any value)."""
     with pytest.raises(ValueError, match=f"at least {protocol.MIN_MESSAGE_SIZE} bytes"):
         dsage.DSage(home=home, max_message_size=300_000)
     for launcher in ("broker", "worker"):
@@ -811,6 +813,11 @@ def test_a_frame_limit_too_small_for_dsage_itself_is_refused_saying_so(home: Pat
         assert r.returncode == 2, r.stderr
         assert f"less than {protocol.MIN_MESSAGE_SIZE} bytes" in r.stderr
         assert "Traceback" not in r.stderr
+    # the same checks where a broker or monitor runs in this process
+    with pytest.raises(ValueError, match="max_message_size=5: 5 is less than"):
+        dsage.server(port=1, home=home, max_message_size=5)
+    with pytest.raises(ValueError, match="heartbeat=-1: -1 is not a positive number"):
+        dsage.worker(port=1, home=home, heartbeat=-1)
 
 
 # --- roles
