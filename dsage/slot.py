@@ -219,6 +219,8 @@ def _user_traceback(exc: BaseException) -> str:
 
 
 _PAGE = resource.getpagesize()
+#: the builtins namespace, reached without a builtin name (see Baseline.put_back_builtins)
+_BUILTINS: dict[str, Any] = builtins.__dict__
 
 
 def _rss() -> int:
@@ -392,11 +394,13 @@ class JobFolders:
 
 
 def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, folders: JobFolders,
-            blobs: bytes = b"") -> tuple[dict[str, Any], bytes, bytes]:
+            blobs: bytes = b"", baseline: Baseline | None = None,
+            ) -> tuple[dict[str, Any], bytes, bytes]:
     """Run one job in its own folder (see :class:`JobFolders`); return its outcome
     fields for the monitor, the encoded result and the captured output. ``blobs``
     holds the shared blobs the job uses, one after another, as its ``blobs`` field
-    lists them."""
+    lists them. The ``baseline``'s builtins are put back as soon as the job's code
+    ends, before any code of the slot's own runs."""
     job_dir = folders.enter(spec["id"])
     capture.reset()
     recursion = sys.getrecursionlimit()
@@ -414,14 +418,19 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, folders: Job
     value: Any = None
     result_from = ResultFrom.NONE
     try:
-        payload, att = unwrap(payload, _split(blobs, spec.get("blobs") or ()))
-        if att is not None:
-            place(att, job_dir)
-        if spec["kind"] == Kind.FUNCTION:
-            value, result_from = run_function(payload), ResultFrom.RETURN
-        else:
-            value, result_from = run_code(payload.decode(), spec.get("name") or "<dsage job>",
-                                          spec["kind"], att)
+        try:
+            payload, att = unwrap(payload, _split(blobs, spec.get("blobs") or ()))
+            if att is not None:
+                place(att, job_dir)
+            if spec["kind"] == Kind.FUNCTION:
+                value, result_from = run_function(payload), ResultFrom.RETURN
+            else:
+                value, result_from = run_code(payload.decode(),
+                                              spec.get("name") or "<dsage job>",
+                                              spec["kind"], att)
+        finally:
+            if baseline is not None:
+                baseline.put_back_builtins()
     except SystemExit as e:
         status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
         retry = raised_one_of(e, spec.get("retry_on") or ())
@@ -743,7 +752,8 @@ class Baseline:
         os.set_inheritable(self.stdin, False)
         self.fds = {fd for fd in _open_fds() if _ident(fd) is not None}  # not the listing's
         self.builtins = dict(vars(builtins))
-        self.builtin_values = list(self.builtins.values())
+        #: the job changed builtins (put back at once, see :meth:`put_back_builtins`)
+        self.builtins_changed = False
         #: the builtins namespace's version tag, where it can be read (see ModuleWatch)
         self.builtins_tag = versions.Tags(classes=False) if versions.WORKS else None
         if self.builtins_tag is not None:
@@ -756,6 +766,26 @@ class Baseline:
         self.rlimit_values = list(self.rlimits.values())
         self.fd_count = _fd_count()
         self.threads = self.tasks = 1
+
+    def put_back_builtins(self) -> None:
+        """Right after the job's code: put back what it changed in builtins, before the
+        slot's own code runs again (it calls ``len``, ``type``, ``isinstance``...), and
+        remember that it did. Uses no builtin name: those may be the job's now."""
+        if self.builtins_tag is not None and self.builtins_tag.read() == self.builtins_then:
+            return
+        now = _BUILTINS
+        same = now.keys() == self.builtins.keys()
+        if same:
+            for name, value in self.builtins.items():
+                if now[name] is not value:
+                    same = False
+                    break
+        if not same:
+            now.clear()
+            now.update(self.builtins)
+            self.builtins_changed = True
+        if self.builtins_tag is not None:
+            self.builtins_then = self.builtins_tag.read()
 
     def accept(self) -> None:
         """Take the slot's modules and threads as they are now (once it loaded Sage)."""
@@ -826,12 +856,10 @@ class Baseline:
             gc.collect()  # files the job dropped without closing
             if self._extra_fds():
                 why.append(f"it left {len(extra)} files open")
-        if self.builtins_tag is None or self.builtins_tag.read() != self.builtins_then:
-            if list(vars(builtins).values()) != self.builtin_values \
-                    or vars(builtins).keys() != self.builtins.keys():
-                why.append("it changed builtins")
-            elif self.builtins_tag is not None:
-                self.builtins_then = self.builtins_tag.read()
+        self.put_back_builtins()  # (a thread the job left may have changed them since)
+        if self.builtins_changed:
+            self.builtins_changed = False
+            why.append("it changed builtins")
         changed = self.modules.changed()
         if changed:
             why.append(f"it changed {', '.join(sorted(changed)[:5])}")
@@ -916,7 +944,7 @@ def serve(fd: int, capture_path: str, tmpdir: str, groups: list[str], run_as: st
                 spec["kind"] == Kind.FUNCTION and mentions_sage(payload))):
             sage_loaded = load_sage(baseline)
             base_rss = _rss() if sage_loaded else 0
-        reply, result, output = run_job(spec, payload, capture, folders, blobs)
+        reply, result, output = run_job(spec, payload, capture, folders, blobs, baseline)
         reply["base_rss"] = base_rss
         if _ident(fd) != pipe:
             # The job closed the pipe or put another file in its place: end, before the

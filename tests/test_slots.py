@@ -325,6 +325,10 @@ def test_a_monitor_whose_slots_cannot_start_steps_back_and_recovers(
 
 LEAKS = {
     "builtins": ("import builtins; builtins.sum = lambda *a: 42", "sum([1, 2])", 3),
+    # builtins the slot's own code calls after the job: its answer comes all the same
+    "builtins_the_slot_uses": (
+        "import builtins; builtins.len = builtins.type = builtins.isinstance = None\n"
+        "builtins.max = lambda *a: 1 / 0", "len('ab')", 2),
     "module": ("import math; math.pi = 3", "import math; math.pi", 3.141592653589793),
     # modules the slot had not loaded: the job imports one, then changes it
     "new_module": ("import colorsys; colorsys.rgb_to_hsv = lambda *a: 'x'",
@@ -363,6 +367,17 @@ LEAKS = {
     "open_file": ("import os; os.open('/etc/hostname', os.O_RDONLY)",
                   "import os; len(os.listdir('/proc/self/fd'))", None),
 }
+
+
+def test_a_job_that_breaks_builtins_and_raises_fails_with_its_own_error(
+        one_slot: dsage.DSage) -> None:
+    """The slot reports a job's exception with type() and isinstance(): a job that had
+    replaced them made its slot crash (the job "exited with status 0"). Builtins are
+    put back as soon as the job's code ends, before the slot's own code runs."""
+    j = done(one_slot("import builtins\nbuiltins.type = builtins.isinstance = None\n"
+                      "builtins.str = builtins.len = None\nraise KeyError('its own')"), 30)
+    assert j.status == "failed" and "KeyError: 'its own'" in (j.error or ""), j.error
+    assert one_slot("str(len('abc'))").result(30) == "3"
 
 
 @pytest.mark.parametrize("name", list(LEAKS))
