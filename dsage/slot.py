@@ -219,8 +219,15 @@ def _user_traceback(exc: BaseException) -> str:
 
 
 _PAGE = resource.getpagesize()
-#: the builtins namespace, reached without a builtin name (see Baseline.put_back_builtins)
+#: the builtins namespace, reached without a builtin name (see Baseline.put_back)
 _BUILTINS: dict[str, Any] = builtins.__dict__
+#: modules and a class whose names the slot's own code calls between a job's end and
+#: its answer (``os.fstat``, ``time.time``, ``socket.socket.sendmsg``...): put back
+#: at once when a job rebinds one, as builtins are (see Baseline.put_back)
+_OWN_MODULES = (os, sys, time, resource, socket, struct, stat, errno, signal, _signal,
+                threading, operator)
+_OWN_CLASSES = (socket.socket,)
+_MISSING = object()
 
 
 def _rss() -> int:
@@ -399,8 +406,9 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, folders: Job
     """Run one job in its own folder (see :class:`JobFolders`); return its outcome
     fields for the monitor, the encoded result and the captured output. ``blobs``
     holds the shared blobs the job uses, one after another, as its ``blobs`` field
-    lists them. The ``baseline``'s builtins are put back as soon as the job's code
-    ends, before any code of the slot's own runs."""
+    lists them. What the job rebound of the ``baseline``'s builtins, and of the modules
+    the slot itself uses, is put back as soon as the job's code ends, before any code
+    of the slot's own runs."""
     job_dir = folders.enter(spec["id"])
     capture.reset()
     recursion = sys.getrecursionlimit()
@@ -430,7 +438,7 @@ def run_job(spec: dict[str, Any], payload: bytes, capture: Capture, folders: Job
                                               spec["kind"], att)
         finally:
             if baseline is not None:
-                baseline.put_back_builtins()
+                baseline.put_back()
     except SystemExit as e:
         status, error = Status.FAILED, f"the job exited: sys.exit({e.code!r})"
         retry = raised_one_of(e, spec.get("retry_on") or ())
@@ -751,14 +759,9 @@ class Baseline:
         self.stdin = os.dup(0)  # what file 0 was, to put back
         os.set_inheritable(self.stdin, False)
         self.fds = {fd for fd in _open_fds() if _ident(fd) is not None}  # not the listing's
-        self.builtins = dict(vars(builtins))
-        #: the job changed builtins (put back at once, see :meth:`put_back_builtins`)
-        self.builtins_changed = False
-        #: the builtins namespace's version tag, where it can be read (see ModuleWatch)
-        self.builtins_tag = versions.Tags(classes=False) if versions.WORKS else None
-        if self.builtins_tag is not None:
-            self.builtins_tag.add(vars(builtins))
-            self.builtins_then = self.builtins_tag.read()
+        #: what :meth:`put_back` put back since the last :meth:`restore`
+        self.put_back_names: list[str] = []
+        self._note_own()
         self.handler_values = list(self.handlers.values())
         self.modules = ModuleWatch()
         self.modules.install()
@@ -767,11 +770,35 @@ class Baseline:
         self.fd_count = _fd_count()
         self.threads = self.tasks = 1
 
-    def put_back_builtins(self) -> None:
-        """Right after the job's code: put back what it changed in builtins, before the
-        slot's own code runs again (it calls ``len``, ``type``, ``isinstance``...), and
-        remember that it did. Uses no builtin name: those may be the job's now."""
-        if self.builtins_tag is not None and self.builtins_tag.read() == self.builtins_then:
+    def _note_own(self) -> None:
+        """Copy builtins and the namespaces of _OWN_MODULES and _OWN_CLASSES, and read
+        their version tags (where they can be read), for :meth:`put_back`."""
+        self.builtins = dict(_BUILTINS)
+        self.own = [(m.__dict__, m.__name__, dict(m.__dict__)) for m in _OWN_MODULES]
+        self.own_classes = [(cls, dict(cls.__dict__)) for cls in _OWN_CLASSES]
+        self.own_tags: tuple[versions.Tags, versions.Tags] | None = None
+        if versions.WORKS:
+            dicts, classes = versions.Tags(classes=False), versions.Tags(classes=True)
+            dicts.add(_BUILTINS)
+            for d, _, _ in self.own:
+                dicts.add(d)
+            for cls, _ in self.own_classes:
+                versions.tag_class(cls)
+                classes.add(cls)
+            self.own_tags = dicts, classes
+            self.own_then = dicts.read_placed(), classes.read_placed()
+
+    def put_back(self) -> None:
+        """Right after the job's code: put back what it rebound in builtins (all of
+        them as they were) and in the namespaces the slot's own code uses (the names
+        it rebound or removed), before that code runs again, and remember which but
+        ``sys`` (the slot is replaced after the job, as for any module it changed;
+        not for ``sys``, whose streams and hooks :meth:`restore` always put back).
+        Uses no name the job may have rebound until builtins are back. One read of
+        version tags when the job rebound nothing."""
+        tags = self.own_tags
+        if tags is not None and tags[0].read_placed() == self.own_then[0] \
+                and tags[1].read_placed() == self.own_then[1]:
             return
         now = _BUILTINS
         same = now.keys() == self.builtins.keys()
@@ -783,13 +810,32 @@ class Baseline:
         if not same:
             now.clear()
             now.update(self.builtins)
-            self.builtins_changed = True
-        if self.builtins_tag is not None:
-            self.builtins_then = self.builtins_tag.read()
+            self.put_back_names.append("builtins")
+        for d, module, copy in self.own:
+            rebound = [name for name, value in copy.items()
+                       if d.get(name, _MISSING) is not value]
+            if rebound:
+                d.update((name, copy[name]) for name in rebound)
+                if module != "sys":  # (as restore() puts back sys.stdout and the like)
+                    self.put_back_names.append(module)
+        for cls, attrs in self.own_classes:
+            rebound = [name for name, value in attrs.items()
+                       if cls.__dict__.get(name, _MISSING) is not value]
+            added = [name for name in cls.__dict__ if name not in attrs]
+            if rebound or added:
+                for name in added:
+                    delattr(cls, name)
+                for name in rebound:
+                    setattr(cls, name, attrs[name])
+                versions.tag_class(cls)
+                self.put_back_names.append(f"{cls.__module__}.{cls.__qualname__}")
+        if tags is not None:
+            self.own_then = tags[0].read_placed(), tags[1].read_placed()
 
     def accept(self) -> None:
         """Take the slot's modules and threads as they are now (once it loaded Sage)."""
         self.modules.accept()
+        self._note_own()
         self.threads = threading.active_count()
         self.tasks = _threads()
 
@@ -856,11 +902,9 @@ class Baseline:
             gc.collect()  # files the job dropped without closing
             if self._extra_fds():
                 why.append(f"it left {len(extra)} files open")
-        self.put_back_builtins()  # (a thread the job left may have changed them since)
-        if self.builtins_changed:
-            self.builtins_changed = False
-            why.append("it changed builtins")
-        changed = self.modules.changed()
+        self.put_back()  # (a thread the job left may have rebound names since)
+        changed = list(dict.fromkeys(self.put_back_names + self.modules.changed()))
+        self.put_back_names = []
         if changed:
             why.append(f"it changed {', '.join(sorted(changed)[:5])}")
         return "; ".join(why) or None

@@ -329,6 +329,15 @@ LEAKS = {
     "builtins_the_slot_uses": (
         "import builtins; builtins.len = builtins.type = builtins.isinstance = None\n"
         "builtins.max = lambda *a: 1 / 0", "len('ab')", 2),
+    # names of modules the slot's own code calls after the job (a mocked clock, a fake
+    # file system, a patched socket): its answer comes all the same
+    "modules_the_slot_uses": (
+        "import os, resource, socket, sys, time\n"
+        "time.time = lambda: 0.0; os.fstat = os.chdir = None; del os.pread\n"
+        "sys.getrecursionlimit = resource.setrlimit = None\n"
+        "socket.socket.sendmsg = None; socket.socket.recv_into = None",
+        "import os, time; (time.time() > 1e9, os.fstat(0) is not None, 'pread' in dir(os))",
+        (True, True, True)),
     "module": ("import math; math.pi = 3", "import math; math.pi", 3.141592653589793),
     # modules the slot had not loaded: the job imports one, then changes it
     "new_module": ("import colorsys; colorsys.rgb_to_hsv = lambda *a: 'x'",
