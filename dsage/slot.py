@@ -47,7 +47,7 @@ from typing import Any
 
 import msgspec
 
-from . import chunks, contain, runas, versions
+from . import chunks, contain, pystate, runas, versions
 from .attach import Attachments, place, unwrap
 from .codec import encode_result, mentions_sage
 from .functions import LoadError, preload
@@ -765,6 +765,7 @@ class Baseline:
         self.handler_values = list(self.handlers.values())
         self.modules = ModuleWatch()
         self.modules.install()
+        self.settings = pystate.Settings()
         self.rlimits = {r: resource.getrlimit(r) for r in _RLIMITS}
         self.rlimit_values = list(self.rlimits.values())
         self.fd_count = _fd_count()
@@ -836,6 +837,7 @@ class Baseline:
         """Take the slot's modules and threads as they are now (once it loaded Sage)."""
         self.modules.accept()
         self._note_own()
+        self.settings = pystate.Settings()
         self.threads = threading.active_count()
         self.tasks = _threads()
 
@@ -902,6 +904,9 @@ class Baseline:
             gc.collect()  # files the job dropped without closing
             if self._extra_fds():
                 why.append(f"it left {len(extra)} files open")
+        self.settings.put_back()
+        if len(sys.modules) < self.modules.count:
+            why.append("it removed modules from sys.modules")
         self.put_back()  # (a thread the job left may have rebound names since)
         changed = list(dict.fromkeys(self.put_back_names + self.modules.changed()))
         self.put_back_names = []
