@@ -11,13 +11,15 @@ the job's payload, which the broker never opens, in an envelope:
 payload (code, or a pickled call). No Python source and no pickle starts with
 a NUL byte, so a payload without attachments is never taken for one. The
 client refuses, in the call, a missing file, two different files of one
-name, and attachments larger than a message may be.
+name, what is not a regular file (a FIFO or a device would block the call,
+or never end), and attachments larger than a message may be.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -68,14 +70,14 @@ class _FileCache:
         self.files: OrderedDict[tuple[int, int, int, int], tuple[bytes, str]] = OrderedDict()
         self.size = 0
 
-    def read(self, path: Path) -> tuple[bytes, str]:
-        st = path.stat()
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        with self.lock:
-            if key in self.files:
-                self.files.move_to_end(key)
-                return self.files[key]
-        data = path.read_bytes()
+    def read(self, path: Path, option: str, limit: int | None) -> tuple[bytes, str]:
+        with _opened(path, option, limit) as (fd, st):
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            with self.lock:
+                if key in self.files:
+                    self.files.move_to_end(key)
+                    return self.files[key]
+            data = _read_all(fd)
         entry = (data, content_hash(data))
         if len(data) != st.st_size:
             return entry  # it changed while being read: not kept
@@ -92,17 +94,46 @@ class _FileCache:
 _cache = _FileCache()
 
 
-def _read_file(path: Path, option: str) -> tuple[bytes, str]:
+def _read_file(path: Path, option: str, limit: int | None = None) -> tuple[bytes, str]:
     """A file's content and hash (from the cache when unchanged), or a clear error."""
-    with _reading(path, option):
-        if path.is_dir():
-            raise IsADirectoryError
-        return _cache.read(path)
+    return _cache.read(path, option, limit)
 
 
-def _read(path: Path, option: str) -> bytes:
+def read_file(path: str | os.PathLike[str], option: str, limit: int | None = None) -> bytes:
+    """A regular file's content, or an error naming ``option`` and the problem: none
+    there, a folder, not a regular file, or more than ``limit`` bytes."""
+    with _opened(Path(path), option, limit) as (fd, _):
+        return _read_all(fd)
+
+
+@contextmanager
+def _opened(path: Path, option: str, limit: int | None) -> Iterator[tuple[int, os.stat_result]]:
+    """``path`` open to read, with its status, once it is known to be a regular file
+    of at most ``limit`` bytes (opened without blocking: a FIFO with no writer would
+    block the call)."""
     with _reading(path, option):
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{option}: {path} is not a regular file (a FIFO, a device "
+                                 f"or a socket); attach files")
+            if limit is not None and st.st_size > limit:
+                raise ValueError(f"{option}: {path} is {st.st_size} bytes, more than the "
+                                 f"largest message allowed ({limit} bytes, "
+                                 f"--max-message-size): put large files where the "
+                                 f"workers can read them")
+            os.set_blocking(fd, True)
+            yield fd, st
+        finally:
+            os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb", closefd=False) as f:
+        return f.read()
 
 
 @contextmanager
@@ -120,20 +151,21 @@ def _reading(path: Path, option: str) -> Iterator[None]:
 
 def collect(files: Iterable[str | os.PathLike[str]] = (),
             user_vars: Mapping[str, Any] | None = None,
-            load_files: Iterable[str | os.PathLike[str]] = ()) -> Attachments:
+            load_files: Iterable[str | os.PathLike[str]] = (),
+            limit: int | None = None) -> Attachments:
     """Read and check what a job call attaches (ValueError, TypeError or OSError
-    naming the problem)."""
+    naming the problem); a file over ``limit`` bytes is refused before it is read."""
     att = Attachments()
     origin: dict[str, Path] = {}
     for path in _paths(files, "files"):
-        data, digest = _read_file(path, "files")
+        data, digest = _read_file(path, "files", limit)
         name = path.name
         if name in att.files and att.digests[name] != digest:
             raise ValueError(f"files: {origin[name]} and {path} are both named {name!r} in "
                              f"the job's folder; rename one")
         att.files[name], att.digests[name], origin[name] = data, digest, path
     for path in _paths(load_files, "load_files"):
-        data = _read(path, "load_files")
+        data = read_file(path, "load_files", limit)
         try:
             att.load_files.append((str(path), data.decode()))
         except UnicodeDecodeError:

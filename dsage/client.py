@@ -1254,8 +1254,8 @@ class DSage:
                     f", args, kwargs)" if callable(code) else "")
             raise TypeError(f"code must be a string, not {type(code).__name__}{hint}")
         kind = self.kind if kind is None else _check_code_kind(kind)
-        payload, shared = attach.wrap(code.encode(),
-                                      attach.collect(files, user_vars, load_files))
+        payload, shared = attach.wrap(code.encode(), attach.collect(
+            files, user_vars, load_files, limit=self._message_limit()))
         return self._submit(payload, kind, timeout, priority, name, memory, anonymous_ok,
                             requires, isolate, retries, retry_on, shared=shared)
 
@@ -1266,9 +1266,9 @@ class DSage:
         :meth:`eval`'s options."""
         p = Path(path)
         try:
-            code = p.read_text()
-        except OSError as e:
-            raise FileNotFoundError(f"cannot read {p}: {e.strerror}") from None
+            code = attach.read_file(p, "eval_file", self._message_limit()).decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"eval_file: {p} is not UTF-8 text (code to run)") from None
         options.setdefault("kind", {".sage": Kind.SAGE.value, ".py": Kind.PYTHON.value}.get(
             p.suffix, self.kind))
         return self.eval(code, name=name if name is not None else p.name, **options)
@@ -1285,7 +1285,8 @@ class DSage:
                 raise TypeError(f"eval_function takes no {option}= (a function's values "
                                 f"are its arguments)")
         payload, shared = attach.wrap(dump_call(func, tuple(args), dict(kwargs or {})),
-                                      attach.collect(options.pop("files", ())))
+                                      attach.collect(options.pop("files", ()),
+                                                     limit=self._message_limit()))
         options.setdefault("name", getattr(func, "__name__", None))
         return self._submit(payload, Kind.FUNCTION.value, shared=shared, **options)
 
@@ -1402,11 +1403,15 @@ class DSage:
 
         return DSageExecutor(self, **job_options)
 
+    def _message_limit(self) -> int:
+        """The largest message: this client's limit, or the broker's once it is known."""
+        return min(self._io.max_message_size,
+                   self._io.conn.max_message_size or self._io.max_message_size)
+
     def _check_fits(self, size: int) -> None:
         """ValueError, in the call, for a job with attachments larger than a message
         may be (this client's limit, or the broker's once it is known)."""
-        limit = min(self._io.max_message_size,
-                    self._io.conn.max_message_size or self._io.max_message_size)
+        limit = self._message_limit()
         if size > limit:
             raise ValueError(f"the job with its attachments is {size} bytes, more than the "
                              f"largest message allowed ({limit} bytes, --max-message-size): "

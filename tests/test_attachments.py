@@ -5,6 +5,7 @@ Real processes throughout."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ def test_attachment_errors_are_clear_and_in_the_call(procs: Procs, data: Path) -
     big.write_bytes(b"x" * (1 << 20))
     with pytest.raises(ValueError, match="with its attachments is .* bytes, more than"):
         D("1", files=[big])
+    # what is not a regular file would block the call (a FIFO), or never end (a device)
+    fifo = data / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="files: .*fifo is not a regular file"):
+        D("1", files=[fifo])
+    with pytest.raises(ValueError, match="load_files: /dev/zero is not a regular file"):
+        D("1", load_files=["/dev/zero"])
+    with pytest.raises(ValueError, match="eval_file: .*fifo is not a regular file"):
+        D.eval_file(fifo)
+    huge = data / "huge.bin"  # (sparse: refused by its size, before it is read)
+    with open(huge, "wb") as f:
+        f.truncate(2 << 20)
+    with pytest.raises(ValueError, match=f"files: .*huge.bin is {2 << 20} bytes, more than"):
+        D("1", files=[huge])
     # the same file twice is one file
     both = attach.collect([data / "data.txt", data / "data.txt"])
     assert list(both.files) == ["data.txt"]
