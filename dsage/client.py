@@ -20,6 +20,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
+import operator
 import os
 import queue
 import re
@@ -56,7 +58,7 @@ from .protocol import (
 from .protocol import MIN_MESSAGE_SIZE, batch_bytes
 from .sage import SAGE_TAG
 from .seal import Opener, binding
-from .sockets import send_frames
+from .sockets import send_frames, unfound
 from .words import plural
 
 if TYPE_CHECKING:
@@ -193,6 +195,25 @@ def _check_timeout(timeout: float | None) -> float | None:
     if not 0 < seconds < float("inf"):
         raise ValueError(problem)
     return seconds
+
+
+def _check_connection(server: Any, port: Any, heartbeat: Any, connect_timeout: Any) -> int:
+    """Check DSage's connection arguments (a clear error in the call, not a failed
+    connection later); the port as an int."""
+    if not isinstance(server, str) or not server:
+        raise ValueError(f"server={server!r}: give the broker's host name or address")
+    try:
+        number = operator.index(port)
+    except TypeError:
+        raise TypeError(f"port={port!r}: give an int, the broker's client port") from None
+    if not 1 <= number <= 65533:
+        raise ValueError(f"port={port!r}: give a port from 1 to 65533, the broker's client port")
+    for name, value, least in (("heartbeat", heartbeat, "positive"),
+                               ("connect_timeout", connect_timeout, "0 or more")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0 or (value == 0 and name == "heartbeat"):
+            raise ValueError(f"{name}={value!r}: give a {least} number of seconds")
+    return number
 
 
 def _check_priority(priority: int) -> int:
@@ -1127,6 +1148,7 @@ class DSage:
                  max_unacked_bytes: int = MAX_UNACKED_BYTES, kind: str = "python") -> None:
         if max_unacked_jobs < 1 or max_unacked_bytes < 1:
             raise ValueError("max_unacked_jobs and max_unacked_bytes must be at least 1")
+        port = _check_connection(server, port, heartbeat, connect_timeout)
         if max_message_size < MIN_MESSAGE_SIZE:
             raise ValueError(f"max_message_size must be at least {MIN_MESSAGE_SIZE} bytes "
                              f"(1 MiB): dsage's own messages need that much")
@@ -1210,6 +1232,9 @@ class DSage:
                 f"{self.port} not the broker's client port? A broker on port N uses N for "
                 f"clients, N+1 for monitors and N+2 for job events: connect to N")
         if c.refused_since is not None and not c.tcp_connected:
+            problem = unfound(self.server)
+            if problem is not None:
+                return BrokerUnreachable(f"no broker at {where}: {problem}")
             return BrokerUnreachable(
                 f"no broker at {where}: the connection was refused (nothing listens on port "
                 f"{self.port}). Start one with `dsage-broker --port {self.port}`, or check "

@@ -170,9 +170,9 @@ def server(port: int = 8081, blocking: bool = True, home: str | os.PathLike[str]
     with ``blocking=False``, which returns its :class:`ManagedProcess`. Options are
     those of ``dsage-broker`` (``allow_anonymous=True``, ``failure_limit=5``, ...)."""
     root = keys_mod.home(home)
+    _as_args(options, BROKER_FIELDS, "broker")  # the names
+    check_values(BrokerOptions, {"port": port, **options})  # and the values, in the call
     if blocking:
-        _as_args(options, BROKER_FIELDS, "broker")  # validates the names
-        check_values(BrokerOptions, options)  # and the values, as the launcher does
         run_broker(BrokerOptions(port=port, home=root, **options))
         return None
     args = ["broker", "--port", str(port), *_as_args(options, BROKER_FIELDS, "broker")]
@@ -186,9 +186,9 @@ def worker(server: str = "localhost", port: int = 8081, workers: int | None = No
     ``server:port``; ``anonymous=True`` with ``server_key=`` connects without a trusted key."""
     root = keys_mod.home(home)
     n = workers or os.cpu_count() or 1
+    _as_args(options, MONITOR_FIELDS, "worker")
+    check_values(MonitorOptions, {"port": port, "workers": n, **options})
     if blocking:
-        _as_args(options, MONITOR_FIELDS, "worker")
-        check_values(MonitorOptions, options)
         if options.get("server_key") is not None:
             options["server_key"] = keys_mod.parse_public_key(options["server_key"])
         run_monitor(MonitorOptions(server=server, port=port, workers=n, home=root, **options))
@@ -314,6 +314,9 @@ def start_all(workers: int = 2, port: int | None = None,
     unknown = set(options) - BROKER_FIELDS - MONITOR_FIELDS
     if unknown:
         raise TypeError(f"unknown start_all option(s): {', '.join(sorted(unknown))}")
+    # checked before anything starts, as the launchers would check them
+    check_values(BrokerOptions, {"port": port, **broker_opts})
+    check_values(MonitorOptions, {"port": port, "workers": workers, **monitor_opts})
     cluster = Cluster()
     d: DSage | None = None
     try:

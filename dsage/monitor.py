@@ -41,7 +41,7 @@ from .options import MonitorOptions
 from .seal import Sealer, binding
 from .slot import (PIPE_LOST, TEMPLATE, FrameError, recv_frame, remove_folder, send_frame,
                    spare_folder)
-from .sockets import send_frames
+from .sockets import send_frames, unfound
 from .protocol import (
     CHUNK_BYTES, LIVE_BYTES, MAX_BATCH, MAX_LONG_TEXT, MAX_TEXT, MONITOR_REPLIES,
     UPLOAD_BYTES, M, Message, ProtocolError, Status, batch_bytes, batches, clip, decode,
@@ -1046,7 +1046,9 @@ class Monitor:
             self.last_sent = now  # also when not connected, so this is not retried at once
             self._reap_strays()
         if now - self.last_heard > window:
-            log.warning("no word from the broker for %.1f s; reconnecting", now - self.last_heard)
+            problem = None if self.registered else unfound(self.options.server)
+            log.warning("no word from the broker for %.1f s; reconnecting%s", now - self.last_heard,
+                        f": {problem}" if problem else "")
             self._connect()
         if (self.options.exit_with_parent and not self.stopping
                 and os.getppid() != self.options.exit_with_parent):

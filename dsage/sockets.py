@@ -1,7 +1,8 @@
-"""Sending frames from the event loops."""
+"""Sending frames from the event loops; why a host cannot be reached."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 import zmq
@@ -19,3 +20,12 @@ def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         sock.send(frame, _MORE_NOBLOCK if i < last else _NOBLOCK, copy=len(frame) < ZERO_COPY)
+
+
+def unfound(host: str) -> str | None:
+    """Why ``host`` cannot be found (its name does not resolve), or None if it can."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"the host {host!r} cannot be found ({e.strerror})"
+    return None

@@ -224,6 +224,39 @@ def test_no_broker_is_a_clear_error_at_once(home: Path, port: int) -> None:
     assert time.monotonic() - began < 30  # refused for a few seconds: not waited out
 
 
+def test_a_host_that_cannot_be_found_is_named_so(home: Path) -> None:
+    """A host name that does not resolve was reported as a refused connection, and a
+    monitor said only that the broker was silent."""
+    with pytest.raises(dsage.BrokerUnreachable, match="'no-such-host.invalid' cannot be found"):
+        dsage.DSage("no-such-host.invalid", 8081, connect_timeout=60)
+    monitor = subprocess.run(
+        [sys.executable, "-m", "dsage.cli", "worker", "--server", "no-such-host.invalid",
+         "--workers", "1", "--heartbeat", "0.2", "--idle-exit", "3", "--log-file", "-"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "'no-such-host.invalid' cannot be found" in monitor.stderr, monitor.stderr[-2000:]
+
+
+def test_connection_and_cluster_arguments_are_checked_in_the_call(home: Path) -> None:
+    """DSage(port=0) waited to say nothing listens on port 0, port='8081' raised a
+    TypeError from inside, heartbeat=0 spun for 12 s; start_all(workers=-1) or
+    (heartbeat=-1) started a broker, then failed with the monitor's usage text in a
+    StartError. Each is refused in the call, naming the argument, starting nothing."""
+    for kwargs, error, says in (
+            ({"port": 0}, ValueError, "port=0: give a port from 1 to 65533"),
+            ({"port": "8081"}, TypeError, "port='8081': give an int"),
+            ({"server": ""}, ValueError, "server='': give the broker's host name"),
+            ({"heartbeat": 0}, ValueError, "heartbeat=0: give a positive number"),
+            ({"connect_timeout": float("nan")}, ValueError, "connect_timeout=nan: give a 0")):
+        with pytest.raises(error, match=says):
+            dsage.DSage(**kwargs)
+    for kwargs, says in (({"workers": -1}, "workers=-1: -1 is not a positive integer"),
+                         ({"port": 70000}, "port=70000: 70000 is not a port"),
+                         ({"heartbeat": -1}, "heartbeat=-1: -1 is not a positive number")):
+        with pytest.raises(ValueError, match=says):
+            dsage.start_all(**kwargs)
+    assert not (home / "logs").exists() or not list((home / "logs").iterdir())  # none started
+
+
 def test_the_monitor_and_event_ports_are_named_to_a_client(procs: Procs) -> None:
     """A client on the monitors' port once heard only 'is the server key right?'."""
     procs.broker()
