@@ -180,10 +180,11 @@ def _keys(a: argparse.Namespace) -> int:
               f"copy both files into its dsage home, the secret key readable by its owner "
               f"only:\n"
               f"  ssh NODE 'mkdir -p -m 700 ~/.sage/dsage'\n"
-              f"  scp -p {folder / keys_mod.SECRET_NAME} {folder / keys_mod.PUBLIC_NAME} "
+              f"  scp -p {shlex.quote(str(folder / keys_mod.SECRET_NAME))} "
+              f"{shlex.quote(str(folder / keys_mod.PUBLIC_NAME))} "
               f"NODE:.sage/dsage/\n"
               f"then start the monitor there with the broker's key:\n"
-              f"  dsage-worker --server BROKER_HOST --port PORT --server-key={own}\n"
+              f"  dsage-worker --server BROKER_HOST --port PORT --server-key={shlex.quote(own)}\n"
               f"(or from Python: dsage.start_workers(['NODE'], client=D, "
               f"copy_key={a.name!r}) does all of it)")
     elif a.action == "remove":

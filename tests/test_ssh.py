@@ -10,6 +10,7 @@ process table, and ends them if a failing test left any.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -327,5 +328,7 @@ def test_issue_worker_makes_a_worker_key_and_says_how_to_install_it(
     key = keys.load_keypair(folder).public
     assert keys.authorized_roles(home)["node7"] == (key, "worker")
     assert str(folder / keys.SECRET_NAME) in out and str(folder / keys.PUBLIC_NAME) in out
-    assert keys.load_keypair(home).public.decode() in out  # the --server-key to give
+    own = keys.load_keypair(home).public.decode()
+    # the --server-key to give, quoted for a shell (a z85 key holds $, &, ( and the like)
+    assert f"--server-key={shlex.quote(own)}" in out
     assert cli_main(["keys", "--home", str(home), "issue-worker", "node7"]) == 2  # not twice
