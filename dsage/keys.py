@@ -47,6 +47,10 @@ class BadKey(KeyProblem):
     """A key or key file could not be read."""
 
 
+class HomeUnusable(KeyProblem):
+    """The dsage home, or a folder in it, cannot be made or used."""
+
+
 def home(path: str | os.PathLike[str] | None = None) -> Path:
     """The dsage home folder: ``path``, else ``$DSAGE_HOME``, else ``~/.sage/dsage``."""
     if path is not None:
@@ -122,10 +126,16 @@ def private_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
-        pass
+        pass  # (a link, or a file: said below)
+    except OSError as e:
+        raise HomeUnusable(f"cannot make the folder {path}: {e.strerror}; give a dsage home "
+                           f"you can write (DSAGE_HOME, --home or home=)") from None
     if path.is_symlink():
         raise BadKey(f"{path} is a symbolic link: dsage does not follow links for its "
                      f"own folders; remove it and run `dsage setup`")
+    if not path.is_dir():
+        raise HomeUnusable(f"{path} is a file, where dsage keeps a folder; move it, or give "
+                           f"another dsage home (DSAGE_HOME, --home or home=)")
     if stat.S_IMODE(path.stat().st_mode) != 0o700:
         path.chmod(0o700)
 

@@ -328,6 +328,21 @@ def test_setup_command(tmp_path: Path) -> None:
         assert r.returncode == 0 and expected in r.stdout
 
 
+def test_a_home_that_cannot_be_a_folder_is_a_clear_error(tmp_path: Path) -> None:
+    """`dsage setup` and start_all() with DSAGE_HOME naming a file, or a folder that
+    cannot be made, ended in a traceback from pathlib."""
+    (tmp_path / "file").write_text("")
+    for home, says in ((tmp_path / "file", "is a file, where dsage keeps a folder"),
+                       (tmp_path / "file" / "sub", "cannot make the folder"),
+                       (Path("/proc/dsage-home"), "cannot make the folder")):
+        r = subprocess.run([sys.executable, "-m", "dsage.cli", "setup"],
+                           env={**os.environ, "DSAGE_HOME": str(home)},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(keys.HomeUnusable, match="is a file"):
+        dsage.start_all(home=tmp_path / "file")
+
+
 @pytest.mark.parametrize("cmd", [["dsage.cli"], ["dsage.cli", "broker"], ["dsage.cli", "worker"],
                                  ["dsage.cli", "keys"], ["dsage.cli", "demo"]])
 def test_every_command_has_help(cmd: list[str]) -> None:
