@@ -18,9 +18,11 @@ broker for the state of every unfinished job, so no result is ever missed.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import json
 import logging
 import math
+import numbers
 import operator
 import os
 import queue
@@ -48,7 +50,7 @@ from .functions import dump_call
 from .errors import (
     BrokerUnreachable, DSageError, IncompatibleVersion, KeyRejected, SubmitRejected, UnknownJob,
 )
-from .job import JobWrapper
+from .job import JobWrapper, check_wait
 from .protocol import (
     BATCH_BYTES, CLIENT_REPLIES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PRIORITY, EVENTS, FINAL,
     MAX_BATCH, MAX_HEADER, MAX_INT, MAX_LIST, MAX_PRIORITY, MAX_RETRIES, MAX_TAGS, MAX_TEXT,
@@ -214,6 +216,18 @@ def _check_connection(server: Any, port: Any, heartbeat: Any, connect_timeout: A
                 or not math.isfinite(value) or value < 0 or (value == 0 and name == "heartbeat"):
             raise ValueError(f"{name}={value!r}: give a {least} number of seconds")
     return number
+
+
+def _check_time(name: str, value: Any) -> float | None:
+    """A point in time given as a ``time.time()`` value or a datetime (None: none)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        raise TypeError(f"{name}={value!r}: give a time.time() value or a datetime")
+    return float(value)
 
 
 def _check_priority(priority: int) -> int:
@@ -1462,7 +1476,7 @@ class DSage:
                     since: float | None = None, limit: int | None = 1000,
                     timeout: float = 30.0) -> list[JobWrapper]:
         """This key's jobs, oldest first: of one ``status``, with one ``name``, created
-        at or after ``since`` (a ``time.time()`` value), at most ``limit`` of them
+        at or after ``since`` (a ``time.time()`` value or a datetime), at most ``limit`` of them
         (None: all). Fetched in pages of up to ``protocol.MAX_LIST`` jobs."""
         if status is not None and status not in {s.value for s in Status}:
             raise ValueError(f"status={status!r}: choose one of "
@@ -1471,8 +1485,7 @@ class DSage:
                                   or limit < 1):
             raise ValueError(f"limit={limit!r}: a number of jobs >= 1, or None for all")
         name = _check_name(name)
-        if since is not None:
-            since = float(since)
+        since = _check_time("since", since)
         self._check_usable()
         out: list[JobWrapper] = []
         after: int | None = 0
@@ -1519,10 +1532,10 @@ class DSage:
 
     def purge(self, before: float | None = None, timeout: float = 30.0) -> int:
         """Delete this key's finished jobs (completed, failed, killed) from the broker,
-        only those that finished before ``before`` (a ``time.time()`` value) if given;
-        returns how many. Their wrappers keep what they hold."""
+        only those that finished before ``before`` (a ``time.time()`` value or a datetime)
+        if given; returns how many. Their wrappers keep what they hold."""
         self._check_usable()
-        reply = self._io.request(M.PURGE, timeout, before=None if before is None else float(before))
+        reply = self._io.request(M.PURGE, timeout, before=_check_time("before", before))
         count: int = reply.header["count"]
         return count
 
@@ -1578,6 +1591,7 @@ class DSage:
         seconds pass (from this call) before all are."""
         jobs = list(dict.fromkeys(jobs))
         self._check_usable()
+        timeout = check_wait(timeout)
         try:
             yield from cast(Iterator[JobWrapper], concurrent.futures.as_completed(jobs, timeout))
         except TimeoutError:

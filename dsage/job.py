@@ -17,6 +17,7 @@ acquires every future's condition, which for one shared RLock is re-entrant.
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 import sys
 import threading
@@ -54,6 +55,19 @@ LIVE_KEEP = 1 << 20
 
 #: the condition of wrappers without a client (made by hand, as tests do)
 _HOSTLESS = threading.Condition()
+
+
+def check_wait(timeout: Any) -> float | None:
+    """A wait's ``timeout``, checked in the call: None (no limit) or a number of
+    seconds >= 0 (TypeError or ValueError naming it otherwise)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout={timeout!r}: give None or a number of seconds >= 0")
+    seconds = float(timeout)
+    if not seconds >= 0:  # (also NaN)
+        raise ValueError(f"timeout={timeout!r}: give None or a number of seconds >= 0")
+    return seconds
 
 
 class JobHost(Protocol):
@@ -328,8 +342,7 @@ class JobWrapper(Future[Any]):
         Raises :class:`UnknownJob` if the broker no longer knows the job, and
         ``DSageError`` for a job that is not final if its client was closed or this
         is a forked child of the process that made the client."""
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be None or a number of seconds >= 0")
+        timeout = check_wait(timeout)
         if not self.done():
             self._wait(timeout)
         if self._unknown is not None:
@@ -412,8 +425,7 @@ class JobWrapper(Future[Any]):
         """The error :meth:`result` raises, or None if it returns a value (waiting as
         it does); raises :class:`JobCancelled` for a cancelled job, as
         ``Future.exception`` does."""
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be None or a number of seconds >= 0")
+        timeout = check_wait(timeout)
         if not self.done():
             self._wait(timeout)
         if self._value is _UNSET and self._failure is None:

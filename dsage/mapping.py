@@ -21,7 +21,7 @@ from . import codec
 from .chunks import NEED_FUNCTION, ChunkSizer, ItemFailure, run_chunk
 from .errors import DSageError, ItemError, JobError, RemoteTraceback
 from .functions import dump_function, dump_items
-from .job import JobWrapper
+from .job import JobWrapper, check_wait
 from .progress import JobProgress
 from .protocol import MAX_TEXT, Kind, Status, new_job_id
 
@@ -63,8 +63,7 @@ class MapRun:
                                       or chunksize < 1):
             raise ValueError(f"chunksize={chunksize!r}: give an int of at least 1, or None "
                              f"to size chunks by measured item times")
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be None or a number of seconds >= 0")
+        timeout = check_wait(timeout)
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.client = client
         self.ordered, self.return_exceptions = ordered, return_exceptions

@@ -1047,8 +1047,8 @@ class Monitor:
             self._reap_strays()
         if now - self.last_heard > window:
             problem = None if self.registered else unfound(self.options.server)
-            log.warning("no word from the broker for %.1f s; reconnecting%s", now - self.last_heard,
-                        f": {problem}" if problem else "")
+            log.warning("no word from the broker for %.1f s; reconnecting%s",
+                        now - self.last_heard, f": {problem}" if problem else "")
             self._connect()
         if (self.options.exit_with_parent and not self.stopping
                 and os.getppid() != self.options.exit_with_parent):

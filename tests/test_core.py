@@ -135,6 +135,32 @@ def test_bad_arguments_are_refused_at_once(cluster: dsage.DSage) -> None:
         cluster.eval_file("/nonexistent/dsage.py")
 
 
+def test_bad_waits_and_times_are_refused_at_once(cluster: dsage.DSage) -> None:
+    """j.result('5') raised "'<' not supported" from inside, j.wait(nan) waited for the
+    job, and get_my_jobs(since='x') or purge(before='x') raised float()'s message."""
+    import datetime
+
+    j = cluster("'done'")
+    with pytest.raises(TypeError, match="timeout='5': give None or a number of seconds"):
+        j.result("5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout=nan: give None or a number of seconds"):
+        j.wait(float("nan"))
+    with pytest.raises(ValueError, match="timeout=-1"):
+        j.exception(-1)
+    with pytest.raises(ValueError, match="timeout=-1"):
+        list(cluster.as_completed([j], timeout=-1))
+    with pytest.raises(ValueError, match="timeout=-1"):
+        cluster.map(abs, [1], timeout=-1)
+    for call, name in ((lambda v: cluster.get_my_jobs(since=v), "since"),
+                       (lambda v: cluster.purge(before=v), "before")):
+        with pytest.raises(TypeError, match=f"{name}='x': give a time.time.. value or a datetime"):
+            call("x")
+    assert j.result(60) == "done"
+    hour_ago = datetime.datetime.now() - datetime.timedelta(hours=1)
+    assert j.job_id in [w.job_id for w in cluster.get_my_jobs(since=hour_ago)]
+    assert cluster.purge(before=hour_ago) == 0
+
+
 def test_job_fetched_by_id_from_a_second_client_process(procs: Procs, cluster: dsage.DSage) -> None:
     j = done(cluster("DSAGE_RESULT = {'answer': 42}"), 60)
     code = (f"import dsage\nD = dsage.DSage('127.0.0.1', {procs.port})\n"

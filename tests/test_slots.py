@@ -378,7 +378,8 @@ LEAKS = {
     # settings held by the interpreter or the C library, not by a name
     "gc": ("import gc; gc.disable(); gc.set_threshold(1)",
            "import gc; (gc.isenabled(), gc.get_threshold())", None),
-    "trace": ("import sys\ndef quiet(*args): return None\nsys.settrace(quiet); sys.setprofile(quiet)",
+    "trace": ("import sys\ndef quiet(*args): return None\n"
+              "sys.settrace(quiet); sys.setprofile(quiet)",
               "import sys; (sys.gettrace(), sys.getprofile())", (None, None)),
     "switch_interval": ("import sys; sys.setswitchinterval(1.0)",
                         "import sys; sys.getswitchinterval()", None),
