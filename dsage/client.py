@@ -1440,7 +1440,21 @@ class DSage:
         workers, each with ``job_options``."""
         from .executor import DSageExecutor
 
+        self._check_job_options(job_options)
         return DSageExecutor(self, **job_options)
+
+    def _check_job_options(self, options: Mapping[str, Any]) -> None:
+        """Check the options of :meth:`eval_function` kept for later submits: an unknown or
+        bad one raises now, as the submit would (the files are read then)."""
+        rest = {k: v for k, v in options.items() if k != "files"}
+        for option in ("kind", "user_vars", "load_files", "shared"):
+            if option in rest:
+                raise TypeError(f"unknown job option(s): {option} (a function's jobs take "
+                                f"eval's options but kind, user_vars and load_files)")
+        self._spec(Kind.FUNCTION.value, rest.pop("timeout", 600),
+                   rest.pop("priority", DEFAULT_PRIORITY), rest.pop("name", None),
+                   rest.pop("memory", None), rest.pop("anonymous_ok", False),
+                   rest.pop("requires", ()), **rest)
 
     def _message_limit(self) -> int:
         """The largest message: this client's limit, or the broker's once it is known."""

@@ -275,6 +275,18 @@ def test_executor_submit_and_map_as_the_standard_library_has_them(cluster: dsage
         ex.map(abs, [1])
 
 
+def test_an_executor_checks_its_job_options_when_made(cluster: dsage.DSage) -> None:
+    """D.executor(colour=1) or (priority=42) was made, and failed at each submit."""
+    with pytest.raises(TypeError, match="unknown job option.*colour"):
+        cluster.executor(colour=1)
+    with pytest.raises(TypeError, match="unknown job option.*user_vars"):
+        cluster.executor(user_vars={"a": 1})
+    with pytest.raises(ValueError, match="priority"):
+        cluster.executor(priority=42)
+    with cluster.executor(priority=1, timeout=30, name="ex", retries=1) as ex:
+        assert ex.submit(pow, 2, 3).result(60) == 8
+
+
 def test_executor_shutdown_waits_or_cancels_queued_jobs(cluster: dsage.DSage) -> None:
     ex = cluster.executor()
     fs = [ex.submit(nap, 0.05) for _ in range(20)]
