@@ -351,6 +351,7 @@ class Store:
             " retries, retry_on, attempt, shared"
             " FROM jobs WHERE status IN ('new', 'processing') ORDER BY seq").fetchall()
         out: list[OpenJob] = []
+        blob_sizes: dict[tuple[str, str], int] = {}
         for r in rows:
             size = r[15] or 0
             payload = None
@@ -358,7 +359,10 @@ class Store:
                 payload = self.payload(r[0])
                 payload_budget -= size
             shared = tuple(json.loads(r[20]))
-            frame = max([size, *(self.shared_size(r[1], d) or 0 for d in shared)])
+            for d in shared:
+                if (r[1], d) not in blob_sizes:  # (many jobs share a blob: asked once)
+                    blob_sizes[r[1], d] = self.shared_size(r[1], d) or 0
+            frame = max([size, *(blob_sizes[r[1], d] for d in shared)])
             out.append(OpenJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]),
                                json.loads(r[8]), r[9], r[10], r[11], Status(r[12]), r[13],
                                r[14], payload, bool(r[16]), r[17], tuple(json.loads(r[18])),

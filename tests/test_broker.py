@@ -4,6 +4,7 @@ processes, and pure-state tests of the scheduler (a hypothesis state machine).""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import os
@@ -1031,6 +1032,25 @@ def test_a_store_made_before_retries_and_isolate_is_upgraded(tmp_path: Path) -> 
     assert (job.attempt, job.retries, job.retry_on, job.isolate) == (1, 0, (), False)
     store.retry(job.id, 2)
     assert store.records([job.id])[job.id][0]["attempt"] == 2
+    store.close()
+
+
+def test_a_jobs_largest_frame_is_known_again_after_a_restart(tmp_path: Path) -> None:
+    """The scheduler's size class of a job (its payload or an attached file, whichever
+    is larger) comes back from the store when the broker starts again."""
+    store = Store(tmp_path / "dsage.db")
+    state = BrokerState(store, BrokerConfig(), 0.0, lambda k: True)
+    blob = b"f" * 3_000_000
+    digest = hashlib.sha256(blob).hexdigest()
+    specs = [_spec("a" * 32, shared=[digest]), _spec("b" * 32, shared=[digest]), _spec("c" * 32)]
+    state.on_client(0.0, b"c", OWNER, make(M.SUBMIT, [b"1", b"2", b"x" * 2_000_000, blob],
+                                           req=1, jobs=specs, shared=[digest]))
+    state.flush(0.0)
+    frames = {j.id[0]: j.frame for j in state.sched.jobs.values()}
+    assert frames == {"a": 3_000_000, "b": 3_000_000, "c": 2_000_000}
+    store.close()
+    store = Store(tmp_path / "dsage.db")
+    assert {j.id[0]: j.frame for j in store.open_jobs(1 << 30)} == frames
     store.close()
 
 
