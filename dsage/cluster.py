@@ -391,6 +391,7 @@ def start_workers(hosts: Sequence[str] | str, workers: int | None = None,
     unknown = set(options) - MONITOR_FIELDS
     if unknown:
         raise TypeError(f"unknown worker option(s): {', '.join(sorted(unknown))}")
+    check_values(MonitorOptions, {"port": port, "workers": workers, **options})
     if client is None and port is None:
         raise TypeError("start_workers needs the broker: client=D, or port= (and server=)")
     port = port if port is not None else client.port  # type: ignore[union-attr]

@@ -280,6 +280,8 @@ def test_connection_and_cluster_arguments_are_checked_in_the_call(home: Path) ->
                          ({"heartbeat": -1}, "heartbeat=-1: -1 is not a positive number")):
         with pytest.raises(ValueError, match=says):
             dsage.start_all(**kwargs)
+    with pytest.raises(ValueError, match="workers=-1"):  # before any ssh is run
+        dsage.start_workers("node1", workers=-1, port=8081)
     assert not (home / "logs").exists() or not list((home / "logs").iterdir())  # none started
 
 
