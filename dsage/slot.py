@@ -585,6 +585,11 @@ class ModuleWatch:
         self.module_seen: tuple[Any, ...] | None = None
         self.class_seen: tuple[Any, ...] | None = None
         self.known: set[str] = set()
+        #: per module name noted, the namespace noted (a module imported anew under the
+        #: same name, after a job removed it from sys.modules, has another)
+        self.namespace: dict[str, dict[str, Any]] = {}
+        #: names imported anew since the last :meth:`changed`
+        self.imported_anew: set[str] = set()
         self.known_classes: set[int] = set()
         self.count = 0
         self.add_new()
@@ -592,10 +597,14 @@ class ModuleWatch:
     def note(self, name: str) -> None:
         """Remember what the module ``name`` (and each class it binds) is bound to now."""
         d = getattr(sys.modules.get(name), "__dict__", None)
-        if name in self.known or name in self.SKIP or not isinstance(d, dict) \
-                or name.startswith(self.SKIP_PREFIX):
+        if name in self.known:
+            if isinstance(d, dict) and d is not self.namespace[name]:
+                self.imported_anew.add(name)  # its copy's changes would go unseen
+            return
+        if name in self.SKIP or not isinstance(d, dict) or name.startswith(self.SKIP_PREFIX):
             return
         self.known.add(name)
+        self.namespace[name] = d
         self.names.append(name)
         self.dicts.append(d)
         self.copies.append({})
@@ -661,7 +670,7 @@ class ModuleWatch:
             if self.module_tags.read_placed() == self.module_seen \
                     and self.class_tags.read_placed() == self.class_seen:
                 self.add_new()  # (no tag moved)
-                return out
+                return self._anew()
             now, classes = self.module_tags.read(), self.class_tags.read()
         else:
             now, classes = map(list, map(dict.values, self.dicts)), self.attrs
@@ -677,12 +686,21 @@ class ModuleWatch:
             else:
                 self._note_class(i)
         self.add_new()
+        return out + self._anew()
+
+    def _anew(self) -> list[str]:
+        """The modules imported anew since this was last asked (a job removed them from
+        sys.modules and imported them again: what it changed in the new copy, noted
+        under the same name, is not watched)."""
+        out = [f"{name} (imported anew)" for name in sorted(self.imported_anew)]
+        self.imported_anew.clear()
         return out
 
     def accept(self) -> None:
         """Take every module and class as it is now: what the slot itself loaded (Sage)
         is not a job's change."""
         self.add_new()
+        self.imported_anew.clear()
         for i in range(len(self.dicts)):
             self._note_module(i)
         for i in range(len(self.classes)):

@@ -401,6 +401,10 @@ LEAKS = {
     "logging": ("import logging; logging.basicConfig(level=logging.DEBUG); logging.disable(50)",
                 "import logging; r = logging.root\n(r.level, r.handlers, r.manager.disable)",
                 None),
+    # a module removed from sys.modules, imported again and changed: the new copy
+    "imported_anew": ("import sys, json\ndel sys.modules['json']\nimport json\n"
+                      "json.dumps = lambda *a, **k: 'changed'",
+                      "import json; json.dumps([1])", "[1]"),
     "sys_modules": ("import sys; sys.modules.clear()",
                     "import sys, json; sys.modules['json'] is json and len(sys.modules) > 50",
                     True),
