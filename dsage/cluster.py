@@ -170,12 +170,12 @@ def server(port: int = 8081, blocking: bool = True, home: str | os.PathLike[str]
     with ``blocking=False``, which returns its :class:`ManagedProcess`. Options are
     those of ``dsage-broker`` (``allow_anonymous=True``, ``failure_limit=5``, ...)."""
     root = keys_mod.home(home)
-    _as_args(options, BROKER_FIELDS, "broker")  # the names
+    flags = _as_args(options, BROKER_FIELDS, "broker")  # (checks the names)
     check_values(BrokerOptions, {"port": port, **options})  # and the values, in the call
     if blocking:
         run_broker(BrokerOptions(port=port, home=root, **options))
         return None
-    args = ["broker", "--port", str(port), *_as_args(options, BROKER_FIELDS, "broker")]
+    args = ["broker", "--port", str(port), *flags]
     return _spawn(f"broker-{port}", args, root)
 
 
@@ -186,15 +186,14 @@ def worker(server: str = "localhost", port: int = 8081, workers: int | None = No
     ``server:port``; ``anonymous=True`` with ``server_key=`` connects without a trusted key."""
     root = keys_mod.home(home)
     n = workers or os.cpu_count() or 1
-    _as_args(options, MONITOR_FIELDS, "worker")
+    flags = _as_args(options, MONITOR_FIELDS, "worker")  # (checks the names)
     check_values(MonitorOptions, {"port": port, "workers": n, **options})
     if blocking:
         if options.get("server_key") is not None:
             options["server_key"] = keys_mod.parse_public_key(options["server_key"])
         run_monitor(MonitorOptions(server=server, port=port, workers=n, home=root, **options))
         return None
-    args = ["worker", "--server", server, "--port", str(port), "--workers", str(n),
-            *_as_args(options, MONITOR_FIELDS, "worker")]
+    args = ["worker", "--server", server, "--port", str(port), "--workers", str(n), *flags]
     return _spawn(f"worker-{port}-{time.monotonic_ns()}", args, root)
 
 
