@@ -71,6 +71,7 @@ class _FileCache:
         self.size = 0
 
     def read(self, path: Path, option: str, limit: int | None) -> tuple[bytes, str]:
+        """A file's content and hash (from the cache when unchanged), or a clear error."""
         with _opened(path, option, limit) as (fd, st):
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             with self.lock:
@@ -92,11 +93,6 @@ class _FileCache:
 
 
 _cache = _FileCache()
-
-
-def _read_file(path: Path, option: str, limit: int | None = None) -> tuple[bytes, str]:
-    """A file's content and hash (from the cache when unchanged), or a clear error."""
-    return _cache.read(path, option, limit)
 
 
 def read_file(path: str | os.PathLike[str], option: str, limit: int | None = None) -> bytes:
@@ -158,7 +154,7 @@ def collect(files: Iterable[str | os.PathLike[str]] = (),
     att = Attachments()
     origin: dict[str, Path] = {}
     for path in _paths(files, "files"):
-        data, digest = _read_file(path, "files", limit)
+        data, digest = _cache.read(path, "files", limit)
         name = path.name
         if name in att.files and att.digests[name] != digest:
             raise ValueError(f"files: {origin[name]} and {path} are both named {name!r} in "
