@@ -185,6 +185,9 @@ class Monitor:
         self.monitor_id = uuid.uuid4().hex
         #: when the broker was last heard from on any connection (for ``--idle-exit``)
         self.last_contact = time.monotonic()
+        #: whether the broker's host name was looked up since the monitor last registered
+        #: (once per outage: a resolver that does not answer blocks the loop)
+        self.host_asked = False
         self.host = socket.gethostname()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.poller = zmq.Poller()
@@ -379,6 +382,7 @@ class Monitor:
         h = msg.header
         if msg.type is M.REGISTERED:
             self.registered, self.registering = True, False
+            self.host_asked = False
             self.keep_queued = h.get("prefetch", 1)
             for jid in h["cancel"]:
                 self._cancel(jid, "taken back by the broker")
@@ -1046,7 +1050,10 @@ class Monitor:
             self.last_sent = now  # also when not connected, so this is not retried at once
             self._reap_strays()
         if now - self.last_heard > window:
-            problem = None if self.registered else unfound(self.options.server)
+            problem = None
+            if not self.registered and not self.host_asked:
+                self.host_asked = True
+                problem = unfound(self.options.server)
             log.warning("no word from the broker for %.1f s; reconnecting%s",
                         now - self.last_heard, f": {problem}" if problem else "")
             self._connect()
