@@ -808,13 +808,12 @@ class Baseline:
             self.own_then = dicts.read_placed(), classes.read_placed()
 
     def put_back(self) -> None:
-        """Right after the job's code: put back what it rebound in builtins (all of
-        them as they were) and in the namespaces the slot's own code uses (the names
-        it rebound or removed), before that code runs again, and remember which but
-        ``sys`` (the slot is replaced after the job, as for any module it changed;
-        not for ``sys``, whose streams and hooks :meth:`restore` always put back).
-        Uses no name the job may have rebound until builtins are back. One read of
-        version tags when the job rebound nothing."""
+        """Right after the job's code, before the slot's own code runs again: put back
+        builtins whole, and the names the job rebound or removed in _OWN_MODULES and
+        _OWN_CLASSES. What was put back is remembered (the slot is then replaced), but
+        for ``sys``, whose streams and hooks :meth:`restore` puts back anyway. Uses no
+        name the job may have rebound until builtins are back; one read of version
+        tags when the job rebound nothing."""
         tags = self.own_tags
         if tags is not None and tags[0].read_placed() == self.own_then[0] \
                 and tags[1].read_placed() == self.own_then[1]:
